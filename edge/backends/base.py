@@ -1,0 +1,119 @@
+"""The interface every inference backend implements: load a model, run it, close it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import BackendError, TensorFormatError
+
+__all__ = ["Backend", "InterpreterBackend", "TensorSpec"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """An input or output of a loaded model, as the interpreter reports it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    scale: float = 0.0
+    zero_point: int = 0
+
+
+class Backend(ABC):
+    """A loaded model that runs on one interpreter. Safe to call from several threads."""
+
+    key: ClassVar[str]
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on ``feeds`` (keyed by input tensor name); outputs keyed by tensor name."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the interpreter."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class InterpreterBackend(Backend):
+    """A backend built on a TFLite-style ``Interpreter`` class (LiteRT and tflite-runtime share one API)."""
+
+    def __init__(self, model: bytes, *, threads: int = 1) -> None:
+        if threads < 1:
+            raise BackendError(f"threads must be at least 1, not {threads}")
+        self.threads = threads
+        try:
+            self._interpreter = self._load(model, threads)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            raise BackendError(f"{self.key} could not load the model: {err}") from err
+        self.inputs = tuple(_spec(d) for d in self._interpreter.get_input_details())
+        self.outputs = tuple(_spec(d) for d in self._interpreter.get_output_details())
+        self._input_index = {d["name"]: d["index"] for d in self._interpreter.get_input_details()}
+        self._output_index = [(d["name"], d["index"]) for d in self._interpreter.get_output_details()]
+        self._specs = {s.name: s for s in self.inputs}
+        # Guards the interpreter: its input and output tensors are shared between set, invoke and get.
+        self._lock = threading.Lock()
+
+    @abstractmethod
+    def _load(self, model: bytes, threads: int) -> Any:
+        """Create the interpreter."""
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check(feeds)
+        with self._lock:
+            try:
+                for name, index in self._input_index.items():
+                    self._interpreter.set_tensor(index, feeds[name])
+                self._interpreter.invoke()
+                return {name: self._interpreter.get_tensor(index) for name, index in self._output_index}
+            except (ValueError, RuntimeError) as err:
+                raise BackendError(f"{self.key} failed to run the model: {err}") from err
+
+    def close(self) -> None:
+        self._interpreter = None
+
+    def _check(self, feeds: Mapping[str, np.ndarray]) -> None:
+        missing = [name for name in self._specs if name not in feeds]
+        if missing:
+            raise TensorFormatError(f"missing input tensor(s): {', '.join(missing)}")
+        for name, array in feeds.items():
+            spec = self._specs.get(name)
+            if spec is None:
+                raise TensorFormatError(f"unexpected input tensor {name!r}; the model takes {list(self._specs)}")
+            if array.dtype != spec.dtype or tuple(array.shape) != spec.shape:
+                raise TensorFormatError(
+                    f"input {name!r} must be {spec.dtype.name}{list(spec.shape)}, "
+                    f"got {array.dtype.name}{list(array.shape)}"
+                )
+
+
+def _spec(detail: Mapping[str, Any]) -> TensorSpec:
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    return TensorSpec(
+        name=detail["name"],
+        shape=tuple(int(d) for d in detail["shape"]),
+        dtype=np.dtype(detail["dtype"]),
+        scale=float(scale),
+        zero_point=int(zero_point),
+    )

@@ -1,0 +1,47 @@
+"""The ``edge`` command line: one module per subcommand, each with ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import EdgeError
+from . import inspect_cmd, split_cmd
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+COMMANDS = [inspect_cmd, split_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge",
+        description="Cooperative device-edge inference: split a TFLite model, run the head here and the tail "
+        "on an edge server.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except EdgeError as err:
+        if args.debug:
+            raise
+        print(f"edge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,66 @@
+"""Exceptions raised by the device runtime and the model tools.
+
+Every error the project raises on purpose derives from :class:`EdgeError`, so a caller
+(the CLI, the daemon, the server's gRPC layer) can tell a user's mistake from a bug.
+This module imports no grpc: the server maps these classes to status codes itself.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailableError",
+    "ConfigError",
+    "CutError",
+    "EdgeError",
+    "ModelFormatError",
+    "ModelMismatchError",
+    "ModelNotFoundError",
+    "RemoteError",
+    "TensorFormatError",
+    "UnsupportedModelError",
+]
+
+
+class EdgeError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ModelFormatError(EdgeError):
+    """A file is not a readable TFLite flatbuffer (not a flatbuffer, truncated, corrupt)."""
+
+
+class UnsupportedModelError(EdgeError):
+    """A valid model uses something the partitioner cannot split (control flow, several subgraphs)."""
+
+
+class CutError(EdgeError):
+    """A cut index is out of range, or a tensor name does not name a cut."""
+
+
+class ModelMismatchError(EdgeError):
+    """Two sides disagree on which model, or which boundary, they are running."""
+
+
+class ModelNotFoundError(EdgeError):
+    """A model name is not served."""
+
+
+class TensorFormatError(EdgeError):
+    """A tensor's datatype, shape or bytes are malformed, or do not match what is expected."""
+
+
+class BackendError(EdgeError):
+    """The inference backend failed to load or run a model."""
+
+
+class BackendUnavailableError(BackendError):
+    """The library behind a backend is not installed, or the backend key is unknown."""
+
+
+class ConfigError(EdgeError):
+    """A configuration file or value is invalid."""
+
+
+class RemoteError(EdgeError):
+    """The edge server answered with an error the device cannot recover from by itself."""

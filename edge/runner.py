@@ -1,0 +1,165 @@
+"""Run a model whole, or either half of any cut, on one backend.
+
+Both sides use this: the device runs heads (and tails when it falls back), the server runs
+tails and whole models. Halves are built on first use and kept in a bounded LRU cache.
+Each half's boundary is checked against the cut when it is built, not inside a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+
+from .backends import DEFAULT_BACKEND, Backend, TensorSpec, create_backend
+from .errors import ModelMismatchError
+from .graph import Cut, ModelGraph, TensorInfo
+from .partition import build_head, build_tail
+
+__all__ = ["HeadResult", "ModelRunner"]
+
+logger = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class HeadResult:
+    """What the head of a cut produced."""
+
+    cut: Tensors
+    """The cut tensors, in the cut's order: what the tail needs."""
+    outputs: Tensors
+    """Model outputs the head already computed."""
+
+
+class ModelRunner:
+    """A model and its halves, loaded on one backend."""
+
+    def __init__(
+        self, graph: ModelGraph, *, backend: str = DEFAULT_BACKEND, threads: int = 1, cache_size: int = 16
+    ) -> None:
+        self.graph = graph
+        self.backend = backend
+        self.threads = threads
+        self.cache_size = max(2, cache_size)
+        self._whole: Backend | None = None
+        # Guards _whole and _halves (the dict only: halves are built outside it, without I/O).
+        self._lock = threading.Lock()
+        self._halves: OrderedDict[tuple[str, int], Backend] = OrderedDict()
+
+    # -- whole model ------------------------------------------------------------------
+
+    @property
+    def whole(self) -> Backend:
+        with self._lock:
+            if self._whole is None:
+                self._whole = create_backend(self.backend, self.graph.data, threads=self.threads)
+            return self._whole
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
+        """Run the whole model."""
+        return self.whole.run(inputs)
+
+    # -- halves -----------------------------------------------------------------------
+
+    def run_head(self, k: int, inputs: Mapping[str, np.ndarray]) -> HeadResult:
+        cut = self.graph.cut(k)
+        if k == 0:
+            # An empty head: the cut tensors are the model's inputs, untouched.
+            return HeadResult(cut={t.name: inputs[t.name] for t in cut.tensors}, outputs={})
+        produced = self.run(inputs) if k == self.graph.num_operators else self._half("head", cut).run(inputs)
+        return HeadResult(
+            cut={t.name: produced[t.name] for t in cut.tensors},
+            outputs={t.name: produced[t.name] for t in cut.head_outputs},
+        )
+
+    def run_tail(self, k: int, cut_tensors: Mapping[str, np.ndarray]) -> Tensors:
+        cut = self.graph.cut(k)
+        if not cut.tail_outputs:
+            return {}
+        if k == 0:
+            return self.run(cut_tensors)
+        return self._half("tail", cut).run(cut_tensors)
+
+    def tail_inputs(self, k: int) -> tuple[TensorInfo, ...]:
+        """What a tail request for cut ``k`` must carry."""
+        return self.graph.cut(k).tensors
+
+    def warm(self, k: int) -> None:
+        """Build both halves of cut ``k`` now rather than on the first request."""
+        cut = self.graph.cut(k)
+        if 0 < k < self.graph.num_operators:
+            self._half("head", cut)
+            if cut.tail_outputs:
+                self._half("tail", cut)
+        else:
+            _ = self.whole
+
+    def close(self) -> None:
+        with self._lock:
+            halves = list(self._halves.values())
+            self._halves.clear()
+            whole, self._whole = self._whole, None
+        for backend in halves + ([whole] if whole else []):
+            backend.close()
+
+    def __enter__(self) -> ModelRunner:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _half(self, side: str, cut: Cut) -> Backend:
+        key = (side, cut.index)
+        with self._lock:
+            backend = self._halves.get(key)
+            if backend is not None:
+                self._halves.move_to_end(key)
+                return backend
+        data = build_head(self.graph, cut) if side == "head" else build_tail(self.graph, cut)
+        backend = create_backend(self.backend, data, threads=self.threads)
+        _check_boundary(side, cut, backend)
+        logger.debug("built %s of cut %d (%d bytes)", side, cut.index, len(data))
+        evicted: list[Backend] = []
+        with self._lock:
+            existing = self._halves.get(key)
+            if existing is not None:
+                evicted.append(backend)
+                backend = existing
+            else:
+                self._halves[key] = backend
+            while len(self._halves) > self.cache_size:
+                evicted.append(self._halves.popitem(last=False)[1])
+        for old in evicted:
+            old.close()
+        return backend
+
+
+def _check_boundary(side: str, cut: Cut, backend: Backend) -> None:
+    """The built half must expose exactly the cut's tensors, with their dtypes and shapes."""
+    if side == "head":
+        expected = list(cut.tensors) + [t for t in cut.head_outputs if t not in cut.tensors]
+        actual = backend.outputs
+    else:
+        expected = list(cut.tensors)
+        actual = backend.inputs
+    by_name = {s.name: s for s in actual}
+    for tensor in expected:
+        spec = by_name.get(tensor.name)
+        if spec is None or not _same(tensor, spec):
+            raise ModelMismatchError(
+                f"{side} of cut {cut.index}: tensor {tensor.name!r} ({tensor.dtype.name}{list(tensor.shape)}) "
+                f"does not match the built model's {spec}"
+            )
+
+
+def _same(tensor: TensorInfo, spec: TensorSpec) -> bool:
+    return tensor.dtype == spec.dtype and tuple(tensor.shape) == tuple(spec.shape)
