@@ -63,4 +63,8 @@ class ConfigError(EdgeError):
 
 
 class RemoteError(EdgeError):
-    """The edge server answered with an error the device cannot recover from by itself."""
+    """A call to the edge server failed; ``status`` is the gRPC status name, such as ``UNAVAILABLE``."""
+
+    def __init__(self, message: str, *, status: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,224 @@
+"""Cooperative inference on the device: run the head, send the cut, get the model's outputs.
+
+If the server or the link fails, the device runs the tail itself: it holds the whole
+model, so the request never fails and the outputs are the same bytes either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .errors import RemoteError, TensorFormatError
+from .runner import ModelRunner
+from .transport.client import RETRYABLE, RemoteResult, TailClient
+
+__all__ = ["CooperativeRunner", "FixedSplit", "InferenceResult", "SplitPolicy", "StageTimings"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StageTimings:
+    """Milliseconds spent in each stage of one request."""
+
+    head_ms: float = 0.0
+    transfer_ms: float = 0.0
+    """Network and both gRPC stacks: the call time the server did not spend queueing or computing."""
+    queue_ms: float = 0.0
+    tail_ms: float = 0.0
+    """The server's own compute time (or the local tail's, after a fallback)."""
+    e2e_ms: float = 0.0
+    call_ms: float = 0.0
+    """The whole RPC as the device saw it (0 when nothing was sent)."""
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "head_ms": self.head_ms,
+            "transfer_ms": self.transfer_ms,
+            "queue_ms": self.queue_ms,
+            "tail_ms": self.tail_ms,
+            "e2e_ms": self.e2e_ms,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResult:
+    """The model's outputs for one request, and how they were computed."""
+
+    outputs: dict[str, np.ndarray]
+    split_point: int
+    fallback: bool
+    timings: StageTimings
+    bytes_sent: int = 0
+    fallback_reason: str | None = None
+    remote: RemoteResult | None = field(default=None, repr=False)
+
+    @property
+    def offloaded(self) -> bool:
+        return self.remote is not None
+
+
+class SplitPolicy(Protocol):
+    """Chooses the cut for the next request, and learns from each result."""
+
+    def choose(self) -> int: ...
+
+    def observe(self, result: InferenceResult) -> None: ...
+
+
+class FixedSplit:
+    """Always the same cut."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def choose(self) -> int:
+        return self.k
+
+    def observe(self, result: InferenceResult) -> None:
+        return None
+
+
+class CooperativeRunner:
+    """Runs requests head-on-device, tail-on-server, with a local fallback.
+
+    ``client`` None means local only. ``model_name`` is the name the server serves the model
+    under (by default, the model file's stem).
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        client: TailClient | None,
+        *,
+        model_name: str,
+        policy: SplitPolicy | int,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.runner = runner
+        self.graph = runner.graph
+        self.client = client
+        self.model_name = model_name
+        self.policy: SplitPolicy = FixedSplit(policy) if isinstance(policy, int) else policy
+        self.timeout_s = timeout_s
+        self._parameters = {"model_sha256": self.graph.sha256}
+        if isinstance(policy, int):
+            self.graph.cut(policy)  # an out-of-range cut fails here, not on the first request
+
+    def infer(self, inputs: Mapping[str, np.ndarray], *, request_id: str = "") -> InferenceResult:
+        self.check_inputs(inputs)
+        k = self.policy.choose()
+        n = self.graph.num_operators
+        if self.client is None or k >= n:
+            result = self._local(inputs, n)
+        else:
+            result = self._cooperative(inputs, k, request_id)
+        self.policy.observe(result)
+        return result
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Every model input present, with the model's dtype and shape."""
+        for spec in self.graph.inputs:
+            array = inputs.get(spec.name)
+            if array is None:
+                raise TensorFormatError(f"missing input {spec.name!r}")
+            if array.dtype != spec.dtype or tuple(array.shape) != spec.shape:
+                raise TensorFormatError(
+                    f"input {spec.name!r} must be {spec.dtype.name}{list(spec.shape)}, "
+                    f"got {array.dtype.name}{list(array.shape)}"
+                )
+        extra = set(inputs) - {t.name for t in self.graph.inputs}
+        if extra:
+            raise TensorFormatError(f"unexpected input(s): {', '.join(sorted(extra))}")
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _local(self, inputs: Mapping[str, np.ndarray], n: int) -> InferenceResult:
+        started = time.perf_counter()
+        outputs = self.runner.run(inputs)
+        ms = (time.perf_counter() - started) * 1000.0
+        return InferenceResult(
+            outputs=self._ordered(outputs), split_point=n, fallback=False, timings=StageTimings(head_ms=ms, e2e_ms=ms)
+        )
+
+    def _cooperative(self, inputs: Mapping[str, np.ndarray], k: int, request_id: str) -> InferenceResult:
+        started = time.perf_counter()
+        head = self.runner.run_head(k, inputs)
+        head_done = time.perf_counter()
+        head_ms = (head_done - started) * 1000.0
+        assert self.client is not None
+        try:
+            remote = self.client.infer(
+                self.model_name,
+                head.cut,
+                parameters={**self._parameters, "split_point": k},
+                timeout_s=self.timeout_s,
+                request_id=request_id,
+            )
+        except RemoteError as err:
+            return self._fallback(head.cut, head.outputs, k, started, head_ms, err)
+        outputs = {**head.outputs, **remote.outputs}
+        missing = [t.name for t in self.graph.outputs if t.name not in outputs]
+        if missing:
+            reason = f"server returned no {', '.join(missing)}"
+            return self._fallback(head.cut, head.outputs, k, started, head_ms, RemoteError(reason, status="INTERNAL"))
+        e2e_ms = (time.perf_counter() - started) * 1000.0
+        timings = StageTimings(
+            head_ms=head_ms,
+            transfer_ms=remote.transfer_ms,
+            queue_ms=remote.queue_ms,
+            tail_ms=remote.compute_ms,
+            e2e_ms=e2e_ms,
+            call_ms=remote.call_ms,
+        )
+        return InferenceResult(
+            outputs=self._ordered(outputs),
+            split_point=k,
+            fallback=False,
+            timings=timings,
+            bytes_sent=remote.bytes_sent,
+            remote=remote,
+        )
+
+    def _fallback(
+        self,
+        cut: Mapping[str, np.ndarray],
+        head_outputs: Mapping[str, np.ndarray],
+        k: int,
+        started: float,
+        head_ms: float,
+        err: RemoteError,
+    ) -> InferenceResult:
+        if err.status in RETRYABLE:
+            logger.warning("edge server unavailable, finishing cut %d locally: %s", k, err)
+        else:
+            logger.error("edge server refused the request, finishing cut %d locally: %s", k, err)
+        tail_started = time.perf_counter()
+        tail = self.runner.run_tail(k, cut)
+        done = time.perf_counter()
+        timings = StageTimings(
+            head_ms=head_ms,
+            tail_ms=(done - tail_started) * 1000.0,
+            e2e_ms=(done - started) * 1000.0,
+            transfer_ms=(tail_started - started) * 1000.0 - head_ms,
+        )
+        return InferenceResult(
+            outputs=self._ordered({**head_outputs, **tail}),
+            split_point=k,
+            fallback=True,
+            timings=timings,
+            fallback_reason=str(err),
+        )
+
+    def _ordered(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {t.name: outputs[t.name] for t in self.graph.outputs}

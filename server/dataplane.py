@@ -1,0 +1,257 @@
+"""The server's logic, independent of the transport: validate a request, run it, describe models.
+
+A request with no ``split_point`` parameter runs the whole model (plain server-side
+inference, what any Open Inference Protocol client expects). A request with the int64
+parameter ``split_point`` = K runs the tail of cut K on the cut tensors it carries.
+Everything is validated before any tensor is decoded or any model runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge import __version__
+from edge.codec import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    TensorMetadata,
+    WireTensor,
+    datatype_of,
+    decode,
+    encode,
+)
+from edge.errors import CutError, ModelMismatchError, ModelNotFoundError, TensorFormatError
+from edge.graph import TensorInfo
+
+from .errors import ServerOverloadedError, ServerStoppingError
+from .repository import ModelRepository, ServedModel
+
+__all__ = ["DataPlane", "PreparedRequest", "SERVER_NAME"]
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "edge-server"
+PLATFORM = "tflite"
+MODEL_VERSION = "1"
+
+# Request parameters the device sends, and response parameters the server returns.
+SPLIT_POINT = "split_point"
+MODEL_SHA256 = "model_sha256"
+COMPUTE_US = "compute_us"
+QUEUE_US = "queue_us"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A request that passed validation: decoded tensors, ready to run."""
+
+    request: InferRequest
+    model: ServedModel
+    split_point: int | None
+    feeds: dict[str, np.ndarray]
+    outputs: tuple[TensorInfo, ...]
+    received_ns: int
+
+
+class DataPlane:
+    """Validates and runs inference requests against a model repository."""
+
+    def __init__(self, repository: ModelRepository, *, max_inflight: int = 64) -> None:
+        self.repository = repository
+        self.max_inflight = max_inflight
+        # Guards _inflight and _stopping: admission is decided under it, work runs outside it.
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._stopping = False
+
+    # -- health and metadata ----------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return not self._stopping and len(self.repository) > 0
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self._model(name, version)
+        except ModelNotFoundError:
+            return False
+        return not self._stopping
+
+    def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
+        return SERVER_NAME, __version__, ("split_point", "model_sha256")
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        graph = self._model(name, version).graph
+        return ModelMetadata(
+            name=name,
+            versions=(MODEL_VERSION,),
+            platform=PLATFORM,
+            inputs=tuple(_metadata(t) for t in graph.inputs),
+            outputs=tuple(_metadata(t) for t in graph.outputs),
+        )
+
+    # -- inference --------------------------------------------------------------------
+
+    def infer(self, request: InferRequest) -> InferResponse:
+        """Validate and run ``request`` in the calling thread."""
+        return self.execute(self.prepare(request))
+
+    def prepare(self, request: InferRequest, received_ns: int | None = None) -> PreparedRequest:
+        """Check a request against the model and cut it names; decode its tensors without copying."""
+        received_ns = received_ns if received_ns is not None else time.perf_counter_ns()
+        model = self._model(request.model_name, request.model_version)
+        graph = model.graph
+        params = request.parameters
+        _check_sha(params, graph.sha256, request.model_name)
+        split_point = _split_point(params, graph.num_operators)
+        if split_point is None:
+            expected: Sequence[TensorInfo] = graph.inputs
+            produced: tuple[TensorInfo, ...] = graph.outputs
+        else:
+            cut = graph.cut(split_point)
+            expected, produced = cut.tensors, cut.tail_outputs
+        feeds = _decode_inputs(request.inputs, expected, request.model_name, split_point)
+        return PreparedRequest(
+            request=request,
+            model=model,
+            split_point=split_point,
+            feeds=feeds,
+            outputs=_requested(produced, request.outputs),
+            received_ns=received_ns,
+        )
+
+    def execute(self, prepared: PreparedRequest) -> InferResponse:
+        """Run a prepared request; reports compute and queue time in microseconds."""
+        self._admit()
+        try:
+            started = time.perf_counter_ns()
+            runner = prepared.model.runner
+            if prepared.split_point is None:
+                results = runner.run(prepared.feeds)
+            else:
+                results = runner.run_tail(prepared.split_point, prepared.feeds)
+            finished = time.perf_counter_ns()
+        finally:
+            self._release()
+        request = prepared.request
+        params: dict[str, bool | int | float | str] = {
+            COMPUTE_US: (finished - started) // 1000,
+            QUEUE_US: (started - prepared.received_ns) // 1000,
+        }
+        if prepared.split_point is not None:
+            params[SPLIT_POINT] = prepared.split_point
+        return InferResponse(
+            model_name=request.model_name,
+            model_version=MODEL_VERSION,
+            id=request.id,
+            outputs=tuple(encode(t.name, results[t.name]) for t in prepared.outputs),
+            parameters=params,
+        )
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work; requests already running finish."""
+        with self._lock:
+            self._stopping = True
+
+    # -- internals --------------------------------------------------------------------
+
+    def _model(self, name: str, version: str) -> ServedModel:
+        model = self.repository.get(name)
+        if version not in ("", MODEL_VERSION):
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r} (versions: {MODEL_VERSION})")
+        return model
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._stopping:
+                raise ServerStoppingError("the server is shutting down")
+            if self._inflight >= self.max_inflight:
+                raise ServerOverloadedError(f"{self._inflight} requests in flight, the limit is {self.max_inflight}")
+            self._inflight += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+
+def _metadata(tensor: TensorInfo) -> TensorMetadata:
+    return TensorMetadata(name=tensor.name, datatype=datatype_of(tensor.dtype), shape=tensor.shape)
+
+
+def _check_sha(params: Mapping[str, object], sha256: str, name: str) -> None:
+    claimed = params.get(MODEL_SHA256)
+    if claimed is None:
+        return
+    if not isinstance(claimed, str):
+        raise TensorFormatError(f"parameter {MODEL_SHA256!r} must be a string")
+    if claimed.lower() != sha256:
+        raise ModelMismatchError(
+            f"model {name!r} differs: the device runs sha256 {claimed}, the server holds sha256 {sha256}"
+        )
+
+
+def _split_point(params: Mapping[str, object], num_operators: int) -> int | None:
+    value = params.get(SPLIT_POINT)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CutError(f"parameter {SPLIT_POINT!r} must be an int64, got {type(value).__name__}")
+    if not 0 <= value < num_operators:
+        raise CutError(
+            f"{SPLIT_POINT} {value} is out of range: the model has {num_operators} operators, "
+            f"so a tail exists for 0 <= K < {num_operators}"
+        )
+    return value
+
+
+def _decode_inputs(
+    inputs: Sequence[WireTensor], expected: Sequence[TensorInfo], model: str, split_point: int | None
+) -> dict[str, np.ndarray]:
+    where = f"model {model!r}" + (f" cut {split_point}" if split_point is not None else "")
+    by_name = {t.name: t for t in expected}
+    seen: dict[str, WireTensor] = {}
+    for tensor in inputs:
+        if tensor.name in seen:
+            raise TensorFormatError(f"{where}: input {tensor.name!r} is given twice")
+        if tensor.name not in by_name:
+            raise TensorFormatError(
+                f"{where}: unexpected input {tensor.name!r}; expected {', '.join(repr(n) for n in by_name)}"
+            )
+        seen[tensor.name] = tensor
+    missing = [name for name in by_name if name not in seen]
+    if missing:
+        raise TensorFormatError(f"{where}: missing input(s) {', '.join(repr(n) for n in missing)}")
+    feeds = {}
+    for name, info in by_name.items():
+        tensor = seen[name]
+        datatype = datatype_of(info.dtype)
+        if tensor.datatype != datatype:
+            raise TensorFormatError(f"{where}: input {name!r} must be {datatype}, got {tensor.datatype}")
+        if tuple(tensor.shape) != info.shape:
+            raise TensorFormatError(
+                f"{where}: input {name!r} must have shape {list(info.shape)}, got {list(tensor.shape)}"
+            )
+        feeds[name] = decode(tensor)  # checks the byte length against the (already checked) shape
+    return feeds
+
+
+def _requested(produced: tuple[TensorInfo, ...], names: Sequence[str]) -> tuple[TensorInfo, ...]:
+    if not names:
+        return produced
+    by_name = {t.name: t for t in produced}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise TensorFormatError(
+            f"requested output(s) {', '.join(repr(n) for n in unknown)} are not produced here; "
+            f"available: {', '.join(repr(n) for n in by_name)}"
+        )
+    return tuple(by_name[n] for n in names)

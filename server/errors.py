@@ -1,0 +1,19 @@
+"""Errors only the server raises. The gRPC layer maps every error class to a status code."""
+
+from __future__ import annotations
+
+from edge.errors import EdgeError
+
+__all__ = ["ServerError", "ServerOverloadedError", "ServerStoppingError"]
+
+
+class ServerError(EdgeError):
+    """Base class of the server's own errors."""
+
+
+class ServerOverloadedError(ServerError):
+    """Too many requests are in flight; the client should back off or run locally."""
+
+
+class ServerStoppingError(ServerError):
+    """The server is draining and accepts no new work."""

@@ -1,0 +1,213 @@
+"""The gRPC face of the data plane: the Open Inference Protocol service, health and reflection.
+
+The servicer is thin: it converts the request, calls the data plane and converts the
+response. Errors become gRPC status codes through one table, :data:`STATUS_CODES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edge.errors import (
+    BackendError,
+    ConfigError,
+    CutError,
+    EdgeError,
+    ModelFormatError,
+    ModelMismatchError,
+    ModelNotFoundError,
+    TensorFormatError,
+    UnsupportedModelError,
+)
+from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
+
+from .dataplane import DataPlane
+from .errors import ServerOverloadedError, ServerStoppingError
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "STATUS_CODES", "EdgeServer", "InferenceServicer", "status_for"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# Most specific class first: the first match wins.
+STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ModelMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (TensorFormatError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CutError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ServerOverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ServerStoppingError, grpc.StatusCode.UNAVAILABLE),
+    (ModelFormatError, grpc.StatusCode.INTERNAL),
+    (UnsupportedModelError, grpc.StatusCode.INTERNAL),
+    (ConfigError, grpc.StatusCode.INTERNAL),
+    (BackendError, grpc.StatusCode.INTERNAL),
+    (EdgeError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+T = TypeVar("T")
+
+
+def status_for(err: BaseException) -> grpc.StatusCode:
+    for cls, code in STATUS_CODES:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` over a :class:`DataPlane`."""
+
+    def __init__(self, dataplane: DataPlane, executor: ThreadPoolExecutor) -> None:
+        self.dataplane = dataplane
+        self.executor = executor
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return pb.ServerLiveResponse(live=self.dataplane.live())
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        name, version, extensions = self.dataplane.server_metadata()
+        return pb.ServerMetadataResponse(name=name, version=version, extensions=list(extensions))
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        meta = await _guard(context, lambda: self.dataplane.model_metadata(request.name, request.version))
+        return converters.model_metadata_to_pb(meta)
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await _guard_async(context, self._infer(request))
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        async for request in request_iterator:
+            try:
+                response = await self._infer(request)
+            except Exception as err:  # one bad request must not end the stream
+                yield pb.ModelStreamInferResponse(error_message=_describe(err))
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=response)
+
+    async def _infer(self, message: Any) -> Any:
+        received = time.perf_counter_ns()
+        request = converters.infer_request_from_pb(message)
+        prepared = self.dataplane.prepare(request, received)
+        loop = asyncio.get_running_loop()
+        response = await loop.run_in_executor(self.executor, self.dataplane.execute, prepared)
+        return converters.infer_response_to_pb(response)
+
+
+class EdgeServer:
+    """An asyncio gRPC server holding the inference service, health and reflection."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        workers: int = 2,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.dataplane = dataplane
+        self.host = host
+        self.requested_port = port
+        self.max_message_bytes = max_message_bytes
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-infer")
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the server is not started")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane, self.executor), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server, pool=DESCRIPTOR_POOL)
+        port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {self.host}:{self.requested_port}")
+        await server.start()
+        self._server, self.port = server, port
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        logger.info("edge-server listening on %s with %d model(s)", self.address, len(self.dataplane.repository))
+        return port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, refuse new work, let in-flight RPCs finish, then stop."""
+        if self._server is None:
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.dataplane.begin_shutdown()
+        await self._server.stop(grace)
+        self._server = None
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            result = self.health.set(service, status)
+            if isinstance(result, Awaitable):
+                await result
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            result = self.health.enter_graceful_shutdown()
+            if isinstance(result, Awaitable):
+                await result
+
+
+async def _guard(context: grpc.aio.ServicerContext, call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except Exception as err:
+        await _abort(context, err)
+        raise  # unreachable: abort raises
+
+
+async def _guard_async(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except Exception as err:
+        await _abort(context, err)
+        raise  # unreachable: abort raises
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
+    code = status_for(err)
+    if code is grpc.StatusCode.INTERNAL:
+        logger.exception("request failed")
+    else:
+        logger.info("request rejected (%s): %s", code.name, err)
+    await context.abort(code, _describe(err))
+
+
+def _describe(err: BaseException) -> str:
+    return str(err) if isinstance(err, EdgeError) else f"internal error: {type(err).__name__}: {err}"
