@@ -8,13 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import EdgeError
-from . import inspect_cmd, split_cmd
+from . import bench_cmd, demo_cmd, infer_cmd, inspect_cmd, split_cmd
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = [inspect_cmd, split_cmd]
+COMMANDS = [demo_cmd, inspect_cmd, split_cmd, infer_cmd, bench_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

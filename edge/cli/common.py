@@ -1,0 +1,102 @@
+"""Arguments and set-up shared by the device-side subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from .. import models
+from ..backends import BACKENDS, DEFAULT_BACKEND
+from ..cooperative import CooperativeRunner, SplitPolicy
+from ..errors import CutError, TensorFormatError
+from ..graph import ModelGraph
+from ..preprocess import coerce_input
+from ..runner import ModelRunner
+from ..transport import TailClient
+
+__all__ = [
+    "add_device_args",
+    "add_server_args",
+    "load_graph",
+    "load_inputs",
+    "make_policy",
+    "open_runner",
+]
+
+
+def add_device_args(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    p.add_argument(
+        "--model",
+        required=model_required,
+        help=f"a .tflite file, or a shipped model's name ({', '.join(models.names()) or 'none shipped'})",
+    )
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND, help="device backend")
+    p.add_argument("--threads", type=int, default=1, help="device interpreter threads (default: %(default)s)")
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", metavar="HOST:PORT", help="edge server address")
+    p.add_argument(
+        "--model-name", help="the model's name on the server (default: the model file's stem)"
+    )
+    p.add_argument("--timeout", type=float, default=2.0, help="deadline of each request, seconds")
+    p.add_argument(
+        "--split-at",
+        default=None,
+        metavar="K|TENSOR",
+        help="the cut: an index 0..N, or a tensor name (cut right after it); default: the middle cut",
+    )
+
+
+def load_graph(spec: str) -> ModelGraph:
+    return ModelGraph.from_file(models.resolve(spec))
+
+
+def make_policy(graph: ModelGraph, spec: str | None) -> SplitPolicy | int:
+    """The split policy ``--split-at`` asks for."""
+    if spec is None:
+        return graph.num_operators // 2
+    if spec.strip().lower() == "auto":
+        raise CutError("--split-at auto needs the planner, which this build does not have")
+    return graph.resolve_cut(spec)
+
+
+def open_runner(args: argparse.Namespace, graph: ModelGraph, *, local: bool = False) -> CooperativeRunner:
+    runner = ModelRunner(graph, backend=args.backend, threads=args.threads)
+    client = None if local or not getattr(args, "server", None) else TailClient(args.server, timeout_s=args.timeout)
+    name = getattr(args, "model_name", None) or Path(graph.source).stem
+    return CooperativeRunner(
+        runner, client, model_name=name, policy=make_policy(graph, args.split_at), timeout_s=args.timeout
+    )
+
+
+def load_inputs(graph: ModelGraph, specs: list[str]) -> dict[str, np.ndarray]:
+    """``--input file.npy`` for a one-input model, ``--input name=file.npy`` for each input otherwise."""
+    wanted = {t.name: t for t in graph.inputs}
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.rpartition("=")
+        if not sep:
+            if len(wanted) != 1:
+                raise TensorFormatError(
+                    f"the model has {len(wanted)} inputs; give each as --input NAME=FILE.npy ({', '.join(wanted)})"
+                )
+            name, path = next(iter(wanted)), spec
+        if name not in wanted:
+            raise TensorFormatError(f"the model has no input {name!r}; its inputs: {', '.join(wanted)}")
+        named[name] = path
+    missing = [n for n in wanted if n not in named]
+    if missing:
+        raise TensorFormatError(f"no --input given for {', '.join(missing)}")
+    feeds = {}
+    for name, path in named.items():
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise TensorFormatError(f"{path}: not a readable .npy file: {err}") from err
+        if not isinstance(array, np.ndarray):
+            raise TensorFormatError(f"{path}: holds several arrays; give a .npy file with one")
+        feeds[name] = coerce_input(array, wanted[name])
+    return feeds

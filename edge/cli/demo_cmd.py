@@ -1,0 +1,105 @@
+"""``edge demo``: the whole story on the shipped digits model, with the server in-process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from .. import models
+from ..cooperative import CooperativeRunner
+from ..runner import ModelRunner
+from ..stats import summary
+from ..transport import TailClient
+from .common import load_graph, make_policy
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the held-out digits through split inference against an in-process server",
+        description="Start edge-server in-process on loopback, run the shipped held-out digits through the "
+        "model split at a middle cut, and report accuracy, per-stage latency, bytes sent and fallbacks.",
+    )
+    p.add_argument("--model", default=models.DEFAULT_MODEL, help="shipped model or .tflite (default: %(default)s)")
+    p.add_argument("--split-at", default=None, metavar="K|TENSOR", help="the cut (default: the middle one)")
+    p.add_argument("-n", type=int, default=None, help="how many samples (default: all)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.embedded import BackgroundServer
+
+    graph = load_graph(args.model)
+    sample = models.digits_sample()
+    x, y = sample.x[: args.n], sample.y[: args.n]
+    name = graph.inputs[0].name
+    console = Console(stderr=args.json)
+    with BackgroundServer.from_files([Path(graph.source)]) as server, ModelRunner(graph) as local:
+        client = TailClient(server.address, timeout_s=2.0)
+        device = CooperativeRunner(
+            ModelRunner(graph), client, model_name=Path(graph.source).stem, policy=make_policy(graph, args.split_at)
+        )
+        console.print(f"edge-server on {server.address}; model {Path(graph.source).name}, {graph.num_operators} ops")
+        correct = identical = fallbacks = 0
+        stages: dict[str, list[float]] = {"head_ms": [], "transfer_ms": [], "tail_ms": [], "e2e_ms": []}
+        bytes_sent: list[int] = []
+        split = None
+        for i in track(range(len(x)), description="split inference", console=console, transient=True):
+            feeds = {name: x[i : i + 1]}
+            result = device.infer(feeds, request_id=str(i))
+            reference = local.run(feeds)
+            out = next(iter(result.outputs.values()))
+            correct += int(np.argmax(out)) == int(y[i])
+            identical += all(np.array_equal(result.outputs[k], v) for k, v in reference.items())
+            fallbacks += result.fallback
+            split = result.split_point
+            t = result.timings
+            stages["head_ms"].append(t.head_ms)
+            stages["transfer_ms"].append(t.transfer_ms + t.queue_ms)
+            stages["tail_ms"].append(t.tail_ms)
+            stages["e2e_ms"].append(t.e2e_ms)
+            bytes_sent.append(result.bytes_sent)
+        device.close()
+    n = len(x)
+    input_bytes = sum(t.nbytes for t in graph.inputs)
+    report = {
+        "model": Path(graph.source).stem,
+        "split_point": split,
+        "num_operators": graph.num_operators,
+        "samples": n,
+        "accuracy": correct / n if n else 0.0,
+        "identical_to_whole_model": identical,
+        "fallbacks": fallbacks,
+        "bytes_sent_per_request": int(np.median(bytes_sent)) if bytes_sent else 0,
+        "input_bytes": input_bytes,
+        "latency_ms": {k: summary(v) for k, v in stages.items()},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    cut = graph.cut(split if split is not None else 0)
+    console.print(f"cut {split} of {graph.num_operators}: sends {', '.join(t.name for t in cut.tensors) or 'nothing'}")
+    console.print(f"accuracy {correct}/{n} = {report['accuracy']:.1%}")
+    console.print(f"outputs identical to the whole model's: {identical}/{n}")
+    table = Table(title="latency per request (ms)")
+    for column in ("stage", "p50", "p90", "p99"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    labels = {"head_ms": "head (device)", "transfer_ms": "transfer + queue", "tail_ms": "tail (server)",
+              "e2e_ms": "end to end"}
+    for key, label in labels.items():
+        s = report["latency_ms"][key]  # type: ignore[index]
+        table.add_row(label, f"{s['p50']:.3f}", f"{s['p90']:.3f}", f"{s['p99']:.3f}")
+    console.print(table)
+    sent = report["bytes_sent_per_request"]
+    console.print(f"bytes sent per request: {sent:,} (raw input {input_bytes:,}, {sent / input_bytes:.2f}x)")
+    console.print(f"fallbacks: {fallbacks}")
+    return 0

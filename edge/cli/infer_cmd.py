@@ -1,0 +1,67 @@
+"""``edge infer``: one cooperative inference from .npy inputs to an .npz of outputs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeError
+from .common import add_device_args, add_server_args, load_graph, load_inputs, open_runner
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "infer",
+        help="run one input through the model, head here and tail on the server",
+        description="Run the head of MODEL locally, send the cut tensors to the edge server, and write the "
+        "model's outputs. If the server fails, the tail runs locally and the result is marked as a fallback; "
+        "the outputs are identical either way.",
+    )
+    add_device_args(p)
+    add_server_args(p)
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="[NAME=]FILE.npy",
+        help="an input array; floats given to a quantized input are quantized with its scale and zero point",
+    )
+    p.add_argument("--output", metavar="FILE.npz", help="write the outputs here, keyed by output tensor name")
+    p.add_argument("--local", action="store_true", help="run the whole model on this device; no network")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    graph = load_graph(args.model)
+    feeds = load_inputs(graph, args.input)
+    device = open_runner(args, graph, local=args.local)
+    try:
+        result = device.infer(feeds)
+    finally:
+        device.close()
+    if args.output:
+        try:
+            np.savez(Path(args.output), **result.outputs)
+        except OSError as err:
+            raise EdgeError(f"cannot write {args.output}: {err.strerror or err}") from err
+    t = result.timings
+    where = "local" if not result.offloaded and not result.fallback else f"cut {result.split_point}"
+    print(
+        f"{where}: head {t.head_ms:.2f} ms, transfer {t.transfer_ms:.2f} ms, queue {t.queue_ms:.2f} ms, "
+        f"tail {t.tail_ms:.2f} ms, total {t.e2e_ms:.2f} ms, {result.bytes_sent:,} bytes sent"
+    )
+    if result.fallback:
+        print(f"fallback: the tail ran locally ({result.fallback_reason})", file=sys.stderr)
+    for name, array in result.outputs.items():
+        line = f"  {name}  {array.dtype.name}{list(array.shape)}"
+        if array.ndim <= 2 and array.size <= 1000 and array.size > 1:
+            line += f"  argmax {int(np.argmax(array))}"
+        print(line)
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
