@@ -9,8 +9,9 @@ import numpy as np
 
 from .. import models
 from ..backends import BACKENDS, DEFAULT_BACKEND
-from ..cooperative import CooperativeRunner, SplitPolicy
-from ..errors import CutError, TensorFormatError
+from ..cooperative import CooperativeRunner
+from ..errors import TensorFormatError
+from ..policy import make_policy
 from ..graph import ModelGraph
 from ..preprocess import coerce_input
 from ..runner import ModelRunner
@@ -21,7 +22,6 @@ __all__ = [
     "add_server_args",
     "load_graph",
     "load_inputs",
-    "make_policy",
     "open_runner",
 ]
 
@@ -54,22 +54,12 @@ def load_graph(spec: str) -> ModelGraph:
     return ModelGraph.from_file(models.resolve(spec))
 
 
-def make_policy(graph: ModelGraph, spec: str | None) -> SplitPolicy | int:
-    """The split policy ``--split-at`` asks for."""
-    if spec is None:
-        return graph.num_operators // 2
-    if spec.strip().lower() == "auto":
-        raise CutError("--split-at auto needs the planner, which this build does not have")
-    return graph.resolve_cut(spec)
-
-
 def open_runner(args: argparse.Namespace, graph: ModelGraph, *, local: bool = False) -> CooperativeRunner:
     runner = ModelRunner(graph, backend=args.backend, threads=args.threads)
     client = None if local or not getattr(args, "server", None) else TailClient(args.server, timeout_s=args.timeout)
     name = getattr(args, "model_name", None) or Path(graph.source).stem
-    return CooperativeRunner(
-        runner, client, model_name=name, policy=make_policy(graph, args.split_at), timeout_s=args.timeout
-    )
+    policy = make_policy(graph, args.split_at, runner=runner, client=client, model_name=name)
+    return CooperativeRunner(runner, client, model_name=name, policy=policy, timeout_s=args.timeout)
 
 
 def load_inputs(graph: ModelGraph, specs: list[str]) -> dict[str, np.ndarray]:

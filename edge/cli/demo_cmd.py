@@ -16,7 +16,8 @@ from ..cooperative import CooperativeRunner
 from ..runner import ModelRunner
 from ..stats import summary
 from ..transport import TailClient
-from .common import load_graph, make_policy
+from ..policy import make_policy
+from .common import load_graph
 
 __all__ = ["register"]
 
