@@ -1,0 +1,270 @@
+"""The one place where protobuf messages and the codec's objects meet.
+
+Everything outside ``edge.protocol`` works with :mod:`edge.codec` objects; protobuf types
+never leave this module. Tensors are written as raw bytes (``raw_input_contents`` and
+``raw_output_contents``). Reading accepts raw bytes or the typed ``contents`` fields, since
+tritonclient and MLServer may send either.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from edge.codec import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ParameterValue,
+    TensorMetadata,
+    WireTensor,
+    dtype_of,
+    element_count,
+)
+from edge.errors import TensorFormatError
+from edge.protocol import grpc_service_pb2 as pb
+
+__all__ = [
+    "infer_request_from_pb",
+    "infer_request_to_pb",
+    "infer_response_from_pb",
+    "infer_response_to_pb",
+    "model_metadata_from_pb",
+    "model_metadata_to_pb",
+    "parameters_from_pb",
+    "parameters_to_pb",
+]
+
+logger = logging.getLogger(__name__)
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_UINT64_MAX = 2**64 - 1
+
+# For each datatype: the InferTensorContents field that may carry it, and the dtype that
+# field holds before narrowing to the datatype. FP16 has no typed field: raw bytes only.
+_CONTENTS: dict[str, tuple[str, np.dtype]] = {
+    "BOOL": ("bool_contents", np.dtype("?")),
+    "INT8": ("int_contents", np.dtype("<i4")),
+    "INT16": ("int_contents", np.dtype("<i4")),
+    "INT32": ("int_contents", np.dtype("<i4")),
+    "INT64": ("int64_contents", np.dtype("<i8")),
+    "UINT8": ("uint_contents", np.dtype("<u4")),
+    "UINT16": ("uint_contents", np.dtype("<u4")),
+    "UINT32": ("uint_contents", np.dtype("<u4")),
+    "UINT64": ("uint64_contents", np.dtype("<u8")),
+    "FP32": ("fp32_contents", np.dtype("<f4")),
+    "FP64": ("fp64_contents", np.dtype("<f8")),
+}
+
+
+class _TensorMessage(Protocol):
+    """What InferInputTensor and InferOutputTensor have in common."""
+
+    name: str
+    datatype: str
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+    @property
+    def contents(self) -> pb.InferTensorContents: ...
+
+    def HasField(self, field_name: str) -> bool: ...
+
+
+# -- parameters ---------------------------------------------------------------------------
+
+
+def parameters_to_pb(params: Mapping[str, ParameterValue]) -> dict[str, pb.InferParameter]:
+    """Convert parameters to InferParameter messages, ready for a message's ``parameters=``.
+
+    Raises TypeError for a value that is not a bool, int, float or str, and ValueError for
+    an int outside the int64 and uint64 ranges.
+    """
+    out: dict[str, pb.InferParameter] = {}
+    for key, value in params.items():
+        # bool before int: bool is a subclass of int.
+        if isinstance(value, (bool, np.bool_)):
+            out[key] = pb.InferParameter(bool_param=bool(value))
+        elif isinstance(value, numbers.Integral):
+            number = int(value)
+            if _INT64_MIN <= number <= _INT64_MAX:
+                out[key] = pb.InferParameter(int64_param=number)
+            elif _INT64_MAX < number <= _UINT64_MAX:
+                out[key] = pb.InferParameter(uint64_param=number)
+            else:
+                raise ValueError(f"parameter {key!r}: {number} fits neither int64 nor uint64")
+        elif isinstance(value, numbers.Real):
+            out[key] = pb.InferParameter(double_param=float(value))
+        elif isinstance(value, str):
+            out[key] = pb.InferParameter(string_param=value)
+        else:
+            raise TypeError(f"parameter {key!r}: {type(value).__name__} is not a bool, int, float or str")
+    return out
+
+
+def parameters_from_pb(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
+    """Convert a ``parameters`` map to plain values; uint64 and int64 both become int."""
+    out: dict[str, ParameterValue] = {}
+    for key, param in params.items():
+        choice = param.WhichOneof("parameter_choice")
+        if choice is None:
+            raise TensorFormatError(f"parameter {key!r} has no value")
+        out[key] = getattr(param, choice)
+    return out
+
+
+# -- tensors ------------------------------------------------------------------------------
+
+
+def _raw(data: bytes | memoryview) -> bytes:
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+def _typed_to_bytes(kind: str, tensor: _TensorMessage) -> bytes:
+    """Convert a tensor's typed ``contents`` to raw bytes of its declared datatype."""
+    name, datatype = tensor.name, tensor.datatype
+    try:
+        target = dtype_of(datatype)
+    except TensorFormatError as err:
+        raise TensorFormatError(f"{kind} {name!r}: {err}") from err
+    if datatype not in _CONTENTS:
+        raise TensorFormatError(f"{kind} {name!r}: {datatype} can only be sent in raw contents")
+    # Count against the shape before touching the values, so a huge declared shape fails
+    # here without allocating anything.
+    count = element_count(name, tensor.shape)
+    field_name, wide = _CONTENTS[datatype]
+    contents = tensor.contents
+    for descriptor, _ in contents.ListFields():
+        if descriptor.name != field_name:
+            raise TensorFormatError(f"{kind} {name!r} of datatype {datatype} carries {descriptor.name}")
+    values = getattr(contents, field_name)
+    if len(values) != count:
+        raise TensorFormatError(
+            f"{kind} {name!r}: shape {list(tensor.shape)} needs {count} values, {field_name} has {len(values)}"
+        )
+    array = np.fromiter(values, dtype=wide, count=count)
+    if target.itemsize < wide.itemsize and count:
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:
+            raise TensorFormatError(
+                f"{kind} {name!r}: a value in {field_name} is out of range for {datatype}"
+            )
+    return array.astype(target, copy=False).tobytes()
+
+
+def _tensors_from_pb(
+    kind: str, tensors: Sequence[_TensorMessage], raw_contents: Sequence[bytes], raw_field: str
+) -> tuple[WireTensor, ...]:
+    if raw_contents:
+        if len(raw_contents) != len(tensors):
+            raise TensorFormatError(
+                f"{len(raw_contents)} {raw_field} entries for {len(tensors)} {kind}s; need one per {kind}"
+            )
+        for tensor in tensors:
+            if tensor.HasField("contents"):
+                raise TensorFormatError(
+                    f"{kind} {tensor.name!r} has typed contents while the message uses {raw_field}; use one or the other"
+                )
+        return tuple(
+            WireTensor(name=t.name, datatype=t.datatype, shape=tuple(t.shape), data=data)
+            for t, data in zip(tensors, raw_contents)
+        )
+    return tuple(
+        WireTensor(name=t.name, datatype=t.datatype, shape=tuple(t.shape), data=_typed_to_bytes(kind, t))
+        for t in tensors
+    )
+
+
+# -- inference ----------------------------------------------------------------------------
+
+
+def infer_request_to_pb(req: InferRequest) -> pb.ModelInferRequest:
+    """Build a ModelInferRequest, with every input's bytes in ``raw_input_contents``."""
+    Input = pb.ModelInferRequest.InferInputTensor
+    Output = pb.ModelInferRequest.InferRequestedOutputTensor
+    return pb.ModelInferRequest(
+        model_name=req.model_name,
+        model_version=req.model_version,
+        id=req.id,
+        parameters=parameters_to_pb(req.parameters),
+        inputs=[Input(name=t.name, datatype=t.datatype, shape=t.shape) for t in req.inputs],
+        outputs=[Output(name=name) for name in req.outputs],
+        raw_input_contents=[_raw(t.data) for t in req.inputs],
+    )
+
+
+def infer_request_from_pb(msg: pb.ModelInferRequest) -> InferRequest:
+    """Read a ModelInferRequest whose inputs come as raw bytes or as typed contents.
+
+    Raises TensorFormatError if both are mixed, if the raw entries do not match the inputs
+    one for one, or if typed contents do not fit the declared datatype and shape. Raw bytes
+    are checked later, by :func:`edge.codec.decode`.
+    """
+    return InferRequest(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        id=msg.id,
+        parameters=parameters_from_pb(msg.parameters),
+        inputs=_tensors_from_pb("input", msg.inputs, msg.raw_input_contents, "raw_input_contents"),
+        outputs=tuple(out.name for out in msg.outputs),
+    )
+
+
+def infer_response_to_pb(resp: InferResponse) -> pb.ModelInferResponse:
+    """Build a ModelInferResponse, with every output's bytes in ``raw_output_contents``."""
+    Output = pb.ModelInferResponse.InferOutputTensor
+    return pb.ModelInferResponse(
+        model_name=resp.model_name,
+        model_version=resp.model_version,
+        id=resp.id,
+        parameters=parameters_to_pb(resp.parameters),
+        outputs=[Output(name=t.name, datatype=t.datatype, shape=t.shape) for t in resp.outputs],
+        raw_output_contents=[_raw(t.data) for t in resp.outputs],
+    )
+
+
+def infer_response_from_pb(msg: pb.ModelInferResponse) -> InferResponse:
+    """Read a ModelInferResponse whose outputs come as raw bytes or as typed contents."""
+    return InferResponse(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        id=msg.id,
+        parameters=parameters_from_pb(msg.parameters),
+        outputs=_tensors_from_pb("output", msg.outputs, msg.raw_output_contents, "raw_output_contents"),
+    )
+
+
+# -- metadata -----------------------------------------------------------------------------
+
+
+def model_metadata_to_pb(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    """Build a ModelMetadataResponse."""
+    Tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=meta.name,
+        versions=meta.versions,
+        platform=meta.platform,
+        inputs=[Tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
+        outputs=[Tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
+    )
+
+
+def model_metadata_from_pb(msg: pb.ModelMetadataResponse) -> ModelMetadata:
+    """Read a ModelMetadataResponse."""
+
+    def tensors(items: Sequence[pb.ModelMetadataResponse.TensorMetadata]) -> tuple[TensorMetadata, ...]:
+        return tuple(TensorMetadata(name=t.name, datatype=t.datatype, shape=tuple(t.shape)) for t in items)
+
+    return ModelMetadata(
+        name=msg.name,
+        versions=tuple(msg.versions),
+        platform=msg.platform,
+        inputs=tensors(msg.inputs),
+        outputs=tensors(msg.outputs),
+    )
