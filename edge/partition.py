@@ -246,7 +246,7 @@ class _AlignedBuffer(schema.BufferT):
             builder.StartVector(1, len(raw), _BUFFER_ALIGNMENT)
             builder.head = builder.head - len(raw)
             builder.Bytes[builder.head : builder.head + len(raw)] = raw
-            vector = builder.EndVector(len(raw))
+            vector = builder.EndVector()
         schema.BufferStart(builder)
         if vector is not None:
             schema.BufferAddData(builder, vector)

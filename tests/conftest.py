@@ -1,0 +1,60 @@
+"""Shared fixtures: the shipped models, the backends under test, real servers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import SHIPPED, free_port, wait_for_port
+
+from edge import models
+from edge.graph import ModelGraph
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backends",
+        default=os.environ.get("EDGE_TEST_BACKENDS", "litert"),
+        help="comma-separated backends the equivalence tests run on (litert, tflite-runtime)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", metafunc.config.getoption("--backends").split(","), scope="module")
+
+
+@pytest.fixture(scope="session")
+def graphs() -> dict[str, ModelGraph]:
+    return {name: ModelGraph.from_file(models.model_path(name)) for name in SHIPPED}
+
+
+@pytest.fixture()
+def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A real ``edge-server`` subprocess serving the digits models, on a free loopback port."""
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    for name in ("digits_resnet", "digits_tiny"):
+        (model_dir / f"{name}.tflite").write_bytes(models.model_path(name).read_bytes())
+    port = free_port()
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--models", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_for_port(port, proc, log=tmp_path / "server.log")
+        yield proc, address
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        log.close()
+
+

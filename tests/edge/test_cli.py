@@ -1,0 +1,115 @@
+"""edge inspect / split from the command line, including every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ai_edge_litert import schema_py_generated as schema
+from ai_edge_litert.tools import flatbuffer_utils
+
+from edge import models
+from edge.graph import ModelGraph
+
+
+def edge(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge", *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def _error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("INFO: ")]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("edge: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_inspect_table_lists_every_cut(graphs: dict[str, ModelGraph]) -> None:
+    proc = edge("inspect", str(models.model_path("digits_resnet")))
+    assert proc.returncode == 0, proc.stderr
+    graph = graphs["digits_resnet"]
+    assert graph.sha256 in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("│") and line.split("│")[1].strip()]
+    assert [int(r.split("│")[1]) for r in rows] == list(range(graph.num_operators + 1))
+
+
+def test_inspect_json(graphs: dict[str, ModelGraph]) -> None:
+    proc = edge("inspect", str(models.model_path("digits_resnet")), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    graph = graphs["digits_resnet"]
+    assert data["sha256"] == graph.sha256
+    assert len(data["operators"]) == graph.num_operators
+    assert [c["index"] for c in data["cuts"]] == list(range(graph.num_operators + 1))
+    for cut in data["cuts"]:
+        assert cut["bytes"] == sum(t["bytes"] for t in cut["tensors"]) == graph.cut(cut["index"]).nbytes
+        for t in cut["tensors"]:
+            assert set(t) == {"name", "shape", "dtype", "bytes", "scale", "zero_point"}
+    assert data["inputs"][0]["shape"] == [1, 32, 32, 1]
+
+
+def test_split_by_index_and_by_tensor_name(graphs: dict[str, ModelGraph], tmp_path: Path) -> None:
+    graph = graphs["digits_resnet"]
+    tensor = graph.tensors[graph.operators[3].outputs[0]].name
+    for spec, out in (("4", "a"), (tensor, "b")):
+        proc = edge("split", str(models.model_path("digits_resnet")), "--at", spec, "--out", str(tmp_path / out))
+        assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "a" / "head.tflite").read_bytes() == (tmp_path / "b" / "head.tflite").read_bytes()
+    assert json.loads((tmp_path / "b" / "split.json").read_text())["split_point"] == 4
+
+
+def _with_extra_subgraph(data: bytes) -> bytes:
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    model.subgraphs.append(model.subgraphs[0])
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _with_control_flow(data: bytes) -> bytes:
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    code = schema.OperatorCodeT()
+    code.builtinCode = schema.BuiltinOperator.WHILE
+    code.deprecatedBuiltinCode = schema.BuiltinOperator.WHILE
+    code.version = 1
+    model.operatorCodes.append(code)
+    model.subgraphs[0].operators[0].opcodeIndex = len(model.operatorCodes) - 1
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+BAD_MODELS = {
+    "not-a-flatbuffer": (lambda data: b"this is not a model\n" * 10, "not a TFLite flatbuffer"),
+    "truncated": (lambda data: data[: len(data) // 3], "truncated"),
+    "truncated-header": (lambda data: data[:6], "not a TFLite flatbuffer"),
+    "several-subgraphs": (_with_extra_subgraph, "subgraphs"),
+    "control-flow": (_with_control_flow, "control flow"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODELS))
+@pytest.mark.parametrize("command", ["inspect", "split"])
+def test_bad_model_files(case: str, command: str, tmp_path: Path) -> None:
+    make, message = BAD_MODELS[case]
+    path = tmp_path / "bad.tflite"
+    path.write_bytes(make(models.model_path("digits_resnet").read_bytes()))
+    args = [command, str(path)] + (["--at", "2", "--out", str(tmp_path / "out")] if command == "split" else [])
+    line = _error_line(edge(*args))
+    assert message in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("999", "out of range"), ("-1", "out of range"), ("no_such_tensor", "no tensor named")],
+)
+def test_bad_cut_specs(spec: str, message: str, tmp_path: Path) -> None:
+    line = _error_line(edge("split", str(models.model_path("digits_resnet")), "--at", spec, "--out", str(tmp_path / "o")))
+    assert message in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert "no such file" in _error_line(edge("inspect", str(tmp_path / "nope.tflite")))

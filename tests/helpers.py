@@ -1,0 +1,59 @@
+"""Helpers shared by the tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge import models
+from edge.graph import ModelGraph
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What tools/build_models.py ships; a missing one fails at collection.
+SHIPPED = ["digits_resnet", "digits_resnet_f32", "digits_tiny", "mobilenetv2_035"]
+
+
+def seeded_inputs(graph: ModelGraph, seed: int) -> dict[str, np.ndarray]:
+    """A reproducible input covering the whole value range of each model input."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in graph.inputs:
+        if np.issubdtype(t.dtype, np.integer):
+            info = np.iinfo(t.dtype)
+            feeds[t.name] = rng.integers(info.min, info.max, size=t.shape, endpoint=True).astype(t.dtype)
+        else:
+            feeds[t.name] = rng.random(t.shape, dtype=np.float32).astype(t.dtype)
+    return feeds
+
+
+def digit_inputs(graph: ModelGraph, count: int) -> list[dict[str, np.ndarray]]:
+    """Real held-out digits, as the model takes them (int8, or the float originals for float models)."""
+    sample = models.digits_sample()
+    x = sample.x if graph.inputs[0].dtype == np.int8 else sample.x_float
+    return [{graph.inputs[0].name: x[i : i + 1]} for i in range(count)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0, log: Path | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out = log.read_text() if log is not None and log.exists() else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {out}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
