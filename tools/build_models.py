@@ -1,0 +1,456 @@
+#!/usr/bin/env python3
+"""Build the example TFLite models shipped in edge/models/.
+
+Trains small digit classifiers on scikit-learn's bundled handwritten digits
+(no download), exports them as full-integer int8 TFLite models, adds an untrained
+MobileNetV2 for timing, and writes a held-out sample plus manifest.json.
+
+Only this script imports TensorFlow; edge/ and server/ never do.
+Run it with the ``models`` extra installed:
+
+    pip install -e '.[models]'
+    python tools/build_models.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Must be set before TensorFlow is imported: quieter logs, and oneDNN's fused
+# kernels reorder float sums, which makes reruns differ in the last bits.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
+
+import tensorflow as tf
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from tensorflow.lite.python import schema_py_generated as schema
+
+try:
+    from ai_edge_litert.interpreter import Interpreter
+except ImportError:
+    Interpreter = None
+
+logger = logging.getLogger("build_models")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SEED = 20240607
+IMAGE_SIZE = 32
+HELD_OUT_FRACTION = 0.3
+SAMPLE_SIZE = 200
+CALIBRATION_SIZE = 300
+MOBILENET_CALIBRATION_SIZE = 20
+RESNET_EPOCHS = 20
+TINY_EPOCHS = 60
+BATCH_SIZE = 32
+
+_OPCODE_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+_CUSTOM_OPCODE = schema.BuiltinOperator.CUSTOM
+
+
+class BuildError(RuntimeError):
+    """A built model does not meet the contract the runtime relies on."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x_train: np.ndarray  # float32 [n, 32, 32, 1] in [0, 1]
+    y_train: np.ndarray  # int64 [n]
+    x_test: np.ndarray  # held out: never used for training or calibration
+    y_test: np.ndarray
+
+
+# --------------------------------------------------------------------------- seeding, data
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.keras.utils.set_random_seed(seed)  # python, numpy and tf in one call
+    try:
+        tf.config.experimental.enable_op_determinism()
+    except AttributeError:  # older TF without the switch
+        logger.warning("op determinism not available in TF %s", tf.__version__)
+    # Single-threaded kernels: the models are tiny, and it removes reduction-order jitter.
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def load_dataset() -> Dataset:
+    digits = load_digits()
+    images = (digits.images.astype(np.float32) / 16.0)[..., np.newaxis]  # 8x8 in [0, 1]
+    labels = digits.target.astype(np.int64)
+    upsampled = tf.image.resize(images, (IMAGE_SIZE, IMAGE_SIZE), method="bilinear").numpy()
+    upsampled = np.clip(upsampled, 0.0, 1.0).astype(np.float32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        upsampled, labels, test_size=HELD_OUT_FRACTION, random_state=SEED, stratify=labels
+    )
+    logger.info("digits: %d train, %d held out, image %s", len(x_train), len(x_test), x_train.shape[1:])
+    return Dataset(x_train, y_train, x_test, y_test)
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def _conv_bn(x: Any, filters: int, kernel: int, stride: int, relu: bool, name: str) -> Any:
+    layers = tf.keras.layers
+    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+
+def _residual_block(x: Any, filters: int, stride: int, name: str) -> Any:
+    """Two 3x3 convs plus a skip path; a 1x1 projection when the shape changes."""
+    layers = tf.keras.layers
+    skip = x
+    y = _conv_bn(x, filters, 3, stride, relu=True, name=f"{name}_a")
+    y = _conv_bn(y, filters, 3, 1, relu=False, name=f"{name}_b")
+    if stride != 1 or x.shape[-1] != filters:
+        skip = _conv_bn(x, filters, 1, stride, relu=False, name=f"{name}_proj")
+    y = layers.Add(name=f"{name}_add")([skip, y])
+    return layers.ReLU(name=f"{name}_out")(y)
+
+
+def build_resnet(batch_size: int | None = None) -> tf.keras.Model:
+    layers = tf.keras.layers
+    inputs = layers.Input((IMAGE_SIZE, IMAGE_SIZE, 1), batch_size=batch_size, name="image")
+    x = _conv_bn(inputs, 16, 3, 2, relu=True, name="stem")  # 16x16x16
+    x = _residual_block(x, 16, 1, "block1")
+    x = _residual_block(x, 32, 2, "block2")  # 8x8x32
+    x = _residual_block(x, 32, 1, "block3")
+    x = _residual_block(x, 64, 2, "block4")  # 4x4x64
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.Dense(10, name="logits")(x)
+    return tf.keras.Model(inputs, outputs, name="digits_resnet")
+
+
+def build_tiny(batch_size: int | None = None) -> tf.keras.Model:
+    layers = tf.keras.layers
+    inputs = layers.Input((IMAGE_SIZE, IMAGE_SIZE, 1), batch_size=batch_size, name="image")
+    x = layers.AveragePooling2D(4, name="pool")(inputs)  # back to 8x8
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(32, activation="relu", name="hidden")(x)
+    outputs = layers.Dense(10, name="logits")(x)
+    return tf.keras.Model(inputs, outputs, name="digits_tiny")
+
+
+def train(model: tf.keras.Model, data: Dataset, epochs: int) -> None:
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(1e-3),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    logger.info("training %s (%d params) for %d epochs", model.name, model.count_params(), epochs)
+    model.fit(data.x_train, data.y_train, batch_size=BATCH_SIZE, epochs=epochs, shuffle=True, verbose=2)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def batch_one(model: tf.keras.Model, build: Callable[[int | None], tf.keras.Model]) -> tf.keras.Model:
+    """A batch-1 twin of a trained model, so every tensor in the export has a static shape."""
+    twin = build(1)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _converter(model: tf.keras.Model) -> tf.lite.TFLiteConverter:
+    if model.input_shape[0] != 1:
+        raise BuildError(f"{model.name}: export needs a batch-1 input, got {model.input_shape}")
+    # from_concrete_functions leaves Keras 3 variables as READ_VARIABLE ops; from_keras_model freezes them.
+    return tf.lite.TFLiteConverter.from_keras_model(model)
+
+
+def _convert(converter: tf.lite.TFLiteConverter) -> bytes:
+    # Keras prints every captured variable of the exported signature to stdout; keep it out of the progress log.
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        blob = bytes(converter.convert())
+    logger.debug("converter output:\n%s", captured.getvalue())
+    return blob
+
+
+def to_float_tflite(model: tf.keras.Model) -> bytes:
+    return _convert(_converter(model))
+
+
+def to_int8_tflite(model: tf.keras.Model, calibration: np.ndarray) -> bytes:
+    def representative() -> Iterator[list[np.ndarray]]:
+        for image in calibration:
+            yield [image[np.newaxis].astype(np.float32)]
+
+    converter = _converter(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return _convert(converter)
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    opcodes: list[str]
+    custom_ops: list[str]
+    multi_tensor_cuts: list[int]
+
+
+def inspect_graph(model_bytes: bytes) -> GraphInfo:
+    """Opcode names of subgraph 0 in execution order, and the cuts that carry several tensors.
+
+    Cut K splits the graph into ops [0, K) and [K, n). A cut is "multi-tensor" when two or
+    more activations produced before K are still consumed at or after K, as inside a residual.
+    """
+    model = schema.ModelT.InitFromPackedBuf(model_bytes, 0)
+    subgraph = model.subgraphs[0]
+    opcodes, custom_ops = [], []
+    for op in subgraph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        if builtin == _CUSTOM_OPCODE:
+            name = code.customCode.decode() if isinstance(code.customCode, bytes) else str(code.customCode)
+            custom_ops.append(name)
+            opcodes.append(f"CUSTOM:{name}")
+        else:
+            opcodes.append(_OPCODE_NAMES.get(builtin, f"BUILTIN_{builtin}"))
+
+    producer = {t: i for i, op in enumerate(subgraph.operators) for t in op.outputs}
+    last_use: dict[int, int] = {}
+    for i, op in enumerate(subgraph.operators):
+        for t in op.inputs:
+            if t in producer:
+                last_use[t] = i
+    cuts = []
+    for k in range(1, len(subgraph.operators)):
+        live = {t for t, p in producer.items() if p < k and last_use.get(t, -1) >= k}
+        if len(live) >= 2:
+            cuts.append(k)
+    return GraphInfo(opcodes, custom_ops, cuts)
+
+
+def _tensor_summary(detail: dict[str, Any]) -> dict[str, Any]:
+    scale, zero_point = detail["quantization"]
+    return {
+        "name": detail["name"],
+        "shape": [int(d) for d in detail["shape"]],
+        "dtype": np.dtype(detail["dtype"]).name,
+        "quantization": {"scale": float(scale), "zero_point": int(zero_point)} if scale else None,
+    }
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return np.clip(np.round(x / scale) + zero_point, -128, 127).astype(np.int8)
+
+
+def make_interpreter(model_bytes: bytes) -> Any:
+    """The LiteRT interpreter the runtime uses; tf.lite.Interpreter (deprecated) if LiteRT is missing."""
+    if Interpreter is None:
+        return tf.lite.Interpreter(model_content=model_bytes, num_threads=1)
+    return Interpreter(model_content=model_bytes, num_threads=1)
+
+
+def evaluate(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of the exported .tflite, one image per invoke (the models are batch 1)."""
+    interpreter = make_interpreter(model_bytes)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    if inp["dtype"] == np.int8:
+        scale, zero_point = inp["quantization"]
+        x = quantize(x, scale, zero_point)
+    correct = 0
+    for image, label in zip(x, y):
+        interpreter.set_tensor(inp["index"], image[np.newaxis])
+        interpreter.invoke()
+        correct += int(np.argmax(interpreter.get_tensor(out["index"])[0]) == label)
+    return correct / len(y)
+
+
+def describe(
+    file_name: str,
+    model_bytes: bytes,
+    int8: bool,
+    accuracy: float | None,
+    held_out: int | None,
+    note: str | None = None,
+) -> dict[str, Any]:
+    interpreter = make_interpreter(model_bytes)
+    interpreter.allocate_tensors()
+    inputs = [_tensor_summary(d) for d in interpreter.get_input_details()]
+    outputs = [_tensor_summary(d) for d in interpreter.get_output_details()]
+    graph = inspect_graph(model_bytes)
+    if graph.custom_ops:
+        raise BuildError(f"{file_name}: custom ops outside the TFLite builtins: {graph.custom_ops}")
+    if int8:
+        for t in inputs + outputs:
+            if t["dtype"] != "int8" or t["quantization"] is None:
+                raise BuildError(
+                    f"{file_name}: tensor {t['name']!r} is {t['dtype']}, expected quantized int8"
+                )
+    entry: dict[str, Any] = {
+        "file": file_name,
+        "sha256": hashlib.sha256(model_bytes).hexdigest(),
+        "size_bytes": len(model_bytes),
+        "num_operators": len(graph.opcodes),
+        "operators": graph.opcodes,
+        "multi_tensor_cuts": graph.multi_tensor_cuts,
+        "inputs": inputs,
+        "outputs": outputs,
+        "held_out_accuracy": accuracy,
+        "held_out_images": held_out,
+    }
+    if note:
+        entry["note"] = note
+    return entry
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    logger.info("wrote %s (%d bytes)", path, len(data))
+
+
+def _seeded(seed: int, build: Callable[[int | None], tf.keras.Model]) -> tf.keras.Model:
+    """Each model gets its own seed, so adding or reordering models does not change the others."""
+    seed_everything(seed)
+    return build(None)
+
+
+def build_mobilenet(batch_size: int | None = None) -> tf.keras.Model:
+    inputs = tf.keras.layers.Input((224, 224, 3), batch_size=batch_size, name="image")
+    return tf.keras.applications.MobileNetV2(alpha=0.35, input_tensor=inputs, weights=None, classes=1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "edge" / "models",
+        help="output directory (default: edge/models in the repo)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(SEED)
+    data = load_dataset()
+    rng = np.random.default_rng(SEED)
+    calibration = data.x_train[rng.choice(len(data.x_train), CALIBRATION_SIZE, replace=False)]
+    held_out = len(data.y_test)
+    manifest: dict[str, Any] = {
+        "tensorflow_version": tf.__version__,
+        "evaluated_with": "tf.lite.Interpreter"
+        if Interpreter is None
+        else "ai_edge_litert.interpreter.Interpreter",
+        "seed": SEED,
+        "held_out_split": f"sklearn load_digits, train_test_split(test_size={HELD_OUT_FRACTION}, "
+        f"random_state={SEED}, stratify=labels)",
+        "models": {},
+    }
+
+    # digits_resnet: int8 and float32 exports of the same trained network.
+    resnet = _seeded(SEED + 1, build_resnet)
+    train(resnet, data, RESNET_EPOCHS)
+    resnet = batch_one(resnet, build_resnet)
+    resnet_int8 = to_int8_tflite(resnet, calibration)
+    resnet_f32 = to_float_tflite(resnet)
+    for name, blob, int8 in (("digits_resnet", resnet_int8, True), ("digits_resnet_f32", resnet_f32, False)):
+        accuracy = evaluate(blob, data.x_test, data.y_test)
+        logger.info("%s: held-out accuracy %.4f", name, accuracy)
+        _write(out / f"{name}.tflite", blob)
+        manifest["models"][name] = describe(f"{name}.tflite", blob, int8, accuracy, held_out)
+    if not manifest["models"]["digits_resnet"]["multi_tensor_cuts"]:
+        raise BuildError("digits_resnet: no cut carries two tensors; the residual was lost in conversion")
+
+    # digits_tiny: runs on the device alone, fed the same int8 input as digits_resnet.
+    tiny = _seeded(SEED + 2, build_tiny)
+    train(tiny, data, TINY_EPOCHS)
+    tiny = batch_one(tiny, build_tiny)
+    tiny_int8 = to_int8_tflite(tiny, calibration)
+    accuracy = evaluate(tiny_int8, data.x_test, data.y_test)
+    logger.info("digits_tiny: held-out accuracy %.4f", accuracy)
+    _write(out / "digits_tiny.tflite", tiny_int8)
+    manifest["models"]["digits_tiny"] = describe("digits_tiny.tflite", tiny_int8, True, accuracy, held_out)
+    resnet_q = manifest["models"]["digits_resnet"]["inputs"][0]["quantization"]
+    tiny_q = manifest["models"]["digits_tiny"]["inputs"][0]["quantization"]
+    if resnet_q != tiny_q:
+        logger.warning("digits_tiny input quantization %s differs from digits_resnet %s", tiny_q, resnet_q)
+
+    # mobilenetv2_035: random weights, only for timing a realistically sized model.
+    seed_everything(SEED + 3)
+    mobilenet = build_mobilenet(1)
+    images = (
+        np.random.default_rng(SEED + 3)
+        .uniform(-1.0, 1.0, (MOBILENET_CALIBRATION_SIZE, 224, 224, 3))
+        .astype(np.float32)
+    )
+    mobilenet_int8 = to_int8_tflite(mobilenet, images)
+    _write(out / "mobilenetv2_035.tflite", mobilenet_int8)
+    manifest["models"]["mobilenetv2_035"] = describe(
+        "mobilenetv2_035.tflite", mobilenet_int8, True, None, None, note="random weights, timing only"
+    )
+
+    # Held-out sample, quantized exactly as digits_resnet's input expects.
+    x_float = data.x_test[:SAMPLE_SIZE]
+    x_q = quantize(x_float, resnet_q["scale"], resnet_q["zero_point"])
+    sample_path = out / "digits_test.npz"
+    np.savez_compressed(sample_path, x=x_q, y=data.y_test[:SAMPLE_SIZE], x_float=x_float)
+    logger.info("wrote %s (%d images)", sample_path, SAMPLE_SIZE)
+    manifest["digits_test"] = {
+        "file": sample_path.name,
+        "sha256": hashlib.sha256(sample_path.read_bytes()).hexdigest(),
+        "n": SAMPLE_SIZE,
+        "x": "int8 [n,32,32,1], quantized with digits_resnet's input scale/zero_point",
+        "x_float": "float32 [n,32,32,1] in [0,1]",
+        "y": "int64 labels",
+        "quantization": resnet_q,
+    }
+
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    logger.info("wrote %s", out / "manifest.json")
+    _print_summary(manifest)
+    return 0
+
+
+def _print_summary(manifest: dict[str, Any]) -> None:
+    print(f"\nTensorFlow {manifest['tensorflow_version']}")
+    header = f"{'model':<20} {'bytes':>9} {'ops':>4} {'input':<22} {'in q (scale, zp)':<20} {'accuracy':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, m in manifest["models"].items():
+        inp = m["inputs"][0]
+        q = inp["quantization"]
+        qs = f"{q['scale']:.6f}, {q['zero_point']}" if q else "-"
+        acc = f"{m['held_out_accuracy']:.4f}" if m["held_out_accuracy"] is not None else "n/a"
+        shape = f"{inp['dtype']} {inp['shape']}"
+        print(f"{name:<20} {m['size_bytes']:>9} {m['num_operators']:>4} {shape:<22} {qs:<20} {acc:>8}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BuildError as err:
+        print(f"build_models: {err}", file=sys.stderr)
+        sys.exit(2)
