@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8001, help="port to listen on, 0 for any (default: %(default)s)")
     p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND, help="inference backend")
     p.add_argument("--threads", type=int, default=1, help="interpreter threads per model (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="requests computed at once (default: %(default)s)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="compute threads; 0 computes on the event loop, the lowest latency per request (default: %(default)s)",
+    )
     p.add_argument(
         "--max-inflight", type=int, default=64, help="requests admitted at once before RESOURCE_EXHAUSTED"
     )

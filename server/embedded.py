@@ -27,7 +27,7 @@ class BackgroundServer:
     """
 
     def __init__(
-        self, repository: ModelRepository, *, host: str = "127.0.0.1", port: int = 0, workers: int = 2
+        self, repository: ModelRepository, *, host: str = "127.0.0.1", port: int = 0, workers: int = 0
     ) -> None:
         self.repository = repository
         self.server = EdgeServer(DataPlane(repository), host=host, port=port, workers=workers)

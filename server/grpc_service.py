@@ -67,7 +67,7 @@ def status_for(err: BaseException) -> grpc.StatusCode:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over a :class:`DataPlane`."""
 
-    def __init__(self, dataplane: DataPlane, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, dataplane: DataPlane, executor: ThreadPoolExecutor | None) -> None:
         self.dataplane = dataplane
         self.executor = executor
 
@@ -106,8 +106,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         received = time.perf_counter_ns()
         request = converters.infer_request_from_pb(message)
         prepared = self.dataplane.prepare(request, received)
-        loop = asyncio.get_running_loop()
-        response = await loop.run_in_executor(self.executor, self.dataplane.execute, prepared)
+        if self.executor is None:
+            response = self.dataplane.execute(prepared)
+        else:
+            loop = asyncio.get_running_loop()
+            response = await loop.run_in_executor(self.executor, self.dataplane.execute, prepared)
         return converters.infer_response_to_pb(response)
 
 
@@ -120,14 +123,18 @@ class EdgeServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        workers: int = 2,
+        workers: int = 0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.dataplane = dataplane
         self.host = host
         self.requested_port = port
         self.max_message_bytes = max_message_bytes
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-infer")
+        # workers=0 computes on the event loop: the lowest per-request overhead, one request at a time.
+        # workers>0 hands compute to a thread pool, so requests overlap at the cost of a thread hop.
+        self.executor = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-infer") if workers > 0 else None
+        )
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -167,7 +174,8 @@ class EdgeServer:
         self.dataplane.begin_shutdown()
         await self._server.stop(grace)
         self._server = None
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
     async def wait(self) -> None:
         if self._server is not None:
