@@ -338,7 +338,7 @@ def _seeded(seed: int, build: Callable[[int | None], tf.keras.Model]) -> tf.kera
 
 def build_mobilenet(batch_size: int | None = None) -> tf.keras.Model:
     inputs = tf.keras.layers.Input((224, 224, 3), batch_size=batch_size, name="image")
-    return tf.keras.applications.MobileNetV2(alpha=0.35, input_tensor=inputs, weights=None, classes=1000)
+    return tf.keras.applications.MobileNetV2(alpha=0.35, input_tensor=inputs, weights=None, classes=1000, classifier_activation=None)
 
 
 def main(argv: list[str] | None = None) -> int:
