@@ -11,7 +11,7 @@ from types import TracebackType
 from edge.backends import DEFAULT_BACKEND
 
 from .dataplane import DataPlane
-from .grpc_service import EdgeServer
+from .grpc_service import DEFAULT_MAX_MESSAGE_BYTES, EdgeServer
 from .repository import ModelRepository
 
 __all__ = ["BackgroundServer"]
@@ -27,10 +27,18 @@ class BackgroundServer:
     """
 
     def __init__(
-        self, repository: ModelRepository, *, host: str = "127.0.0.1", port: int = 0, workers: int = 0
+        self,
+        repository: ModelRepository,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        workers: int = 0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.repository = repository
-        self.server = EdgeServer(DataPlane(repository), host=host, port=port, workers=workers)
+        self.server = EdgeServer(
+            DataPlane(repository), host=host, port=port, workers=workers, max_message_bytes=max_message_bytes
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="edge-server", daemon=True)
 

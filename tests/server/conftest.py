@@ -1,0 +1,18 @@
+"""Fixtures for the server tests: a real in-process grpc.aio server on port 0."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from edge import models
+from server.embedded import BackgroundServer
+
+SERVED = ["digits_resnet", "digits_resnet_f32", "digits_tiny", "mobilenetv2_035"]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[BackgroundServer]:
+    with BackgroundServer.from_files([models.model_path(name) for name in SERVED]) as srv:
+        yield srv

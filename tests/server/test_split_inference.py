@@ -1,0 +1,177 @@
+"""Split inference through a real server: outputs equal the whole model's, and fallback keeps them so.
+
+Covered, per model: digits_resnet at every cut 0..N (its multi-tensor cuts included), digits_tiny at
+every cut, digits_resnet_f32 at every cut, mobilenetv2_035 at cuts 0, 1, 7 (two tensors), 16, 33,
+57 and 64. Inputs: a seeded random tensor spanning the input's range.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+import numpy as np
+import pytest
+from helpers import seeded_inputs
+
+from edge import models
+from edge.cooperative import CooperativeRunner
+from edge.graph import ModelGraph
+from edge.protocol import pb, pb_grpc
+from edge.runner import ModelRunner
+from edge.transport import TailClient
+from server.embedded import BackgroundServer
+
+MOBILENET_CUTS = [0, 1, 7, 16, 33, 57, 64]
+
+
+def _cases() -> list[tuple[str, int]]:
+    cases = []
+    for name in ("digits_resnet", "digits_tiny", "digits_resnet_f32"):
+        n = ModelGraph.from_file(models.model_path(name)).num_operators
+        cases += [(name, k) for k in range(n + 1)]
+    return cases + [("mobilenetv2_035", k) for k in MOBILENET_CUTS]
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def runners(graphs: dict[str, ModelGraph]) -> dict[str, ModelRunner]:
+    return {name: ModelRunner(graph) for name, graph in graphs.items()}
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> TailClient:
+    return TailClient(server.address, timeout_s=10.0)
+
+
+@pytest.mark.parametrize(("name", "k"), CASES, ids=[f"{n}-K{k}" for n, k in CASES])
+def test_outputs_through_the_network_equal_the_whole_model(
+    name: str, k: int, runners: dict[str, ModelRunner], client: TailClient
+) -> None:
+    runner = runners[name]
+    graph = runner.graph
+    device = CooperativeRunner(runner, client, model_name=name, policy=k)
+    for seed in (3, 4):
+        feeds = seeded_inputs(graph, seed)
+        result = device.infer(feeds)
+        expected = runner.run(feeds)
+        assert not result.fallback, result.fallback_reason
+        assert result.split_point == k
+        assert list(result.outputs) == [t.name for t in graph.outputs]
+        for out, want in expected.items():
+            assert result.outputs[out].dtype == want.dtype
+            assert np.array_equal(result.outputs[out], want), f"{name} cut {k}: {out} differs"
+        cut = graph.cut(k)
+        if k < graph.num_operators:
+            assert result.offloaded and result.bytes_sent == cut.nbytes
+            assert result.timings.tail_ms > 0
+        else:
+            assert not result.offloaded and result.bytes_sent == 0
+
+
+def test_cut_zero_sends_the_raw_input(graphs: dict[str, ModelGraph], client: TailClient) -> None:
+    graph = graphs["digits_resnet"]
+    device = CooperativeRunner(ModelRunner(graph), client, model_name="digits_resnet", policy=0)
+    result = device.infer(seeded_inputs(graph, 0))
+    assert result.bytes_sent == graph.inputs[0].nbytes == 1024
+    assert result.timings.head_ms < result.timings.e2e_ms
+
+
+def test_last_cut_and_local_never_touch_the_network(graphs: dict[str, ModelGraph]) -> None:
+    graph = graphs["digits_resnet"]
+    nowhere = TailClient("127.0.0.1:9", timeout_s=0.5)  # the discard port: nothing listens
+    runner = ModelRunner(graph)
+    feeds = seeded_inputs(graph, 0)
+    for device in (
+        CooperativeRunner(runner, nowhere, model_name="digits_resnet", policy=graph.num_operators),
+        CooperativeRunner(runner, None, model_name="digits_resnet", policy=3),
+    ):
+        result = device.infer(feeds)
+        assert not result.fallback and not result.offloaded and result.fallback_reason is None
+        assert np.array_equal(result.outputs[graph.outputs[0].name], runner.run(feeds)[graph.outputs[0].name])
+
+
+class _SlowServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """A real gRPC peer that takes longer than any deadline the test sets."""
+
+    def ModelInfer(self, request: object, context: grpc.ServicerContext) -> object:  # noqa: N802
+        time.sleep(2.0)
+        return pb.ModelInferResponse()
+
+
+def test_deadline_exceeded_falls_back_with_identical_outputs(graphs: dict[str, ModelGraph]) -> None:
+    graph = graphs["mobilenetv2_035"]
+    runner = ModelRunner(graph)
+    slow = grpc.server(ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(_SlowServicer(), slow)
+    port = slow.add_insecure_port("127.0.0.1:0")
+    slow.start()
+    try:
+        device = CooperativeRunner(
+            runner, TailClient(f"127.0.0.1:{port}"), model_name="mobilenetv2_035", policy=33, timeout_s=0.3
+        )
+        feeds = seeded_inputs(graph, 5)
+        result = device.infer(feeds)
+    finally:
+        slow.stop(0)
+    assert result.fallback and "DEADLINE_EXCEEDED" in (result.fallback_reason or "")
+    expected = runner.run(feeds)
+    assert all(np.array_equal(result.outputs[k], v) for k, v in expected.items())
+
+
+def test_model_mismatch_falls_back_and_says_why(graphs: dict[str, ModelGraph], client: TailClient) -> None:
+    """A device whose model differs from the server's still answers, from its own copy."""
+    graph = graphs["digits_tiny"]
+    device = CooperativeRunner(ModelRunner(graph), client, model_name="digits_resnet", policy=2)
+    result = device.infer(seeded_inputs(graph, 0))
+    assert result.fallback
+    assert graph.sha256 in (result.fallback_reason or "")
+
+
+def test_server_killed_mid_run(graphs: dict[str, ModelGraph], server_process: tuple) -> None:
+    """A real edge-server process killed part-way: later requests fall back, every output stays identical."""
+    proc, address = server_process
+    graph = graphs["digits_resnet"]
+    runner = ModelRunner(graph)
+    device = CooperativeRunner(
+        runner, TailClient(address, timeout_s=5.0), model_name="digits_resnet", policy=6, timeout_s=5.0
+    )
+    results = []
+    for i in range(40):
+        if i == 20:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        feeds = seeded_inputs(graph, 100 + i)
+        result = device.infer(feeds)
+        expected = runner.run(feeds)
+        assert np.array_equal(result.outputs[graph.outputs[0].name], expected[graph.outputs[0].name])
+        results.append(result)
+    assert [r.fallback for r in results[:20]] == [False] * 20
+    assert [r.fallback for r in results[20:]] == [True] * 20
+    assert all("UNAVAILABLE" in (r.fallback_reason or "") for r in results[20:])
+
+
+def test_device_recovers_when_the_server_comes_back(graphs: dict[str, ModelGraph], tmp_path: Path) -> None:
+    graph = graphs["digits_tiny"]
+    first = BackgroundServer.from_files([models.model_path("digits_tiny")])
+    first.start()
+    port = int(first.address.rsplit(":", 1)[1])
+    runner = ModelRunner(graph)
+    device = CooperativeRunner(runner, TailClient(first.address), model_name="digits_tiny", policy=2, timeout_s=5.0)
+    feeds = seeded_inputs(graph, 0)
+    assert not device.infer(feeds).fallback
+    first.stop()
+    assert device.infer(feeds).fallback
+    with BackgroundServer.from_files([models.model_path("digits_tiny")], port=port):
+        # gRPC reconnects within its (short, capped) backoff; then requests offload again.
+        deadline = time.monotonic() + 15
+        while device.infer(feeds).fallback:
+            assert time.monotonic() < deadline, "the device never offloaded again"
+            time.sleep(0.05)
+        assert not device.infer(feeds).fallback
