@@ -3,7 +3,9 @@
 A request with no ``split_point`` parameter runs the whole model (plain server-side
 inference, what any Open Inference Protocol client expects). A request with the int64
 parameter ``split_point`` = K runs the tail of cut K on the cut tensors it carries.
-Everything is validated before any tensor is decoded or any model runs.
+A request with the bool parameter ``profile`` = true and no inputs returns this server's
+median tail latency at every cut as the FP32 output ``tail_ms`` [N + 1], measured once per
+model and cached. Everything is validated before any tensor is decoded or any model runs.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from edge.codec import (
 )
 from edge.errors import CutError, ModelMismatchError, ModelNotFoundError, TensorFormatError
 from edge.graph import TensorInfo
+from edge.profiler import profile_tails
 
 from .errors import ServerOverloadedError, ServerStoppingError
 from .repository import ModelRepository, ServedModel
@@ -46,6 +49,10 @@ SPLIT_POINT = "split_point"
 MODEL_SHA256 = "model_sha256"
 COMPUTE_US = "compute_us"
 QUEUE_US = "queue_us"
+PROFILE = "profile"
+PROFILE_OUTPUT = "tail_ms"
+PROFILE_RUNS = 11
+PROFILE_WARMUP = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,7 @@ class PreparedRequest:
     feeds: dict[str, np.ndarray]
     outputs: tuple[TensorInfo, ...]
     received_ns: int
+    profile: bool = False
 
 
 class DataPlane:
@@ -70,6 +78,9 @@ class DataPlane:
         self._lock = threading.Lock()
         self._inflight = 0
         self._stopping = False
+        # Guards _profiles; held while a profile is measured so one model is profiled once (no I/O inside).
+        self._profile_lock = threading.Lock()
+        self._profiles: dict[str, np.ndarray] = {}
 
     # -- health and metadata ----------------------------------------------------------
 
@@ -112,6 +123,10 @@ class DataPlane:
         graph = model.graph
         params = request.parameters
         _check_sha(params, graph.sha256, request.model_name)
+        if _wants_profile(params):
+            if request.inputs:
+                raise TensorFormatError(f"a {PROFILE} request carries no inputs; got {len(request.inputs)}")
+            return PreparedRequest(request, model, None, {}, (), received_ns, profile=True)
         split_point = _split_point(params, graph.num_operators)
         if split_point is None:
             expected: Sequence[TensorInfo] = graph.inputs
@@ -135,6 +150,8 @@ class DataPlane:
         try:
             started = time.perf_counter_ns()
             runner = prepared.model.runner
+            if prepared.profile:
+                return self._profile_response(prepared, started)
             if prepared.split_point is None:
                 results = runner.run(prepared.feeds)
             else:
@@ -155,6 +172,36 @@ class DataPlane:
             id=request.id,
             outputs=tuple(encode(t.name, results[t.name]) for t in prepared.outputs),
             parameters=params,
+        )
+
+    def tail_profile(self, model: ServedModel) -> np.ndarray:
+        """Median tail latency (ms) of ``model`` at every cut 0..N on this server; measured on first use."""
+        with self._profile_lock:
+            profile = self._profiles.get(model.name)
+            if profile is None:
+                logger.info("profiling the tails of %s (%d cuts)", model.name, model.graph.num_operators + 1)
+                values = profile_tails(model.runner, runs=PROFILE_RUNS, warmup=PROFILE_WARMUP)
+                profile = self._profiles[model.name] = np.asarray(values, dtype=np.float32)
+            return profile
+
+    def _profile_response(self, prepared: PreparedRequest, started: int) -> InferResponse:
+        profile = self.tail_profile(prepared.model)
+        finished = time.perf_counter_ns()
+        request, runner = prepared.request, prepared.model.runner
+        return InferResponse(
+            model_name=request.model_name,
+            model_version=MODEL_VERSION,
+            id=request.id,
+            outputs=(encode(PROFILE_OUTPUT, profile),),
+            parameters={
+                COMPUTE_US: (finished - started) // 1000,
+                QUEUE_US: (started - prepared.received_ns) // 1000,
+                PROFILE: True,
+                "profile_runs": PROFILE_RUNS,
+                "backend": runner.backend,
+                "threads": runner.threads,
+                MODEL_SHA256: prepared.model.graph.sha256,
+            },
         )
 
     def begin_shutdown(self) -> None:
@@ -197,6 +244,15 @@ def _check_sha(params: Mapping[str, object], sha256: str, name: str) -> None:
         raise ModelMismatchError(
             f"model {name!r} differs: the device runs sha256 {claimed}, the server holds sha256 {sha256}"
         )
+
+
+def _wants_profile(params: Mapping[str, object]) -> bool:
+    value = params.get(PROFILE)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise TensorFormatError(f"parameter {PROFILE!r} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def _split_point(params: Mapping[str, object], num_operators: int) -> int | None:

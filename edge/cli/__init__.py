@@ -8,13 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import EdgeError
-from . import bench_cmd, demo_cmd, infer_cmd, inspect_cmd, split_cmd
+from . import bench_cmd, demo_cmd, infer_cmd, inspect_cmd, plan_cmd, run_cmd, split_cmd
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = [demo_cmd, inspect_cmd, split_cmd, infer_cmd, bench_cmd]
+COMMANDS = [demo_cmd, inspect_cmd, split_cmd, infer_cmd, bench_cmd, plan_cmd, run_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -136,6 +136,23 @@ class TailClient:
             bytes_sent=sum(t.nbytes for t in tensors),
         )
 
+    def tail_profile(
+        self, model: str, *, model_sha256: str | None = None, timeout_s: float | None = None
+    ) -> np.ndarray:
+        """The server's median tail latency (ms) of ``model`` at every cut 0..N.
+
+        A ModelInfer request with the bool parameter ``profile`` and no inputs; the first one
+        per model makes the server measure, so give it a generous timeout.
+        """
+        parameters: dict[str, bool | int | float | str] = {"profile": True}
+        if model_sha256 is not None:
+            parameters["model_sha256"] = model_sha256
+        result = self.infer(model, {}, parameters=parameters, timeout_s=timeout_s)
+        profile = result.outputs.get("tail_ms")
+        if profile is None or profile.ndim != 1:
+            raise RemoteError(f"INTERNAL: edge server {self.address} sent no tail profile", status="INTERNAL")
+        return profile.astype(np.float64)
+
     def ready(self, timeout_s: float | None = None) -> bool:
         try:
             return bool(self._call(self._stub.ServerReady, pb.ServerReadyRequest(), timeout_s).ready)

@@ -1,0 +1,175 @@
+"""``edge plan``: predict every cut's latency on this device and link, and show the planner's choice."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from contextlib import ExitStack
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..backends import BACKENDS, DEFAULT_BACKEND
+from ..errors import EdgeError
+from ..planner import DEFAULT_COMPUTE_WATTS, DEFAULT_RADIO_WATTS, OBJECTIVES, AutoSplit, Plan
+from ..policy import make_policy
+from ..profiler import profile_path
+from ..runner import ModelRunner
+from ..transport import TailClient
+from .common import load_graph
+
+__all__ = ["register"]
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="predict the latency of every cut and choose one",
+        description="Profile MODEL's heads on this device (cached), fetch the server's tail profile, probe the "
+        "link, then predict every cut: T(K) = head(K) + bytes(K)/bandwidth + rtt + queue + tail(K). "
+        "This is what --split-at auto starts from. Without --server an edge server is started in-process "
+        "on loopback.",
+    )
+    p.add_argument("model", help="a .tflite file, or a shipped model's name")
+    p.add_argument("--server", metavar="HOST:PORT", help="edge server address")
+    p.add_argument("--model-name", help="the model's name on the server (default: the model file's stem)")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND, help="device backend")
+    p.add_argument("--threads", type=int, default=1, help="device interpreter threads (default: %(default)s)")
+    p.add_argument(
+        "--objective", choices=OBJECTIVES, default="latency", help="what to minimise (default: latency)"
+    )
+    p.add_argument("--deadline-ms", type=float, help="only cuts predicted to finish within this many ms")
+    p.add_argument("--max-bytes", type=int, help="only cuts sending at most this many bytes")
+    p.add_argument(
+        "--compute-watts", type=float, default=DEFAULT_COMPUTE_WATTS, help="device power while computing (W)"
+    )
+    p.add_argument(
+        "--radio-watts", type=float, default=DEFAULT_RADIO_WATTS, help="device power while sending (W)"
+    )
+    p.add_argument("--probes", type=int, default=3, help="link probes of each kind (default: %(default)s)")
+    p.add_argument(
+        "--refresh-profile", action="store_true", help="measure the device again, ignoring the cache"
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline of each probe, seconds")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    graph = load_graph(args.model)
+    name = args.model_name or Path(graph.source).stem
+    with ExitStack() as stack:
+        address = args.server
+        if not address:
+            from server.embedded import BackgroundServer
+
+            address = stack.enter_context(BackgroundServer.from_files([Path(graph.source)])).address
+        runner = stack.enter_context(ModelRunner(graph, backend=args.backend, threads=args.threads))
+        client = stack.enter_context(TailClient(address, timeout_s=args.timeout))
+        policy = make_policy(
+            graph,
+            "auto",
+            runner=runner,
+            client=client,
+            model_name=name,
+            objective=args.objective,
+            deadline_ms=args.deadline_ms,
+            max_bytes=args.max_bytes,
+            compute_watts=args.compute_watts,
+            radio_watts=args.radio_watts,
+            probes=args.probes,
+            refresh_profile=args.refresh_profile,
+            progress=True,
+        )
+    assert isinstance(policy, AutoSplit)
+    chosen = policy.last_plan
+    if chosen is None:
+        raise EdgeError("the planner produced no plan")
+    report = _report(args, policy, chosen, address, name)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report, chosen, graph.num_operators)
+    return 0
+
+
+def _report(
+    args: argparse.Namespace, policy: AutoSplit, chosen: Plan, address: str, name: str
+) -> dict[str, object]:
+    link = policy.estimator.estimate() if policy.reachable else None
+    n = policy.n
+    predictions = chosen.predictions
+    return {
+        "model": name,
+        "server": address,
+        "server_reachable": policy.reachable,
+        "objective": chosen.objective,
+        "deadline_ms": args.deadline_ms,
+        "max_bytes": args.max_bytes,
+        "choice": chosen.choice,
+        "met_constraints": chosen.met_constraints,
+        "note": chosen.note
+        or ("" if policy.reachable else "the server is unreachable: the device runs alone"),
+        "predicted_ms": round(chosen.chosen.predicted_ms, 4),
+        "device_only_ms": round(predictions[n].predicted_ms, 4),
+        "server_only_ms": round(predictions[0].predicted_ms, 4) if policy.reachable else None,
+        "link": link.as_dict() if link is not None else None,
+        "device": {
+            "backend": args.backend,
+            "threads": args.threads,
+            "profile": str(profile_path(policy.graph.sha256, args.backend, args.threads)),
+        },
+        "num_operators": n,
+        "cuts": [p.as_dict() for p in predictions],
+    }
+
+
+def _print(report: dict[str, object], chosen: Plan, n: int) -> None:
+    console = Console()
+    table = Table(title=f"{report['model']}: {n} operators, objective {chosen.objective}")
+    for column in (
+        "K",
+        "head ms",
+        "bytes",
+        "transfer ms",
+        "rtt+queue ms",
+        "tail ms",
+        "predicted ms",
+        "energy mJ",
+        "",
+    ):
+        table.add_column(column, justify="right")
+    for p in chosen.predictions:
+        mark = "◀ chosen" if p.index == chosen.choice else ("" if p.feasible else "✗")
+        remote = not p.local
+        table.add_row(
+            str(p.index),
+            f"{p.head_ms:.3f}",
+            f"{p.nbytes:,}",
+            f"{p.transfer_ms:.3f}" if remote else "-",
+            f"{p.rtt_ms + p.queue_ms:.3f}" if remote else "-",
+            f"{p.tail_ms:.3f}" if remote else "-",
+            f"{p.predicted_ms:.3f}",
+            f"{p.energy_mj:.3f}",
+            mark,
+            style="bold green" if p.index == chosen.choice else None,
+        )
+    console.print(table)
+    link = report["link"]
+    if isinstance(link, dict):
+        console.print(
+            f"link: rtt {link['rtt_ms']:.2f} ms, {link['bandwidth_mbit_s']} Mbit/s ({link['method']}, "
+            f"{link['samples']} samples)"
+        )
+    server_only = report["server_only_ms"]
+    console.print(
+        f"choice: K={chosen.choice} predicted {report['predicted_ms']:.3f} ms; device only (K={n}) "
+        f"{report['device_only_ms']:.3f} ms; server only (K=0) "
+        f"{'-' if server_only is None else f'{server_only:.3f} ms'}"
+    )
+    if report["note"]:
+        console.print(f"note: {report['note']}")

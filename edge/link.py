@@ -1,0 +1,238 @@
+"""Estimate the link to the edge server from live traffic and small probes.
+
+Each offloaded request gives one sample: the bytes on the wire (cut sent plus outputs
+received) and its transfer time (call time minus the server's compute and queue time).
+Transfer time is modelled as ``rtt + bytes / bandwidth``, where ``rtt`` is everything a
+request pays whatever its size (propagation both ways, both gRPC stacks).
+
+* When the recent samples span different sizes, a robust line fit (Theil-Sen: the median of
+  pairwise slopes) gives bandwidth and rtt separately.
+* When they all have one size, the rtt comes from ServerReady probes and the bandwidth from
+  ``bytes / (transfer - rtt)``, the median over the window.
+* Samples older than ``max_age_s`` are dropped, so the estimate follows the link; the last
+  bandwidth is remembered while only probes arrive.
+
+:class:`LinkEstimator` is pure (the clock is injected). :class:`LinkProber` is the adapter that
+sends the probes through a :class:`~edge.transport.client.TailClient`.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import RemoteError
+from .graph import ModelGraph
+
+if TYPE_CHECKING:
+    from .transport.client import TailClient
+
+__all__ = ["LinkEstimate", "LinkEstimator", "LinkProber", "fit_line"]
+
+logger = logging.getLogger(__name__)
+
+# A payload shorter than this on the wire says little about bandwidth: fixed costs dominate it.
+_MIN_PAYLOAD_MS = 0.5
+_MIN_SIZE_RATIO = 1.5
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEstimate:
+    """The link as last estimated."""
+
+    rtt_ms: float
+    """Fixed cost of one request: round trip and both stacks."""
+    bytes_per_ms: float | None
+    """Throughput; None while unknown."""
+    samples: int
+    method: str
+    """``fit`` (sizes varied), ``probe`` (rtt from probes, one size), ``remembered`` or ``none``."""
+
+    @property
+    def usable(self) -> bool:
+        return self.bytes_per_ms is not None and self.bytes_per_ms > 0
+
+    @property
+    def mbit_per_s(self) -> float | None:
+        return None if self.bytes_per_ms is None else self.bytes_per_ms * 8.0 / 1000.0
+
+    def transfer_ms(self, nbytes: int) -> float:
+        """Time on the wire for ``nbytes`` (without the rtt)."""
+        if self.bytes_per_ms is None or self.bytes_per_ms <= 0:
+            return float("inf")
+        return nbytes / self.bytes_per_ms
+
+    def as_dict(self) -> dict[str, object]:
+        mbit = self.mbit_per_s
+        return {
+            "rtt_ms": round(self.rtt_ms, 4),
+            "bandwidth_mbit_s": None if mbit is None else round(mbit, 4),
+            "samples": self.samples,
+            "method": self.method,
+        }
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float] | None:
+    """Theil-Sen fit ``y = intercept + slope * x``: (slope, intercept), or None without two distinct x."""
+    x = np.asarray(xs, dtype=np.float64)
+    y = np.asarray(ys, dtype=np.float64)
+    i, j = np.triu_indices(len(x), k=1)
+    dx = x[j] - x[i]
+    keep = dx != 0
+    if not keep.any():
+        return None
+    slope = float(np.median((y[j] - y[i])[keep] / dx[keep]))
+    intercept = float(np.median(y - slope * x))
+    return slope, intercept
+
+
+class LinkEstimator:
+    """Bandwidth and rtt from (bytes, transfer ms) samples and rtt probes; see the module doc."""
+
+    def __init__(
+        self, *, window: int = 32, max_age_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._transfers: deque[tuple[float, int, float]] = deque(maxlen=window)
+        self._rtts: deque[tuple[float, float]] = deque(maxlen=8)
+        self._bytes_per_ms: float | None = None
+        self.last_sample_at = -float("inf")
+
+    def observe_transfer(self, nbytes: int, transfer_ms: float) -> None:
+        """One request: bytes on the wire both ways, and call time minus server compute and queue."""
+        if nbytes < 0 or not transfer_ms >= 0:
+            return
+        now = self._clock()
+        self._transfers.append((now, int(nbytes), float(transfer_ms)))
+        self.last_sample_at = now
+
+    def observe_rtt(self, rtt_ms: float) -> None:
+        """One probe with (almost) no payload: a ServerReady call."""
+        if not rtt_ms >= 0:
+            return
+        now = self._clock()
+        self._rtts.append((now, float(rtt_ms)))
+        self.last_sample_at = now
+
+    def estimate(self) -> LinkEstimate:
+        now = self._clock()
+        fresh = [(b, ms) for t, b, ms in self._transfers if now - t <= self.max_age_s]
+        probes = [ms for t, ms in self._rtts if now - t <= self.max_age_s] or [ms for _, ms in self._rtts]
+        probe_rtt = statistics.median(probes) if probes else None
+        sizes = [b for b, _ in fresh]
+        if len(fresh) >= 3 and min(sizes) * _MIN_SIZE_RATIO <= max(sizes):
+            fit = fit_line(sizes, [ms for _, ms in fresh])
+            if fit is not None and fit[0] > 0:
+                slope, intercept = fit
+                self._bytes_per_ms = 1.0 / slope
+                rtt = intercept if intercept > 0 else (probe_rtt or 0.0)
+                return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), "fit")
+        rtt = probe_rtt if probe_rtt is not None else 0.0
+        rates = [b / (ms - rtt) for b, ms in fresh if ms - rtt >= max(_MIN_PAYLOAD_MS, 0.1 * ms)]
+        if rates:
+            self._bytes_per_ms = statistics.median(rates)
+            return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), "probe")
+        if probe_rtt is None and fresh:
+            # No probe and no payload worth the name: the smallest transfer bounds the fixed cost.
+            rtt = min(ms for _, ms in fresh)
+        method = "remembered" if self._bytes_per_ms is not None else "none"
+        return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), method)
+
+
+class LinkProber:
+    """Sends probes to the server and feeds the answers to an estimator.
+
+    RTT probes are ServerReady calls. Payload probes are ordinary tail requests at two cuts
+    (the smallest one, and the one nearest ``payload_bytes``) with seeded random tensors: the
+    server reports its compute and queue time, so only the link's share is counted.
+    """
+
+    def __init__(
+        self,
+        client: TailClient,
+        model_name: str,
+        graph: ModelGraph,
+        *,
+        payload_bytes: int = 32 * 1024,
+        max_bytes: int | None = None,
+        timeout_s: float = 30.0,
+        profile_timeout_s: float = 600.0,
+    ) -> None:
+        self.client = client
+        self.model_name = model_name
+        self.graph = graph
+        self.timeout_s = timeout_s
+        self.profile_timeout_s = profile_timeout_s
+        self.probe_cuts = _probe_cuts(graph, payload_bytes, max_bytes)
+        self._feeds: dict[int, dict[str, np.ndarray]] = {}
+
+    def tail_profile(self) -> list[float]:
+        """The server's median tail time per cut, 0..N (ms)."""
+        profile = self.client.tail_profile(
+            self.model_name, model_sha256=self.graph.sha256, timeout_s=self.profile_timeout_s
+        )
+        return [float(x) for x in profile]
+
+    def probe_rtt(self, estimator: LinkEstimator, count: int = 3) -> None:
+        for _ in range(count):
+            started = time.perf_counter()
+            ok = self.client.ready(timeout_s=self.timeout_s)
+            ms = (time.perf_counter() - started) * 1000.0
+            if not ok:
+                raise RemoteError(f"UNAVAILABLE: edge server {self.client.address} is not ready")
+            estimator.observe_rtt(ms)
+
+    def probe_bandwidth(self, estimator: LinkEstimator, count: int = 2) -> None:
+        from .profiler import random_tensors
+
+        for k in self.probe_cuts:
+            cut = self.graph.cut(k)
+            feeds = self._feeds.setdefault(k, random_tensors(cut.tensors, seed=k))
+            for _ in range(count):
+                result = self.client.infer(
+                    self.model_name,
+                    feeds,
+                    parameters={"model_sha256": self.graph.sha256, "split_point": k},
+                    timeout_s=self.timeout_s,
+                )
+                received = sum(a.nbytes for a in result.outputs.values())
+                estimator.observe_transfer(result.bytes_sent + received, result.transfer_ms)
+
+    def probe(self, estimator: LinkEstimator, *, rtt_count: int = 3, payload_count: int = 2) -> LinkEstimate:
+        """RTT probes, then payload probes; returns the resulting estimate."""
+        self.probe_rtt(estimator, rtt_count)
+        self.probe_bandwidth(estimator, payload_count)
+        estimate = estimator.estimate()
+        logger.info(
+            "link: rtt %.2f ms, %s Mbit/s (%s, %d samples)",
+            estimate.rtt_ms,
+            "?" if estimate.mbit_per_s is None else f"{estimate.mbit_per_s:.2f}",
+            estimate.method,
+            estimate.samples,
+        )
+        return estimate
+
+
+def _probe_cuts(graph: ModelGraph, payload_bytes: int, max_bytes: int | None) -> tuple[int, ...]:
+    """The smallest non-empty cut that has a tail, and the one nearest ``payload_bytes`` (under ``max_bytes``)."""
+    n = graph.num_operators
+    candidates = [
+        (graph.cut(k).nbytes, k)
+        for k in range(n)
+        if graph.cut(k).nbytes > 0
+        and graph.cut(k).tail_outputs
+        and (max_bytes is None or graph.cut(k).nbytes <= max_bytes)
+    ]
+    if not candidates:
+        return ()
+    small = min(candidates)
+    large = min(candidates, key=lambda c: (abs(c[0] - payload_bytes), -c[1]))
+    return (small[1],) if large == small else (small[1], large[1])
