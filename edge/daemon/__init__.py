@@ -1,0 +1,16 @@
+"""``edge run``: the device daemon that answers sensor messages from MQTT with cooperative inference.
+
+Data path: :mod:`.profiles` reads a TOML profile and :mod:`.config` validates it;
+:mod:`.device` resolves the model and builds the runner; :mod:`.service` reads MQTT,
+decodes payloads (:mod:`.payloads`), runs the model, publishes :mod:`.messages`, and
+acknowledges each message once its result is confirmed (:mod:`.ledger`).
+"""
+
+from __future__ import annotations
+
+from .config import DeviceProfile
+from .device import Plan, open_device, plan
+from .profiles import apply_overrides, available, find, load
+from .service import Daemon
+
+__all__ = ["Daemon", "DeviceProfile", "Plan", "apply_overrides", "available", "find", "load", "open_device", "plan"]

@@ -1,0 +1,352 @@
+"""The schema of a device profile (``firmware_config/*.toml``): what ``edge run`` needs to know.
+
+Validation only: nothing here reads a file, resolves a model or opens a socket. Reading the
+TOML and turning validation errors into ``file: key: problem`` lives in :mod:`.profiles`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from paho.mqtt.client import topic_matches_sub
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from ..transport import TLSOptions
+
+__all__ = [
+    "AutoSplitConfig",
+    "DeviceProfile",
+    "EdgeConfig",
+    "EdgeServerConfig",
+    "FixedSplitConfig",
+    "HomeAssistantConfig",
+    "ModelConfig",
+    "MqttConfig",
+    "MqttTLSConfig",
+    "QueueConfig",
+    "ResultsConfig",
+    "RuntimeConfig",
+    "SensorConfig",
+    "SplitConfig",
+    "StatsConfig",
+    "TLSConfig",
+    "TopicsConfig",
+]
+
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_address(value: str) -> str:
+    match = _ADDRESS.match(value)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+class RuntimeConfig(_Strict):
+    backend: Literal["litert", "tflite-runtime"] = Field(
+        "litert", description="Interpreter that runs the model on the device."
+    )
+    threads: int = Field(1, ge=1, le=64, description="Interpreter threads on the device.")
+
+
+class ModelConfig(_Strict):
+    path: str = Field(
+        description="A .tflite file (relative paths are relative to the profile's directory), or the name of "
+        "a model shipped with the package, such as 'digits_resnet'."
+    )
+    name: str | None = Field(
+        None, description="The name the edge servers serve the model under; default: the file's stem."
+    )
+    labels: list[str] | None = Field(
+        None, description="Class labels, one per element of the output; default: the class index as text."
+    )
+
+
+class FixedSplitConfig(_Strict):
+    type: Literal["fixed"] = Field(description="Always cut the model at the same place.")
+    k: int | str = Field(
+        description="The cut: an operator index 0..N (0 = all on the server, N = all on the device), or the "
+        "name of the tensor to cut right after."
+    )
+
+    @field_validator("k")
+    @classmethod
+    def _non_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a cut index is 0 or more")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("a tensor name cannot be empty")
+        return value
+
+
+class AutoSplitConfig(_Strict):
+    type: Literal["auto"] = Field(description="Let the planner choose the cut from measurements.")
+    objective: Literal["latency", "energy", "bytes"] = Field(
+        "latency", description="What the planner minimises: end-to-end latency, device energy, or bytes sent."
+    )
+    deadline_ms: float | None = Field(None, gt=0, description="Optional latency bound the chosen cut must meet.")
+    max_bytes: int | None = Field(None, gt=0, description="Optional bound on bytes sent per request.")
+
+
+SplitConfig = Annotated[FixedSplitConfig | AutoSplitConfig, Field(discriminator="type")]
+
+
+class TLSConfig(_Strict):
+    ca_file: Path | None = Field(None, description="PEM file of the CA that signed the server's certificate.")
+    cert_file: Path | None = Field(None, description="PEM client certificate, for mutual TLS.")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
+    server_name: str | None = Field(
+        None, description="Name to check the server's certificate against, when it differs from the host."
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both cert_file and key_file for a client certificate, or neither")
+        return self
+
+    def options(self) -> TLSOptions:
+        return TLSOptions(
+            ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file, server_name=self.server_name
+        )
+
+
+class EdgeServerConfig(_Strict):
+    address: str = Field(description="HOST:PORT of an edge server's gRPC endpoint.")
+    tls: TLSConfig | None = Field(None, description="TLS for this server; plaintext when absent.")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _check_address(value)
+
+
+class EdgeConfig(_Strict):
+    servers: list[EdgeServerConfig] = Field(
+        default_factory=list,
+        description="Edge servers in order of preference; the device fails over to the next one, and runs the "
+        "whole model itself when none answers. Empty: always local.",
+    )
+    timeout_s: float = Field(2.0, gt=0, le=600, description="Deadline of each request to an edge server.")
+    retry_after_s: float = Field(
+        5.0, ge=0, le=3600, description="How long a server that failed is tried only after the others."
+    )
+
+
+class MqttTLSConfig(_Strict):
+    ca_file: Path | None = Field(None, description="PEM CA bundle to verify the broker; default: the system's.")
+    cert_file: Path | None = Field(None, description="PEM client certificate, for mutual TLS.")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
+    verify_hostname: bool = Field(True, description="Check that the broker's certificate names its host.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> MqttTLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both cert_file and key_file for a client certificate, or neither")
+        return self
+
+
+class MqttConfig(_Strict):
+    host: str = Field(description="The broker's host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="The broker's port (1883 plain, 8883 TLS by convention).")
+    client_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="MQTT client id; default 'edge-<device_id>'. Must be stable across restarts: the persistent "
+        "session, and the messages it holds, belong to it.",
+    )
+    username: str | None = Field(None, description="User name to authenticate with.")
+    password: SecretStr | None = Field(None, description="Password to authenticate with (or use password_file).")
+    password_file: Path | None = Field(
+        None, description="File whose first line is the password; read when connecting."
+    )
+    tls: MqttTLSConfig | None = Field(None, description="TLS to the broker; plaintext when absent.")
+    keepalive_s: int = Field(30, ge=5, le=65535, description="MQTT keepalive interval.")
+    session_expiry_s: int = Field(
+        86400,
+        ge=60,
+        le=4294967295,
+        description="How long the broker keeps this device's session (subscriptions and unacknowledged "
+        "messages) while the daemon is away.",
+    )
+    reconnect_min_s: float = Field(1.0, gt=0, le=3600, description="First delay before reconnecting.")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest delay between reconnect attempts.")
+
+    @model_validator(mode="after")
+    def _auth(self) -> MqttConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if (self.password is not None or self.password_file is not None) and self.username is None:
+            raise ValueError("a password needs a username")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must not be below reconnect_min_s")
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class SensorConfig(_Strict):
+    topic: str = Field(description="MQTT topic filter to subscribe to (QoS 1); '+' and '#' wildcards allowed.")
+    format: Literal["json", "raw", "image"] = Field(
+        description="Payload format: 'json' ({\"id\": ..., \"data\": [...]}), 'raw' tensor bytes, or 'image' "
+        "(PNG or JPEG)."
+    )
+    input: str | None = Field(None, description="The model input this sensor feeds; default: the only input.")
+    dtype: str | None = Field(
+        None,
+        description="raw: element type of the payload (such as 'int8' or 'float32'), unless the message has a "
+        "'dtype' user property; default: the input's type. Real values are quantized.",
+    )
+    shape: list[int] | None = Field(
+        None,
+        description="raw: shape of the payload, unless the message has a 'shape' user property; "
+        "default: the input's shape.",
+    )
+    image_scale: float = Field(
+        1.0 / 255.0, gt=0, description="image: real value = pixel * image_scale + image_offset, then quantized."
+    )
+    image_offset: float = Field(0.0, description="image: see image_scale.")
+
+    @field_validator("topic")
+    @classmethod
+    def _filter(cls, value: str) -> str:
+        if not value or "\0" in value:
+            raise ValueError("a topic filter cannot be empty")
+        levels = value.split("/")
+        for i, level in enumerate(levels):
+            if "#" in level and (level != "#" or i != len(levels) - 1):
+                raise ValueError(f"{value!r}: '#' must be a whole, last level")
+            if "+" in level and level != "+":
+                raise ValueError(f"{value!r}: '+' must be a whole level")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            dtype = np.dtype(value)
+        except TypeError as err:
+            raise ValueError(f"unknown dtype {value!r}") from err
+        if dtype.kind not in "iuf":
+            raise ValueError(f"dtype {value!r} is not an integer or floating type")
+        return dtype.name
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or any(d <= 0 for d in value)):
+            raise ValueError("a shape is a non-empty list of positive sizes")
+        return value
+
+
+class TopicsConfig(_Strict):
+    results: str = Field("edge/{device_id}/results", description="Where each message's result is published.")
+    errors: str = Field("edge/{device_id}/errors", description="Where a message that cannot be processed is reported.")
+    availability: str = Field(
+        "edge/{device_id}/availability", description="Retained 'online' while connected, 'offline' (last will) after."
+    )
+    stats: str = Field("edge/{device_id}/stats", description="Periodic counters and latency.")
+
+    @field_validator("results", "errors", "availability", "stats")
+    @classmethod
+    def _plain(cls, value: str) -> str:
+        if not value or "+" in value or "#" in value:
+            raise ValueError(f"{value!r}: a topic to publish on cannot be empty or hold wildcards")
+        try:
+            value.format(device_id="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"{value!r}: the only placeholder is {{device_id}}") from err
+        return value
+
+
+class ResultsConfig(_Strict):
+    top_k: int = Field(
+        3, ge=0, le=1000, description="Labels and scores per result; 0 publishes the raw outputs instead."
+    )
+    include_raw: bool = Field(False, description="Also publish every output tensor, dequantized.")
+
+
+class QueueConfig(_Strict):
+    max_messages: int = Field(
+        16,
+        ge=1,
+        le=65535,
+        description="Messages held in memory at once; also the MQTT Receive Maximum asked of the broker. When "
+        "full, the daemon stops reading from the broker until one is done; nothing is dropped.",
+    )
+    answered_ids: int = Field(
+        4096, ge=16, le=1_000_000, description="Recently answered message ids remembered to avoid answering twice."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600, description="At shutdown, how long to wait for queued results to be confirmed."
+    )
+
+
+class StatsConfig(_Strict):
+    interval_s: float = Field(30.0, ge=0, le=86400, description="Seconds between stats messages; 0 turns them off.")
+
+
+class HomeAssistantConfig(_Strict):
+    enabled: bool = Field(False, description="Publish Home Assistant MQTT discovery configs (retained).")
+    discovery_prefix: str = Field("homeassistant", min_length=1, description="Home Assistant's discovery prefix.")
+    name: str | None = Field(None, description="Device name shown in Home Assistant; default: the device id.")
+
+
+class DeviceProfile(_Strict):
+    device_id: str = Field(
+        description="This device's id: names its topics and its MQTT client id. Letters, digits, '_' and '-'."
+    )
+    description: str | None = Field(None, description="Free text about the profile.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="The device's interpreter.")
+    model: ModelConfig = Field(description="The model to run.")
+    split: SplitConfig = Field(description="Where to cut the model: type = 'fixed' (with k) or 'auto'.")
+    edge: EdgeConfig = Field(default_factory=EdgeConfig, description="The edge servers that run the tail.")
+    mqtt: MqttConfig = Field(description="The broker.")
+    sensors: list[SensorConfig] = Field(min_length=1, description="Topics to read sensor messages from.")
+    topics: TopicsConfig = Field(default_factory=TopicsConfig, description="Topics the daemon publishes on.")
+    results: ResultsConfig = Field(default_factory=ResultsConfig, description="What a result carries.")
+    queue: QueueConfig = Field(default_factory=QueueConfig, description="Bounds on work held in memory.")
+    stats: StatsConfig = Field(default_factory=StatsConfig, description="Periodic stats messages.")
+    home_assistant: HomeAssistantConfig = Field(
+        default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery."
+    )
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        if not _DEVICE_ID.match(value):
+            raise ValueError(f"{value!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+        return value
+
+    @model_validator(mode="after")
+    def _no_feedback(self) -> DeviceProfile:
+        # A sensor filter that matched our own output would feed results back in as input, forever.
+        for i, sensor in enumerate(self.sensors):
+            for topic in self.output_topics():
+                if topic_matches_sub(sensor.topic, topic):
+                    raise ValueError(f"sensors[{i}].topic: {sensor.topic!r} matches the daemon's own topic {topic!r}")
+        return self
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"edge-{self.device_id}"
+
+    def topic(self, kind: Literal["results", "errors", "availability", "stats"]) -> str:
+        return str(getattr(self.topics, kind)).format(device_id=self.device_id)
+
+    def output_topics(self) -> list[str]:
+        return [self.topic(k) for k in ("results", "errors", "availability", "stats")]

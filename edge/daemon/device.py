@@ -1,0 +1,143 @@
+"""From a validated profile to the objects that run it: the model, its cut, the edge servers.
+
+:func:`plan` reads the model and checks the profile against it (labels, inputs, the cut)
+without touching the network; ``edge run --check`` stops there. :func:`open_device` then
+builds the cooperative runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+
+from .. import models
+from ..cooperative import CooperativeRunner
+from ..errors import ConfigError, EdgeError
+from ..graph import ModelGraph
+from ..policy import make_policy
+from ..runner import ModelRunner
+from ..transport import TailClient
+from ..transport.failover import FailoverClient
+from .config import DeviceProfile, FixedSplitConfig
+
+__all__ = ["Plan", "open_device", "plan"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A profile resolved against its model."""
+
+    profile: DeviceProfile
+    source: Path
+    """The profile file."""
+    model_path: Path
+    graph: ModelGraph
+    model_name: str
+    cut: int | None
+    """The fixed cut, or None when the planner chooses."""
+
+
+def plan(profile: DeviceProfile, source: Path) -> Plan:
+    """Resolve the model and check the profile against it; raises ConfigError naming file and key."""
+    model_path = _resolve_model(profile.model.path, source)
+    graph = ModelGraph.from_file(model_path)
+    name = profile.model.name or model_path.stem
+    _check_labels(profile, graph, source)
+    _check_sensors(profile, graph, source)
+    cut = None
+    if isinstance(profile.split, FixedSplitConfig):
+        try:
+            cut = graph.resolve_cut(profile.split.k)
+        except EdgeError as err:
+            raise ConfigError(f"{source}: split.k: {err}") from err
+    return Plan(profile=profile, source=source, model_path=model_path, graph=graph, model_name=name, cut=cut)
+
+
+def open_device(resolved: Plan) -> CooperativeRunner:
+    """The cooperative runner the profile describes (no request is sent yet)."""
+    profile = resolved.profile
+    runner = ModelRunner(resolved.graph, backend=profile.runtime.backend, threads=profile.runtime.threads)
+    client = _client(profile)
+    split = profile.split
+    spec: int | str = resolved.cut if resolved.cut is not None else "auto"
+    objective = "latency" if isinstance(split, FixedSplitConfig) else split.objective
+    policy = make_policy(
+        resolved.graph,
+        spec,
+        runner=runner,
+        client=client,
+        model_name=resolved.model_name,
+        objective=objective,
+        deadline_ms=None if isinstance(split, FixedSplitConfig) else split.deadline_ms,
+        max_bytes=None if isinstance(split, FixedSplitConfig) else split.max_bytes,
+    )
+    if resolved.cut is not None:
+        runner.warm(resolved.cut)
+    return CooperativeRunner(
+        runner, client, model_name=resolved.model_name, policy=policy, timeout_s=profile.edge.timeout_s
+    )
+
+
+def _client(profile: DeviceProfile) -> TailClient | None:
+    edge = profile.edge
+    clients = [
+        TailClient(s.address, timeout_s=edge.timeout_s, tls=s.tls.options() if s.tls else None) for s in edge.servers
+    ]
+    if not clients:
+        return None
+    if len(clients) == 1:
+        return clients[0]
+    # FailoverClient has TailClient's call surface (infer, ready, model_metadata, close) without its channel.
+    return cast(TailClient, FailoverClient(clients, retry_after_s=edge.retry_after_s))
+
+
+def _resolve_model(spec: str, source: Path) -> Path:
+    relative = Path(spec).expanduser()
+    if not relative.is_absolute() and (source.parent / relative).is_file():
+        return source.parent / relative
+    try:
+        return models.resolve(relative)
+    except EdgeError as err:
+        raise ConfigError(f"{source}: model.path: {err}") from err
+
+
+def _check_labels(profile: DeviceProfile, graph: ModelGraph, source: Path) -> None:
+    labels = profile.model.labels
+    if labels is None:
+        return
+    if len(graph.outputs) != 1:
+        raise ConfigError(f"{source}: model.labels: the model has {len(graph.outputs)} outputs; labels need one")
+    classes = math.prod(graph.outputs[0].shape)
+    if len(labels) != classes:
+        raise ConfigError(f"{source}: model.labels: {len(labels)} labels for {classes} output classes")
+
+
+def _check_sensors(profile: DeviceProfile, graph: ModelGraph, source: Path) -> None:
+    names = [t.name for t in graph.inputs]
+    for i, sensor in enumerate(profile.sensors):
+        key = f"{source}: sensors[{i}]"
+        if sensor.input is not None and sensor.input not in names:
+            raise ConfigError(f"{key}.input: the model has no input {sensor.input!r} (inputs: {', '.join(names)})")
+        if sensor.format != "json" and sensor.input is None and len(names) != 1:
+            raise ConfigError(f"{key}.input: the model has {len(names)} inputs; name the one this sensor feeds")
+        tensor = next(t for t in graph.inputs if t.name == (sensor.input or names[0]))
+        if sensor.shape is not None and math.prod(sensor.shape) != math.prod(tensor.shape):
+            raise ConfigError(
+                f"{key}.shape: {sensor.shape} has {math.prod(sensor.shape)} elements; input {tensor.name!r} "
+                f"{list(tensor.shape)} has {math.prod(tensor.shape)}"
+            )
+        if sensor.format == "image" and not (
+            len(tensor.shape) in (3, 4) and tensor.shape[0] == 1 and (len(tensor.shape) == 3 or tensor.shape[3] in (1, 3))
+        ):
+            raise ConfigError(f"{key}.format: input {tensor.name!r} {list(tensor.shape)} is not an image input")
+        if sensor.dtype is not None and np.dtype(sensor.dtype).kind == "f" and tensor.quantization is None and (
+            np.issubdtype(tensor.dtype, np.integer)
+        ):
+            raise ConfigError(f"{key}.dtype: input {tensor.name!r} has no quantization to turn reals into")

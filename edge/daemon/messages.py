@@ -1,0 +1,142 @@
+"""The JSON documents the daemon publishes: results, errors, stats and Home Assistant discovery.
+
+Pure functions from values to dicts; the daemon serialises and publishes them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..cooperative import InferenceResult
+from ..graph import TensorInfo
+from .config import DeviceProfile
+
+__all__ = ["dequantize", "discovery", "error", "result", "stats"]
+
+
+def dequantize(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
+    """Integer outputs to real values with the tensor's scale and zero point; others unchanged."""
+    quant = tensor.quantization
+    if quant is None or quant[0] == 0.0 or not np.issubdtype(array.dtype, np.integer):
+        return np.asarray(array, dtype=np.float64)
+    scale, zero_point = quant
+    return (array.astype(np.float64) - zero_point) * scale
+
+
+def result(
+    *,
+    message_id: str,
+    topic: str,
+    profile: DeviceProfile,
+    model_name: str,
+    outputs: Sequence[TensorInfo],
+    inference: InferenceResult,
+) -> dict[str, Any]:
+    """One message's answer: top-k (one-output models) or every output, plus how it was computed."""
+    body: dict[str, Any] = {
+        "id": message_id,
+        "topic": topic,
+        "device_id": profile.device_id,
+        "model": model_name,
+    }
+    top_k = profile.results.top_k
+    if top_k and len(outputs) == 1:
+        tensor = outputs[0]
+        scores = dequantize(inference.outputs[tensor.name], tensor).reshape(-1)
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        labels = profile.model.labels
+        body["top_k"] = [
+            {"index": int(i), "label": labels[i] if labels else str(int(i)), "score": float(scores[i])} for i in order
+        ]
+    if not body.get("top_k") or profile.results.include_raw:
+        body["outputs"] = {
+            t.name: {
+                "shape": list(inference.outputs[t.name].shape),
+                "values": dequantize(inference.outputs[t.name], t).reshape(-1).tolist(),
+            }
+            for t in outputs
+        }
+    body.update(
+        cut=inference.split_point,
+        fallback=inference.fallback,
+        fallback_reason=inference.fallback_reason,
+        bytes_sent=inference.bytes_sent,
+        timings=inference.timings.as_dict(),
+        ts=round(time.time(), 3),
+    )
+    return body
+
+
+def error(*, message_id: str | None, topic: str, device_id: str, message: str) -> dict[str, Any]:
+    """A message that could not be processed."""
+    return {"id": message_id, "topic": topic, "device_id": device_id, "error": message, "ts": round(time.time(), 3)}
+
+
+def stats(
+    *,
+    device_id: str,
+    processed: int,
+    errors: int,
+    fallbacks: int,
+    duplicates: int,
+    queue_depth: int,
+    uptime_s: float,
+    p50_ms: float,
+) -> dict[str, Any]:
+    """Counters since start, the queue's depth now, and the median end-to-end latency of recent results."""
+    return {
+        "device_id": device_id,
+        "processed": processed,
+        "errors": errors,
+        "fallbacks": fallbacks,
+        "duplicates": duplicates,
+        "queue_depth": queue_depth,
+        "uptime_s": round(uptime_s, 1),
+        "p50_ms": p50_ms,
+        "ts": round(time.time(), 3),
+    }
+
+
+def discovery(profile: DeviceProfile, model_name: str) -> list[tuple[str, dict[str, Any]]]:
+    """Home Assistant MQTT discovery: (topic, config) for the last label and the median latency sensors."""
+    ha = profile.home_assistant
+    device_id = profile.device_id
+    device = {
+        "identifiers": [f"edge-{device_id}"],
+        "name": ha.name or device_id,
+        "model": model_name,
+        "manufacturer": "edge-coop",
+    }
+    availability = profile.topic("availability")
+    common = {
+        "availability_topic": availability,
+        "payload_available": "online",
+        "payload_not_available": "offline",
+        "device": device,
+    }
+    label = {
+        **common,
+        "name": "Last label",
+        "unique_id": f"edge_{device_id}_label",
+        "state_topic": profile.topic("results"),
+        "value_template": "{{ value_json.top_k[0].label if value_json.top_k else '' }}",
+        "json_attributes_topic": profile.topic("results"),
+        "icon": "mdi:label",
+    }
+    latency = {
+        **common,
+        "name": "Median latency",
+        "unique_id": f"edge_{device_id}_p50_ms",
+        "state_topic": profile.topic("stats"),
+        "value_template": "{{ value_json.p50_ms }}",
+        "unit_of_measurement": "ms",
+        "state_class": "measurement",
+        "json_attributes_topic": profile.topic("stats"),
+        "icon": "mdi:timer-outline",
+    }
+    prefix = f"{ha.discovery_prefix}/sensor/{device_id}"
+    return [(f"{prefix}/label/config", label), (f"{prefix}/latency/config", latency)]

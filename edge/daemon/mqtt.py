@@ -1,0 +1,94 @@
+"""The paho-mqtt client a profile describes: MQTT v5, persistent session, manual acks, last will.
+
+Only this module and the daemon's service loop know paho; the rest of ``edge.daemon`` is pure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ..errors import ConfigError
+from .config import DeviceProfile
+
+__all__ = ["build_client", "connect_properties", "subscriptions", "user_properties"]
+
+logger = logging.getLogger(__name__)
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+
+
+def build_client(profile: DeviceProfile, *, source: str = "<profile>") -> paho.Client:
+    """A configured, unconnected client; connect with :func:`connect_properties` and ``clean_start=False``."""
+    mqtt = profile.mqtt
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2,
+        client_id=profile.client_id,
+        protocol=paho.MQTTv5,
+        manual_ack=True,
+    )
+    client.enable_logger(logging.getLogger("edge.daemon.paho"))
+    # A failing callback must not end the network loop; ours catch everything, this is the backstop.
+    client.suppress_exceptions = True
+    # paho annotates the delays as int but computes with them as numbers; sub-second delays work.
+    client.reconnect_delay_set(min_delay=mqtt.reconnect_min_s, max_delay=mqtt.reconnect_max_s)  # type: ignore[arg-type]
+    # Outgoing QoS 1 messages are kept, however many, until the broker confirms them.
+    client.max_queued_messages_set(0)
+    client.will_set(profile.topic("availability"), OFFLINE, qos=1, retain=True)
+    if mqtt.username is not None:
+        client.username_pw_set(mqtt.username, _password(profile, source))
+    if mqtt.tls is not None:
+        tls = mqtt.tls
+        try:
+            client.tls_set(
+                ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+            )
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{source}: mqtt.tls: cannot load the TLS files: {err}") from err
+        client.tls_insecure_set(not tls.verify_hostname)
+    return client
+
+
+def connect_properties(profile: DeviceProfile) -> Properties:
+    """CONNECT properties: how long the broker keeps the session, and how many unacked messages we take."""
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = profile.mqtt.session_expiry_s
+    properties.ReceiveMaximum = profile.queue.max_messages
+    return properties
+
+
+def subscriptions(profile: DeviceProfile) -> list[tuple[str, SubscribeOptions]]:
+    """Every sensor topic at QoS 1; retained messages only on a new subscription, not on each reconnect."""
+    options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+    return [(s.topic, options) for s in profile.sensors]
+
+
+def user_properties(message: paho.MQTTMessage) -> Mapping[str, str]:
+    """A message's MQTT v5 user properties (the last value wins for a repeated key)."""
+    pairs = getattr(message.properties, "UserProperty", None) or []
+    return {str(k): str(v) for k, v in pairs}
+
+
+def _password(profile: DeviceProfile, source: str) -> str | None:
+    mqtt = profile.mqtt
+    if mqtt.password is not None:
+        return mqtt.password.get_secret_value()
+    if mqtt.password_file is None:
+        return None
+    path = Path(mqtt.password_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{source}: mqtt.password_file: cannot read {path}: {getattr(err, 'strerror', None) or err}") from err
+    if not lines or not lines[0]:
+        raise ConfigError(f"{source}: mqtt.password_file: {path} is empty")
+    return lines[0]

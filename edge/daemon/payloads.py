@@ -1,0 +1,239 @@
+"""Sensor payloads to model inputs: JSON, raw tensor bytes, or PNG/JPEG images.
+
+Pure functions: bytes and MQTT user properties in, a message id and the exact tensors the
+model takes out. Anything malformed raises :class:`PayloadError`, which carries the
+message's id when the payload got far enough to name one.
+
+Message ids: a JSON payload's ``"id"``, else the MQTT v5 user property ``id``; when neither
+is given the daemon falls back to ``<topic>#<mid>`` (see :func:`fallback_id`), which is only
+unique while the message is in flight.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import TensorFormatError
+from ..graph import TensorInfo
+from ..preprocess import coerce_input, quantize
+from .config import SensorConfig
+
+__all__ = ["Decoded", "PayloadError", "decode", "fallback_id"]
+
+logger = logging.getLogger(__name__)
+
+# Refuse to decode images larger than this many pixels: a device has little memory to spare.
+MAX_IMAGE_PIXELS = 16 * 1024 * 1024
+
+
+class PayloadError(TensorFormatError):
+    """A sensor message that cannot become a model input; ``message_id`` is its id when known."""
+
+    def __init__(self, message: str, *, message_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message_id = message_id
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A sensor message ready for the model."""
+
+    message_id: str | None
+    """The id the message carried, or None (the caller falls back to topic and mid)."""
+    feeds: dict[str, np.ndarray]
+
+
+def fallback_id(topic: str, mid: int) -> str:
+    """The id of a message that carries none: its topic and MQTT packet id."""
+    return f"{topic}#{mid}"
+
+
+def decode(
+    payload: bytes,
+    sensor: SensorConfig,
+    inputs: Sequence[TensorInfo],
+    properties: Mapping[str, str] | None = None,
+) -> Decoded:
+    """Decode one message from ``sensor`` into feeds for a model with ``inputs``."""
+    properties = properties or {}
+    prop_id = properties.get("id") or None
+    if sensor.format == "json":
+        return _decode_json(payload, sensor, inputs, prop_id)
+    target = _target(sensor, inputs, prop_id)
+    try:
+        if sensor.format == "raw":
+            array = _decode_raw(payload, sensor, target, properties)
+        else:
+            array = _decode_image(payload, sensor, target)
+    except TensorFormatError as err:
+        raise PayloadError(str(err), message_id=prop_id) from err
+    return Decoded(prop_id, {target.name: array})
+
+
+# -- JSON -----------------------------------------------------------------------------
+
+
+def _decode_json(
+    payload: bytes, sensor: SensorConfig, inputs: Sequence[TensorInfo], prop_id: str | None
+) -> Decoded:
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PayloadError(f"not valid JSON: {err}", message_id=prop_id) from err
+    if not isinstance(doc, dict):
+        raise PayloadError('a JSON payload must be an object: {"id": ..., "data": [...]}', message_id=prop_id)
+    message_id = prop_id
+    if "id" in doc:
+        raw_id = doc["id"]
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or raw_id == "":
+            raise PayloadError(f'"id" must be a non-empty string or an integer, got {raw_id!r:.40}', message_id=prop_id)
+        message_id = str(raw_id)
+    if "data" not in doc:
+        raise PayloadError('the JSON object has no "data"', message_id=message_id)
+    data = doc["data"]
+    try:
+        if isinstance(data, dict):
+            feeds = _json_feeds(data, inputs)
+        else:
+            target = _target(sensor, inputs, message_id)
+            feeds = {target.name: _json_array(data, target)}
+    except TensorFormatError as err:
+        raise PayloadError(str(err), message_id=message_id) from err
+    return Decoded(message_id, feeds)
+
+
+def _json_feeds(data: dict[str, Any], inputs: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
+    by_name = {t.name: t for t in inputs}
+    unknown = sorted(set(data) - set(by_name))
+    if unknown:
+        raise TensorFormatError(f'"data" names unknown input(s) {", ".join(unknown)}; inputs: {", ".join(by_name)}')
+    missing = [name for name in by_name if name not in data]
+    if missing:
+        raise TensorFormatError(f'"data" lacks input(s) {", ".join(missing)}')
+    return {name: _json_array(data[name], tensor) for name, tensor in by_name.items()}
+
+
+def _json_array(data: Any, tensor: TensorInfo) -> np.ndarray:
+    """Nested or flat numbers: integers are taken as the input's type, reals are quantized."""
+    if not isinstance(data, list):
+        raise TensorFormatError(f'"data" must be an array of numbers, got {type(data).__name__}')
+    try:
+        array = np.asarray(data)
+    except (ValueError, OverflowError, TypeError) as err:
+        raise TensorFormatError(f'"data" is not a regular array of numbers: {err}') from err
+    if array.dtype.kind not in "iuf":
+        raise TensorFormatError(
+            f'"data" must hold only numbers in nested lists of equal length (got {array.dtype.kind!r} elements)'
+        )
+    size = math.prod(tensor.shape)
+    if array.ndim == 1 and len(tensor.shape) > 1 and array.size == size:
+        array = array.reshape(tensor.shape)
+    return _checked(array, tensor)
+
+
+# -- raw tensor bytes -----------------------------------------------------------------
+
+
+def _decode_raw(
+    payload: bytes, sensor: SensorConfig, tensor: TensorInfo, properties: Mapping[str, str]
+) -> np.ndarray:
+    dtype_name = properties.get("dtype") or sensor.dtype or tensor.dtype.name
+    try:
+        dtype = np.dtype(dtype_name)
+    except TypeError as err:
+        raise TensorFormatError(f"unknown dtype {dtype_name!r}") from err
+    if dtype.kind not in "iuf":
+        raise TensorFormatError(f"dtype {dtype_name!r} is not an integer or floating type")
+    shape = _parse_shape(properties["shape"]) if "shape" in properties else tuple(sensor.shape or tensor.shape)
+    expected = math.prod(shape) * dtype.itemsize
+    if len(payload) != expected:
+        raise TensorFormatError(
+            f"raw payload is {len(payload)} bytes; {dtype.name}{list(shape)} needs {expected}"
+        )
+    # Multi-byte elements travel little-endian, whatever the device's own byte order.
+    array = np.frombuffer(payload, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+    return _checked(array, tensor)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    """A shape property: ``1,32,32,1``, ``[1, 32, 32, 1]`` or ``1x32x32x1``."""
+    cleaned = text.strip().strip("[]()").replace("x", ",")
+    try:
+        shape = tuple(int(part) for part in cleaned.split(",") if part.strip())
+    except ValueError as err:
+        raise TensorFormatError(f"shape property {text!r} is not a list of sizes") from err
+    if not shape or any(d <= 0 for d in shape):
+        raise TensorFormatError(f"shape property {text!r} is not a list of positive sizes")
+    return shape
+
+
+# -- images ---------------------------------------------------------------------------
+
+
+def _decode_image(payload: bytes, sensor: SensorConfig, tensor: TensorInfo) -> np.ndarray:
+    height, width, channels = _image_geometry(tensor)
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(payload)) as image:
+            if image.format not in ("PNG", "JPEG"):
+                raise TensorFormatError(f"image is {image.format or 'of an unknown format'}; send PNG or JPEG")
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise TensorFormatError(f"image is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels")
+            converted = image.convert("L" if channels == 1 else "RGB")
+            resized = converted.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(resized, dtype=np.float64)
+    except TensorFormatError:
+        raise
+    # Pillow's decoders raise many kinds of exception on corrupt data (OSError, SyntaxError,
+    # ValueError, EOFError, zlib errors...); each means the same thing here.
+    except Exception as err:  # noqa: BLE001
+        raise TensorFormatError(f"not a readable PNG or JPEG image: {err}") from err
+    real = pixels * sensor.image_scale + sensor.image_offset
+    real = real.reshape(tensor.shape)
+    if np.issubdtype(tensor.dtype, np.integer):
+        return quantize(real, tensor)
+    return real.astype(tensor.dtype)
+
+
+def _image_geometry(tensor: TensorInfo) -> tuple[int, int, int]:
+    """(height, width, channels) of an NHWC or NHW image input."""
+    shape = tensor.shape
+    if len(shape) == 4 and shape[0] == 1 and shape[3] in (1, 3):
+        return shape[1], shape[2], shape[3]
+    if len(shape) == 3 and shape[0] == 1:
+        return shape[1], shape[2], 1
+    raise TensorFormatError(
+        f"input {tensor.name!r} of shape {list(shape)} is not an image: expected [1, H, W, 1 or 3]"
+    )
+
+
+# -- shared ---------------------------------------------------------------------------
+
+
+def _target(sensor: SensorConfig, inputs: Sequence[TensorInfo], message_id: str | None) -> TensorInfo:
+    if sensor.input is not None:
+        for tensor in inputs:
+            if tensor.name == sensor.input:
+                return tensor
+        raise PayloadError(f"the model has no input {sensor.input!r}", message_id=message_id)
+    if len(inputs) != 1:
+        raise PayloadError(
+            f'the model has {len(inputs)} inputs; send "data" as an object keyed by input name',
+            message_id=message_id,
+        )
+    return inputs[0]
+
+
+def _checked(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
+    if array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
+        raise TensorFormatError(f"input {tensor.name!r}: values must be finite numbers")
+    return coerce_input(array, tensor)

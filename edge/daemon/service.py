@@ -1,0 +1,347 @@
+"""The device daemon: sensor messages in over MQTT, cooperative inference, results out; nothing lost.
+
+Threads: paho's network thread receives messages and PUBACKs; the main thread runs the
+model on one message at a time, publishes results, stats and systemd watchdog pings.
+
+Delivery: a sensor message is acknowledged (manual ack) only when the broker has confirmed
+the result that answers it (QoS 1 PUBACK); see :mod:`.ledger`. The session is persistent,
+so anything unacknowledged when the daemon, the broker or the link dies is delivered again.
+
+Backpressure: the broker is asked for at most ``queue.max_messages`` unacknowledged
+messages (MQTT v5 Receive Maximum). Brokers do not all enforce it exactly (mosquitto 2.0
+lets a few more through), so the in-memory queue has the same bound and, when it is full,
+the network thread waits for room: the broker then sees TCP flow control. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from ..cooperative import CooperativeRunner
+from ..errors import EdgeError
+from ..stats import summary
+from ..systemd import notify, watchdog_interval
+from . import messages, payloads
+from .config import SensorConfig
+from .device import Plan
+from .ledger import AckLedger, Source
+from .mqtt import OFFLINE, ONLINE, connect_properties, subscriptions, user_properties
+
+__all__ = ["Daemon"]
+
+logger = logging.getLogger(__name__)
+
+_TICK_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class _Inbound:
+    """A received sensor message, waiting in the queue."""
+
+    source: Source
+    sensor: SensorConfig | None
+    topic: str
+    payload: bytes
+    dup: bool
+    properties: Mapping[str, str]
+
+
+class Daemon:
+    """Runs one profile until :meth:`stop`; :meth:`run` returns the exit status."""
+
+    def __init__(self, resolved: Plan, device: CooperativeRunner, client: paho.Client) -> None:
+        self.plan = resolved
+        self.profile = resolved.profile
+        self.device = device
+        self.client = client
+        self.ledger = AckLedger(self.profile.queue.answered_ids)
+        self._queue: queue.Queue[_Inbound] = queue.Queue(maxsize=self.profile.queue.max_messages)
+        self._stop = threading.Event()
+        self._stopping = threading.Event()
+        self._connected = threading.Event()
+        self._ready = threading.Event()
+        self._started = time.monotonic()
+        self._latencies: deque[float] = deque(maxlen=1000)
+        # Counters are written by the main thread only, except `duplicates` (both; an estimate).
+        self.processed = 0
+        self.errors = 0
+        self.fallbacks = 0
+        self.duplicates = 0
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the daemon to drain and exit; safe to call from a signal handler."""
+        self._stop.set()
+
+    def run(self) -> int:
+        mqtt = self.profile.mqtt
+        logger.info("connecting to %s as %s", mqtt.address, self.profile.client_id)
+        self.client.connect_async(
+            mqtt.host, mqtt.port, keepalive=mqtt.keepalive_s, clean_start=False,
+            properties=connect_properties(self.profile),
+        )
+        self.client.loop_start()
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _loop(self) -> None:
+        watchdog = watchdog_interval()
+        stats_every = self.profile.stats.interval_s
+        next_ping = next_stats = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                item = self._queue.get(timeout=_TICK_S)
+            except queue.Empty:
+                pass
+            else:
+                self._process(item)
+            now = time.monotonic()
+            if watchdog and now >= next_ping and self._healthy():
+                notify("WATCHDOG=1")
+                next_ping = now + watchdog
+            if stats_every and now >= next_stats:
+                next_stats = now + stats_every
+                if self._connected.is_set():
+                    self._publish(self.profile.topic("stats"), self.stats())
+
+    def _shutdown(self) -> None:
+        notify("STOPPING=1")
+        self._stopping.set()
+        drained = 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._process(item)
+            drained += 1
+        deadline = time.monotonic() + self.profile.queue.drain_timeout_s
+        while self.ledger.pending() and time.monotonic() < deadline and self._connected.is_set():
+            time.sleep(0.02)
+        if self.ledger.pending():
+            logger.warning("%d result(s) unconfirmed at exit; the broker will deliver their messages again",
+                           self.ledger.pending())
+        if self._connected.is_set():
+            info = self.client.publish(self.profile.topic("availability"), OFFLINE, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=min(5.0, max(self.profile.queue.drain_timeout_s, 0.5)))
+            except (RuntimeError, ValueError) as err:
+                logger.warning("could not publish offline: %s", err)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.device.close()
+        logger.info("stopped: %d processed (%d drained at shutdown), %d errors", self.processed, drained, self.errors)
+
+    def _healthy(self) -> bool:
+        """The network loop is alive; a stuck main loop stops pinging by itself."""
+        thread = getattr(self.client, "_thread", None)  # paho exposes no public accessor
+        return thread is not None and thread.is_alive()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Connected and subscribed (for embedding and tests)."""
+        return self._ready.wait(timeout)
+
+    # -- the work ---------------------------------------------------------------------
+
+    def _process(self, item: _Inbound) -> None:
+        try:
+            self._answer(item)
+        except Exception:  # noqa: BLE001 - one message must never take the daemon down
+            logger.exception("unexpected failure on a message from %s; it stays unacknowledged", item.topic)
+            self.ledger.release(item.source)
+
+    def _answer(self, item: _Inbound) -> None:
+        problem: str | None = None
+        decoded: payloads.Decoded | None = None
+        given_id: str | None = item.properties.get("id") or None
+        if item.sensor is None:
+            problem = "no sensor of this profile subscribes to this topic (a subscription left from an older profile?)"
+        else:
+            try:
+                decoded = payloads.decode(item.payload, item.sensor, self.plan.graph.inputs, item.properties)
+                given_id = decoded.message_id
+            except payloads.PayloadError as err:
+                problem, given_id = str(err), err.message_id
+        message_id = given_id or payloads.fallback_id(item.topic, item.source.mid)
+        # A fallback id is only unique while the message is in flight: trust it for redeliveries only.
+        if (given_id is not None or item.dup) and self.ledger.answered(message_id):
+            self.duplicates += 1
+            logger.info("message %s was answered already; acknowledging the redelivery", message_id)
+            self._ack(self.ledger.duplicate(message_id, item.source))
+            return
+        body: dict[str, Any] | None = None
+        if decoded is not None:
+            try:
+                result = self.device.infer(decoded.feeds, request_id=message_id)
+            except EdgeError as err:
+                problem = str(err)
+            except Exception as err:  # noqa: BLE001 - a backend's own errors become an error result too
+                logger.exception("inference failed on message %s", message_id)
+                problem = f"inference failed: {err}"
+            else:
+                body = messages.result(
+                    message_id=message_id,
+                    topic=item.topic,
+                    profile=self.profile,
+                    model_name=self.plan.model_name,
+                    outputs=self.plan.graph.outputs,
+                    inference=result,
+                )
+                self.processed += 1
+                self.fallbacks += int(result.fallback)
+                self._latencies.append(result.timings.e2e_ms)
+        if body is None:
+            self.errors += 1
+            logger.warning("message %s on %s: %s", message_id, item.topic, problem)
+            body = messages.error(
+                message_id=given_id, topic=item.topic, device_id=self.profile.device_id, message=str(problem)
+            )
+            topic = self.profile.topic("errors")
+        else:
+            topic = self.profile.topic("results")
+        self._publish(topic, body, sources=[item.source], message_id=message_id)
+
+    def stats(self) -> dict[str, Any]:
+        return messages.stats(
+            device_id=self.profile.device_id,
+            processed=self.processed,
+            errors=self.errors,
+            fallbacks=self.fallbacks,
+            duplicates=self.duplicates,
+            queue_depth=self._queue.qsize(),
+            uptime_s=time.monotonic() - self._started,
+            p50_ms=summary(list(self._latencies))["p50"],
+        )
+
+    # -- MQTT -------------------------------------------------------------------------
+
+    def _publish(
+        self,
+        topic: str,
+        body: dict[str, Any] | bytes,
+        *,
+        sources: Iterable[Source] = (),
+        message_id: str | None = None,
+        retain: bool = False,
+    ) -> None:
+        """Every publish is QoS 1 and goes through here, so that every PUBACK is accounted for."""
+        payload = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
+        sources = list(sources)
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            logger.error("cannot publish on %s: %s", topic, paho.error_string(info.rc))
+            for source in sources:
+                self.ledger.release(source)
+            return
+        self._ack(self.ledger.published(info.mid, sources, message_id))
+
+    def _ack(self, sources: Iterable[Source]) -> None:
+        for source in sources:
+            self.client.ack(source.mid, 1)
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags, reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            if reason.is_failure:
+                logger.error("broker %s refused the connection: %s", self.profile.mqtt.address, reason)
+                return
+            if not flags.session_present:
+                self.ledger.new_session()
+            logger.info("connected to %s (session %s)", self.profile.mqtt.address,
+                        "resumed" if flags.session_present else "new")
+            self._connected.set()
+            client.subscribe(subscriptions(self.profile))
+            self._publish(self.profile.topic("availability"), ONLINE, retain=True)
+            if self.profile.home_assistant.enabled:
+                for topic, config in messages.discovery(self.profile, self.plan.model_name):
+                    self._publish(topic, config, retain=True)
+        except Exception:  # noqa: BLE001 - paho's thread must survive
+            logger.exception("on_connect failed")
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Properties | None
+    ) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            logger.error("broker refused subscription(s): %s", ", ".join(refused))
+        if not self._ready.is_set():
+            self._ready.set()
+            topics = ", ".join(s.topic for s in self.profile.sensors)
+            logger.info("ready: %s subscribed to %s", self.profile.device_id, topics)
+            notify("READY=1")
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags, reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        if not self._stopping.is_set():
+            logger.warning("disconnected from %s (%s); reconnecting", self.profile.mqtt.address, reason)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            if self._stopping.is_set():
+                return  # left unacknowledged: the broker delivers it to the next run
+            source = self.ledger.receive(message.mid)
+            if source is None:
+                self.duplicates += 1
+                return  # a redelivery of a message already in hand
+            item = _Inbound(
+                source=source,
+                sensor=self._sensor(message.topic),
+                topic=message.topic,
+                payload=bytes(message.payload),
+                dup=bool(message.dup),
+                properties=user_properties(message),
+            )
+            while True:
+                try:
+                    self._queue.put(item, timeout=_TICK_S)
+                    return
+                except queue.Full:
+                    if self._stopping.is_set():
+                        self.ledger.release(source)
+                        return
+        except Exception:  # noqa: BLE001 - paho's thread must survive
+            logger.exception("cannot take a message from %s", getattr(message, "topic", "?"))
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None
+    ) -> None:
+        try:
+            if reason.is_failure:
+                # Acknowledging anyway: a broker that refuses our results (an ACL) would
+                # otherwise redeliver the same messages forever.
+                logger.error("broker refused publish %d: %s", mid, reason)
+            self._ack(self.ledger.confirmed(mid))
+        except Exception:  # noqa: BLE001 - paho's thread must survive
+            logger.exception("on_publish failed")
+
+    def _sensor(self, topic: str) -> SensorConfig | None:
+        for sensor in self.profile.sensors:
+            if paho.topic_matches_sub(sensor.topic, topic):
+                return sensor
+        return None
