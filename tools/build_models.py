@@ -336,6 +336,23 @@ def _seeded(seed: int, build: Callable[[int | None], tf.keras.Model]) -> tf.kera
     return build(None)
 
 
+def recalibrate_batchnorm(model: tf.keras.Model, images: np.ndarray) -> None:
+    """Set every BatchNorm's moving statistics to those of ``images``, layer by layer.
+
+    Freshly initialised BatchNorm layers (mean 0, variance 1) let random activations drift
+    through fifty layers until the logits are all but constant, and a constant output would
+    make equivalence checks at the model's output meaningless. Normalising each layer with
+    real statistics keeps activations, and so the logits, varied.
+    """
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            probe = tf.keras.Model(model.inputs, layer.input)
+            x = probe.predict(images, batch_size=len(images), verbose=0)
+            axes = tuple(range(x.ndim - 1))
+            layer.moving_mean.assign(x.mean(axis=axes))
+            layer.moving_variance.assign(x.var(axis=axes))
+
+
 def build_mobilenet(batch_size: int | None = None) -> tf.keras.Model:
     inputs = tf.keras.layers.Input((224, 224, 3), batch_size=batch_size, name="image")
     return tf.keras.applications.MobileNetV2(alpha=0.35, input_tensor=inputs, weights=None, classes=1000, classifier_activation=None)
@@ -406,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         .uniform(-1.0, 1.0, (MOBILENET_CALIBRATION_SIZE, 224, 224, 3))
         .astype(np.float32)
     )
+    recalibrate_batchnorm(mobilenet, images)
     mobilenet_int8 = to_int8_tflite(mobilenet, images)
     _write(out / "mobilenetv2_035.tflite", mobilenet_int8)
     manifest["models"]["mobilenetv2_035"] = describe(
