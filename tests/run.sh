@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install what the tests need and run them all: the suite on LiteRT, then the split
+# equivalence tests again on tflite-runtime in a venv of its own (it needs numpy < 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    echo "== installing mosquitto (the MQTT broker the daemon tests run against)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+fi
+# Debian starts a system broker on 1883 after install; the tests start their own on free ports.
+
+echo "== installing edge-coop with the test extras"
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test,daemon]'
+
+echo "== test suite (backend: litert)"
+"$PYTHON" -m pytest -q -p no:cacheprovider "$@"
+
+echo "== split equivalence on tflite-runtime (numpy < 2, own venv)"
+VENV=.venv-tflite-runtime
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,tflite-runtime]'
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/edge/test_equivalence.py --backends tflite-runtime
