@@ -11,6 +11,7 @@ request pays whatever its size (propagation both ways, both gRPC stacks).
   ``bytes / (transfer - rtt)``, the median over the window.
 * Samples older than ``max_age_s`` are dropped, so the estimate follows the link; the last
   bandwidth is remembered while only probes arrive.
+* When every payload is too small to time (a fast link), the largest one gives a lower bound.
 
 :class:`LinkEstimator` is pure (the clock is injected). :class:`LinkProber` is the adapter that
 sends the probes through a :class:`~edge.transport.client.TailClient`.
@@ -53,7 +54,8 @@ class LinkEstimate:
     """Throughput; None while unknown."""
     samples: int
     method: str
-    """``fit`` (sizes varied), ``probe`` (rtt from probes, one size), ``remembered`` or ``none``."""
+    """``fit`` (sizes varied), ``probe`` (rtt from probes, one size), ``remembered``, ``bound`` (payloads too
+    small to time: a lower bound) or ``none``."""
 
     @property
     def usable(self) -> bool:
@@ -143,8 +145,12 @@ class LinkEstimator:
         if probe_rtt is None and fresh:
             # No probe and no payload worth the name: the smallest transfer bounds the fixed cost.
             rtt = min(ms for _, ms in fresh)
-        method = "remembered" if self._bytes_per_ms is not None else "none"
-        return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), method)
+        if self._bytes_per_ms is not None:
+            return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), "remembered")
+        if fresh and max(sizes) > 0:
+            # Even the largest payload vanished in the noise: the link is at least this fast.
+            return LinkEstimate(rtt, max(sizes) / _MIN_PAYLOAD_MS, len(fresh), "bound")
+        return LinkEstimate(rtt, None, len(fresh), "none")
 
 
 class LinkProber:

@@ -106,7 +106,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         received = time.perf_counter_ns()
         request = converters.infer_request_from_pb(message)
         prepared = self.dataplane.prepare(request, received)
-        if self.executor is None:
+        if self.executor is None and prepared.profile:
+            # Profiling takes seconds: keep the event loop answering health checks and requests meanwhile.
+            response = await asyncio.to_thread(self.dataplane.execute, prepared)
+        elif self.executor is None:
             response = self.dataplane.execute(prepared)
         else:
             loop = asyncio.get_running_loop()

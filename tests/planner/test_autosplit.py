@@ -1,0 +1,123 @@
+"""AutoSplit as a policy, fed results without a network: re-planning, hysteresis, losing the server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge.cooperative import InferenceResult, StageTimings
+from edge.link import LinkEstimator
+from edge.planner import AutoSplit
+from edge.transport.client import RemoteResult
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def graph(graphs):
+    return graphs["digits_resnet"]
+
+
+def slow_device_profiles(graph, device_ms: float = 50.0, server_ms: float = 1.0):
+    """Heads that grow linearly with K on a slow device; tails that shrink on a fast server."""
+    n = graph.num_operators
+    head = [device_ms * k / n for k in range(n + 1)]
+    tail = [server_ms * (n - k) / n for k in range(n + 1)]
+    return head, tail
+
+
+def remote_result(graph, k: int, transfer_ms: float, tail_ms: float = 1.0) -> InferenceResult:
+    outputs = {t.name: np.zeros(t.shape, t.dtype) for t in graph.outputs}
+    nbytes = graph.cut(k).nbytes
+    remote = RemoteResult(
+        outputs=outputs,
+        parameters={"compute_us": int(tail_ms * 1000), "queue_us": 0},
+        call_ms=transfer_ms + tail_ms,
+        bytes_sent=nbytes,
+    )
+    timings = StageTimings(
+        head_ms=0.0, transfer_ms=transfer_ms, tail_ms=tail_ms, e2e_ms=transfer_ms + tail_ms
+    )
+    return InferenceResult(outputs, k, False, timings, bytes_sent=nbytes, remote=remote)
+
+
+def link_with(mbit: float, rtt_ms: float, graph) -> LinkEstimator:
+    est = LinkEstimator(clock=Clock())
+    est.observe_rtt(rtt_ms)
+    for k in (0, graph.num_operators - 1) * 3:
+        wire = graph.cut(k).nbytes + sum(t.nbytes for t in graph.cut(k).tail_outputs)
+        est.observe_transfer(wire, rtt_ms + wire / (mbit * 125.0))
+    return est
+
+
+def test_starts_at_the_planned_cut(graph):
+    head, tail = slow_device_profiles(graph)
+    policy = AutoSplit(graph, head, tail, estimator=link_with(100.0, 1.0, graph))
+    assert policy.choose() == 0
+    assert policy.last_plan is not None and policy.last_plan.choice == 0
+
+
+def test_without_a_server_it_runs_locally(graph):
+    head, _ = slow_device_profiles(graph)
+    policy = AutoSplit(graph, head, None)
+    assert policy.choose() == graph.num_operators
+    assert not policy.reachable
+
+
+def test_a_slower_link_moves_the_cut_after_patience(graph):
+    n = graph.num_operators
+    head, tail = slow_device_profiles(graph)
+    est = link_with(100.0, 1.0, graph)
+    policy = AutoSplit(graph, head, tail, estimator=est, patience=3)
+    assert policy.choose() == 0
+    # The link drops to 0.01 Mbit/s: sending even one byte costs more than the whole model here.
+    choices = []
+    for _ in range(40):
+        k = policy.choose()
+        wire = graph.cut(k).nbytes + 40
+        policy.observe(remote_result(graph, k, 1.0 + wire / 1.25) if k < n else _local(graph, head[n]))
+        choices.append(policy.choose())
+    assert choices[0] == 0 and choices[-1] == n
+    first_move = next(i for i, k in enumerate(choices) if k != 0)
+    assert first_move >= 2  # three plans in a row had to agree first
+    assert len({k for k in choices[first_move:]}) <= 2  # at most one intermediate stop, no flapping
+
+
+def test_noise_around_a_tie_does_not_flap(graph):
+    head, tail = slow_device_profiles(graph)
+    est = link_with(100.0, 1.0, graph)
+    policy = AutoSplit(graph, head, tail, estimator=est, patience=3, margin=0.2)
+    start = policy.choose()
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(60):
+        k = policy.choose()
+        wire = graph.cut(k).nbytes + 40
+        policy.observe(remote_result(graph, k, (1.0 + wire / 12500.0) * rng.uniform(0.9, 1.1)))
+        seen.add(policy.choose())
+    assert seen == {start}
+
+
+def test_fallback_sends_it_local_and_a_probe_brings_it_back(graph, prober):
+    head, tail = slow_device_profiles(graph)
+    clock = Clock()
+    policy = AutoSplit(
+        graph, head, tail, estimator=link_with(100.0, 1.0, graph), prober=prober, reprobe_s=5.0, clock=clock
+    )
+    assert policy.choose() == 0
+    timings = StageTimings(head_ms=0.0, e2e_ms=3.0)
+    policy.observe(InferenceResult({}, 0, True, timings, fallback_reason="UNAVAILABLE: gone"))
+    assert policy.choose() == graph.num_operators and not policy.reachable
+    clock.now = 6.0  # the re-probe is due; the server answers it
+    policy.choose()
+    assert policy.reachable
+
+
+def _local(graph, ms: float) -> InferenceResult:
+    return InferenceResult({}, graph.num_operators, False, StageTimings(head_ms=ms, e2e_ms=ms))
