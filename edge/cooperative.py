@@ -148,7 +148,10 @@ class CooperativeRunner:
         outputs = self.runner.run(inputs)
         ms = (time.perf_counter() - started) * 1000.0
         return InferenceResult(
-            outputs=self._ordered(outputs), split_point=n, fallback=False, timings=StageTimings(head_ms=ms, e2e_ms=ms)
+            outputs=self._ordered(outputs),
+            split_point=n,
+            fallback=False,
+            timings=StageTimings(head_ms=ms, e2e_ms=ms),
         )
 
     def _cooperative(self, inputs: Mapping[str, np.ndarray], k: int, request_id: str) -> InferenceResult:
@@ -171,7 +174,9 @@ class CooperativeRunner:
         missing = [t.name for t in self.graph.outputs if t.name not in outputs]
         if missing:
             reason = f"server returned no {', '.join(missing)}"
-            return self._fallback(head.cut, head.outputs, k, started, head_ms, RemoteError(reason, status="INTERNAL"))
+            return self._fallback(
+                head.cut, head.outputs, k, started, head_ms, RemoteError(reason, status="INTERNAL")
+            )
         e2e_ms = (time.perf_counter() - started) * 1000.0
         timings = StageTimings(
             head_ms=head_ms,

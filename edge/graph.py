@@ -45,7 +45,15 @@ _DTYPES: dict[int, np.dtype] = {
 _TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 # Operators that call other subgraphs; a cut through them would need those subgraphs on both sides.
-_CONTROL_FLOW = {"WHILE", "IF", "CALL", "CALL_ONCE", "STABLEHLO_WHILE", "STABLEHLO_CASE", "STABLEHLO_COMPOSITE"}
+_CONTROL_FLOW = {
+    "WHILE",
+    "IF",
+    "CALL",
+    "CALL_ONCE",
+    "STABLEHLO_WHILE",
+    "STABLEHLO_CASE",
+    "STABLEHLO_COMPOSITE",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +261,7 @@ class ModelGraph:
             raise UnsupportedModelError(
                 f"{self.source} uses control flow ({', '.join(flow)}); such models cannot be split"
             )
-        variables = [t.name for t, raw in zip(self.tensors, self._subgraph.tensors or []) if raw.isVariable]
+        variables = [t.name for t, raw in zip(self.tensors, self._subgraph.tensors or [], strict=True) if raw.isVariable]
         if variables:
             raise UnsupportedModelError(
                 f"{self.source} has variable (stateful) tensors such as {variables[0]!r}; they cannot be split"
@@ -288,7 +296,9 @@ def _check_references(model: schema.ModelT, source: str, size: int) -> None:
         n_tensors = len(subgraph.tensors or [])
         for t in subgraph.tensors or []:
             if not 0 <= t.buffer < n_buffers:
-                raise ModelFormatError(f"{source} is corrupt: tensor {t.name!r} points at missing buffer {t.buffer}")
+                raise ModelFormatError(
+                    f"{source} is corrupt: tensor {t.name!r} points at missing buffer {t.buffer}"
+                )
             if t.type not in _DTYPES and t.type not in _TYPE_NAMES:
                 raise ModelFormatError(f"{source} is corrupt: tensor {t.name!r} has unknown type {t.type}")
         for i, op in enumerate(subgraph.operators or []):

@@ -97,7 +97,9 @@ class SplitManifest:
             )
         expected = graph.cut(self.split_point).names
         if tuple(t.name for t in self.tensors) != expected:
-            raise ModelMismatchError(f"split tensors {self.tensors} do not match cut {self.split_point}: {expected}")
+            raise ModelMismatchError(
+                f"split tensors {self.tensors} do not match cut {self.split_point}: {expected}"
+            )
 
 
 def split_model(graph: ModelGraph, k: int) -> Partition:
@@ -121,7 +123,10 @@ def build_head(graph: ModelGraph, cut: Cut) -> bytes:
 def build_tail(graph: ModelGraph, cut: Cut) -> bytes:
     """The tail of ``cut``: the cut tensors in, the tail-computed model outputs out."""
     return extract_subgraph(
-        graph, range(cut.index, graph.num_operators), [t.index for t in cut.tensors], [t.index for t in cut.tail_outputs]
+        graph,
+        range(cut.index, graph.num_operators),
+        [t.index for t in cut.tensors],
+        [t.index for t in cut.tail_outputs],
     )
 
 

@@ -15,5 +15,9 @@ def summary(samples: Sequence[float]) -> dict[str, float]:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}
     values = np.asarray(samples, dtype=np.float64)
     p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3),
-            "mean": round(float(values.mean()), 3)}
+    return {
+        "p50": round(float(p50), 3),
+        "p90": round(float(p90), 3),
+        "p99": round(float(p99), 3),
+        "mean": round(float(values.mean()), 3),
+    }

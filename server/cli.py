@@ -31,9 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--models", required=True, metavar="DIR", help="directory of .tflite files to serve")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8001, help="port to listen on, 0 for any (default: %(default)s)")
+    p.add_argument(
+        "--port", type=int, default=8001, help="port to listen on, 0 for any (default: %(default)s)"
+    )
     p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND, help="inference backend")
-    p.add_argument("--threads", type=int, default=1, help="interpreter threads per model (default: %(default)s)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="interpreter threads per model (default: %(default)s)"
+    )
     p.add_argument(
         "--workers",
         type=int,

@@ -36,7 +36,7 @@ from edge.profiler import profile_tails
 from .errors import ServerOverloadedError, ServerStoppingError
 from .repository import ModelRepository, ServedModel
 
-__all__ = ["DataPlane", "PreparedRequest", "SERVER_NAME"]
+__all__ = ["SERVER_NAME", "DataPlane", "PreparedRequest"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,9 @@ class DataPlane:
             if self._stopping:
                 raise ServerStoppingError("the server is shutting down")
             if self._inflight >= self.max_inflight:
-                raise ServerOverloadedError(f"{self._inflight} requests in flight, the limit is {self.max_inflight}")
+                raise ServerOverloadedError(
+                    f"{self._inflight} requests in flight, the limit is {self.max_inflight}"
+                )
             self._inflight += 1
 
     def _release(self) -> None:

@@ -54,7 +54,9 @@ class ModelRepository:
             runner = ModelRunner(graph, backend=backend, threads=threads, cache_size=cache_size)
             runner.warm(0)  # load the whole model now: a broken file fails at start, not mid-request
             models[path.stem] = ServedModel(name=path.stem, graph=graph, runner=runner)
-            logger.info("serving %s (%d operators, sha256 %s)", path.stem, graph.num_operators, graph.sha256[:12])
+            logger.info(
+                "serving %s (%d operators, sha256 %s)", path.stem, graph.num_operators, graph.sha256[:12]
+            )
         return cls(models)
 
     def get(self, name: str) -> ServedModel:

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import SHIPPED, free_port, wait_for_port
 
 from edge import models
 from edge.graph import ModelGraph
+from helpers import SHIPPED, free_port, wait_for_port
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -43,7 +43,17 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
     port = free_port()
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--models", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--models",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -56,5 +66,3 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
             proc.kill()
         proc.wait(timeout=10)
         log.close()
-
-

@@ -100,7 +100,9 @@ class InterpreterBackend(Backend):
         for name, array in feeds.items():
             spec = self._specs.get(name)
             if spec is None:
-                raise TensorFormatError(f"unexpected input tensor {name!r}; the model takes {list(self._specs)}")
+                raise TensorFormatError(
+                    f"unexpected input tensor {name!r}; the model takes {list(self._specs)}"
+                )
             if array.dtype != spec.dtype or tuple(array.shape) != spec.shape:
                 raise TensorFormatError(
                     f"input {name!r} must be {spec.dtype.name}{list(spec.shape)}, "

@@ -17,7 +17,7 @@ from ..graph import ModelGraph
 from ..stats import summary
 from .common import add_device_args, add_server_args, load_graph, open_runner
 
-__all__ = ["register", "random_inputs", "measure"]
+__all__ = ["measure", "random_inputs", "register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,11 +49,17 @@ def random_inputs(graph: ModelGraph, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def measure(device, feeds, n: int, warmup: int, *, progress: bool = False) -> dict[str, object]:  # noqa: ANN001
+def measure(device, feeds, n: int, warmup: int, *, progress: bool = False) -> dict[str, object]:
     """Run ``warmup`` then ``n`` requests; per-stage summaries in milliseconds."""
     for _ in range(warmup):
         device.infer(feeds)
-    stages: dict[str, list[float]] = {"e2e_ms": [], "head_ms": [], "tail_ms": [], "transfer_ms": [], "queue_ms": []}
+    stages: dict[str, list[float]] = {
+        "e2e_ms": [],
+        "head_ms": [],
+        "tail_ms": [],
+        "transfer_ms": [],
+        "queue_ms": [],
+    }
     overhead: list[float] = []
     fallbacks = 0
     bytes_sent = 0
@@ -100,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     console = Console()
-    table = Table(title=f"{report['model']} at cut {report['split_point']} of {graph.num_operators}, n={args.n}")
+    table = Table(
+        title=f"{report['model']} at cut {report['split_point']} of {graph.num_operators}, n={args.n}"
+    )
     for column in ("stage", "p50 ms", "p90 ms", "p99 ms"):
         table.add_column(column, justify="right" if column != "stage" else "left")
     for key in ("head_ms", "transfer_ms", "queue_ms", "tail_ms", "overhead_ms", "e2e_ms"):

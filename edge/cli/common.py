@@ -11,8 +11,8 @@ from .. import models
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..cooperative import CooperativeRunner
 from ..errors import TensorFormatError
-from ..policy import make_policy
 from ..graph import ModelGraph
+from ..policy import make_policy
 from ..preprocess import coerce_input
 from ..runner import ModelRunner
 from ..transport import TailClient
@@ -38,9 +38,7 @@ def add_device_args(p: argparse.ArgumentParser, *, model_required: bool = True) 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", metavar="HOST:PORT", help="edge server address")
-    p.add_argument(
-        "--model-name", help="the model's name on the server (default: the model file's stem)"
-    )
+    p.add_argument("--model-name", help="the model's name on the server (default: the model file's stem)")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline of each request, seconds")
     p.add_argument(
         "--split-at",
@@ -56,7 +54,11 @@ def load_graph(spec: str) -> ModelGraph:
 
 def open_runner(args: argparse.Namespace, graph: ModelGraph, *, local: bool = False) -> CooperativeRunner:
     runner = ModelRunner(graph, backend=args.backend, threads=args.threads)
-    client = None if local or not getattr(args, "server", None) else TailClient(args.server, timeout_s=args.timeout)
+    client = (
+        None
+        if local or not getattr(args, "server", None)
+        else TailClient(args.server, timeout_s=args.timeout)
+    )
     name = getattr(args, "model_name", None) or Path(graph.source).stem
     policy = make_policy(graph, args.split_at, runner=runner, client=client, model_name=name)
     return CooperativeRunner(runner, client, model_name=name, policy=policy, timeout_s=args.timeout)

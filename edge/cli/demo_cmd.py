@@ -13,10 +13,10 @@ from rich.table import Table
 
 from .. import models
 from ..cooperative import CooperativeRunner
+from ..policy import make_policy
 from ..runner import ModelRunner
 from ..stats import summary
 from ..transport import TailClient
-from ..policy import make_policy
 from .common import load_graph
 
 __all__ = ["register"]
@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Start edge-server in-process on loopback, run the shipped held-out digits through the "
         "model split at a middle cut, and report accuracy, per-stage latency, bytes sent and fallbacks.",
     )
-    p.add_argument("--model", default=models.DEFAULT_MODEL, help="shipped model or .tflite (default: %(default)s)")
+    p.add_argument(
+        "--model", default=models.DEFAULT_MODEL, help="shipped model or .tflite (default: %(default)s)"
+    )
     p.add_argument("--split-at", default=None, metavar="K|TENSOR", help="the cut (default: the middle one)")
     p.add_argument("-n", type=int, default=None, help="how many samples (default: all)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -47,9 +49,14 @@ def run(args: argparse.Namespace) -> int:
     with BackgroundServer.from_files([Path(graph.source)]) as server, ModelRunner(graph) as local:
         client = TailClient(server.address, timeout_s=2.0)
         device = CooperativeRunner(
-            ModelRunner(graph), client, model_name=Path(graph.source).stem, policy=make_policy(graph, args.split_at)
+            ModelRunner(graph),
+            client,
+            model_name=Path(graph.source).stem,
+            policy=make_policy(graph, args.split_at),
         )
-        console.print(f"edge-server on {server.address}; model {Path(graph.source).name}, {graph.num_operators} ops")
+        console.print(
+            f"edge-server on {server.address}; model {Path(graph.source).name}, {graph.num_operators} ops"
+        )
         correct = identical = fallbacks = 0
         stages: dict[str, list[float]] = {"head_ms": [], "transfer_ms": [], "tail_ms": [], "e2e_ms": []}
         bytes_sent: list[int] = []
@@ -72,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
         device.close()
     n = len(x)
     input_bytes = sum(t.nbytes for t in graph.inputs)
-    report = {
+    latency = {k: summary(v) for k, v in stages.items()}
+    sent = int(np.median(bytes_sent)) if bytes_sent else 0
+    report: dict[str, object] = {
         "model": Path(graph.source).stem,
         "split_point": split,
         "num_operators": graph.num_operators,
@@ -80,27 +89,32 @@ def run(args: argparse.Namespace) -> int:
         "accuracy": correct / n if n else 0.0,
         "identical_to_whole_model": identical,
         "fallbacks": fallbacks,
-        "bytes_sent_per_request": int(np.median(bytes_sent)) if bytes_sent else 0,
+        "bytes_sent_per_request": sent,
         "input_bytes": input_bytes,
-        "latency_ms": {k: summary(v) for k, v in stages.items()},
+        "latency_ms": latency,
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     cut = graph.cut(split if split is not None else 0)
-    console.print(f"cut {split} of {graph.num_operators}: sends {', '.join(t.name for t in cut.tensors) or 'nothing'}")
-    console.print(f"accuracy {correct}/{n} = {report['accuracy']:.1%}")
+    console.print(
+        f"cut {split} of {graph.num_operators}: sends {', '.join(t.name for t in cut.tensors) or 'nothing'}"
+    )
+    console.print(f"accuracy {correct}/{n} = {correct / max(n, 1):.1%}")
     console.print(f"outputs identical to the whole model's: {identical}/{n}")
     table = Table(title="latency per request (ms)")
     for column in ("stage", "p50", "p90", "p99"):
         table.add_column(column, justify="left" if column == "stage" else "right")
-    labels = {"head_ms": "head (device)", "transfer_ms": "transfer + queue", "tail_ms": "tail (server)",
-              "e2e_ms": "end to end"}
+    labels = {
+        "head_ms": "head (device)",
+        "transfer_ms": "transfer + queue",
+        "tail_ms": "tail (server)",
+        "e2e_ms": "end to end",
+    }
     for key, label in labels.items():
-        s = report["latency_ms"][key]  # type: ignore[index]
+        s = latency[key]
         table.add_row(label, f"{s['p50']:.3f}", f"{s['p90']:.3f}", f"{s['p99']:.3f}")
     console.print(table)
-    sent = report["bytes_sent_per_request"]
     console.print(f"bytes sent per request: {sent:,} (raw input {input_bytes:,}, {sent / input_bytes:.2f}x)")
     console.print(f"fallbacks: {fallbacks}")
     return 0

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         device.close()
     if args.output:
         try:
-            np.savez(Path(args.output), **result.outputs)
+            np.savez(Path(args.output), **result.outputs)  # type: ignore[arg-type]  # numpy's stub
         except OSError as err:
             raise EdgeError(f"cannot write {args.output}: {err.strerror or err}") from err
     t = result.timings

@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     console.width = max(console.width, 140)
     input_bytes = sum(t.nbytes for t in graph.inputs)
     console.print(f"[bold]{graph.source}[/bold]  sha256 {graph.sha256}")
-    console.print(f"{graph.num_operators} operators; cut K runs [0, K) on the device and [K, N) on the server")
+    console.print(
+        f"{graph.num_operators} operators; cut K runs [0, K) on the device and [K, N) on the server"
+    )
     for label, tensors in (("input ", graph.inputs), ("output", graph.outputs)):
         for t in tensors:
             console.print(f"  {label} {t.name}  {t.dtype.name}{list(t.shape)}  {t.nbytes} B")

@@ -46,7 +46,9 @@ def resolve(spec: str | Path) -> Path:
         return path
     if path.suffix == "" and (HERE / f"{spec}.tflite").is_file():
         return HERE / f"{spec}.tflite"
-    raise ModelFormatError(f"{spec}: no such file, and no shipped model by that name (shipped: {', '.join(names())})")
+    raise ModelFormatError(
+        f"{spec}: no such file, and no shipped model by that name (shipped: {', '.join(names())})"
+    )
 
 
 def digits_sample() -> DigitsSample:

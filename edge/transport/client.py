@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -100,7 +101,8 @@ class TailClient:
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        options = _CHANNEL_OPTIONS + [
+        options: list[tuple[str, int | str]] = [
+            *_CHANNEL_OPTIONS,
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
@@ -123,7 +125,9 @@ class TailClient:
     ) -> RemoteResult:
         """Send ``inputs`` to ``model``; raises RemoteError with the gRPC status name on failure."""
         tensors = tuple(encode(name, array) for name, array in inputs.items())
-        request = InferRequest(model_name=model, inputs=tensors, parameters=dict(parameters or {}), id=request_id)
+        request = InferRequest(
+            model_name=model, inputs=tensors, parameters=dict(parameters or {}), id=request_id
+        )
         message = converters.infer_request_to_pb(request)
         started = time.perf_counter()
         reply = self._call(self._stub.ModelInfer, message, timeout_s)
@@ -168,7 +172,9 @@ class TailClient:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError as err:
-            raise RemoteError(f"UNAVAILABLE: edge server {self.address} not reachable within {timeout_s}s") from err
+            raise RemoteError(
+                f"UNAVAILABLE: edge server {self.address} not reachable within {timeout_s}s"
+            ) from err
         if not self.ready(timeout_s):
             raise RemoteError(f"UNAVAILABLE: edge server {self.address} is not ready")
 
@@ -183,7 +189,7 @@ class TailClient:
     ) -> None:
         self.close()
 
-    def _call(self, method: grpc.UnaryUnaryMultiCallable, message: object, timeout_s: float | None) -> object:
+    def _call(self, method: grpc.UnaryUnaryMultiCallable, message: object, timeout_s: float | None) -> Any:
         try:
             return method(message, timeout=timeout_s if timeout_s is not None else self.timeout_s)
         except grpc.RpcError as err:

@@ -57,7 +57,9 @@ def test_split_by_index_and_by_tensor_name(graphs: dict[str, ModelGraph], tmp_pa
     graph = graphs["digits_resnet"]
     tensor = graph.tensors[graph.operators[3].outputs[0]].name
     for spec, out in (("4", "a"), (tensor, "b")):
-        proc = edge("split", str(models.model_path("digits_resnet")), "--at", spec, "--out", str(tmp_path / out))
+        proc = edge(
+            "split", str(models.model_path("digits_resnet")), "--at", spec, "--out", str(tmp_path / out)
+        )
         assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "a" / "head.tflite").read_bytes() == (tmp_path / "b" / "head.tflite").read_bytes()
     assert json.loads((tmp_path / "b" / "split.json").read_text())["split_point"] == 4
@@ -95,7 +97,9 @@ def test_bad_model_files(case: str, command: str, tmp_path: Path) -> None:
     make, message = BAD_MODELS[case]
     path = tmp_path / "bad.tflite"
     path.write_bytes(make(models.model_path("digits_resnet").read_bytes()))
-    args = [command, str(path)] + (["--at", "2", "--out", str(tmp_path / "out")] if command == "split" else [])
+    args = [command, str(path)] + (
+        ["--at", "2", "--out", str(tmp_path / "out")] if command == "split" else []
+    )
     line = _error_line(edge(*args))
     assert message in line
     assert not (tmp_path / "out").exists()
@@ -106,7 +110,9 @@ def test_bad_model_files(case: str, command: str, tmp_path: Path) -> None:
     [("999", "out of range"), ("-1", "out of range"), ("no_such_tensor", "no tensor named")],
 )
 def test_bad_cut_specs(spec: str, message: str, tmp_path: Path) -> None:
-    line = _error_line(edge("split", str(models.model_path("digits_resnet")), "--at", spec, "--out", str(tmp_path / "o")))
+    line = _error_line(
+        edge("split", str(models.model_path("digits_resnet")), "--at", spec, "--out", str(tmp_path / "o"))
+    )
     assert message in line
     assert not (tmp_path / "o").exists()
 

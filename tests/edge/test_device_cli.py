@@ -8,15 +8,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from helpers import seeded_inputs
 
 from edge import models
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
+from helpers import seeded_inputs
 
 
 def run(*args: str, module: str = "edge", timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _one_error_line(proc: subprocess.CompletedProcess[str], prefix: str = "edge: error: ") -> str:
@@ -37,8 +39,17 @@ def test_infer_writes_the_whole_models_outputs(
     for split in ("0", "7", str(graph.num_operators)):
         out = tmp_path / f"y{split}.npz"
         proc = run(
-            "infer", "--server", address, "--model", "digits_resnet", "--split-at", split,
-            "--input", str(tmp_path / "x.npy"), "--output", str(out),
+            "infer",
+            "--server",
+            address,
+            "--model",
+            "digits_resnet",
+            "--split-at",
+            split,
+            "--input",
+            str(tmp_path / "x.npy"),
+            "--output",
+            str(out),
         )
         assert proc.returncode == 0, proc.stderr
         assert "fallback" not in proc.stderr
@@ -54,8 +65,14 @@ def test_infer_named_input_float_quantized_and_local(graphs: dict[str, ModelGrap
     np.save(tmp_path / "x.npy", sample.x_float[0])  # [32, 32, 1] floats: batch added, quantized
     out = tmp_path / "y.npz"
     proc = run(
-        "infer", "--local", "--model", str(models.model_path("digits_resnet")),
-        "--input", f"{graph.inputs[0].name}={tmp_path / 'x.npy'}", "--output", str(out),
+        "infer",
+        "--local",
+        "--model",
+        str(models.model_path("digits_resnet")),
+        "--input",
+        f"{graph.inputs[0].name}={tmp_path / 'x.npy'}",
+        "--output",
+        str(out),
     )
     assert proc.returncode == 0, proc.stderr
     expected = ModelRunner(graph).run({graph.inputs[0].name: sample.x[0:1]})
@@ -68,13 +85,26 @@ def test_infer_falls_back_when_no_server_answers(tmp_path: Path, graphs: dict[st
     feeds = seeded_inputs(graph, 1)
     np.save(tmp_path / "x.npy", next(iter(feeds.values())))
     proc = run(
-        "infer", "--server", "127.0.0.1:9", "--timeout", "1", "--model", "digits_tiny", "--split-at", "2",
-        "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npz"),
+        "infer",
+        "--server",
+        "127.0.0.1:9",
+        "--timeout",
+        "1",
+        "--model",
+        "digits_tiny",
+        "--split-at",
+        "2",
+        "--input",
+        str(tmp_path / "x.npy"),
+        "--output",
+        str(tmp_path / "y.npz"),
     )
     assert proc.returncode == 0, proc.stderr
     assert "fallback" in proc.stderr
     with np.load(tmp_path / "y.npz") as got:
-        assert np.array_equal(got[graph.outputs[0].name], ModelRunner(graph).run(feeds)[graph.outputs[0].name])
+        assert np.array_equal(
+            got[graph.outputs[0].name], ModelRunner(graph).run(feeds)[graph.outputs[0].name]
+        )
 
 
 def test_infer_bad_inputs(tmp_path: Path) -> None:
@@ -89,12 +119,16 @@ def test_infer_bad_inputs(tmp_path: Path) -> None:
     for spec, message in cases.items():
         line = _one_error_line(run("infer", "--local", "--model", "digits_resnet", "--input", spec))
         assert message in line
-    assert "no shipped model" in _one_error_line(run("infer", "--local", "--model", "nope", "--input", "x.npy"))
+    assert "no shipped model" in _one_error_line(
+        run("infer", "--local", "--model", "nope", "--input", "x.npy")
+    )
 
 
 def test_bench_json(server_process: tuple) -> None:
     _, address = server_process
-    proc = run("bench", "--server", address, "--model", "digits_resnet", "--split-at", "5", "-n", "30", "--json")
+    proc = run(
+        "bench", "--server", address, "--model", "digits_resnet", "--split-at", "5", "-n", "30", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     for stage in ("e2e_ms", "head_ms", "tail_ms", "transfer_ms"):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import SHIPPED, digit_inputs, seeded_inputs
 
 from edge import models
 from edge.backends import create_backend
 from edge.graph import ModelGraph
 from edge.partition import split_model
+from helpers import SHIPPED, digit_inputs, seeded_inputs
 
 CASES = [
     (name, k)
@@ -63,7 +63,9 @@ def test_head_then_tail_equals_whole(
     with create_backend(backend, part.head) as head, create_backend(backend, part.tail) as tail:
         for feeds, expected in zip(_inputs(graph), references[name], strict=True):
             produced = head.run(feeds)
-            assert set(produced) == {t.name for t in part.cut.tensors} | {t.name for t in part.cut.head_outputs}
+            assert set(produced) == {t.name for t in part.cut.tensors} | {
+                t.name for t in part.cut.head_outputs
+            }
             finished = tail.run({t.name: produced[t.name] for t in part.cut.tensors})
             outputs = {**{t.name: produced[t.name] for t in part.cut.head_outputs}, **finished}
             assert outputs.keys() == expected.keys()

@@ -25,12 +25,13 @@ def _weight_bytes(model: schema.ModelT) -> int:
 @pytest.mark.parametrize("name", ["digits_resnet", "mobilenetv2_035"])
 def test_halves_carry_only_their_weights(graphs: dict[str, ModelGraph], name: str) -> None:
     graph = graphs[name]
-    whole = _weight_bytes(graph.model)
     for k in (1, graph.num_operators // 2, graph.num_operators - 1):
         part = split_model(graph, k)
         head, tail = _model(part.head), _model(part.tail)
         for half in (head, tail):
-            referenced = {t.buffer for t in half.subgraphs[0].tensors} | {m.buffer for m in half.metadata or []}
+            referenced = {t.buffer for t in half.subgraphs[0].tensors} | {
+                m.buffer for m in half.metadata or []
+            }
             unused = [i for i, b in enumerate(half.buffers) if i and i not in referenced]
             assert unused == [], f"cut {k}: unreferenced buffers {unused}"
             codes = {op.opcodeIndex for op in half.subgraphs[0].operators}
@@ -38,7 +39,9 @@ def test_halves_carry_only_their_weights(graphs: dict[str, ModelGraph], name: st
         for half, ops in ((head, graph.operators[:k]), (tail, graph.operators[k:])):
             # Exactly the distinct weights its own operators read (metadata is copied to both halves).
             used = {graph.model.subgraphs[0].tensors[t].buffer for op in ops for t in op.inputs}
-            expected = sum(len(graph.model.buffers[b].data) for b in used if graph.model.buffers[b].data is not None)
+            expected = sum(
+                len(graph.model.buffers[b].data) for b in used if graph.model.buffers[b].data is not None
+            )
             metadata = sum(len(half.buffers[m.buffer].data) for m in half.metadata or [])
             assert _weight_bytes(half) - metadata == expected
         assert len(head.subgraphs[0].operators) == k
@@ -76,7 +79,11 @@ def test_write_split_files(graphs: dict[str, ModelGraph], tmp_path: Path) -> Non
         assert entry["dtype"] == "int8" and entry["shape"] == list(tensor.shape)
     assert (tmp_path / "out" / "head.tflite").read_bytes() == part.head
     assert json.loads((tmp_path / "out" / "split.json").read_text())["cut_bytes"] == part.cut.nbytes
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["head.tflite", "split.json", "tail.tflite"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "head.tflite",
+        "split.json",
+        "tail.tflite",
+    ]
 
 
 def test_halves_are_valid_models_on_their_own(graphs: dict[str, ModelGraph]) -> None:

@@ -8,13 +8,13 @@ import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import seeded_inputs
 
 from edge import models
 from edge.graph import ModelGraph
 from edge.partition import split_model
 from edge.protocol import SERVICE_NAME, pb, pb_grpc
 from edge.runner import ModelRunner
+from helpers import seeded_inputs
 from server.embedded import BackgroundServer
 from server.repository import ModelRepository
 
@@ -55,7 +55,7 @@ def test_tritonclient_health_and_metadata(triton_client: triton.InferenceServerC
 def test_tritonclient_whole_model(triton_client: triton.InferenceServerClient, graphs: dict) -> None:
     graph = graphs[MODEL]
     feeds = seeded_inputs(graph, 7)
-    (name, array), = feeds.items()
+    ((name, array),) = feeds.items()
     result = triton_client.infer(MODEL, [_triton_input(name, array)])
     expected = ModelRunner(graph).run(feeds)
     for out, want in expected.items():
@@ -82,7 +82,7 @@ def test_tritonclient_tail_request(triton_client: triton.InferenceServerClient, 
 
 def _request(graph: ModelGraph, **overrides: object) -> pb.ModelInferRequest:
     """A valid whole-model request for ``graph``, with fields overridden to make it bad."""
-    (name, array), = seeded_inputs(graph, 0).items()
+    ((name, array),) = seeded_inputs(graph, 0).items()
     tensor = pb.ModelInferRequest.InferInputTensor(
         name=overrides.get("name", name),
         datatype=overrides.get("datatype", "INT8"),
@@ -101,7 +101,11 @@ def _request(graph: ModelGraph, **overrides: object) -> pb.ModelInferRequest:
 
 
 BAD_REQUESTS = {
-    "wrong-dtype": ({"datatype": "FP32", "raw": b"\0" * 4096}, grpc.StatusCode.INVALID_ARGUMENT, "must be INT8"),
+    "wrong-dtype": (
+        {"datatype": "FP32", "raw": b"\0" * 4096},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "must be INT8",
+    ),
     "wrong-shape": ({"shape": [1, 16, 64, 1]}, grpc.StatusCode.INVALID_ARGUMENT, "must have shape"),
     "bytes-do-not-match-shape": ({"raw": b"\0" * 1000}, grpc.StatusCode.INVALID_ARGUMENT, "1000"),
     "missing-input": ({"no_inputs": True}, grpc.StatusCode.INVALID_ARGUMENT, "missing input"),
@@ -113,9 +117,17 @@ BAD_REQUESTS = {
     ),
     "negative-dimension": ({"shape": [1, -32, 32, 1]}, grpc.StatusCode.INVALID_ARGUMENT, "shape"),
     "unknown-datatype": ({"datatype": "INT3"}, grpc.StatusCode.INVALID_ARGUMENT, "INT3"),
-    "split-point-out-of-range": ({"params": {"split_point": 99}}, grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+    "split-point-out-of-range": (
+        {"params": {"split_point": 99}},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "out of range",
+    ),
     "unknown-model": ({"model": "no_such_model"}, grpc.StatusCode.NOT_FOUND, "no_such_model"),
-    "model-sha-mismatch": ({"params": {"model_sha256": "ab" * 32}}, grpc.StatusCode.FAILED_PRECONDITION, "ab" * 32),
+    "model-sha-mismatch": (
+        {"params": {"model_sha256": "ab" * 32}},
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ab" * 32,
+    ),
 }
 
 
@@ -175,7 +187,10 @@ def test_shutdown_stops_serving() -> None:
     srv = BackgroundServer.from_files([models.model_path("digits_tiny")])
     srv.start()
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(srv.address))
-    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     srv.stop()
     with pytest.raises(grpc.RpcError):
         health.Check(health_pb2.HealthCheckRequest(), timeout=2)

@@ -13,10 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-
 import numpy as np
 import pytest
-from helpers import seeded_inputs
 
 from edge import models
 from edge.cooperative import CooperativeRunner
@@ -24,6 +22,7 @@ from edge.graph import ModelGraph
 from edge.protocol import pb, pb_grpc
 from edge.runner import ModelRunner
 from edge.transport import TailClient
+from helpers import seeded_inputs
 from server.embedded import BackgroundServer
 
 MOBILENET_CUTS = [0, 1, 7, 16, 33, 57, 64]
@@ -163,7 +162,9 @@ def test_device_recovers_when_the_server_comes_back(graphs: dict[str, ModelGraph
     first.start()
     port = int(first.address.rsplit(":", 1)[1])
     runner = ModelRunner(graph)
-    device = CooperativeRunner(runner, TailClient(first.address), model_name="digits_tiny", policy=2, timeout_s=5.0)
+    device = CooperativeRunner(
+        runner, TailClient(first.address), model_name="digits_tiny", policy=2, timeout_s=5.0
+    )
     feeds = seeded_inputs(graph, 0)
     assert not device.infer(feeds).fallback
     first.stop()
