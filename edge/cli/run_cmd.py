@@ -44,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="use this edge server instead of the profile's; repeat for several, tried in order",
     )
     p.add_argument(
-        "--check", action="store_true", help="validate the profile against its model, print it resolved, and exit"
+        "--check",
+        action="store_true",
+        help="validate the profile against its model, print it resolved, and exit",
     )
     p.set_defaults(func=run)
 
@@ -54,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         from .. import daemon
         from ..daemon.mqtt import build_client
     except ImportError as err:
-        raise EdgeError(f"edge run needs paho-mqtt and pillow: pip install 'edge-coop[daemon]' ({err})") from err
+        raise EdgeError(
+            f"edge run needs paho-mqtt and pillow: pip install 'edge-coop[daemon]' ({err})"
+        ) from err
     path = daemon.find(args.config)
     profile = daemon.load(path)
     if args.broker or args.server:

@@ -13,4 +13,14 @@ from .device import Plan, open_device, plan
 from .profiles import apply_overrides, available, find, load
 from .service import Daemon
 
-__all__ = ["Daemon", "DeviceProfile", "Plan", "apply_overrides", "available", "find", "load", "open_device", "plan"]
+__all__ = [
+    "Daemon",
+    "DeviceProfile",
+    "Plan",
+    "apply_overrides",
+    "available",
+    "find",
+    "load",
+    "open_device",
+    "plan",
+]

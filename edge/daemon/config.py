@@ -93,7 +93,9 @@ class AutoSplitConfig(_Strict):
     objective: Literal["latency", "energy", "bytes"] = Field(
         "latency", description="What the planner minimises: end-to-end latency, device energy, or bytes sent."
     )
-    deadline_ms: float | None = Field(None, gt=0, description="Optional latency bound the chosen cut must meet.")
+    deadline_ms: float | None = Field(
+        None, gt=0, description="Optional latency bound the chosen cut must meet."
+    )
     max_bytes: int | None = Field(None, gt=0, description="Optional bound on bytes sent per request.")
 
 
@@ -116,7 +118,10 @@ class TLSConfig(_Strict):
 
     def options(self) -> TLSOptions:
         return TLSOptions(
-            ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file, server_name=self.server_name
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+            server_name=self.server_name,
         )
 
 
@@ -143,7 +148,9 @@ class EdgeConfig(_Strict):
 
 
 class MqttTLSConfig(_Strict):
-    ca_file: Path | None = Field(None, description="PEM CA bundle to verify the broker; default: the system's.")
+    ca_file: Path | None = Field(
+        None, description="PEM CA bundle to verify the broker; default: the system's."
+    )
     cert_file: Path | None = Field(None, description="PEM client certificate, for mutual TLS.")
     key_file: Path | None = Field(None, description="PEM private key of cert_file.")
     verify_hostname: bool = Field(True, description="Check that the broker's certificate names its host.")
@@ -157,7 +164,9 @@ class MqttTLSConfig(_Strict):
 
 class MqttConfig(_Strict):
     host: str = Field(description="The broker's host name or address.")
-    port: int = Field(1883, ge=1, le=65535, description="The broker's port (1883 plain, 8883 TLS by convention).")
+    port: int = Field(
+        1883, ge=1, le=65535, description="The broker's port (1883 plain, 8883 TLS by convention)."
+    )
     client_id: str | None = Field(
         None,
         min_length=1,
@@ -166,7 +175,9 @@ class MqttConfig(_Strict):
         "session, and the messages it holds, belong to it.",
     )
     username: str | None = Field(None, description="User name to authenticate with.")
-    password: SecretStr | None = Field(None, description="Password to authenticate with (or use password_file).")
+    password: SecretStr | None = Field(
+        None, description="Password to authenticate with (or use password_file)."
+    )
     password_file: Path | None = Field(
         None, description="File whose first line is the password; read when connecting."
     )
@@ -180,7 +191,9 @@ class MqttConfig(_Strict):
         "messages) while the daemon is away.",
     )
     reconnect_min_s: float = Field(1.0, gt=0, le=3600, description="First delay before reconnecting.")
-    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest delay between reconnect attempts.")
+    reconnect_max_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest delay between reconnect attempts."
+    )
 
     @model_validator(mode="after")
     def _auth(self) -> MqttConfig:
@@ -198,7 +211,9 @@ class MqttConfig(_Strict):
 
 
 class SensorConfig(_Strict):
-    topic: str = Field(description="MQTT topic filter to subscribe to (QoS 1); '+' and '#' wildcards allowed.")
+    topic: str = Field(
+        description="MQTT topic filter to subscribe to (QoS 1); '+' and '#' wildcards allowed."
+    )
     format: Literal["json", "raw", "image"] = Field(
         description="Payload format: 'json' ({\"id\": ..., \"data\": [...]}), 'raw' tensor bytes, or 'image' "
         "(PNG or JPEG)."
@@ -215,7 +230,9 @@ class SensorConfig(_Strict):
         "default: the input's shape.",
     )
     image_scale: float = Field(
-        1.0 / 255.0, gt=0, description="image: real value = pixel * image_scale + image_offset, then quantized."
+        1.0 / 255.0,
+        gt=0,
+        description="image: real value = pixel * image_scale + image_offset, then quantized.",
     )
     image_offset: float = Field(0.0, description="image: see image_scale.")
 
@@ -255,9 +272,12 @@ class SensorConfig(_Strict):
 
 class TopicsConfig(_Strict):
     results: str = Field("edge/{device_id}/results", description="Where each message's result is published.")
-    errors: str = Field("edge/{device_id}/errors", description="Where a message that cannot be processed is reported.")
+    errors: str = Field(
+        "edge/{device_id}/errors", description="Where a message that cannot be processed is reported."
+    )
     availability: str = Field(
-        "edge/{device_id}/availability", description="Retained 'online' while connected, 'offline' (last will) after."
+        "edge/{device_id}/availability",
+        description="Retained 'online' while connected, 'offline' (last will) after.",
     )
     stats: str = Field("edge/{device_id}/stats", description="Periodic counters and latency.")
 
@@ -289,7 +309,10 @@ class QueueConfig(_Strict):
         "full, the daemon stops reading from the broker until one is done; nothing is dropped.",
     )
     answered_ids: int = Field(
-        4096, ge=16, le=1_000_000, description="Recently answered message ids remembered to avoid answering twice."
+        4096,
+        ge=16,
+        le=1_000_000,
+        description="Recently answered message ids remembered to avoid answering twice.",
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, le=3600, description="At shutdown, how long to wait for queued results to be confirmed."
@@ -297,12 +320,16 @@ class QueueConfig(_Strict):
 
 
 class StatsConfig(_Strict):
-    interval_s: float = Field(30.0, ge=0, le=86400, description="Seconds between stats messages; 0 turns them off.")
+    interval_s: float = Field(
+        30.0, ge=0, le=86400, description="Seconds between stats messages; 0 turns them off."
+    )
 
 
 class HomeAssistantConfig(_Strict):
     enabled: bool = Field(False, description="Publish Home Assistant MQTT discovery configs (retained).")
-    discovery_prefix: str = Field("homeassistant", min_length=1, description="Home Assistant's discovery prefix.")
+    discovery_prefix: str = Field(
+        "homeassistant", min_length=1, description="Home Assistant's discovery prefix."
+    )
     name: str | None = Field(None, description="Device name shown in Home Assistant; default: the device id.")
 
 
@@ -329,7 +356,9 @@ class DeviceProfile(_Strict):
     @classmethod
     def _device_id(cls, value: str) -> str:
         if not _DEVICE_ID.match(value):
-            raise ValueError(f"{value!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+            raise ValueError(
+                f"{value!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+            )
         return value
 
     @model_validator(mode="after")
@@ -338,7 +367,9 @@ class DeviceProfile(_Strict):
         for i, sensor in enumerate(self.sensors):
             for topic in self.output_topics():
                 if topic_matches_sub(sensor.topic, topic):
-                    raise ValueError(f"sensors[{i}].topic: {sensor.topic!r} matches the daemon's own topic {topic!r}")
+                    raise ValueError(
+                        f"sensors[{i}].topic: {sensor.topic!r} matches the daemon's own topic {topic!r}"
+                    )
         return self
 
     @property

@@ -88,7 +88,8 @@ def open_device(resolved: Plan) -> CooperativeRunner:
 def _client(profile: DeviceProfile) -> TailClient | None:
     edge = profile.edge
     clients = [
-        TailClient(s.address, timeout_s=edge.timeout_s, tls=s.tls.options() if s.tls else None) for s in edge.servers
+        TailClient(s.address, timeout_s=edge.timeout_s, tls=s.tls.options() if s.tls else None)
+        for s in edge.servers
     ]
     if not clients:
         return None
@@ -113,7 +114,9 @@ def _check_labels(profile: DeviceProfile, graph: ModelGraph, source: Path) -> No
     if labels is None:
         return
     if len(graph.outputs) != 1:
-        raise ConfigError(f"{source}: model.labels: the model has {len(graph.outputs)} outputs; labels need one")
+        raise ConfigError(
+            f"{source}: model.labels: the model has {len(graph.outputs)} outputs; labels need one"
+        )
     classes = math.prod(graph.outputs[0].shape)
     if len(labels) != classes:
         raise ConfigError(f"{source}: model.labels: {len(labels)} labels for {classes} output classes")
@@ -124,9 +127,13 @@ def _check_sensors(profile: DeviceProfile, graph: ModelGraph, source: Path) -> N
     for i, sensor in enumerate(profile.sensors):
         key = f"{source}: sensors[{i}]"
         if sensor.input is not None and sensor.input not in names:
-            raise ConfigError(f"{key}.input: the model has no input {sensor.input!r} (inputs: {', '.join(names)})")
+            raise ConfigError(
+                f"{key}.input: the model has no input {sensor.input!r} (inputs: {', '.join(names)})"
+            )
         if sensor.format != "json" and sensor.input is None and len(names) != 1:
-            raise ConfigError(f"{key}.input: the model has {len(names)} inputs; name the one this sensor feeds")
+            raise ConfigError(
+                f"{key}.input: the model has {len(names)} inputs; name the one this sensor feeds"
+            )
         tensor = next(t for t in graph.inputs if t.name == (sensor.input or names[0]))
         if sensor.shape is not None and math.prod(sensor.shape) != math.prod(tensor.shape):
             raise ConfigError(
@@ -134,10 +141,17 @@ def _check_sensors(profile: DeviceProfile, graph: ModelGraph, source: Path) -> N
                 f"{list(tensor.shape)} has {math.prod(tensor.shape)}"
             )
         if sensor.format == "image" and not (
-            len(tensor.shape) in (3, 4) and tensor.shape[0] == 1 and (len(tensor.shape) == 3 or tensor.shape[3] in (1, 3))
+            len(tensor.shape) in (3, 4)
+            and tensor.shape[0] == 1
+            and (len(tensor.shape) == 3 or tensor.shape[3] in (1, 3))
         ):
-            raise ConfigError(f"{key}.format: input {tensor.name!r} {list(tensor.shape)} is not an image input")
-        if sensor.dtype is not None and np.dtype(sensor.dtype).kind == "f" and tensor.quantization is None and (
-            np.issubdtype(tensor.dtype, np.integer)
+            raise ConfigError(
+                f"{key}.format: input {tensor.name!r} {list(tensor.shape)} is not an image input"
+            )
+        if (
+            sensor.dtype is not None
+            and np.dtype(sensor.dtype).kind == "f"
+            and tensor.quantization is None
+            and (np.issubdtype(tensor.dtype, np.integer))
         ):
             raise ConfigError(f"{key}.dtype: input {tensor.name!r} has no quantization to turn reals into")

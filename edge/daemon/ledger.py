@@ -71,8 +71,10 @@ class AckLedger:
         with self._lock:
             self._session += 1
             if self._held:
-                logger.warning("broker lost the session: %d message(s) will be answered but not acknowledged",
-                               len(self._held))
+                logger.warning(
+                    "broker lost the session: %d message(s) will be answered but not acknowledged",
+                    len(self._held),
+                )
             self._held.clear()
             return self._session
 
@@ -94,7 +96,9 @@ class AckLedger:
         with self._lock:
             return message_id in self._answered
 
-    def published(self, publish_mid: int, sources: Iterable[Source], message_id: str | None = None) -> list[Source]:
+    def published(
+        self, publish_mid: int, sources: Iterable[Source], message_id: str | None = None
+    ) -> list[Source]:
         """paho accepted a QoS 1 publish; ``sources`` are acknowledged at its PUBACK.
 
         Other publishes (availability, stats) are reported too, with no sources, so that

@@ -50,7 +50,8 @@ def result(
         order = np.argsort(-scores, kind="stable")[:top_k]
         labels = profile.model.labels
         body["top_k"] = [
-            {"index": int(i), "label": labels[i] if labels else str(int(i)), "score": float(scores[i])} for i in order
+            {"index": int(i), "label": labels[i] if labels else str(int(i)), "score": float(scores[i])}
+            for i in order
         ]
     if not body.get("top_k") or profile.results.include_raw:
         body["outputs"] = {
@@ -73,7 +74,13 @@ def result(
 
 def error(*, message_id: str | None, topic: str, device_id: str, message: str) -> dict[str, Any]:
     """A message that could not be processed."""
-    return {"id": message_id, "topic": topic, "device_id": device_id, "error": message, "ts": round(time.time(), 3)}
+    return {
+        "id": message_id,
+        "topic": topic,
+        "device_id": device_id,
+        "error": message,
+        "ts": round(time.time(), 3),
+    }
 
 
 def stats(

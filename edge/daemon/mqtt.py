@@ -88,7 +88,9 @@ def _password(profile: DeviceProfile, source: str) -> str | None:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{source}: mqtt.password_file: cannot read {path}: {getattr(err, 'strerror', None) or err}") from err
+        raise ConfigError(
+            f"{source}: mqtt.password_file: cannot read {path}: {getattr(err, 'strerror', None) or err}"
+        ) from err
     if not lines or not lines[0]:
         raise ConfigError(f"{source}: mqtt.password_file: {path} is empty")
     return lines[0]

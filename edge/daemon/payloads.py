@@ -94,7 +94,9 @@ def _decode_json(
     if "id" in doc:
         raw_id = doc["id"]
         if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or raw_id == "":
-            raise PayloadError(f'"id" must be a non-empty string or an integer, got {raw_id!r:.40}', message_id=prop_id)
+            raise PayloadError(
+                f'"id" must be a non-empty string or an integer, got {raw_id!r:.40}', message_id=prop_id
+            )
         message_id = str(raw_id)
     if "data" not in doc:
         raise PayloadError('the JSON object has no "data"', message_id=message_id)
@@ -114,7 +116,9 @@ def _json_feeds(data: dict[str, Any], inputs: Sequence[TensorInfo]) -> dict[str,
     by_name = {t.name: t for t in inputs}
     unknown = sorted(set(data) - set(by_name))
     if unknown:
-        raise TensorFormatError(f'"data" names unknown input(s) {", ".join(unknown)}; inputs: {", ".join(by_name)}')
+        raise TensorFormatError(
+            f'"data" names unknown input(s) {", ".join(unknown)}; inputs: {", ".join(by_name)}'
+        )
     missing = [name for name in by_name if name not in data]
     if missing:
         raise TensorFormatError(f'"data" lacks input(s) {", ".join(missing)}')
@@ -152,7 +156,9 @@ def _decode_raw(
         raise TensorFormatError(f"unknown dtype {dtype_name!r}") from err
     if dtype.kind not in "iuf":
         raise TensorFormatError(f"dtype {dtype_name!r} is not an integer or floating type")
-    shape = _parse_shape(properties["shape"]) if "shape" in properties else tuple(sensor.shape or tensor.shape)
+    shape = (
+        _parse_shape(properties["shape"]) if "shape" in properties else tuple(sensor.shape or tensor.shape)
+    )
     expected = math.prod(shape) * dtype.itemsize
     if len(payload) != expected:
         raise TensorFormatError(
@@ -185,9 +191,13 @@ def _decode_image(payload: bytes, sensor: SensorConfig, tensor: TensorInfo) -> n
     try:
         with Image.open(io.BytesIO(payload)) as image:
             if image.format not in ("PNG", "JPEG"):
-                raise TensorFormatError(f"image is {image.format or 'of an unknown format'}; send PNG or JPEG")
+                raise TensorFormatError(
+                    f"image is {image.format or 'of an unknown format'}; send PNG or JPEG"
+                )
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise TensorFormatError(f"image is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels")
+                raise TensorFormatError(
+                    f"image is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels"
+                )
             converted = image.convert("L" if channels == 1 else "RGB")
             resized = converted.resize((width, height), Image.Resampling.BILINEAR)
             pixels = np.asarray(resized, dtype=np.float64)
@@ -195,7 +205,7 @@ def _decode_image(payload: bytes, sensor: SensorConfig, tensor: TensorInfo) -> n
         raise
     # Pillow's decoders raise many kinds of exception on corrupt data (OSError, SyntaxError,
     # ValueError, EOFError, zlib errors...); each means the same thing here.
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise TensorFormatError(f"not a readable PNG or JPEG image: {err}") from err
     real = pixels * sensor.image_scale + sensor.image_offset
     real = real.reshape(tensor.shape)

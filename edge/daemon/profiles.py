@@ -91,7 +91,11 @@ def validate(data: dict[str, Any], *, source: str) -> DeviceProfile:
 
 
 def apply_overrides(
-    profile: DeviceProfile, *, broker: str | None = None, servers: Sequence[str] = (), source: str = "<profile>"
+    profile: DeviceProfile,
+    *,
+    broker: str | None = None,
+    servers: Sequence[str] = (),
+    source: str = "<profile>",
 ) -> DeviceProfile:
     """The profile with its broker address and edge servers replaced (TLS and credentials are kept)."""
     data = profile.model_dump(mode="python", exclude_none=True)

@@ -95,7 +95,10 @@ class Daemon:
         mqtt = self.profile.mqtt
         logger.info("connecting to %s as %s", mqtt.address, self.profile.client_id)
         self.client.connect_async(
-            mqtt.host, mqtt.port, keepalive=mqtt.keepalive_s, clean_start=False,
+            mqtt.host,
+            mqtt.port,
+            keepalive=mqtt.keepalive_s,
+            clean_start=False,
             properties=connect_properties(self.profile),
         )
         self.client.loop_start()
@@ -140,8 +143,10 @@ class Daemon:
         while self.ledger.pending() and time.monotonic() < deadline and self._connected.is_set():
             time.sleep(0.02)
         if self.ledger.pending():
-            logger.warning("%d result(s) unconfirmed at exit; the broker will deliver their messages again",
-                           self.ledger.pending())
+            logger.warning(
+                "%d result(s) unconfirmed at exit; the broker will deliver their messages again",
+                self.ledger.pending(),
+            )
         if self._connected.is_set():
             info = self.client.publish(self.profile.topic("availability"), OFFLINE, qos=1, retain=True)
             try:
@@ -151,7 +156,9 @@ class Daemon:
         self.client.disconnect()
         self.client.loop_stop()
         self.device.close()
-        logger.info("stopped: %d processed (%d drained at shutdown), %d errors", self.processed, drained, self.errors)
+        logger.info(
+            "stopped: %d processed (%d drained at shutdown), %d errors", self.processed, drained, self.errors
+        )
 
     def _healthy(self) -> bool:
         """The network loop is alive; a stuck main loop stops pinging by itself."""
@@ -167,7 +174,7 @@ class Daemon:
     def _process(self, item: _Inbound) -> None:
         try:
             self._answer(item)
-        except Exception:  # noqa: BLE001 - one message must never take the daemon down
+        except Exception:  # one message must never take the daemon down
             logger.exception("unexpected failure on a message from %s; it stays unacknowledged", item.topic)
             self.ledger.release(item.source)
 
@@ -196,7 +203,7 @@ class Daemon:
                 result = self.device.infer(decoded.feeds, request_id=message_id)
             except EdgeError as err:
                 problem = str(err)
-            except Exception as err:  # noqa: BLE001 - a backend's own errors become an error result too
+            except Exception as err:  # a backend's own errors become an error result too
                 logger.exception("inference failed on message %s", message_id)
                 problem = f"inference failed: {err}"
             else:
@@ -261,7 +268,11 @@ class Daemon:
             self.client.ack(source.mid, 1)
 
     def _on_connect(
-        self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags, reason: ReasonCode,
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
         try:
@@ -270,19 +281,27 @@ class Daemon:
                 return
             if not flags.session_present:
                 self.ledger.new_session()
-            logger.info("connected to %s (session %s)", self.profile.mqtt.address,
-                        "resumed" if flags.session_present else "new")
+            logger.info(
+                "connected to %s (session %s)",
+                self.profile.mqtt.address,
+                "resumed" if flags.session_present else "new",
+            )
             self._connected.set()
             client.subscribe(subscriptions(self.profile))
             self._publish(self.profile.topic("availability"), ONLINE, retain=True)
             if self.profile.home_assistant.enabled:
                 for topic, config in messages.discovery(self.profile, self.plan.model_name):
                     self._publish(topic, config, retain=True)
-        except Exception:  # noqa: BLE001 - paho's thread must survive
+        except Exception:  # paho's thread must survive
             logger.exception("on_connect failed")
 
     def _on_subscribe(
-        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Properties | None
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
     ) -> None:
         refused = [str(r) for r in reasons if r.is_failure]
         if refused:
@@ -294,7 +313,11 @@ class Daemon:
             notify("READY=1")
 
     def _on_disconnect(
-        self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags, reason: ReasonCode,
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
         self._connected.clear()
@@ -325,7 +348,7 @@ class Daemon:
                     if self._stopping.is_set():
                         self.ledger.release(source)
                         return
-        except Exception:  # noqa: BLE001 - paho's thread must survive
+        except Exception:  # paho's thread must survive
             logger.exception("cannot take a message from %s", getattr(message, "topic", "?"))
 
     def _on_publish(
@@ -337,7 +360,7 @@ class Daemon:
                 # otherwise redeliver the same messages forever.
                 logger.error("broker refused publish %d: %s", mid, reason)
             self._ack(self.ledger.confirmed(mid))
-        except Exception:  # noqa: BLE001 - paho's thread must survive
+        except Exception:  # paho's thread must survive
             logger.exception("on_publish failed")
 
     def _sensor(self, topic: str) -> SensorConfig | None:

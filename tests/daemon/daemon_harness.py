@@ -1,0 +1,293 @@
+"""The daemon tests' harness: a real Mosquitto broker, a real edge server, the daemon as a process, a probe.
+
+Every wait is bounded; every process is stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edge import models
+from helpers import REPO, free_port, wait_for_port
+
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+)
+GENERIC = REPO / "firmware_config" / "generic-x86.toml"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(timeout=timeout)
+
+
+class Broker:
+    """A mosquitto process on a free loopback port, persistent across restarts (sessions, queued QoS 1)."""
+
+    def __init__(self, workdir: Path) -> None:
+        if MOSQUITTO is None:
+            pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
+        self.workdir = workdir
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.config = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            # Run as root, mosquitto would switch to the 'mosquitto' user and lose write access here.
+            f"user {getpass.getuser()}\n"
+            "persistence true\n"
+            f"persistence_location {workdir}/\n"
+            "max_queued_messages 0\n"
+            f"log_dest file {self.log}\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port, self.proc, timeout=10, log=self.log)
+
+    def stop(self) -> None:
+        """SIGTERM: mosquitto writes its persistence file on the way out."""
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class ServerProcess:
+    """A real ``edge-server`` serving digits_resnet, restartable on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.models = workdir / "models"
+        self.models.mkdir(parents=True, exist_ok=True)
+        shutil.copy(models.model_path("digits_resnet"), self.models / "digits_resnet.tflite")
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = workdir / "edge-server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "server",
+                    "--models",
+                    str(self.models),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for_port(self.port, self.proc, timeout=30, log=self.log)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, signal.SIGKILL)
+            self.proc = None
+
+
+class DaemonProcess:
+    """``python -m edge run --config PROFILE --broker ... --server ...`` as a subprocess."""
+
+    def __init__(self, workdir: Path, profile: Path, broker: str, servers: list[str]) -> None:
+        self.profile = profile
+        self.broker = broker
+        self.servers = servers
+        self.log = workdir / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 30.0) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "edge",
+            "-v",
+            "run",
+            "--config",
+            str(self.profile),
+            "--broker",
+            self.broker,
+        ]
+        for server in self.servers:
+            command += ["--server", server]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.starts += 1
+        proc = self.proc
+        wait_until(
+            lambda: self.text().count(" ready: ") >= self.starts or proc.poll() is not None,
+            timeout,
+            "daemon ready",
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}:\n{self.text()}")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        proc, self.proc = self.proc, None
+        return _stop(proc, signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)  # in case a test froze it
+            _stop(self.proc, signal.SIGKILL)
+            self.proc = None
+
+
+class Probe:
+    """An MQTT client on its own persistent session: publishes sensor messages, collects what the daemon says."""
+
+    def __init__(self, broker: Broker, device_id: str, name: str = "probe") -> None:
+        self.device_id = device_id
+        self._lock = threading.Lock()
+        self.results: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.stats: list[dict[str, Any]] = []
+        self.retained: dict[str, bytes] = {}
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=f"{name}-{broker.port}", protocol=paho.MQTTv5
+        )
+        self.client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]
+        self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
+        self._subscribed = threading.Event()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect("127.0.0.1", broker.port, clean_start=False, properties=props)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise TimeoutError("probe could not subscribe")
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        # Retain-as-published: a retained message keeps its flag even when it arrives live.
+        options = SubscribeOptions(qos=1, retainAsPublished=True)
+        client.subscribe([(f"edge/{self.device_id}/#", options), ("homeassistant/#", options)])
+        self._subscribed.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        with self._lock:
+            if message.retain:
+                self.retained[message.topic] = bytes(message.payload)
+            kind = message.topic.rsplit("/", 1)[-1]
+            if kind in ("results", "errors", "stats"):
+                getattr(self, kind).append(json.loads(message.payload))
+
+    def publish(self, topic: str, payload: bytes | str, *, properties: dict[str, str] | None = None) -> None:
+        props = None
+        if properties:
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = list(properties.items())
+        info = self.client.publish(topic, payload, qos=1, properties=props)
+        info.wait_for_publish(timeout=10)
+        assert info.is_published(), f"broker did not confirm publish on {topic}"
+
+    def publish_many(self, messages: list[tuple[str, bytes | str]]) -> None:
+        """Publish without waiting between messages, then wait until the broker has them all."""
+        infos = [self.client.publish(topic, payload, qos=1) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(timeout=10)
+            assert info.is_published(), "broker did not confirm a publish"
+
+    def answered(self) -> dict[str, list[dict[str, Any]]]:
+        """Results and errors by message id (a list: duplicates show up)."""
+        with self._lock:
+            out: dict[str, list[dict[str, Any]]] = {}
+            for doc in self.results + self.errors:
+                out.setdefault(str(doc.get("id")), []).append(doc)
+            return out
+
+    def wait_answered(self, ids: set[str], timeout: float = 30.0) -> dict[str, list[dict[str, Any]]]:
+        wait_until(
+            lambda: ids <= set(self.answered()), timeout, f"answers to {len(ids)} messages", interval=0.05
+        )
+        return self.answered()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def session_backlog(broker: Broker, client_id: str, settle_s: float = 1.5) -> list[str]:
+    """Resume ``client_id``'s session without acking: the ids the broker still holds for it.
+
+    What an unclean run left unacknowledged is delivered again here; an empty list means every
+    message was acknowledged.
+    """
+    seen: list[str] = []
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=True
+    )
+
+    def on_message(c: paho.Client, u: Any, message: paho.MQTTMessage) -> None:
+        try:
+            seen.append(str(json.loads(message.payload)["id"]))
+        except (ValueError, KeyError, TypeError):
+            seen.append(f"{message.topic}#{message.mid}")
+
+    client.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    props.ReceiveMaximum = 1000
+    client.connect("127.0.0.1", broker.port, clean_start=False, properties=props)
+    client.loop_start()
+    try:
+        time.sleep(settle_s)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return seen

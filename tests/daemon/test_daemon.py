@@ -1,0 +1,333 @@
+"""``edge run`` end to end: a real mosquitto, real edge servers, the daemon as a subprocess.
+
+The claims: every message gets exactly one answer (after de-duplication by id) while the
+edge server, the broker or the daemon itself dies and comes back; malformed payloads get
+error results without holding up the rest; SIGTERM drains and leaves nothing unacknowledged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from daemon.daemon_harness import (
+    GENERIC,
+    Broker,
+    DaemonProcess,
+    Probe,
+    ServerProcess,
+    session_backlog,
+    wait_until,
+)
+from PIL import Image
+
+from edge import models
+from edge.daemon.messages import dequantize
+from edge.graph import ModelGraph
+from edge.runner import ModelRunner
+from helpers import free_port
+
+TOPIC = "sensors/s1/digits"
+DEVICE_CLIENT_ID = "edge-generic-x86"
+
+
+@pytest.fixture(scope="module")
+def reference() -> Callable[[int], list[dict[str, object]]]:
+    """The top-3 the daemon must publish for held-out digit i, from the whole model run here."""
+    graph = ModelGraph.from_file(models.model_path("digits_resnet"))
+    sample = models.digits_sample()
+    runner = ModelRunner(graph)
+    cache: dict[int, list[dict[str, object]]] = {}
+
+    def top3(i: int) -> list[dict[str, object]]:
+        if i not in cache:
+            out = runner.run({graph.inputs[0].name: sample.x[i : i + 1]})[graph.outputs[0].name]
+            scores = dequantize(out, graph.outputs[0]).reshape(-1)
+            order = np.argsort(-scores, kind="stable")[:3]
+            cache[i] = [{"index": int(k), "label": str(int(k)), "score": float(scores[k])} for k in order]
+        return cache[i]
+
+    return top3
+
+
+def digit_json(i: int, message_id: str) -> str:
+    return json.dumps({"id": message_id, "data": models.digits_sample().x[i].tolist()})
+
+
+def publish_digits(probe: Probe, prefix: str, count: int, offset: int = 0) -> dict[str, int]:
+    """``count`` JSON digit messages with ids ``prefix-N``; returns id -> sample index."""
+    sent = {}
+    for n in range(count):
+        i = (offset + n) % 200
+        message_id = f"{prefix}-{n}"
+        probe.publish(TOPIC, digit_json(i, message_id))
+        sent[message_id] = i
+    return sent
+
+
+def check_once(
+    probe: Probe, sent: dict[str, int], reference: Callable[[int], list[dict[str, object]]]
+) -> None:
+    """Every id answered, each by the right result, nothing answered that was not asked."""
+    answered = probe.answered()
+    assert set(answered) == set(sent)
+    for message_id, docs in answered.items():
+        for doc in docs:  # redelivered copies, if any, must agree
+            assert doc["top_k"] == reference(sent[message_id]), message_id
+            assert doc["topic"] == TOPIC
+
+
+def png(i: int, size: tuple[int, int] = (32, 32), mode: str = "L") -> bytes:
+    pixels = (models.digits_sample().x_float[i, :, :, 0] * 255).round().astype(np.uint8)
+    image = Image.fromarray(pixels, mode="L").resize(size).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_every_format_gets_one_result_through_a_failover_server(
+    broker: Broker,
+    edge_server: ServerProcess,
+    probe: Probe,
+    daemon_factory: Callable[..., DaemonProcess],
+    reference: Callable[[int], list[dict[str, object]]],
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens here: the daemon must fail over to the live server
+    daemon = daemon_factory([dead, edge_server.address])
+    daemon.start()
+    sample = models.digits_sample()
+    sent = publish_digits(probe, "json", 10)
+    probe.publish(TOPIC, json.dumps({"id": "json-float", "data": sample.x_float[3].reshape(-1).tolist()}))
+    probe.publish("sensors/s1/digits/raw", sample.x[4].tobytes(), properties={"id": "raw-int8"})
+    probe.publish(
+        "sensors/s1/digits/raw",
+        sample.x_float[5].astype("<f4").tobytes(),
+        properties={"id": "raw-float32", "dtype": "float32", "shape": "32,32,1"},
+    )
+    probe.publish("sensors/s1/digits/image", png(6), properties={"id": "png"})
+    probe.publish("sensors/s1/digits/image", png(7, (64, 64), "RGB"), properties={"id": "png-rgb-64"})
+    probe.publish("sensors/s1/digits", json.dumps({"data": sample.x[8].tolist()}))  # no id: topic#mid
+    ids = set(sent) | {"json-float", "raw-int8", "raw-float32", "png", "png-rgb-64"}
+    answered = probe.wait_answered(ids)
+    wait_until(lambda: len(probe.results) >= len(ids) + 1, 10, "the result of the message without an id")
+
+    assert not probe.errors
+    for message_id, i in sent.items():
+        (doc,) = answered[message_id]
+        assert doc["top_k"] == reference(i)
+        assert doc["cut"] == 8 and doc["fallback"] is False and doc["bytes_sent"] == 2048
+        assert set(doc["timings"]) == {"head_ms", "transfer_ms", "queue_ms", "tail_ms", "e2e_ms"}
+    # The same digit sent as reals, as raw int8 and as raw float32 gives the same answer.
+    assert answered["json-float"][0]["top_k"] == reference(3)
+    assert answered["raw-int8"][0]["top_k"] == reference(4)
+    assert answered["raw-float32"][0]["top_k"] == reference(5)
+    assert answered["png"][0]["top_k"][0]["label"] == str(sample.y[6])
+    assert answered["png-rgb-64"][0]["top_k"][0]["label"] == str(sample.y[7])
+    (anonymous,) = [d for d in probe.results if d["id"].startswith(f"{TOPIC}#")]
+    assert anonymous["top_k"] == reference(8)
+    assert probe.retained["edge/generic-x86/availability"] == b"online"
+
+
+def test_malformed_payloads_get_error_results_and_do_not_block(
+    broker: Broker,
+    edge_server: ServerProcess,
+    probe: Probe,
+    daemon_factory: Callable[..., DaemonProcess],
+    reference: Callable[[int], list[dict[str, object]]],
+) -> None:
+    daemon = daemon_factory([edge_server.address])
+    daemon.start()
+    sample = models.digits_sample()
+    corrupt_png = bytearray(png(1))
+    corrupt_png[40:80] = b"\x00" * 40
+    bad = [
+        ("bad-json", "sensors/s1/digits", b'{"id": "bad-json", "data": [1, 2', {}),
+        ("short-raw", "sensors/s1/digits/raw", sample.x[0].tobytes()[:-3], {"id": "short-raw"}),
+        (
+            "odd-dtype",
+            "sensors/s1/digits/raw",
+            sample.x[0].tobytes(),
+            {"id": "odd-dtype", "dtype": "complex-ish"},
+        ),
+        ("corrupt-png", "sensors/s1/digits/image", bytes(corrupt_png), {"id": "corrupt-png"}),
+        ("wrong-shape", "sensors/s1/digits", json.dumps({"id": "wrong-shape", "data": [[1, 2], [3, 4]]}), {}),
+        ("not-numbers", "sensors/s1/digits", json.dumps({"id": "not-numbers", "data": ["a", "b"]}), {}),
+        ("gif", "sensors/s1/digits/image", _gif(), {"id": "gif"}),
+    ]
+    good: dict[str, int] = {}
+    for n, (_name, topic, payload, props) in enumerate(bad):
+        probe.publish(topic, payload, properties=props)
+        good[f"good-{n}"] = n
+        probe.publish(TOPIC, digit_json(n, f"good-{n}"))
+    wait_until(lambda: len(probe.errors) >= len(bad), 30, "an error for each malformed message")
+    probe.wait_answered(set(good))
+
+    errors = {e["id"]: e for e in probe.errors}
+    assert None in errors  # bad JSON: no id could be read
+    assert set(errors) - {None} == {name for name, *_ in bad} - {"bad-json"}
+    assert "not valid JSON" in errors[None]["error"]
+    assert "needs 1024" in errors["short-raw"]["error"]
+    assert "unknown dtype 'complex-ish'" in errors["odd-dtype"]["error"]
+    assert "not a readable PNG or JPEG" in errors["corrupt-png"]["error"]
+    assert "shape" in errors["wrong-shape"]["error"]
+    assert "numbers" in errors["not-numbers"]["error"]
+    assert "GIF" in errors["gif"]["error"]
+    for name, i in good.items():
+        (doc,) = probe.answered()[name]
+        assert doc["top_k"] == reference(i)
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    # Errors are acknowledged too: after a clean stop, the broker holds nothing for the daemon.
+    assert daemon.terminate() == 0
+    assert session_backlog(broker, DEVICE_CLIENT_ID) == []
+
+
+def test_edge_server_killed_and_restarted(
+    broker: Broker,
+    edge_server: ServerProcess,
+    probe: Probe,
+    daemon_factory: Callable[..., DaemonProcess],
+    reference: Callable[[int], list[dict[str, object]]],
+) -> None:
+    daemon = daemon_factory([edge_server.address])
+    daemon.start()
+    sent = publish_digits(probe, "before", 15)
+    probe.wait_answered(set(sent))
+
+    edge_server.kill()
+    during = publish_digits(probe, "during", 15, offset=15)
+    sent.update(during)
+    probe.wait_answered(set(sent))
+    assert all(probe.answered()[i][0]["fallback"] for i in during)
+
+    edge_server.start()
+    after: dict[str, int] = {}
+
+    def offloaded_again() -> bool:
+        message_id = f"after-{len(after)}"
+        after[message_id] = len(after) % 200
+        probe.publish(TOPIC, digit_json(after[message_id], message_id))
+        wait_until(lambda: message_id in probe.answered(), 10, message_id)
+        return probe.answered()[message_id][0]["fallback"] is False
+
+    wait_until(offloaded_again, 30, "the daemon to use the restarted edge server", interval=0.2)
+    sent.update(after)
+    check_once(probe, sent, reference)  # bit-identical answers, offloaded or not
+    assert any(doc["fallback"] for docs in probe.answered().values() for doc in docs)
+
+
+def test_broker_restart_loses_nothing(
+    broker: Broker,
+    edge_server: ServerProcess,
+    probe: Probe,
+    daemon_factory: Callable[..., DaemonProcess],
+    reference: Callable[[int], list[dict[str, object]]],
+) -> None:
+    daemon = daemon_factory([edge_server.address])
+    daemon.start()
+    sent = {f"first-{n}": n for n in range(100)}
+    probe.publish_many([(TOPIC, digit_json(i, message_id)) for message_id, i in sent.items()])
+    wait_until(lambda: len(probe.results) >= 1, 30, "the first result")
+    broker.restart()  # mid-run: messages, results and acks in flight are cut off
+    wait_until(lambda: daemon.text().count("connected to") >= 2, 60, "the daemon to reconnect")
+    wait_until(lambda: probe.client.is_connected(), 30, "the probe to reconnect")
+    sent.update(publish_digits(probe, "second", 20, offset=60))
+    probe.wait_answered(set(sent), timeout=60)
+    check_once(probe, sent, reference)
+    assert "session resumed" in daemon.text()
+    assert daemon.terminate() == 0
+    assert session_backlog(broker, DEVICE_CLIENT_ID) == []
+
+
+def test_daemon_killed_mid_run_loses_nothing(
+    broker: Broker,
+    edge_server: ServerProcess,
+    probe: Probe,
+    daemon_factory: Callable[..., DaemonProcess],
+    reference: Callable[[int], list[dict[str, object]]],
+) -> None:
+    daemon = daemon_factory([edge_server.address])
+    daemon.start()
+    sent = publish_digits(probe, "a", 30)
+    wait_until(lambda: len(probe.results) >= 1, 30, "the first result")
+    daemon.signal(signal.SIGSTOP)  # frozen mid-run: what it holds now is received but unacknowledged
+    answered_before = set(probe.answered())
+    sent.update(publish_digits(probe, "b", 30, offset=30))
+    daemon.kill()
+    assert answered_before < set(sent)
+
+    daemon.start()  # same client id, persistent session: the broker delivers what was not acknowledged
+    probe.wait_answered(set(sent), timeout=60)
+    check_once(probe, sent, reference)
+    assert daemon.terminate() == 0
+    assert session_backlog(broker, DEVICE_CLIENT_ID) == []
+
+
+def test_sigterm_drains_and_exits_zero(
+    broker: Broker,
+    edge_server: ServerProcess,
+    probe: Probe,
+    daemon_factory: Callable[..., DaemonProcess],
+    reference: Callable[[int], list[dict[str, object]]],
+) -> None:
+    daemon = daemon_factory([edge_server.address])
+    daemon.start()
+    daemon.signal(signal.SIGSTOP)
+    sent = publish_digits(probe, "queued", 40)  # piles up in the broker, the socket and the queue
+    daemon.signal(signal.SIGCONT)
+    time.sleep(0.3)  # let the network thread fill the queue before the stop request
+    assert daemon.terminate() == 0
+
+    wait_until(lambda: probe.retained.get("edge/generic-x86/availability") == b"offline", 10, "offline")
+    answered = set(probe.answered())
+    backlog = session_backlog(broker, DEVICE_CLIENT_ID)
+    # Each message was either answered and acknowledged, or left for the next run; none both, none lost.
+    assert answered | set(backlog) == set(sent)
+    assert not answered & set(backlog)
+    assert answered, "the drain answered nothing"
+    assert "drained at shutdown" in daemon.text()
+    for message_id in answered:
+        assert probe.answered()[message_id][0]["top_k"] == reference(sent[message_id])
+
+
+def test_stats_and_home_assistant_discovery(
+    tmp_path: Path, broker: Broker, probe: Probe, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    profile = tmp_path / "stats.toml"
+    text = GENERIC.read_text()
+    text = text.replace("[stats]\ninterval_s = 30.0", "[stats]\ninterval_s = 0.5")
+    text = text.replace(
+        "[home_assistant]\nenabled = false", '[home_assistant]\nenabled = true\nname = "Test box"'
+    )
+    text = text.replace('[[edge.servers]]\naddress = "localhost:8001"\n', "")  # no edge server: all local
+    profile.write_text(text)
+    daemon = daemon_factory([], profile=profile)
+    daemon.start()
+    sent = publish_digits(probe, "s", 5)
+    probe.wait_answered(set(sent))
+    wait_until(lambda: any(s["processed"] >= 5 for s in probe.stats), 10, "stats counting 5 results")
+
+    stats = next(s for s in probe.stats if s["processed"] >= 5)
+    assert stats["errors"] == 0 and stats["fallbacks"] == 0 and stats["p50_ms"] > 0
+    assert {"queue_depth", "uptime_s", "duplicates"} <= set(stats)
+    assert all(probe.answered()[i][0]["cut"] == 17 for i in sent)  # local: the whole model is the head
+    label = json.loads(probe.retained["homeassistant/sensor/generic-x86/label/config"])
+    assert label["state_topic"] == "edge/generic-x86/results"
+    assert label["availability_topic"] == "edge/generic-x86/availability"
+    assert label["device"]["name"] == "Test box"
+    latency = json.loads(probe.retained["homeassistant/sensor/generic-x86/latency/config"])
+    assert latency["state_topic"] == "edge/generic-x86/stats" and latency["unit_of_measurement"] == "ms"
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (32, 32)).save(buf, "GIF")
+    data = buf.getvalue()
+    assert struct.unpack("<3s", data[:3])[0] == b"GIF"
+    return data
