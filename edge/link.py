@@ -124,6 +124,11 @@ class LinkEstimator:
         self._rtts.append((now, float(rtt_ms)))
         self.last_sample_at = now
 
+    @property
+    def probe_rtts(self) -> list[float]:
+        """The recent rtt probes, ms."""
+        return [ms for _, ms in self._rtts]
+
     def estimate(self) -> LinkEstimate:
         now = self._clock()
         fresh = [(b, ms) for t, b, ms in self._transfers if now - t <= self.max_age_s]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from contextlib import ExitStack
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from ..graph import ModelGraph
 from ..stats import summary
+from . import sweep
 from .common import add_device_args, add_server_args, load_graph, open_runner
 
 __all__ = ["measure", "random_inputs", "register"]
@@ -27,13 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Measure cooperative inference at one cut: head on this device, tail on the server, after a "
         "warm-up. Without --server an edge server is started in-process on loopback.",
     )
-    add_device_args(p)
+    add_device_args(p, model_required=False)  # `edge bench sweep` has no --model of ours: checked in _run_one_cut
     add_server_args(p)
     p.add_argument("-n", type=int, default=200, help="measured requests (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=20, help="unmeasured requests first (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=functools.partial(_run_one_cut, p))
+    sweep.register(p.add_subparsers(dest="bench_mode", metavar="{sweep}", title="other modes"))
+
+
+def _run_one_cut(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if not args.model:
+        parser.error("the following arguments are required: --model")
+    return run(args)
 
 
 def random_inputs(graph: ModelGraph, seed: int = 0) -> dict[str, np.ndarray]:

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from helpers import digit_inputs, free_port
 
 from edge import models
 from edge.cli import main
@@ -17,6 +16,7 @@ from edge.planner import AutoSplit
 from edge.policy import make_policy
 from edge.runner import ModelRunner
 from edge.transport import TailClient
+from helpers import digit_inputs, free_port
 
 MODEL = "digits_resnet"
 

@@ -13,7 +13,7 @@ from edge.planner import CutCost, Hysteresis, Plan, choose, cut_costs, plan, pre
 
 
 def make_costs(head: list[float], tail: list[float], nbytes: list[int]) -> list[CutCost]:
-    return [CutCost(k, h, t, b) for k, (h, t, b) in enumerate(zip(head, tail, nbytes))]
+    return [CutCost(k, h, t, b) for k, (h, t, b) in enumerate(zip(head, tail, nbytes, strict=True))]
 
 
 def link(mbit: float, rtt_ms: float) -> LinkEstimate:
@@ -173,7 +173,7 @@ def plan_of(latencies: list[float], *, feasible: list[bool] | None = None) -> Pl
     predictions = predict(costs, LinkEstimate(0.0, float("inf"), 1, "fit"))
     result = choose(predictions)
     if feasible is not None:
-        marked = tuple(replace(p, feasible=f) for p, f in zip(result.predictions, feasible))
+        marked = tuple(replace(p, feasible=f) for p, f in zip(result.predictions, feasible, strict=True))
         best = min((p for p in marked if p.feasible), key=lambda p: p.predicted_ms)
         result = Plan(best.index, "latency", marked, True)
     return result
@@ -202,7 +202,7 @@ def test_hysteresis_prevents_flapping(sequence, expected):
     h.update(plan_of([1.0, 2.0]))  # start at cut 0
     choices = [h.update(plan_of(latencies)) for latencies in sequence]
     assert choices[-1] == expected
-    switches = sum(1 for a, b in zip([0] + choices, choices) if a != b)
+    switches = sum(1 for a, b in zip([0, *choices[:-1]], choices, strict=True) if a != b)
     assert switches <= 1
 
 
