@@ -53,9 +53,9 @@ def _check_address(value: str) -> str:
 
 class RuntimeConfig(_Strict):
     backend: Literal["litert", "tflite-runtime"] = Field(
-        "litert", description="Interpreter that runs the model on the device."
+        default="litert", description="Interpreter that runs the model on the device."
     )
-    threads: int = Field(1, ge=1, le=64, description="Interpreter threads on the device.")
+    threads: int = Field(default=1, ge=1, le=64, description="Interpreter threads on the device.")
 
 
 class ModelConfig(_Strict):
@@ -64,10 +64,11 @@ class ModelConfig(_Strict):
         "a model shipped with the package, such as 'digits_resnet'."
     )
     name: str | None = Field(
-        None, description="The name the edge servers serve the model under; default: the file's stem."
+        default=None, description="The name the edge servers serve the model under; default: the file's stem."
     )
     labels: list[str] | None = Field(
-        None, description="Class labels, one per element of the output; default: the class index as text."
+        default=None,
+        description="Class labels, one per element of the output; default: the class index as text.",
     )
 
 
@@ -91,23 +92,27 @@ class FixedSplitConfig(_Strict):
 class AutoSplitConfig(_Strict):
     type: Literal["auto"] = Field(description="Let the planner choose the cut from measurements.")
     objective: Literal["latency", "energy", "bytes"] = Field(
-        "latency", description="What the planner minimises: end-to-end latency, device energy, or bytes sent."
+        default="latency",
+        description="What the planner minimises: end-to-end latency, device energy, or bytes sent.",
     )
     deadline_ms: float | None = Field(
-        None, gt=0, description="Optional latency bound the chosen cut must meet."
+        default=None, gt=0, description="Optional latency bound the chosen cut must meet."
     )
-    max_bytes: int | None = Field(None, gt=0, description="Optional bound on bytes sent per request.")
+    max_bytes: int | None = Field(default=None, gt=0, description="Optional bound on bytes sent per request.")
 
 
 SplitConfig = Annotated[FixedSplitConfig | AutoSplitConfig, Field(discriminator="type")]
 
 
 class TLSConfig(_Strict):
-    ca_file: Path | None = Field(None, description="PEM file of the CA that signed the server's certificate.")
-    cert_file: Path | None = Field(None, description="PEM client certificate, for mutual TLS.")
-    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
+    ca_file: Path | None = Field(
+        default=None, description="PEM file of the CA that signed the server's certificate."
+    )
+    cert_file: Path | None = Field(default=None, description="PEM client certificate, for mutual TLS.")
+    key_file: Path | None = Field(default=None, description="PEM private key of cert_file.")
     server_name: str | None = Field(
-        None, description="Name to check the server's certificate against, when it differs from the host."
+        default=None,
+        description="Name to check the server's certificate against, when it differs from the host.",
     )
 
     @model_validator(mode="after")
@@ -127,7 +132,7 @@ class TLSConfig(_Strict):
 
 class EdgeServerConfig(_Strict):
     address: str = Field(description="HOST:PORT of an edge server's gRPC endpoint.")
-    tls: TLSConfig | None = Field(None, description="TLS for this server; plaintext when absent.")
+    tls: TLSConfig | None = Field(default=None, description="TLS for this server; plaintext when absent.")
 
     @field_validator("address")
     @classmethod
@@ -141,19 +146,26 @@ class EdgeConfig(_Strict):
         description="Edge servers in order of preference; the device fails over to the next one, and runs the "
         "whole model itself when none answers. Empty: always local.",
     )
-    timeout_s: float = Field(2.0, gt=0, le=600, description="Deadline of each request to an edge server.")
+    timeout_s: float = Field(
+        default=2.0, gt=0, le=600, description="Deadline of each request to an edge server."
+    )
     retry_after_s: float = Field(
-        5.0, ge=0, le=3600, description="How long a server that failed is tried only after the others."
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="How long a server that failed is tried only after the others.",
     )
 
 
 class MqttTLSConfig(_Strict):
     ca_file: Path | None = Field(
-        None, description="PEM CA bundle to verify the broker; default: the system's."
+        default=None, description="PEM CA bundle to verify the broker; default: the system's."
     )
-    cert_file: Path | None = Field(None, description="PEM client certificate, for mutual TLS.")
-    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
-    verify_hostname: bool = Field(True, description="Check that the broker's certificate names its host.")
+    cert_file: Path | None = Field(default=None, description="PEM client certificate, for mutual TLS.")
+    key_file: Path | None = Field(default=None, description="PEM private key of cert_file.")
+    verify_hostname: bool = Field(
+        default=True, description="Check that the broker's certificate names its host."
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> MqttTLSConfig:
@@ -165,34 +177,34 @@ class MqttTLSConfig(_Strict):
 class MqttConfig(_Strict):
     host: str = Field(description="The broker's host name or address.")
     port: int = Field(
-        1883, ge=1, le=65535, description="The broker's port (1883 plain, 8883 TLS by convention)."
+        default=1883, ge=1, le=65535, description="The broker's port (1883 plain, 8883 TLS by convention)."
     )
     client_id: str | None = Field(
-        None,
+        default=None,
         min_length=1,
         max_length=128,
         description="MQTT client id; default 'edge-<device_id>'. Must be stable across restarts: the persistent "
         "session, and the messages it holds, belong to it.",
     )
-    username: str | None = Field(None, description="User name to authenticate with.")
+    username: str | None = Field(default=None, description="User name to authenticate with.")
     password: SecretStr | None = Field(
-        None, description="Password to authenticate with (or use password_file)."
+        default=None, description="Password to authenticate with (or use password_file)."
     )
     password_file: Path | None = Field(
-        None, description="File whose first line is the password; read when connecting."
+        default=None, description="File whose first line is the password; read when connecting."
     )
-    tls: MqttTLSConfig | None = Field(None, description="TLS to the broker; plaintext when absent.")
-    keepalive_s: int = Field(30, ge=5, le=65535, description="MQTT keepalive interval.")
+    tls: MqttTLSConfig | None = Field(default=None, description="TLS to the broker; plaintext when absent.")
+    keepalive_s: int = Field(default=30, ge=5, le=65535, description="MQTT keepalive interval.")
     session_expiry_s: int = Field(
-        86400,
+        default=86400,
         ge=60,
         le=4294967295,
         description="How long the broker keeps this device's session (subscriptions and unacknowledged "
         "messages) while the daemon is away.",
     )
-    reconnect_min_s: float = Field(1.0, gt=0, le=3600, description="First delay before reconnecting.")
+    reconnect_min_s: float = Field(default=1.0, gt=0, le=3600, description="First delay before reconnecting.")
     reconnect_max_s: float = Field(
-        30.0, gt=0, le=3600, description="Longest delay between reconnect attempts."
+        default=30.0, gt=0, le=3600, description="Longest delay between reconnect attempts."
     )
 
     @model_validator(mode="after")
@@ -218,23 +230,25 @@ class SensorConfig(_Strict):
         description="Payload format: 'json' ({\"id\": ..., \"data\": [...]}), 'raw' tensor bytes, or 'image' "
         "(PNG or JPEG)."
     )
-    input: str | None = Field(None, description="The model input this sensor feeds; default: the only input.")
+    input: str | None = Field(
+        default=None, description="The model input this sensor feeds; default: the only input."
+    )
     dtype: str | None = Field(
-        None,
+        default=None,
         description="raw: element type of the payload (such as 'int8' or 'float32'), unless the message has a "
         "'dtype' user property; default: the input's type. Real values are quantized.",
     )
     shape: list[int] | None = Field(
-        None,
+        default=None,
         description="raw: shape of the payload, unless the message has a 'shape' user property; "
-        "default: the input's shape.",
+        "default: the input's shape. Bytes are row-major, so any shape with the input's element count fits.",
     )
     image_scale: float = Field(
-        1.0 / 255.0,
+        default=1.0 / 255.0,
         gt=0,
         description="image: real value = pixel * image_scale + image_offset, then quantized.",
     )
-    image_offset: float = Field(0.0, description="image: see image_scale.")
+    image_offset: float = Field(default=0.0, description="image: see image_scale.")
 
     @field_validator("topic")
     @classmethod
@@ -271,15 +285,17 @@ class SensorConfig(_Strict):
 
 
 class TopicsConfig(_Strict):
-    results: str = Field("edge/{device_id}/results", description="Where each message's result is published.")
+    results: str = Field(
+        default="edge/{device_id}/results", description="Where each message's result is published."
+    )
     errors: str = Field(
-        "edge/{device_id}/errors", description="Where a message that cannot be processed is reported."
+        default="edge/{device_id}/errors", description="Where a message that cannot be processed is reported."
     )
     availability: str = Field(
-        "edge/{device_id}/availability",
+        default="edge/{device_id}/availability",
         description="Retained 'online' while connected, 'offline' (last will) after.",
     )
-    stats: str = Field("edge/{device_id}/stats", description="Periodic counters and latency.")
+    stats: str = Field(default="edge/{device_id}/stats", description="Periodic counters and latency.")
 
     @field_validator("results", "errors", "availability", "stats")
     @classmethod
@@ -295,49 +311,59 @@ class TopicsConfig(_Strict):
 
 class ResultsConfig(_Strict):
     top_k: int = Field(
-        3, ge=0, le=1000, description="Labels and scores per result; 0 publishes the raw outputs instead."
+        default=3,
+        ge=0,
+        le=1000,
+        description="Labels and scores per result; 0 publishes the raw outputs instead.",
     )
-    include_raw: bool = Field(False, description="Also publish every output tensor, dequantized.")
+    include_raw: bool = Field(default=False, description="Also publish every output tensor, dequantized.")
 
 
 class QueueConfig(_Strict):
     max_messages: int = Field(
-        16,
+        default=16,
         ge=1,
         le=65535,
         description="Messages held in memory at once; also the MQTT Receive Maximum asked of the broker. When "
         "full, the daemon stops reading from the broker until one is done; nothing is dropped.",
     )
     answered_ids: int = Field(
-        4096,
+        default=4096,
         ge=16,
         le=1_000_000,
         description="Recently answered message ids remembered to avoid answering twice.",
     )
     drain_timeout_s: float = Field(
-        30.0, ge=0, le=3600, description="At shutdown, how long to wait for queued results to be confirmed."
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="At shutdown, how long to wait for queued results to be confirmed.",
     )
 
 
 class StatsConfig(_Strict):
     interval_s: float = Field(
-        30.0, ge=0, le=86400, description="Seconds between stats messages; 0 turns them off."
+        default=30.0, ge=0, le=86400, description="Seconds between stats messages; 0 turns them off."
     )
 
 
 class HomeAssistantConfig(_Strict):
-    enabled: bool = Field(False, description="Publish Home Assistant MQTT discovery configs (retained).")
-    discovery_prefix: str = Field(
-        "homeassistant", min_length=1, description="Home Assistant's discovery prefix."
+    enabled: bool = Field(
+        default=False, description="Publish Home Assistant MQTT discovery configs (retained)."
     )
-    name: str | None = Field(None, description="Device name shown in Home Assistant; default: the device id.")
+    discovery_prefix: str = Field(
+        default="homeassistant", min_length=1, description="Home Assistant's discovery prefix."
+    )
+    name: str | None = Field(
+        default=None, description="Device name shown in Home Assistant; default: the device id."
+    )
 
 
 class DeviceProfile(_Strict):
     device_id: str = Field(
         description="This device's id: names its topics and its MQTT client id. Letters, digits, '_' and '-'."
     )
-    description: str | None = Field(None, description="Free text about the profile.")
+    description: str | None = Field(default=None, description="Free text about the profile.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="The device's interpreter.")
     model: ModelConfig = Field(description="The model to run.")
     split: SplitConfig = Field(description="Where to cut the model: type = 'fixed' (with k) or 'auto'.")

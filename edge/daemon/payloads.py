@@ -166,6 +166,8 @@ def _decode_raw(
         )
     # Multi-byte elements travel little-endian, whatever the device's own byte order.
     array = np.frombuffer(payload, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+    if array.size == math.prod(tensor.shape):
+        array = array.reshape(tensor.shape)  # bytes are row-major: [32, 32] and [1, 32, 32, 1] are the same
     return _checked(array, tensor)
 
 

@@ -63,7 +63,7 @@ class FailoverClient:
         """The first server's answer; RemoteError (the last server's status) when none answered."""
         errors: list[str] = []
         last: RemoteError | None = None
-        for index in self._order():
+        for index in self.order():
             client = self.clients[index]
             try:
                 result = client.infer(
@@ -96,7 +96,7 @@ class FailoverClient:
 
     def model_metadata(self, model: str, timeout_s: float | None = None) -> ModelMetadata:
         last: RemoteError | None = None
-        for index in self._order():
+        for index in self.order():
             try:
                 return self.clients[index].model_metadata(model, timeout_s)
             except RemoteError as err:
@@ -116,8 +116,9 @@ class FailoverClient:
     ) -> None:
         self.close()
 
-    def _order(self) -> list[int]:
-        """Healthy servers in preference order, then the recently failed ones, oldest failure first."""
+    def order(self) -> list[int]:
+        """Indices of the servers in the order the next request tries them: healthy ones in preference
+        order, then the recently failed ones, oldest failure first."""
         now = self._clock()
         with self._lock:
             failed = {i: t for i, t in self._failed_at.items() if now - t < self.retry_after_s}

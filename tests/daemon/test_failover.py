@@ -1,0 +1,109 @@
+"""The failover client against real edge servers: in order, skipping the ones that just failed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from edge import models
+from edge.errors import ConfigError, RemoteError
+from edge.graph import ModelGraph
+from edge.runner import ModelRunner
+from edge.transport import TailClient
+from edge.transport.failover import FailoverClient
+from helpers import free_port
+from server.embedded import BackgroundServer
+
+GRAPH = ModelGraph.from_file(models.model_path("digits_resnet"))
+CUT = 8
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[list[BackgroundServer]]:
+    started = [BackgroundServer.from_files([models.model_path("digits_resnet")]) for _ in range(2)]
+    for s in started:
+        s.start()
+    try:
+        yield started
+    finally:
+        for s in started:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def cut_tensors() -> dict[str, np.ndarray]:
+    with ModelRunner(GRAPH) as runner:
+        return runner.run_head(CUT, {GRAPH.inputs[0].name: models.digits_sample().x[:1]}).cut
+
+
+def infer(client: FailoverClient, cut: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    params = {"model_sha256": GRAPH.sha256, "split_point": CUT}
+    return client.infer("digits_resnet", cut, parameters=params).outputs
+
+
+def test_a_dead_first_server_fails_over_to_the_next_and_is_then_tried_last(
+    servers: list[BackgroundServer], cut_tensors: dict[str, np.ndarray]
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    clock = Clock()
+    clients = [TailClient(dead, timeout_s=1.0), TailClient(servers[0].address, timeout_s=1.0)]
+    with FailoverClient(clients, retry_after_s=5.0, clock=clock) as client:
+        with ModelRunner(GRAPH) as runner:
+            expected = runner.run({GRAPH.inputs[0].name: models.digits_sample().x[:1]})
+        got = infer(client, cut_tensors)
+        np.testing.assert_array_equal(got[GRAPH.outputs[0].name], expected[GRAPH.outputs[0].name])
+        assert client.order() == [1, 0]  # the dead one waits behind the live one
+        clock.now = 10.0
+        assert client.order() == [0, 1]  # and is tried first again once retry_after_s has passed
+        assert client.ready(1.0)
+
+
+def test_all_dead_raises_remote_error_naming_each(cut_tensors: dict[str, np.ndarray]) -> None:
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    with FailoverClient([TailClient(a, timeout_s=0.5) for a in dead]) as client:
+        with pytest.raises(RemoteError) as err:
+            infer(client, cut_tensors)
+        assert err.value.status == "UNAVAILABLE"
+        assert all(a in str(err.value) for a in dead)
+        assert not client.ready(0.2)
+        with pytest.raises(RemoteError):
+            client.wait_ready(0.5)
+
+
+def test_a_server_that_comes_back_is_preferred_again(cut_tensors: dict[str, np.ndarray]) -> None:
+    port = free_port()
+    backup = BackgroundServer.from_files([models.model_path("digits_resnet")])
+    backup.start()
+    try:
+        clock = Clock()
+        primary_address = f"127.0.0.1:{port}"
+        clients = [TailClient(primary_address, timeout_s=1.0), TailClient(backup.address, timeout_s=1.0)]
+        with FailoverClient(clients, retry_after_s=1.0, clock=clock) as client:
+            infer(client, cut_tensors)
+            assert client.order() == [1, 0]
+            primary = BackgroundServer.from_files([models.model_path("digits_resnet")], port=port)
+            primary.start()
+            try:
+                clock.now = 5.0
+                clients[0].wait_ready(10)
+                infer(client, cut_tensors)
+                assert client.order() == [0, 1]
+            finally:
+                primary.stop()
+    finally:
+        backup.stop()
+
+
+def test_no_servers_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        FailoverClient([])

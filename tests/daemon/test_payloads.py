@@ -1,0 +1,184 @@
+"""Payload decoding: JSON, raw bytes and images into the exact tensor the model takes; errors carry the id."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge import models
+from edge.daemon.config import SensorConfig
+from edge.daemon.payloads import PayloadError, decode, fallback_id
+from edge.graph import ModelGraph, TensorInfo
+from edge.preprocess import quantize
+
+GRAPH = ModelGraph.from_file(models.model_path("digits_resnet"))
+FLOAT_GRAPH = ModelGraph.from_file(models.model_path("digits_resnet_f32"))
+RGB_GRAPH = ModelGraph.from_file(models.model_path("mobilenetv2_035"))
+INPUT = GRAPH.inputs[0]
+SAMPLE = models.digits_sample()
+JSON = SensorConfig(topic="s/+", format="json")
+RAW = SensorConfig(topic="s/+", format="raw")
+IMAGE = SensorConfig(topic="s/+", format="image")
+
+
+def as_json(**doc: Any) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def digit_image(i: int, size: int = 32) -> Image.Image:
+    pixels = (SAMPLE.x_float[i, :, :, 0] * 255).round().astype(np.uint8)
+    return Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.NEAREST)
+
+
+@pytest.mark.parametrize("shape", ["nested", "unbatched", "flat"])
+def test_json_int8_in_any_layout(shape: str) -> None:
+    x = SAMPLE.x[0]  # [32, 32, 1]
+    data = {"nested": x[None], "unbatched": x, "flat": x.reshape(-1)}[shape].tolist()
+    decoded = decode(as_json(id="a1", data=data), JSON, GRAPH.inputs)
+    assert decoded.message_id == "a1"
+    (array,) = decoded.feeds.values()
+    assert array.dtype == np.int8 and array.shape == (1, 32, 32, 1)
+    np.testing.assert_array_equal(array, SAMPLE.x[:1])
+
+
+def test_json_reals_are_quantized_with_the_input_scale() -> None:
+    decoded = decode(as_json(id=7, data=SAMPLE.x_float[0].tolist()), JSON, GRAPH.inputs)
+    assert decoded.message_id == "7"
+    np.testing.assert_array_equal(decoded.feeds[INPUT.name], quantize(SAMPLE.x_float[:1], INPUT))
+    np.testing.assert_array_equal(decoded.feeds[INPUT.name], SAMPLE.x[:1])  # the shipped sample agrees
+
+
+def test_json_for_a_float_model_is_taken_as_is() -> None:
+    decoded = decode(as_json(data=SAMPLE.x_float[0].tolist()), JSON, FLOAT_GRAPH.inputs)
+    assert decoded.message_id is None
+    (array,) = decoded.feeds.values()
+    assert array.dtype == np.float32
+    np.testing.assert_array_equal(array, SAMPLE.x_float[:1].astype(np.float32))
+
+
+def test_json_data_keyed_by_input_name() -> None:
+    decoded = decode(as_json(data={INPUT.name: SAMPLE.x[1].tolist()}), JSON, GRAPH.inputs)
+    np.testing.assert_array_equal(decoded.feeds[INPUT.name], SAMPLE.x[1:2])
+
+
+def test_the_id_comes_from_json_then_from_the_user_property() -> None:
+    data = SAMPLE.x[0].tolist()
+    assert decode(as_json(id="j", data=data), JSON, GRAPH.inputs, {"id": "p"}).message_id == "j"
+    assert decode(as_json(data=data), JSON, GRAPH.inputs, {"id": "p"}).message_id == "p"
+    assert decode(SAMPLE.x[0].tobytes(), RAW, GRAPH.inputs, {"id": "r"}).message_id == "r"
+    assert decode(SAMPLE.x[0].tobytes(), RAW, GRAPH.inputs).message_id is None
+    assert fallback_id("sensors/a/digits", 17) == "sensors/a/digits#17"
+
+
+@pytest.mark.parametrize(
+    ("payload", "message_id", "problem"),
+    [
+        (b'{"id": "x", "data": [1, 2', None, "not valid JSON"),
+        (b"\xff\xfe", None, "not valid JSON"),
+        (b"[1, 2, 3]", None, "must be an object"),
+        (as_json(id="x"), "x", 'no "data"'),
+        (as_json(id=True, data=[1]), None, '"id" must be'),
+        (as_json(id={"a": 1}, data=[1]), None, '"id" must be'),
+        (as_json(id="x", data=[[1, 2], [3, 4]]), "x", "must have shape [1, 32, 32, 1], got [2, 2]"),
+        (as_json(id="x", data=[1] * 1023), "x", "must have shape"),
+        (as_json(id="x", data=[[1, 2], [3]]), "x", "regular array"),
+        (as_json(id="x", data=["a", "b"]), "x", "only numbers"),
+        (as_json(id="x", data=7), "x", "must be an array"),
+        (as_json(id="x", data=[500] * 1024), "x", "do not fit"),
+        (as_json(id="x", data={"nope": [1]}), "x", "unknown input(s) nope"),
+        (b'{"id": "x", "data": [NaN]}', "x", "finite"),
+    ],
+)
+def test_bad_json_is_named_and_keeps_the_id(payload: bytes, message_id: str | None, problem: str) -> None:
+    with pytest.raises(PayloadError) as err:
+        decode(payload, JSON, GRAPH.inputs)
+    assert problem in str(err.value)
+    assert err.value.message_id == message_id
+
+
+def test_raw_int8_with_the_inputs_own_type_and_shape() -> None:
+    decoded = decode(SAMPLE.x[2].tobytes(), RAW, GRAPH.inputs)
+    np.testing.assert_array_equal(decoded.feeds[INPUT.name], SAMPLE.x[2:3])
+
+
+@pytest.mark.parametrize("shape", ["1,32,32,1", "[32, 32, 1]", "32x32", "1024"])
+def test_raw_float32_from_user_properties_is_quantized(shape: str) -> None:
+    payload = SAMPLE.x_float[2].astype("<f4").tobytes()
+    decoded = decode(payload, RAW, GRAPH.inputs, {"dtype": "float32", "shape": shape})
+    np.testing.assert_array_equal(decoded.feeds[INPUT.name], SAMPLE.x[2:3])
+
+
+def test_raw_dtype_and_shape_from_the_sensor_config() -> None:
+    sensor = SensorConfig(topic="s", format="raw", dtype="float64", shape=[32, 32])
+    payload = SAMPLE.x_float[3].astype("<f8").tobytes()
+    np.testing.assert_array_equal(decode(payload, sensor, GRAPH.inputs).feeds[INPUT.name], SAMPLE.x[3:4])
+
+
+@pytest.mark.parametrize(
+    ("payload", "properties", "problem"),
+    [
+        (b"\x00" * 1021, {}, "raw payload is 1021 bytes; int8[1, 32, 32, 1] needs 1024"),
+        (b"\x00" * 1024, {"dtype": "float32"}, "needs 4096"),
+        (b"\x00" * 1024, {"dtype": "complex-ish"}, "unknown dtype 'complex-ish'"),
+        (b"\x00" * 1024, {"dtype": "bool"}, "not an integer or floating type"),
+        (b"\x00" * 1024, {"shape": "a,b"}, "not a list of sizes"),
+        (b"\x00" * 1024, {"shape": "0,1024"}, "positive sizes"),
+        (b"\x00" * 2048, {"shape": "2,32,32,1"}, "must have shape"),
+        (b"\x00" * 2048, {"shape": "2048"}, "must have shape"),
+        (np.full(1024, np.inf, "<f4").tobytes(), {"dtype": "float32"}, "finite"),
+    ],
+)
+def test_bad_raw_payloads(payload: bytes, properties: dict[str, str], problem: str) -> None:
+    with pytest.raises(PayloadError) as err:
+        decode(payload, RAW, GRAPH.inputs, {"id": "r1", **properties})
+    assert problem in str(err.value)
+    assert err.value.message_id == "r1"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_images_are_resized_converted_and_quantized(fmt: str) -> None:
+    exact = decode(encoded(digit_image(4), "PNG"), IMAGE, GRAPH.inputs).feeds[INPUT.name]
+    pixels = np.asarray(digit_image(4), dtype=np.float64).reshape(INPUT.shape)
+    np.testing.assert_array_equal(exact, quantize(pixels / 255, INPUT))  # lossless, already 32x32: exact
+    rgb_big = digit_image(4, 96).convert("RGB")
+    decoded = decode(encoded(rgb_big, fmt), IMAGE, GRAPH.inputs, {"id": "cam"})
+    assert decoded.message_id == "cam"
+    array = decoded.feeds[INPUT.name]
+    assert array.dtype == np.int8 and array.shape == (1, 32, 32, 1)
+    assert np.abs(array.astype(int) - SAMPLE.x[4:5].astype(int)).mean() < 20
+
+
+def test_grayscale_to_an_rgb_input_with_scale_and_offset() -> None:
+    sensor = SensorConfig(topic="c", format="image", image_scale=2 / 255, image_offset=-1.0)
+    tensor: TensorInfo = RGB_GRAPH.inputs[0]
+    array = decode(encoded(Image.new("L", (50, 40), 255), "PNG"), sensor, RGB_GRAPH.inputs).feeds[tensor.name]
+    assert array.shape == (1, 224, 224, 3)
+    np.testing.assert_array_equal(array, quantize(np.ones(tensor.shape), tensor))
+
+
+def test_bad_images() -> None:
+    good = bytearray(encoded(digit_image(1), "PNG"))
+    corrupt = bytes(good[:40]) + b"\x00" * 40 + bytes(good[80:])
+    truncated = bytes(good[: len(good) // 2])
+    for payload, problem in [
+        (corrupt, "not a readable PNG or JPEG"),
+        (truncated, "not a readable PNG or JPEG"),
+        (b"hello", "not a readable PNG or JPEG"),
+        (encoded(Image.new("L", (8, 8)), "GIF"), "image is GIF; send PNG or JPEG"),
+        (encoded(Image.new("L", (5000, 4000)), "PNG"), "at most"),
+    ]:
+        with pytest.raises(PayloadError) as err:
+            decode(payload, IMAGE, GRAPH.inputs, {"id": "i"})
+        assert problem in str(err.value)
+        assert err.value.message_id == "i"
