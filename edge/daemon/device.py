@@ -66,20 +66,23 @@ def open_device(resolved: Plan) -> CooperativeRunner:
     runner = ModelRunner(resolved.graph, backend=profile.runtime.backend, threads=profile.runtime.threads)
     client = _client(profile)
     split = profile.split
-    spec: int | str = resolved.cut if resolved.cut is not None else "auto"
-    objective = "latency" if isinstance(split, FixedSplitConfig) else split.objective
-    policy = make_policy(
-        resolved.graph,
-        spec,
-        runner=runner,
-        client=client,
-        model_name=resolved.model_name,
-        objective=objective,
-        deadline_ms=None if isinstance(split, FixedSplitConfig) else split.deadline_ms,
-        max_bytes=None if isinstance(split, FixedSplitConfig) else split.max_bytes,
-    )
-    if resolved.cut is not None:
+    if isinstance(split, FixedSplitConfig):
+        assert resolved.cut is not None
+        policy = make_policy(resolved.graph, resolved.cut)
         runner.warm(resolved.cut)
+    else:
+        # The planner measures the device once (cached under $EDGE_CACHE_DIR) and probes the servers.
+        policy = make_policy(
+            resolved.graph,
+            "auto",
+            runner=runner,
+            client=client,
+            model_name=resolved.model_name,
+            objective=split.objective,
+            deadline_ms=split.deadline_ms,
+            max_bytes=split.max_bytes,
+            progress=False,
+        )
     return CooperativeRunner(
         runner, client, model_name=resolved.model_name, policy=policy, timeout_s=profile.edge.timeout_s
     )

@@ -148,9 +148,10 @@ class Daemon:
                 self.ledger.pending(),
             )
         if self._connected.is_set():
-            info = self.client.publish(self.profile.topic("availability"), OFFLINE, qos=1, retain=True)
+            info = self._publish(self.profile.topic("availability"), OFFLINE, retain=True)
             try:
-                info.wait_for_publish(timeout=min(5.0, max(self.profile.queue.drain_timeout_s, 0.5)))
+                if info is not None:
+                    info.wait_for_publish(timeout=min(5.0, max(self.profile.queue.drain_timeout_s, 0.5)))
             except (RuntimeError, ValueError) as err:
                 logger.warning("could not publish offline: %s", err)
         self.client.disconnect()
@@ -164,10 +165,6 @@ class Daemon:
         """The network loop is alive; a stuck main loop stops pinging by itself."""
         thread = getattr(self.client, "_thread", None)  # paho exposes no public accessor
         return thread is not None and thread.is_alive()
-
-    def wait_ready(self, timeout: float) -> bool:
-        """Connected and subscribed (for embedding and tests)."""
-        return self._ready.wait(timeout)
 
     # -- the work ---------------------------------------------------------------------
 
@@ -251,8 +248,11 @@ class Daemon:
         sources: Iterable[Source] = (),
         message_id: str | None = None,
         retain: bool = False,
-    ) -> None:
-        """Every publish is QoS 1 and goes through here, so that every PUBACK is accounted for."""
+    ) -> paho.MQTTMessageInfo | None:
+        """Every publish is QoS 1 and goes through here, so that every PUBACK is accounted for.
+
+        None when paho refused the message outright (it will not be sent).
+        """
         payload = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
         sources = list(sources)
         info = self.client.publish(topic, payload, qos=1, retain=retain)
@@ -260,8 +260,9 @@ class Daemon:
             logger.error("cannot publish on %s: %s", topic, paho.error_string(info.rc))
             for source in sources:
                 self.ledger.release(source)
-            return
+            return None
         self._ack(self.ledger.published(info.mid, sources, message_id))
+        return info
 
     def _ack(self, sources: Iterable[Source]) -> None:
         for source in sources:

@@ -58,6 +58,7 @@ class Broker:
     def __init__(self, workdir: Path) -> None:
         if MOSQUITTO is None:
             pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
+        self.binary: str = MOSQUITTO
         self.workdir = workdir
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -79,7 +80,7 @@ class Broker:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_for_port(self.port, self.proc, timeout=10, log=self.log)
 

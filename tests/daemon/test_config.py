@@ -76,7 +76,9 @@ def _models(annotation: object) -> list[type[BaseModel]]:
 
 
 def test_every_field_is_documented() -> None:
-    undocumented, seen, todo = [], set(), [DeviceProfile]
+    undocumented: list[str] = []
+    seen: set[type[BaseModel]] = set()
+    todo: list[type[BaseModel]] = [DeviceProfile]
     while todo:
         model = todo.pop()
         seen.add(model)

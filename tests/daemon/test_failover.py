@@ -47,7 +47,7 @@ def cut_tensors() -> dict[str, np.ndarray]:
 
 
 def infer(client: FailoverClient, cut: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    params = {"model_sha256": GRAPH.sha256, "split_point": CUT}
+    params: dict[str, str | int] = {"model_sha256": GRAPH.sha256, "split_point": CUT}
     return client.infer("digits_resnet", cut, parameters=params).outputs
 
 
