@@ -162,9 +162,13 @@ class Daemon:
         )
 
     def _healthy(self) -> bool:
-        """The network loop is alive; a stuck main loop stops pinging by itself."""
+        """Started (READY sent) and the network loop alive; a stuck main loop stops pinging by itself.
+
+        A broker that is down after READY does not make the daemon unhealthy: it reconnects by
+        itself, and a restart would not help.
+        """
         thread = getattr(self.client, "_thread", None)  # paho exposes no public accessor
-        return thread is not None and thread.is_alive()
+        return self._ready.is_set() and thread is not None and thread.is_alive()
 
     # -- the work ---------------------------------------------------------------------
 

@@ -143,7 +143,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
         command = [
             sys.executable,
             "-m",
@@ -158,7 +158,9 @@ class DaemonProcess:
         for server in self.servers:
             command += ["--server", server]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            self.proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})}
+            )
         self.starts += 1
         proc = self.proc
         wait_until(

@@ -339,3 +339,30 @@ def _gif() -> bytes:
     data = buf.getvalue()
     assert struct.unpack("<3s", data[:3])[0] == b"GIF"
     return data
+
+
+def test_systemd_notify_ready_watchdog_stopping(
+    tmp_path: Path,
+    broker: Broker,
+    probe: Probe,
+    edge_server: ServerProcess,
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    """The daemon speaks sd_notify on $NOTIFY_SOCKET: READY once subscribed, WATCHDOG pings, STOPPING."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(10)
+        daemon = daemon_factory([edge_server.address])
+        daemon.start(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+        states = [sock.recv(256).decode()]
+        assert states == ["READY=1"]  # the first thing said, and only once subscribed
+        assert " ready: " in daemon.text()
+        states += [sock.recv(256).decode() for _ in range(3)]
+        assert states[1:] == ["WATCHDOG=1"] * 3
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        while (state := sock.recv(256).decode()) == "WATCHDOG=1":
+            pass
+        assert state == "STOPPING=1"
+        assert daemon.terminate() == 0
