@@ -64,7 +64,7 @@ def open_device(resolved: Plan) -> CooperativeRunner:
     """The cooperative runner the profile describes (no request is sent yet)."""
     profile = resolved.profile
     runner = ModelRunner(resolved.graph, backend=profile.runtime.backend, threads=profile.runtime.threads)
-    client = _client(profile)
+    client = _client(profile, resolved.source)
     split = profile.split
     if isinstance(split, FixedSplitConfig):
         assert resolved.cut is not None
@@ -88,12 +88,15 @@ def open_device(resolved: Plan) -> CooperativeRunner:
     )
 
 
-def _client(profile: DeviceProfile) -> TailClient | None:
+def _client(profile: DeviceProfile, source: Path) -> TailClient | None:
     edge = profile.edge
-    clients = [
-        TailClient(s.address, timeout_s=edge.timeout_s, tls=s.tls.options() if s.tls else None)
-        for s in edge.servers
-    ]
+    clients = []
+    for i, server in enumerate(edge.servers):
+        try:
+            tls = server.tls.options() if server.tls else None
+            clients.append(TailClient(server.address, timeout_s=edge.timeout_s, tls=tls))
+        except ConfigError as err:
+            raise ConfigError(f"{source}: edge.servers[{i}].tls: {err}") from err
     if not clients:
         return None
     if len(clients) == 1:
