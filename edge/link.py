@@ -161,9 +161,12 @@ class LinkEstimator:
 class LinkProber:
     """Sends probes to the server and feeds the answers to an estimator.
 
-    RTT probes are ServerReady calls. Payload probes are ordinary tail requests at two cuts
-    (the smallest one, and the one nearest ``payload_bytes``) with seeded random tensors: the
-    server reports its compute and queue time, so only the link's share is counted.
+    RTT probes are ServerReady calls. Payload probes are ordinary tail requests with seeded
+    random cut tensors (the server reports its compute and queue time, so only the link's
+    share is counted), at cuts of three sizes: the smallest, about a third of
+    ``payload_bytes`` and about ``payload_bytes``. If the largest still crossed the link
+    in under ``min_payload_ms`` (a fast link: fixed costs and the shaper's burst hide its
+    size) a cut big enough to take about twice that is probed too, up to ``max_bytes``.
     """
 
     def __init__(
@@ -173,6 +176,7 @@ class LinkProber:
         graph: ModelGraph,
         *,
         payload_bytes: int = 32 * 1024,
+        min_payload_ms: float = 10.0,
         max_bytes: int | None = None,
         timeout_s: float = 30.0,
         profile_timeout_s: float = 600.0,
@@ -182,7 +186,9 @@ class LinkProber:
         self.graph = graph
         self.timeout_s = timeout_s
         self.profile_timeout_s = profile_timeout_s
-        self.probe_cuts = _probe_cuts(graph, payload_bytes, max_bytes)
+        self.min_payload_ms = min_payload_ms
+        self._sizes = _probe_sizes(graph, max_bytes)
+        self.probe_cuts = _nearest(self._sizes, (0, payload_bytes // 3, payload_bytes))
         self._feeds: dict[int, dict[str, np.ndarray]] = {}
 
     def tail_profile(self) -> list[float]:
@@ -202,20 +208,17 @@ class LinkProber:
             estimator.observe_rtt(ms)
 
     def probe_bandwidth(self, estimator: LinkEstimator, count: int = 2) -> None:
-        from .profiler import random_tensors
-
         for k in self.probe_cuts:
-            cut = self.graph.cut(k)
-            feeds = self._feeds.setdefault(k, random_tensors(cut.tensors, seed=k))
-            for _ in range(count):
-                result = self.client.infer(
-                    self.model_name,
-                    feeds,
-                    parameters={"model_sha256": self.graph.sha256, "split_point": k},
-                    timeout_s=self.timeout_s,
-                )
-                received = sum(a.nbytes for a in result.outputs.values())
-                estimator.observe_transfer(result.bytes_sent + received, result.transfer_ms)
+            self._send(estimator, k, count)
+        if not self.probe_cuts:
+            return
+        largest = max(self.graph.cut(k).nbytes for k in self.probe_cuts)
+        estimate = estimator.estimate()
+        if estimate.usable and estimate.transfer_ms(largest) < self.min_payload_ms:
+            wanted = int(2.0 * self.min_payload_ms * (estimate.bytes_per_ms or 0.0))
+            (k,) = _nearest(self._sizes, (wanted,))
+            if self.graph.cut(k).nbytes > 1.5 * largest:
+                self._send(estimator, k, count)
 
     def probe(self, estimator: LinkEstimator, *, rtt_count: int = 3, payload_count: int = 2) -> LinkEstimate:
         """RTT probes, then payload probes; returns the resulting estimate."""
@@ -231,19 +234,39 @@ class LinkProber:
         )
         return estimate
 
+    def _send(self, estimator: LinkEstimator, k: int, count: int) -> None:
+        from .profiler import random_tensors
 
-def _probe_cuts(graph: ModelGraph, payload_bytes: int, max_bytes: int | None) -> tuple[int, ...]:
-    """The smallest non-empty cut that has a tail, and the one nearest ``payload_bytes`` (under ``max_bytes``)."""
-    n = graph.num_operators
-    candidates = [
+        feeds = self._feeds.setdefault(k, random_tensors(self.graph.cut(k).tensors, seed=k))
+        for _ in range(count):
+            result = self.client.infer(
+                self.model_name,
+                feeds,
+                parameters={"model_sha256": self.graph.sha256, "split_point": k},
+                timeout_s=self.timeout_s,
+            )
+            received = sum(a.nbytes for a in result.outputs.values())
+            estimator.observe_transfer(result.bytes_sent + received, result.transfer_ms)
+
+
+def _probe_sizes(graph: ModelGraph, max_bytes: int | None) -> list[tuple[int, int]]:
+    """(bytes, cut) of every cut that sends something to a tail, within ``max_bytes``."""
+    return sorted(
         (graph.cut(k).nbytes, k)
-        for k in range(n)
+        for k in range(graph.num_operators)
         if graph.cut(k).nbytes > 0
         and graph.cut(k).tail_outputs
         and (max_bytes is None or graph.cut(k).nbytes <= max_bytes)
-    ]
-    if not candidates:
-        return ()
-    small = min(candidates)
-    large = min(candidates, key=lambda c: (abs(c[0] - payload_bytes), -c[1]))
-    return (small[1],) if large == small else (small[1], large[1])
+    )
+
+
+def _nearest(sizes: list[tuple[int, int]], targets: tuple[int, ...]) -> tuple[int, ...]:
+    """The cut nearest each target size (the later cut on ties), without repeats."""
+    chosen: list[int] = []
+    for target in targets:
+        if not sizes:
+            break
+        _, k = min(sizes, key=lambda c: (abs(c[0] - target), -c[1]))
+        if k not in chosen:
+            chosen.append(k)
+    return tuple(chosen)

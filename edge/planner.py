@@ -7,7 +7,8 @@ no clocks, no network. For cut K of a model with N operators::
     T(N) = head(N)                                                    the device alone
 
 ``head`` comes from the device's own profile, ``tail`` from the server's, ``rtt`` (the fixed
-cost of one request) and ``bandwidth`` from :mod:`edge.link`. :class:`AutoSplit` is the
+cost of one request) and ``bandwidth`` from :mod:`edge.link`; ``bytes(K)`` counts the cut
+tensors sent and the outputs the tail sends back. :class:`AutoSplit` is the
 :class:`~edge.cooperative.SplitPolicy` that keeps these inputs fresh and re-plans as they move.
 """
 
@@ -310,11 +311,18 @@ class AutoSplit:
     """A :class:`~edge.cooperative.SplitPolicy` that plans the cut from profiles and live link estimates.
 
     Every result feeds the link estimator (bytes sent, transfer time), the queue estimate and
-    the observed/profiled ratios of head and tail time; then it re-plans, and :class:`Hysteresis`
-    decides whether to move. When the link has been idle for ``probe_interval_s`` a
-    ServerReady probe refreshes the RTT, and while the device runs alone a payload probe now and
-    then refreshes the bandwidth. When the server fails the policy goes local (K = N) and
-    re-probes every ``reprobe_s`` seconds. Probes run in the request that finds them due.
+    what the head and tail took at its cut; then it re-plans, and :class:`Hysteresis` decides
+    whether to move. A cut that has run at least ``min_live`` times lately is planned with its
+    own recent medians of head and tail time; other cuts with their profiles.
+
+    Profiles are never exact, so near-ties are settled by trying: every ``explore_every``
+    requests, the best other cut predicted within ``explore_margin`` of the current one, if it
+    has not run ``min_live`` times yet, gets one request.
+
+    When the link has been idle for ``probe_interval_s`` a ServerReady probe refreshes the
+    RTT, and while the device runs alone a payload probe now and then refreshes the bandwidth.
+    When the server fails the policy goes local (K = N) and re-probes every ``reprobe_s``
+    seconds. Probes run in the request that finds them due.
     """
 
     def __init__(
@@ -334,6 +342,10 @@ class AutoSplit:
         idle_watts: float = 0.0,
         margin: float = 0.10,
         patience: int = 3,
+        min_live: int = 3,
+        explore_every: int = 10,
+        explore_margin: float = 0.15,
+        live_max_age_s: float = 300.0,
         probe_interval_s: float = 10.0,
         bandwidth_probe_s: float = 60.0,
         reprobe_s: float = 5.0,
@@ -357,9 +369,16 @@ class AutoSplit:
         self.reprobe_s = reprobe_s
         self._clock = clock
         self.queue_ms = 0.0
-        # Observed / profiled time, per side: the profiles' shape, rescaled to how fast things run now.
-        self._head_ratio: deque[float] = deque(maxlen=16)
-        self._tail_ratio: deque[float] = deque(maxlen=16)
+        # Recent (time, ms) per cut, which replace the profile at cuts that have run enough lately.
+        self._live_head: dict[int, deque[tuple[float, float]]] = {}
+        self._live_tail: dict[int, deque[tuple[float, float]]] = {}
+        self._ran: dict[int, deque[tuple[float, float]]] = {}
+        self.live_max_age_s = live_max_age_s
+        self.min_live = min_live
+        self.explore_every = explore_every
+        self.explore_margin = explore_margin
+        self._since_explore = 0
+        self.explored: list[int] = []
         self.reachable = (tail_ms is not None) if reachable is None else (reachable and tail_ms is not None)
         self._next_reprobe = clock() + reprobe_s
         self._last_bandwidth_probe = clock()
@@ -427,43 +446,72 @@ class AutoSplit:
         elif self.prober is not None:
             self._probe_if_idle(now)
         current = self.hysteresis.current
-        return self.n if current is None else current
+        if current is None:
+            return self.n
+        if self.reachable and self.explore_every > 0 and self._since_explore >= self.explore_every:
+            self._since_explore = 0
+            contender = self._contender(current)
+            if contender is not None:
+                logger.debug("trying cut %d against cut %d", contender, current)
+                self.explored.append(contender)
+                return contender
+        return current
 
     def observe(self, result: InferenceResult) -> None:
         k = result.split_point
         if result.fallback:
             self._lost(result.fallback_reason or "fallback")
             return
+        self._since_explore += 1
         t = result.timings
-        profiled_head = self._head[k] if k < len(self._head) else 0.0
-        if profiled_head > 0.05 and t.head_ms > 0:
-            self._head_ratio.append(t.head_ms / profiled_head)
+        now = self._clock()
+        self._ran.setdefault(k, deque(maxlen=8)).append((now, t.e2e_ms))
+        if 0 < k <= self.n and t.head_ms > 0:
+            self._live_head.setdefault(k, deque(maxlen=8)).append((now, t.head_ms))
         remote = result.remote
-        if remote is not None:
+        if remote is not None and k < self.n:
             received = sum(a.nbytes for a in remote.outputs.values())
             self.estimator.observe_transfer(result.bytes_sent + received, t.transfer_ms)
             self.queue_ms = 0.8 * self.queue_ms + 0.2 * t.queue_ms
-            if self._tail is not None and self._tail[k] > 0.05 and t.tail_ms > 0:
-                self._tail_ratio.append(t.tail_ms / self._tail[k])
+            if t.tail_ms > 0:
+                self._live_tail.setdefault(k, deque(maxlen=8)).append((now, t.tail_ms))
         self.replan()
 
     # -- planning -------------------------------------------------------------------------
 
-    @property
-    def head_scale(self) -> float:
-        return _median(self._head_ratio, 1.0)
-
-    @property
-    def tail_scale(self) -> float:
-        return _median(self._tail_ratio, 1.0)
-
     def costs(self) -> list[CutCost]:
-        head = [h * self.head_scale for h in self._head]
-        if self._tail is None:
-            tail = [0.0] * (self.n + 1)
-        else:
-            tail = [x * self.tail_scale for x in self._tail]
+        """Each cut's head and tail: its own recent median where it has run enough, else the profile."""
+        profile_tail = self._tail if self._tail is not None else [0.0] * (self.n + 1)
+        head, tail = [], []
+        for k in range(self.n + 1):
+            live_head, live_tail = self._live(self._live_head, k), self._live(self._live_tail, k)
+            head.append(_median(live_head, 0.0) if len(live_head) >= self.min_live else self._head[k])
+            tail.append(_median(live_tail, 0.0) if len(live_tail) >= self.min_live else profile_tail[k])
         return cut_costs(self.graph, head, tail)
+
+    def _live(self, samples: dict[int, deque[tuple[float, float]]], k: int) -> list[float]:
+        oldest = self._clock() - self.live_max_age_s
+        return [ms for t, ms in samples.get(k, ()) if t >= oldest]
+
+    def _contender(self, current: int) -> int | None:
+        """The best other cut predicted within ``explore_margin`` of ``current`` that has not run enough."""
+        last = self.last_plan
+        if last is None:
+            return None
+        mine = last.prediction(current)
+        bar = mine.score(last.objective) * (1.0 + self.explore_margin)
+        untried = [
+            p
+            for p in last.predictions
+            if p.index != current
+            and (p.feasible or not mine.feasible)
+            and math.isfinite(p.predicted_ms)
+            and p.score(last.objective) <= bar
+            and len(self._live(self._ran, p.index)) < self.min_live
+        ]
+        if not untried:
+            return None
+        return min(untried, key=lambda p: (p.score(last.objective), p.predicted_ms)).index
 
     def replan(self) -> Plan:
         link = self.estimator.estimate() if self.reachable else None

@@ -51,7 +51,7 @@ COMPUTE_US = "compute_us"
 QUEUE_US = "queue_us"
 PROFILE = "profile"
 PROFILE_OUTPUT = "tail_ms"
-PROFILE_RUNS = 11
+PROFILE_RUNS = 9
 PROFILE_WARMUP = 2
 
 

@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Measure cooperative inference at one cut: head on this device, tail on the server, after a "
         "warm-up. Without --server an edge server is started in-process on loopback.",
     )
-    add_device_args(p, model_required=False)  # `edge bench sweep` has no --model of ours: checked in _run_one_cut
+    # Not required by argparse, which would demand it of `edge bench sweep` too: _run_one_cut checks it.
+    add_device_args(p, model_required=False)
     add_server_args(p)
     p.add_argument("-n", type=int, default=200, help="measured requests (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=20, help="unmeasured requests first (default: %(default)s)")

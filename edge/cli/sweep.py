@@ -121,7 +121,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1.5,
         help="prune cuts whose pilots exceed this x best median (default: 1.5)",
     )
-    p.add_argument("--adapt", type=int, default=30, help="requests under --split-at auto first (default: 30)")
+    p.add_argument("--adapt", type=int, default=60, help="requests under --split-at auto first (default: 60)")
+    p.add_argument("--gap-ms", type=float, default=10.0, help="idle time before each request (default: 10)")
     p.add_argument(
         "--cuts", type=int, nargs="*", default=[], help="measure only these cuts (plus 0, N, choice)"
     )
@@ -196,6 +197,7 @@ def _run_scenario(
             "--server", f"{link.server_ip}:{PROXY_PORT}", "--slowdown", f"{scenario.slowdown:g}",
             "--threads", str(args.threads), "--adapt", str(args.adapt), "--requests", str(args.requests),
             "--pilots", str(args.pilots), "--prune", str(args.prune), "--timeout", str(args.timeout),
+            "--gap-ms", f"{args.gap_ms:g}",
         ]  # fmt: skip
         if args.cuts:
             argv += ["--cuts", *map(str, args.cuts)]
@@ -332,6 +334,7 @@ def _save(
             "pilots": args.pilots,
             "prune": args.prune,
             "adapt": args.adapt,
+            "gap_ms": args.gap_ms,
             "threads": args.threads,
         },
         "elapsed_s": round(time.time() - started, 1),
@@ -354,6 +357,8 @@ def _cpu_model() -> str:
 
 def _print_summary(summaries: list[Summary], graph: ModelGraph) -> None:
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # a log file gets every column, not an 80-column squeeze
     n = graph.num_operators
     table = Table(title=f"{Path(graph.source).stem}: planner's cut vs best measured (N = {n}), median e2e ms")
     for column in ("scenario", "chosen K", "ms", "best K", "ms", "ratio", "device-only ms", "server-only ms",

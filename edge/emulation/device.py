@@ -4,6 +4,8 @@
    profile, link probes), then ``--adapt`` requests through :class:`CooperativeRunner` so
    the policy learns from live traffic. Its cut at the end is the choice.
 2. Measure end-to-end latency at every cut with a fixed split. The planner sees none of this.
+   Every request, in both phases, follows ``--gap-ms`` of idle time, as frames from a camera
+   would; back-to-back requests would keep caches warm and flatter the device.
    Each cut gets ``--pilots`` requests first; a cut whose fastest pilot is slower than
    ``--prune`` times the best median so far keeps just those samples. K = 0, K = N and the
    choice always get the full ``--requests``.
@@ -42,17 +44,25 @@ def _emit(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
+def _infer(device: CooperativeRunner, feeds: dict, gap_s: float) -> InferenceResult:
+    time.sleep(gap_s)  # frames arrive at a rate, not back to back
+    return device.infer(feeds)
+
+
 def measure_cut(
-    device: CooperativeRunner, feeds: dict, *, pilots: int, requests: int, prune_above_ms: float | None
+    device: CooperativeRunner,
+    feeds: dict,
+    *,
+    pilots: int,
+    requests: int,
+    prune_above_ms: float | None,
+    gap_s: float = 0.0,
 ) -> dict[str, object]:
     """Run requests at the device's fixed cut; stop after the pilots if they are all slower than ``prune_above_ms``."""
-    results: list[InferenceResult] = []
-    for _ in range(pilots):
-        results.append(device.infer(feeds))
+    results = [_infer(device, feeds, gap_s) for _ in range(pilots)]
     pruned = prune_above_ms is not None and min(r.timings.e2e_ms for r in results) > prune_above_ms
     if not pruned:
-        for _ in range(requests - pilots):
-            results.append(device.infer(feeds))
+        results += [_infer(device, feeds, gap_s) for _ in range(requests - pilots)]
 
     def median(key: str) -> float:
         return round(statistics.median(getattr(r.timings, key) for r in results), 4)
@@ -85,6 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     client = TailClient(args.server, timeout_s=args.timeout)
     client.wait_ready(timeout_s=30.0)
     feeds = random_tensors(graph.inputs, seed=args.seed)
+    gap_s = args.gap_ms / 1000.0
 
     _emit("progress", stage="plan", done=0, total=1)
     started = time.perf_counter()
@@ -97,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     device = CooperativeRunner(runner, client, model_name=name, policy=policy, timeout_s=args.timeout)
     trajectory = []
     for i in range(args.adapt):
-        trajectory.append(device.infer(feeds).split_point)
+        trajectory.append(_infer(device, feeds, gap_s).split_point)
         _emit("progress", stage="adapt", done=i + 1, total=args.adapt)
     plan = policy.last_plan
     assert plan is not None
@@ -115,7 +126,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             runner.run_head(k, feeds)  # build the head now: building is not what is measured
         fixed = CooperativeRunner(runner, client, model_name=name, policy=k, timeout_s=args.timeout)
         prune = None if k in always or not math.isfinite(best) else best * args.prune
-        row = measure_cut(fixed, feeds, pilots=args.pilots, requests=args.requests, prune_above_ms=prune)
+        row = measure_cut(
+            fixed, feeds, pilots=args.pilots, requests=args.requests, prune_above_ms=prune, gap_s=gap_s
+        )
         measured[k] = row
         if not row["pruned"]:
             best = min(best, float(row["median_ms"]))  # type: ignore[arg-type]
@@ -136,8 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "plan_note": plan.note,
         "link": estimate.as_dict(),
         "probe_rtt_ms": [round(x, 4) for x in policy.estimator.probe_rtts],
-        "head_scale": round(policy.head_scale, 4),
-        "tail_scale": round(policy.tail_scale, 4),
+        "explored": policy.explored,
         "predicted": [p.as_dict() for p in plan.predictions],
         "profile": {
             "head_ms": [round(c.head_ms, 4) for c in costs],
@@ -154,7 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--server", required=True, metavar="HOST:PORT")
     p.add_argument("--slowdown", type=float, default=1.0, help="time-dilation factor of the device's compute")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--adapt", type=int, default=30, help="requests under --split-at auto before measuring")
+    p.add_argument("--adapt", type=int, default=60, help="requests under --split-at auto before measuring")
+    p.add_argument(
+        "--gap-ms", type=float, default=10.0, help="idle time before each request, as between frames"
+    )
     p.add_argument("--requests", type=int, default=10, help="requests per measured cut")
     p.add_argument("--pilots", type=int, default=2, help="requests per cut before deciding to prune it")
     p.add_argument(

@@ -121,3 +121,68 @@ def test_fallback_sends_it_local_and_a_probe_brings_it_back(graph, prober):
 
 def _local(graph, ms: float) -> InferenceResult:
     return InferenceResult({}, graph.num_operators, False, StageTimings(head_ms=ms, e2e_ms=ms))
+
+
+def tied_profiles(graph):
+    """Every remote cut predicted at 11 ms, the device alone at 10.5 ms: a near-tie the profiles cannot settle."""
+    n = graph.num_operators
+    head = [0.0] + [10.0] * (n - 1) + [10.5]
+    tail = [100.0] + [0.0] * n
+    return head, tail
+
+
+def run_device(policy: AutoSplit, graph, head_at: dict[int, float], requests: int) -> list[int]:
+    """Serve ``requests`` choices with a device whose true head times differ from its profile."""
+    n = graph.num_operators
+    used = []
+    for _ in range(requests):
+        k = policy.choose()
+        used.append(k)
+        if k == n:
+            policy.observe(_local(graph, head_at.get(n, 10.5)))
+        else:
+            result = remote_result(graph, k, transfer_ms=1.0, tail_ms=0.01)
+            timings = StageTimings(head_ms=head_at.get(k, 10.0), transfer_ms=1.0, tail_ms=0.01, e2e_ms=0.0)
+            policy.observe(
+                InferenceResult(result.outputs, k, False, timings, result.bytes_sent, remote=result.remote)
+            )
+    return used
+
+
+def fast_link(graph) -> LinkEstimator:
+    """1 ms round trip, 8 Gbit/s: every remote cut costs its head plus 1 ms."""
+    est = LinkEstimator(clock=Clock())
+    est.observe_rtt(1.0)
+    for nbytes in (1024, 8192) * 3:
+        est.observe_transfer(nbytes, 1.0 + nbytes / 1e6)
+    return est
+
+
+def test_exploring_a_near_tie_finds_the_faster_cut(graph):
+    head, tail = tied_profiles(graph)
+    policy = AutoSplit(graph, head, tail, estimator=fast_link(graph), explore_every=5, min_live=3)
+    n = graph.num_operators
+    assert policy.choose() == n
+    # Cut 1 is really twice as fast as profiled; the policy can only learn that by trying it.
+    used = run_device(policy, graph, {1: 5.0}, requests=300)
+    assert policy.choose() == 1
+    assert policy.explored.count(1) == 3
+    assert used[-10:] == [1] * 10
+
+
+def test_exploring_stops_once_the_contenders_are_known(graph):
+    head, tail = tied_profiles(graph)
+    policy = AutoSplit(graph, head, tail, estimator=fast_link(graph), explore_every=5, min_live=3)
+    n = graph.num_operators
+    # The profile was right: no remote cut beats the device alone.
+    used = run_device(policy, graph, {}, requests=400)
+    assert policy.choose() == n
+    assert all(policy.explored.count(k) <= 3 for k in range(n))
+    assert used[-100:].count(n) >= 80
+
+
+def test_no_exploring_without_near_ties(graph):
+    head, tail = slow_device_profiles(graph)
+    policy = AutoSplit(graph, head, tail, estimator=link_with(100.0, 1.0, graph), explore_every=2)
+    run_device(policy, graph, {}, requests=20)
+    assert policy.explored == []
