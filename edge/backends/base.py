@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar
@@ -63,8 +67,9 @@ class InterpreterBackend(Backend):
             raise BackendError(f"threads must be at least 1, not {threads}")
         self.threads = threads
         try:
-            self._interpreter = self._load(model, threads)
-            self._interpreter.allocate_tensors()
+            with _quiet_native_info():
+                self._interpreter = self._load(model, threads)
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise BackendError(f"{self.key} could not load the model: {err}") from err
         self.inputs = tuple(_spec(d) for d in self._interpreter.get_input_details())
@@ -108,6 +113,34 @@ class InterpreterBackend(Backend):
                     f"input {name!r} must be {spec.dtype.name}{list(spec.shape)}, "
                     f"got {array.dtype.name}{list(array.shape)}"
                 )
+
+
+# The native runtime prints this to fd 2 for every interpreter it creates.
+_NATIVE_NOISE = (b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",)
+# Guards the process-wide redirection of fd 2 below.
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_native_info() -> Iterator[None]:
+    """Hold back the runtime's per-interpreter INFO line; pass anything else it prints through to stderr."""
+    with _STDERR_LOCK, tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [
+                line
+                for line in captured.read().splitlines(keepends=True)
+                if line.strip() not in _NATIVE_NOISE
+            ]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def _spec(detail: Mapping[str, Any]) -> TensorSpec:

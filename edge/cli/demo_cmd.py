@@ -98,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cut = graph.cut(split if split is not None else 0)
     console.print(
-        f"cut {split} of {graph.num_operators}: sends {', '.join(t.name for t in cut.tensors) or 'nothing'}"
+        f"cut {split} of {graph.num_operators} sends {len(cut.tensors)} tensor(s), {cut.nbytes:,} bytes:"
     )
+    for t in cut.tensors:
+        console.print(f"  {t.name}  {t.dtype.name}{list(t.shape)}", soft_wrap=True)
     console.print(f"accuracy {correct}/{n} = {correct / max(n, 1):.1%}")
     console.print(f"outputs identical to the whole model's: {identical}/{n}")
     table = Table(title="latency per request (ms)")
