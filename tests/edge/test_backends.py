@@ -1,0 +1,64 @@
+"""Backends: the registry, clear errors, thread settings, and the stderr filter around interpreter creation."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+from helpers import seeded_inputs
+
+from edge.backends import BACKENDS, create_backend
+from edge.backends.base import _quiet_native_info
+from edge.errors import BackendError, BackendUnavailableError, TensorFormatError
+from edge.graph import ModelGraph
+
+
+def test_registry_keys() -> None:
+    assert set(BACKENDS) == {"litert", "tflite-runtime"}
+
+
+def test_unknown_backend_is_named() -> None:
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'onnx'.*litert"):
+        create_backend("onnx", b"")
+
+
+def test_missing_library_is_reported_by_name(graphs: dict[str, ModelGraph]) -> None:
+    # The main test environment has no tflite-runtime; its own venv runs only the equivalence tests.
+    assert importlib.util.find_spec("tflite_runtime") is None
+    with pytest.raises(BackendUnavailableError, match="tflite-runtime package"):
+        create_backend("tflite-runtime", graphs["digits_tiny"].data)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_do_not_change_results(graphs: dict[str, ModelGraph], threads: int) -> None:
+    graph = graphs["digits_resnet"]
+    feeds = seeded_inputs(graph, 0)
+    with (
+        create_backend("litert", graph.data, threads=1) as one,
+        create_backend("litert", graph.data, threads=threads) as many,
+    ):
+        a, b = one.run(feeds), many.run(feeds)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_bad_threads_and_bad_inputs(graphs: dict[str, ModelGraph]) -> None:
+    graph = graphs["digits_tiny"]
+    with pytest.raises(BackendError, match="threads"):
+        create_backend("litert", graph.data, threads=0)
+    with create_backend("litert", graph.data) as backend:
+        name = graph.inputs[0].name
+        with pytest.raises(TensorFormatError, match="missing input"):
+            backend.run({})
+        with pytest.raises(TensorFormatError, match="must be int8"):
+            backend.run({name: np.zeros(graph.inputs[0].shape, np.float32)})
+
+
+def test_stderr_filter_passes_other_output_through(capfd: pytest.CaptureFixture[str]) -> None:
+    with _quiet_native_info():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"ERROR: something the runtime wants you to see\n")
+    err = capfd.readouterr().err
+    assert "something the runtime wants you to see" in err
+    assert "XNNPACK" not in err
