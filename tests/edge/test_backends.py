@@ -7,12 +7,12 @@ import os
 
 import numpy as np
 import pytest
-from helpers import seeded_inputs
 
 from edge.backends import BACKENDS, create_backend
 from edge.backends.base import _quiet_native_info
 from edge.errors import BackendError, BackendUnavailableError, TensorFormatError
 from edge.graph import ModelGraph
+from helpers import seeded_inputs
 
 
 def test_registry_keys() -> None:
@@ -20,7 +20,7 @@ def test_registry_keys() -> None:
 
 
 def test_unknown_backend_is_named() -> None:
-    with pytest.raises(BackendUnavailableError, match="unknown backend 'onnx'.*litert"):
+    with pytest.raises(BackendUnavailableError, match=r"unknown backend 'onnx'.*litert"):
         create_backend("onnx", b"")
 
 
