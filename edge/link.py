@@ -2,8 +2,10 @@
 
 Each offloaded request gives one sample: the bytes on the wire (cut sent plus outputs
 received) and its transfer time (call time minus the server's compute and queue time).
-Transfer time is modelled as ``rtt + bytes / bandwidth``, where ``rtt`` is everything a
-request pays whatever its size (propagation both ways, both gRPC stacks).
+Transfer time is modelled as ``rtt + max(0, offset + bytes / bandwidth)``, where ``rtt`` is
+everything a request pays whatever its size (propagation both ways, both gRPC stacks) and
+``offset`` (0 or negative) accounts for a token-bucket shaper's burst, which lets the first
+few kilobytes through at line rate.
 
 * When the recent samples span different sizes, a robust line fit (Theil-Sen: the median of
   pairwise slopes) gives bandwidth and rtt separately.
@@ -56,6 +58,9 @@ class LinkEstimate:
     method: str
     """``fit`` (sizes varied), ``probe`` (rtt from probes, one size), ``remembered``, ``bound`` (payloads too
     small to time: a lower bound) or ``none``."""
+    offset_ms: float = 0.0
+    """Where the fitted line meets zero bytes, less ``rtt_ms``; negative when a shaper's burst lets the
+    first bytes through at line rate, so small payloads cost little more than the round trip."""
 
     @property
     def usable(self) -> bool:
@@ -66,16 +71,17 @@ class LinkEstimate:
         return None if self.bytes_per_ms is None else self.bytes_per_ms * 8.0 / 1000.0
 
     def transfer_ms(self, nbytes: int) -> float:
-        """Time on the wire for ``nbytes`` (without the rtt)."""
+        """Time on the wire for ``nbytes``, beyond the rtt every request pays."""
         if self.bytes_per_ms is None or self.bytes_per_ms <= 0:
             return float("inf")
-        return nbytes / self.bytes_per_ms
+        return max(0.0, self.offset_ms + nbytes / self.bytes_per_ms)
 
     def as_dict(self) -> dict[str, object]:
         mbit = self.mbit_per_s
         return {
             "rtt_ms": round(self.rtt_ms, 4),
             "bandwidth_mbit_s": None if mbit is None else round(mbit, 4),
+            "offset_ms": round(self.offset_ms, 4),
             "samples": self.samples,
             "method": self.method,
         }
@@ -106,6 +112,7 @@ class LinkEstimator:
         self._transfers: deque[tuple[float, int, float]] = deque(maxlen=window)
         self._rtts: deque[tuple[float, float]] = deque(maxlen=8)
         self._bytes_per_ms: float | None = None
+        self._offset_ms = 0.0
         self.last_sample_at = -float("inf")
 
     def observe_transfer(self, nbytes: int, transfer_ms: float) -> None:
@@ -140,18 +147,21 @@ class LinkEstimator:
             if fit is not None and fit[0] > 0:
                 slope, intercept = fit
                 self._bytes_per_ms = 1.0 / slope
-                rtt = intercept if intercept > 0 else (probe_rtt or 0.0)
-                return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), "fit")
+                # Requests pay at least the probes' round trip; a line that meets zero bytes below
+                # it (a token bucket's burst) keeps that as a negative offset on the payload.
+                floor = probe_rtt if probe_rtt is not None else max(intercept, 0.0)
+                rtt, self._offset_ms = (intercept, 0.0) if intercept >= floor else (floor, intercept - floor)
+                return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), "fit", self._offset_ms)
         rtt = probe_rtt if probe_rtt is not None else 0.0
         rates = [b / (ms - rtt) for b, ms in fresh if ms - rtt >= max(_MIN_PAYLOAD_MS, 0.1 * ms)]
         if rates:
-            self._bytes_per_ms = statistics.median(rates)
+            self._bytes_per_ms, self._offset_ms = statistics.median(rates), 0.0
             return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), "probe")
         if probe_rtt is None and fresh:
             # No probe and no payload worth the name: the smallest transfer bounds the fixed cost.
             rtt = min(ms for _, ms in fresh)
         if self._bytes_per_ms is not None:
-            return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), "remembered")
+            return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), "remembered", self._offset_ms)
         if fresh and max(sizes) > 0:
             # Even the largest payload vanished in the noise: the link is at least this fast.
             return LinkEstimate(rtt, max(sizes) / _MIN_PAYLOAD_MS, len(fresh), "bound")

@@ -126,3 +126,21 @@ def test_fit_line(xs, ys, expected):
         assert fit is None
     else:
         assert fit == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("mbit", "burst"), [(1.0, 3028), (10.0, 3028), (100.0, 12_500)])
+def test_token_bucket_burst_becomes_a_negative_offset(mbit, burst):
+    """A shaper lets ``burst`` bytes through at line rate: small payloads cost little beyond the rtt."""
+    rate = mbit * 125.0  # bytes per ms
+    est = LinkEstimator(clock=Clock())
+    for _ in range(3):
+        est.observe_rtt(7.0)
+    for nbytes in (2_280, 10_408, 33_928, 151_528) * 2:
+        est.observe_transfer(nbytes, 7.0 + max(0, nbytes - burst) / rate)
+    e = est.estimate()
+    assert e.method == "fit" and e.rtt_ms == pytest.approx(7.0)
+    assert e.offset_ms < 0
+    for nbytes in (1_000, 5_704, 60_000, 150_000):
+        truth = max(0, nbytes - burst) / rate
+        # Within 10% or 1 ms; counting the burst as round trip instead would be off by burst / rate.
+        assert abs(e.transfer_ms(nbytes) - truth) <= max(1.0, 0.1 * truth)
