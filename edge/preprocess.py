@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import TensorFormatError
-from .graph import TensorInfo
+from .graph import ModelGraph, TensorInfo
 
-__all__ = ["coerce_input", "quantize"]
+__all__ = ["coerce_input", "quantize", "random_inputs"]
 
 
 def quantize(values: np.ndarray, tensor: TensorInfo) -> np.ndarray:
@@ -51,3 +51,16 @@ def coerce_input(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
     if np.issubdtype(tensor.dtype, np.floating) and np.issubdtype(array.dtype, np.number):
         return array.astype(tensor.dtype)
     raise TensorFormatError(f"input {tensor.name!r} must be {tensor.dtype.name}, got {array.dtype.name}")
+
+
+def random_inputs(graph: ModelGraph, seed: int = 0) -> dict[str, np.ndarray]:
+    """A seeded random tensor for every model input: integers over the dtype's whole range, floats in [0, 1)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in graph.inputs:
+        if np.issubdtype(t.dtype, np.integer):
+            info = np.iinfo(t.dtype)
+            feeds[t.name] = rng.integers(info.min, info.max, size=t.shape, endpoint=True).astype(t.dtype)
+        else:
+            feeds[t.name] = rng.random(t.shape).astype(t.dtype)
+    return feeds

@@ -11,6 +11,7 @@ import numpy as np
 
 from edge import models
 from edge.graph import ModelGraph
+from edge.preprocess import random_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,15 +21,7 @@ SHIPPED = ["digits_resnet", "digits_resnet_f32", "digits_tiny", "mobilenetv2_035
 
 def seeded_inputs(graph: ModelGraph, seed: int) -> dict[str, np.ndarray]:
     """A reproducible input covering the whole value range of each model input."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for t in graph.inputs:
-        if np.issubdtype(t.dtype, np.integer):
-            info = np.iinfo(t.dtype)
-            feeds[t.name] = rng.integers(info.min, info.max, size=t.shape, endpoint=True).astype(t.dtype)
-        else:
-            feeds[t.name] = rng.random(t.shape, dtype=np.float32).astype(t.dtype)
-    return feeds
+    return random_inputs(graph, seed)
 
 
 def digit_inputs(graph: ModelGraph, count: int) -> list[dict[str, np.ndarray]]:

@@ -9,17 +9,16 @@ import statistics
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from ..graph import ModelGraph
+from ..preprocess import random_inputs
 from ..stats import summary
 from . import sweep
 from .common import add_device_args, add_server_args, load_graph, open_runner
 
-__all__ = ["measure", "random_inputs", "register"]
+__all__ = ["measure", "register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,19 +43,6 @@ def _run_one_cut(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     if not args.model:
         parser.error("the following arguments are required: --model")
     return run(args)
-
-
-def random_inputs(graph: ModelGraph, seed: int = 0) -> dict[str, np.ndarray]:
-    """A seeded random input for every model input, in its dtype and shape."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for t in graph.inputs:
-        if np.issubdtype(t.dtype, np.integer):
-            info = np.iinfo(t.dtype)
-            feeds[t.name] = rng.integers(info.min, info.max, size=t.shape, endpoint=True).astype(t.dtype)
-        else:
-            feeds[t.name] = rng.random(t.shape).astype(t.dtype)
-    return feeds
 
 
 def measure(device, feeds, n: int, warmup: int, *, progress: bool = False) -> dict[str, object]:
