@@ -15,7 +15,11 @@ fi
 # Debian starts a system broker on 1883 after install; the tests start their own on free ports.
 
 echo "== installing edge-coop with the test extras"
-"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test,daemon]'
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[dev,daemon]'
+
+echo "== lint and types"
+"$PYTHON" -m ruff check edge server tests tools
+"$PYTHON" -m mypy edge server
 
 echo "== test suite (backend: litert)"
 "$PYTHON" -m pytest -q -p no:cacheprovider "$@"

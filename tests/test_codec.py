@@ -186,7 +186,7 @@ def test_huge_declared_shapes_are_refused_without_allocating(shape, data: bytes)
 
 
 def test_bool_bytes_other_than_0_and_1_are_refused() -> None:
-    with pytest.raises(TensorFormatError, match="'mask'.*BOOL"):
+    with pytest.raises(TensorFormatError, match=r"'mask'.*BOOL"):
         decode(WireTensor("mask", "BOOL", (3,), b"\x00\x01\x02"))
 
 

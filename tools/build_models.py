@@ -277,7 +277,7 @@ def evaluate(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
         scale, zero_point = inp["quantization"]
         x = quantize(x, scale, zero_point)
     correct = 0
-    for image, label in zip(x, y):
+    for image, label in zip(x, y, strict=True):
         interpreter.set_tensor(inp["index"], image[np.newaxis])
         interpreter.invoke()
         correct += int(np.argmax(interpreter.get_tensor(out["index"])[0]) == label)

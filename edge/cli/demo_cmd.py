@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"cut {split} of {graph.num_operators} sends {len(cut.tensors)} tensor(s), {cut.nbytes:,} bytes:"
     )
-    for t in cut.tensors:
-        console.print(f"  {t.name}  {t.dtype.name}{list(t.shape)}", soft_wrap=True)
+    for tensor in cut.tensors:
+        console.print(f"  {tensor.name}  {tensor.dtype.name}{list(tensor.shape)}", soft_wrap=True)
     console.print(f"accuracy {correct}/{n} = {correct / max(n, 1):.1%}")
     console.print(f"outputs identical to the whole model's: {identical}/{n}")
     table = Table(title="latency per request (ms)")

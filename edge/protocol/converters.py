@@ -173,7 +173,7 @@ def _tensors_from_pb(
                 )
         return tuple(
             WireTensor(name=t.name, datatype=t.datatype, shape=tuple(t.shape), data=data)
-            for t, data in zip(tensors, raw_contents)
+            for t, data in zip(tensors, raw_contents, strict=True)
         )
     return tuple(
         WireTensor(name=t.name, datatype=t.datatype, shape=tuple(t.shape), data=_typed_to_bytes(kind, t))

@@ -252,7 +252,7 @@ def test_fp16_cannot_come_as_typed_contents() -> None:
 
 def test_unknown_datatype_in_typed_contents_is_named() -> None:
     message = typed_request("s", "BYTES", (1,), bytes_contents=[b"abc"])
-    with pytest.raises(TensorFormatError, match="'s'.*unknown datatype 'BYTES'"):
+    with pytest.raises(TensorFormatError, match=r"'s'.*unknown datatype 'BYTES'"):
         infer_request_from_pb(message)
 
 
@@ -297,7 +297,7 @@ def test_raw_and_typed_contents_mixed_are_refused() -> None:
         )
     )
     message.inputs[1].contents.int_contents.extend([0, 0])
-    with pytest.raises(TensorFormatError, match="input 'b' has typed contents .* raw_input_contents"):
+    with pytest.raises(TensorFormatError, match=r"input 'b' has typed contents .* raw_input_contents"):
         infer_request_from_pb(message)
 
 
