@@ -378,7 +378,8 @@ class AutoSplit:
         self.explore_every = explore_every
         self.explore_margin = explore_margin
         self._since_explore = 0
-        self.explored: list[int] = []
+        self.explored: deque[int] = deque(maxlen=100)
+        """The cuts tried lately, outside the plan."""
         self.reachable = (tail_ms is not None) if reachable is None else (reachable and tail_ms is not None)
         self._next_reprobe = clock() + reprobe_s
         self._last_bandwidth_probe = clock()

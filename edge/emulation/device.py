@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "plan_note": plan.note,
         "link": estimate.as_dict(),
         "probe_rtt_ms": [round(x, 4) for x in policy.estimator.probe_rtts],
-        "explored": policy.explored,
+        "explored": list(policy.explored),
         "predicted": [p.as_dict() for p in plan.predictions],
         "profile": {
             "head_ms": [round(c.head_ms, 4) for c in costs],
