@@ -161,9 +161,10 @@ def _print(report: dict[str, object], chosen: Plan, n: int) -> None:
     console.print(table)
     link = report["link"]
     if isinstance(link, dict):
+        mbit = link["bandwidth_mbit_s"]
         console.print(
-            f"link: rtt {link['rtt_ms']:.2f} ms, {link['bandwidth_mbit_s']} Mbit/s ({link['method']}, "
-            f"{link['samples']} samples)"
+            f"link: rtt {link['rtt_ms']:.2f} ms, {'?' if mbit is None else f'{mbit:.2f}'} Mbit/s "
+            f"({link['method']}, {link['samples']} samples)"
         )
     server_only = report["server_only_ms"]
     console.print(
