@@ -245,7 +245,7 @@ class LinkProber:
         return estimate
 
     def _send(self, estimator: LinkEstimator, k: int, count: int) -> None:
-        from .profiler import random_tensors
+        from .preprocess import random_tensors
 
         feeds = self._feeds.setdefault(k, random_tensors(self.graph.cut(k).tensors, seed=k))
         for _ in range(count):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from .errors import TensorFormatError
 from .graph import ModelGraph, TensorInfo
 
-__all__ = ["coerce_input", "quantize", "random_inputs"]
+__all__ = ["coerce_input", "quantize", "random_inputs", "random_tensors"]
 
 
 def quantize(values: np.ndarray, tensor: TensorInfo) -> np.ndarray:
@@ -53,14 +55,21 @@ def coerce_input(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
     raise TensorFormatError(f"input {tensor.name!r} must be {tensor.dtype.name}, got {array.dtype.name}")
 
 
-def random_inputs(graph: ModelGraph, seed: int = 0) -> dict[str, np.ndarray]:
-    """A seeded random tensor for every model input: integers over the dtype's whole range, floats in [0, 1)."""
+def random_tensors(tensors: Iterable[TensorInfo], seed: int = 0) -> dict[str, np.ndarray]:
+    """A seeded random array for each tensor, in its dtype and shape: integers over the dtype's whole range."""
     rng = np.random.default_rng(seed)
-    feeds = {}
-    for t in graph.inputs:
+    out = {}
+    for t in tensors:
         if np.issubdtype(t.dtype, np.integer):
             info = np.iinfo(t.dtype)
-            feeds[t.name] = rng.integers(info.min, info.max, size=t.shape, endpoint=True).astype(t.dtype)
+            out[t.name] = rng.integers(info.min, info.max, size=t.shape, endpoint=True).astype(t.dtype)
+        elif t.dtype == np.bool_:
+            out[t.name] = rng.integers(0, 1, size=t.shape, endpoint=True).astype(np.bool_)
         else:
-            feeds[t.name] = rng.random(t.shape).astype(t.dtype)
-    return feeds
+            out[t.name] = rng.random(t.shape).astype(t.dtype)
+    return out
+
+
+def random_inputs(graph: ModelGraph, seed: int = 0) -> dict[str, np.ndarray]:
+    """A seeded random tensor for every model input."""
+    return random_tensors(graph.inputs, seed)

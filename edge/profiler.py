@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .graph import TensorInfo
+from .preprocess import random_tensors
 from .runner import ModelRunner
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "profile_heads",
     "profile_path",
     "profile_tails",
-    "random_tensors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,21 +85,6 @@ def profile_path(
     """Where the profile for one model, backend and thread count lives."""
     name = f"{sha256}-{backend}-{threads}" + (f"-{label}" if label else "")
     return (root if root is not None else cache_dir()) / "profiles" / f"{name}.json"
-
-
-def random_tensors(tensors: Iterable[TensorInfo], seed: int = 0) -> dict[str, np.ndarray]:
-    """A seeded random array for each tensor, in its dtype and shape."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for t in tensors:
-        if np.issubdtype(t.dtype, np.integer):
-            info = np.iinfo(t.dtype)
-            out[t.name] = rng.integers(info.min, info.max, size=t.shape, endpoint=True).astype(t.dtype)
-        elif t.dtype == np.bool_:
-            out[t.name] = rng.integers(0, 1, size=t.shape, endpoint=True).astype(np.bool_)
-        else:
-            out[t.name] = rng.random(t.shape).astype(t.dtype)
-    return out
 
 
 def _measure(

@@ -44,8 +44,16 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--split-at",
         default=None,
         metavar="K|TENSOR",
-        help="the cut: an index 0..N, or a tensor name (cut right after it); default: the middle cut",
+        help="the cut: an index 0..N, a tensor name (cut right after it), or auto; default: the middle cut",
     )
+    p.add_argument(
+        "--objective",
+        choices=["latency", "energy", "bytes"],
+        default="latency",
+        help="what --split-at auto minimises (default: %(default)s)",
+    )
+    p.add_argument("--deadline-ms", type=float, help="with auto: only cuts predicted to finish within this")
+    p.add_argument("--max-bytes", type=int, help="with auto: only cuts that send at most this many bytes")
 
 
 def load_graph(spec: str) -> ModelGraph:
@@ -60,7 +68,16 @@ def open_runner(args: argparse.Namespace, graph: ModelGraph, *, local: bool = Fa
         else TailClient(args.server, timeout_s=args.timeout)
     )
     name = getattr(args, "model_name", None) or Path(graph.source).stem
-    policy = make_policy(graph, args.split_at, runner=runner, client=client, model_name=name)
+    policy = make_policy(
+        graph,
+        args.split_at,
+        runner=runner,
+        client=client,
+        model_name=name,
+        objective=getattr(args, "objective", "latency"),
+        deadline_ms=getattr(args, "deadline_ms", None),
+        max_bytes=getattr(args, "max_bytes", None),
+    )
     return CooperativeRunner(runner, client, model_name=name, policy=policy, timeout_s=args.timeout)
 
 

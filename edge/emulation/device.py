@@ -30,7 +30,7 @@ from ..cooperative import CooperativeRunner, InferenceResult
 from ..graph import ModelGraph
 from ..planner import AutoSplit
 from ..policy import make_policy
-from ..profiler import random_tensors
+from ..preprocess import random_tensors
 from ..runner import ModelRunner
 from ..transport import TailClient
 from .dilation import DilatedRunner
