@@ -18,6 +18,22 @@ REPO = Path(__file__).resolve().parents[1]
 # What tools/build_models.py ships; a missing one fails at collection.
 SHIPPED = ["digits_resnet", "digits_resnet_f32", "digits_tiny", "mobilenetv2_035"]
 
+# The numpy type each OIP datatype must map to, written out independently of edge.codec.
+NUMPY_TYPES = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+
 
 def seeded_inputs(graph: ModelGraph, seed: int) -> dict[str, np.ndarray]:
     """A reproducible input covering the whole value range of each model input."""

@@ -18,21 +18,8 @@ from edge.codec import (
     encode,
 )
 from edge.errors import EdgeError, TensorFormatError
+from helpers import NUMPY_TYPES
 
-NUMPY_TYPES = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
 SHAPES = [(), (0,), (3, 0, 2), (7,), (2, 3, 4), (1, 28, 28, 8)]
 
 

@@ -34,21 +34,8 @@ from edge.protocol import (
     parameters_to_pb,
     pb,
 )
+from helpers import NUMPY_TYPES
 
-NUMPY_TYPES = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
 # The typed field that carries each datatype in InferTensorContents (FP16 has none).
 TYPED_FIELDS = {
     "BOOL": "bool_contents",
