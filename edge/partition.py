@@ -23,7 +23,7 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from .errors import CutError, ModelFormatError, ModelMismatchError
+from .errors import CutError, ModelFormatError
 from .graph import Cut, ModelGraph, TensorInfo
 
 __all__ = [
@@ -88,18 +88,6 @@ class SplitManifest:
             "head_outputs": [t.name for t in self.head_outputs],
             "tail_outputs": [t.name for t in self.tail_outputs],
         }
-
-    def check_against(self, graph: ModelGraph) -> None:
-        """Fail unless this manifest was made from ``graph`` and names the same cut tensors."""
-        if graph.sha256 != self.source_sha256:
-            raise ModelMismatchError(
-                f"split was made from model {self.source_sha256[:12]}, not {graph.sha256[:12]} ({graph.source})"
-            )
-        expected = graph.cut(self.split_point).names
-        if tuple(t.name for t in self.tensors) != expected:
-            raise ModelMismatchError(
-                f"split tensors {self.tensors} do not match cut {self.split_point}: {expected}"
-            )
 
 
 def split_model(graph: ModelGraph, k: int) -> Partition:

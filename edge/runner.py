@@ -87,10 +87,6 @@ class ModelRunner:
             return self.run(cut_tensors)
         return self._half("tail", cut).run(cut_tensors)
 
-    def tail_inputs(self, k: int) -> tuple[TensorInfo, ...]:
-        """What a tail request for cut ``k`` must carry."""
-        return self.graph.cut(k).tensors
-
     def warm(self, k: int) -> None:
         """Build both halves of cut ``k`` now rather than on the first request."""
         cut = self.graph.cut(k)

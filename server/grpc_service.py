@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -85,11 +85,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=name, version=version, extensions=list(extensions))
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        meta = await _guard(context, lambda: self.dataplane.model_metadata(request.name, request.version))
-        return converters.model_metadata_to_pb(meta)
+        return await _guard(context, self._metadata(request))
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return await _guard_async(context, self._infer(request))
+        return await _guard(context, self._infer(request))
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -101,6 +100,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(error_message=_describe(err))
             else:
                 yield pb.ModelStreamInferResponse(infer_response=response)
+
+    async def _metadata(self, request: Any) -> Any:
+        meta = self.dataplane.model_metadata(request.name, request.version)
+        return converters.model_metadata_to_pb(meta)
 
     async def _infer(self, message: Any) -> Any:
         received = time.perf_counter_ns()
@@ -156,7 +159,9 @@ class EdgeServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane, self.executor), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane, self.executor), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=DESCRIPTOR_POOL)
@@ -166,7 +171,9 @@ class EdgeServer:
         await server.start()
         self._server, self.port = server, port
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        logger.info("edge-server listening on %s with %d model(s)", self.address, len(self.dataplane.repository))
+        logger.info(
+            "edge-server listening on %s with %d model(s)", self.address, len(self.dataplane.repository)
+        )
         return port
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -195,15 +202,7 @@ class EdgeServer:
                 await result
 
 
-async def _guard(context: grpc.aio.ServicerContext, call: Callable[[], T]) -> T:
-    try:
-        return call()
-    except Exception as err:
-        await _abort(context, err)
-        raise  # unreachable: abort raises
-
-
-async def _guard_async(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+async def _guard(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
     try:
         return await call
     except Exception as err:

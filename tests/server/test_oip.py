@@ -194,3 +194,10 @@ def test_shutdown_stops_serving() -> None:
     srv.stop()
     with pytest.raises(grpc.RpcError):
         health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+
+
+def test_metadata_of_an_unknown_model_is_not_found(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelMetadata(pb.ModelMetadataRequest(name="no_such_model"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no_such_model" in info.value.details()
