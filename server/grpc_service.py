@@ -70,6 +70,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, executor: ThreadPoolExecutor | None) -> None:
         self.dataplane = dataplane
         self.executor = executor
+        # Streams waiting for their next request; a stopping server ends them at once.
+        self._idle_streams: set[asyncio.Task[Any]] = set()
+        self._closing = False
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         return pb.ServerLiveResponse(live=self.dataplane.live())
@@ -93,13 +96,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        async for request in request_iterator:
-            try:
-                response = await self._infer(request)
-            except Exception as err:  # one bad request must not end the stream
-                yield pb.ModelStreamInferResponse(error_message=_describe(err))
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+        task = asyncio.current_task()
+        assert task is not None
+        self._idle_streams.add(task)
+        try:
+            async for request in request_iterator:
+                self._idle_streams.discard(task)
+                try:
+                    response = await self._infer(request)
+                except Exception as err:  # one bad request must not end the stream
+                    yield converters.stream_error_to_pb(_log(err).name, _describe(err))
+                else:
+                    yield pb.ModelStreamInferResponse(infer_response=response)
+                if self._closing:
+                    return
+                self._idle_streams.add(task)
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # Ended by close_streams: finish with OK, so the device reconnects or finishes locally.
+        finally:
+            self._idle_streams.discard(task)
+
+    def close_streams(self) -> None:
+        """End every stream: idle ones now, busy ones after their current request."""
+        self._closing = True
+        for task in list(self._idle_streams):
+            task.cancel()
 
     async def _metadata(self, request: Any) -> Any:
         meta = self.dataplane.model_metadata(request.name, request.version)
@@ -143,6 +166,7 @@ class EdgeServer:
         )
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port: int | None = None
+        self.servicer: InferenceServicer | None = None
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -159,9 +183,8 @@ class EdgeServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, self.executor), server
-        )
+        self.servicer = InferenceServicer(self.dataplane, self.executor)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=DESCRIPTOR_POOL)
@@ -182,6 +205,8 @@ class EdgeServer:
             return
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.dataplane.begin_shutdown()
+        if self.servicer is not None:
+            self.servicer.close_streams()
         await self._server.stop(grace)
         self._server = None
         if self.executor is not None:
@@ -211,12 +236,17 @@ async def _guard(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
+    await context.abort(_log(err), _describe(err))
+
+
+def _log(err: Exception) -> grpc.StatusCode:
+    """Log a failed request; returns its status."""
     code = status_for(err)
     if code is grpc.StatusCode.INTERNAL:
-        logger.exception("request failed")
+        logger.error("request failed", exc_info=err)
     else:
         logger.info("request rejected (%s): %s", code.name, err)
-    await context.abort(code, _describe(err))
+    return code
 
 
 def _describe(err: BaseException) -> str:

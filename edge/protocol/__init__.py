@@ -21,6 +21,8 @@ from edge.protocol.converters import (
     model_metadata_to_pb,
     parameters_from_pb,
     parameters_to_pb,
+    stream_error_from_pb,
+    stream_error_to_pb,
 )
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "parameters_to_pb",
     "pb",
     "pb_grpc",
+    "stream_error_from_pb",
+    "stream_error_to_pb",
 ]
 
 #: "inference.GRPCInferenceService", read from the descriptor.

@@ -13,6 +13,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+import grpc
 import numpy as np
 
 from edge.codec import (
@@ -37,6 +38,8 @@ __all__ = [
     "model_metadata_to_pb",
     "parameters_from_pb",
     "parameters_to_pb",
+    "stream_error_from_pb",
+    "stream_error_to_pb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -268,3 +271,22 @@ def model_metadata_from_pb(msg: pb.ModelMetadataResponse) -> ModelMetadata:
         inputs=tensors(msg.inputs),
         outputs=tensors(msg.outputs),
     )
+
+
+# -- stream errors ------------------------------------------------------------------------
+
+_STATUS_NAMES = frozenset(code.name for code in grpc.StatusCode)
+
+
+def stream_error_to_pb(status: str, message: str) -> pb.ModelStreamInferResponse:
+    """A stream answer carrying an error. ``error_message`` has no status field, so it starts
+    with the gRPC status name, as in ``"INVALID_ARGUMENT: input 'x' must be INT8"``."""
+    return pb.ModelStreamInferResponse(error_message=f"{status}: {message}")
+
+
+def stream_error_from_pb(error_message: str) -> tuple[str, str]:
+    """(status name, message) of a stream error; UNKNOWN when it names no status (as Triton's do)."""
+    status, sep, rest = error_message.partition(": ")
+    if sep and status in _STATUS_NAMES:
+        return status, rest
+    return "UNKNOWN", error_message

@@ -1,4 +1,11 @@
-"""A synchronous gRPC client for the Open Inference Protocol, tuned for one request at a time.
+"""A gRPC client for the Open Inference Protocol, tuned for one request at a time.
+
+Tail requests travel on one long-lived ``ModelStreamInfer`` stream: a message on an open
+stream costs far less than a new call. A server without streaming (KServe, MLServer) gets
+unary ``ModelInfer`` calls instead, chosen on its first UNIMPLEMENTED answer.
+
+The client is synchronous. It drives a grpc.aio channel on a private event loop in the
+calling thread, so a request pays no thread hand-off and every request has its own deadline.
 
 Errors come back as :class:`~edge.errors.RemoteError` carrying the gRPC status name, so the
 caller can decide to finish locally without importing grpc.
@@ -6,13 +13,16 @@ caller can decide to finish locally without importing grpc.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -24,6 +34,8 @@ from ..protocol import converters, pb, pb_grpc
 __all__ = ["RETRYABLE", "RemoteResult", "TLSOptions", "TailClient"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Statuses after which the device should finish the work itself: the link or the server is the problem.
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED"})
@@ -89,7 +101,10 @@ class RemoteResult:
 
 
 class TailClient:
-    """Talks to one edge server."""
+    """Talks to one edge server; safe to share between threads (calls take turns).
+
+    ``streaming`` False sends every request as a unary ModelInfer call.
+    """
 
     def __init__(
         self,
@@ -98,21 +113,26 @@ class TailClient:
         timeout_s: float = 2.0,
         tls: TLSOptions | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        streaming: bool = True,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.streaming = streaming
         options: list[tuple[str, int | str]] = [
             *_CHANNEL_OPTIONS,
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        credentials = None
         if tls is not None:
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
-            self._channel = grpc.secure_channel(address, tls.credentials(), options=options)
-        else:
-            self._channel = grpc.insecure_channel(address, options=options)
+            credentials = tls.credentials()
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._channel = self._loop.run_until_complete(_open_channel(address, credentials, options))
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._stream: Any = None  # the open ModelStreamInfer call, if any
 
     def infer(
         self,
@@ -129,9 +149,11 @@ class TailClient:
             model_name=model, inputs=tensors, parameters=dict(parameters or {}), id=request_id
         )
         message = converters.infer_request_to_pb(request)
-        started = time.perf_counter()
-        reply = self._call(self._stub.ModelInfer, message, timeout_s)
-        call_ms = (time.perf_counter() - started) * 1000.0
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
+        with self._lock:
+            started = time.perf_counter()
+            reply = self._run(self._infer(message, timeout), timeout)
+            call_ms = (time.perf_counter() - started) * 1000.0
         response = converters.infer_response_from_pb(reply)
         return RemoteResult(
             outputs={t.name: decode(t) for t in response.outputs},
@@ -159,19 +181,21 @@ class TailClient:
 
     def ready(self, timeout_s: float | None = None) -> bool:
         try:
-            return bool(self._call(self._stub.ServerReady, pb.ServerReadyRequest(), timeout_s).ready)
+            reply = self._unary_call(self._stub.ServerReady, pb.ServerReadyRequest(), timeout_s)
         except RemoteError:
             return False
+        return bool(reply.ready)
 
     def model_metadata(self, model: str, timeout_s: float | None = None) -> ModelMetadata:
-        reply = self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=model), timeout_s)
+        reply = self._unary_call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=model), timeout_s)
         return converters.model_metadata_from_pb(reply)
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Block until the server answers ServerReady, or raise RemoteError."""
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
-        except grpc.FutureTimeoutError as err:
+            with self._lock:
+                self._run(self._channel.channel_ready(), timeout_s)
+        except RemoteError as err:
             raise RemoteError(
                 f"UNAVAILABLE: edge server {self.address} not reachable within {timeout_s}s"
             ) from err
@@ -179,7 +203,12 @@ class TailClient:
             raise RemoteError(f"UNAVAILABLE: edge server {self.address} is not ready")
 
     def close(self) -> None:
-        self._channel.close()
+        with self._lock:
+            if self._loop.is_closed():
+                return
+            self._drop_stream()
+            self._loop.run_until_complete(self._channel.close())
+            self._loop.close()
 
     def __enter__(self) -> TailClient:
         return self
@@ -189,10 +218,93 @@ class TailClient:
     ) -> None:
         self.close()
 
-    def _call(self, method: grpc.UnaryUnaryMultiCallable, message: object, timeout_s: float | None) -> Any:
+    # -- internals --------------------------------------------------------------------
+
+    def _run(self, work: Awaitable[T], timeout_s: float) -> T:
+        """Run ``work`` on the private loop, within ``timeout_s``; the caller holds the lock."""
+        if self._loop.is_closed() or asyncio._get_running_loop() is not None:
+            if inspect.iscoroutine(work):
+                work.close()
+            if self._loop.is_closed():
+                raise RemoteError(f"CANCELLED: the client of {self.address} is closed", status="CANCELLED")
+            raise RuntimeError("TailClient is synchronous: call it from a thread, not from a coroutine")
         try:
-            return method(message, timeout=timeout_s if timeout_s is not None else self.timeout_s)
-        except grpc.RpcError as err:
-            code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-            details = err.details() if hasattr(err, "details") else str(err)
-            raise RemoteError(f"{code.name}: {details}", status=code.name) from err
+            return self._loop.run_until_complete(asyncio.wait_for(work, timeout_s))
+        except asyncio.TimeoutError as err:
+            self._drop_stream()  # an answer may still be on its way: never read it as the next one's
+            raise RemoteError(
+                f"DEADLINE_EXCEEDED: edge server {self.address} did not answer within {timeout_s}s",
+                status="DEADLINE_EXCEEDED",
+            ) from err
+        except grpc.aio.AioRpcError as err:
+            raise RemoteError(f"{err.code().name}: {err.details()}", status=err.code().name) from err
+
+    def _unary_call(self, method: Any, message: object, timeout_s: float | None) -> Any:
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
+
+        async def call() -> Any:  # grpc.aio makes the call on the running loop, so inside it
+            return await method(message, timeout=timeout)
+
+        with self._lock:
+            return self._run(call(), timeout)
+
+    async def _infer(self, message: Any, timeout_s: float) -> Any:
+        if self.streaming:
+            try:
+                return await self._exchange(message)
+            except _NoStreamingError:
+                logger.info(
+                    "edge server %s has no ModelStreamInfer; sending unary ModelInfer calls", self.address
+                )
+                self.streaming = False
+        return await self._stub.ModelInfer(message, timeout=timeout_s)
+
+    async def _exchange(self, message: Any) -> Any:
+        """One request and its answer on the open stream, opening it first if need be."""
+        if self._stream is None or self._stream.done():
+            self._stream = self._stub.ModelStreamInfer()
+        stream = self._stream
+        try:
+            await stream.write(message)
+            reply = await stream.read()
+        except asyncio.InvalidStateError:  # the stream ended before the write
+            reply = grpc.aio.EOF
+        except grpc.aio.AioRpcError as err:
+            self._stream = None
+            if err.code() is grpc.StatusCode.UNIMPLEMENTED:
+                raise _NoStreamingError from err
+            raise
+        if reply is grpc.aio.EOF:
+            self._stream = None
+            code = await stream.code()
+            if code is grpc.StatusCode.UNIMPLEMENTED:
+                raise _NoStreamingError
+            status = "UNAVAILABLE" if code is grpc.StatusCode.OK else code.name
+            details = await stream.details()
+            raise RemoteError(
+                f"{status}: edge server {self.address} ended the stream"
+                + (f": {details}" if details else ""),
+                status=status,
+            )
+        if reply.error_message:
+            status, detail = converters.stream_error_from_pb(reply.error_message)
+            raise RemoteError(f"{status}: {detail}", status=status)
+        return reply.infer_response
+
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+
+
+class _NoStreamingError(Exception):
+    """The server answered ModelStreamInfer with UNIMPLEMENTED."""
+
+
+async def _open_channel(
+    address: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, int | str]]
+) -> grpc.aio.Channel:
+    """Create the channel inside the private loop, which it binds to."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, credentials, options=options)

@@ -33,6 +33,8 @@ from edge.protocol import (
     parameters_from_pb,
     parameters_to_pb,
     pb,
+    stream_error_from_pb,
+    stream_error_to_pb,
 )
 from helpers import NUMPY_TYPES
 
@@ -374,3 +376,21 @@ def test_model_metadata_round_trip() -> None:
     theirs = triton_pb.ModelMetadataResponse.FromString(message.SerializeToString())
     assert [tuple(t.shape) for t in theirs.inputs] == [(-1, 14, 14, 96)]
     assert list(theirs.versions) == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    "status", ["INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "UNAVAILABLE"]
+)
+def test_stream_errors_carry_their_status(status: str) -> None:
+    message = stream_error_to_pb(status, "input 'x': must be INT8: got FP32")
+    wire = pb.ModelStreamInferResponse.FromString(message.SerializeToString())
+    assert not wire.HasField("infer_response")
+    assert stream_error_from_pb(wire.error_message) == (status, "input 'x': must be INT8: got FP32")
+
+
+@pytest.mark.parametrize(
+    "text", ["inference request for unknown model 'x'", "in ensemble: failed", "NOT_A_STATUS: x", ""]
+)
+def test_stream_errors_without_a_status_are_unknown(text: str) -> None:
+    """Triton's stream errors name no status."""
+    assert stream_error_from_pb(text) == ("UNKNOWN", text)
