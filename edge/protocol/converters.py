@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Protocol
 
 import grpc
@@ -91,30 +91,46 @@ def parameters_to_pb(params: Mapping[str, ParameterValue]) -> dict[str, pb.Infer
     """
     out: dict[str, pb.InferParameter] = {}
     for key, value in params.items():
-        # bool before int: bool is a subclass of int.
-        if isinstance(value, (bool, np.bool_)):
-            out[key] = pb.InferParameter(bool_param=bool(value))
-        elif isinstance(value, numbers.Integral):
-            number = int(value)
-            if _INT64_MIN <= number <= _INT64_MAX:
-                out[key] = pb.InferParameter(int64_param=number)
-            elif _INT64_MAX < number <= _UINT64_MAX:
-                out[key] = pb.InferParameter(uint64_param=number)
-            else:
-                raise ValueError(f"parameter {key!r}: {number} fits neither int64 nor uint64")
-        elif isinstance(value, numbers.Real):
-            out[key] = pb.InferParameter(double_param=float(value))
-        elif isinstance(value, str):
-            out[key] = pb.InferParameter(string_param=value)
-        else:
-            raise TypeError(f"parameter {key!r}: {type(value).__name__} is not a bool, int, float or str")
+        out[key] = param = pb.InferParameter()
+        _set_parameter(param, key, value)
     return out
+
+
+def _set_parameters(target: MutableMapping[str, pb.InferParameter], params: Mapping[str, ParameterValue]) -> None:
+    """Write ``params`` into a message's ``parameters`` map in place."""
+    for key, value in params.items():
+        _set_parameter(target[key], key, value)
+
+
+def _set_parameter(param: pb.InferParameter, key: str, value: object) -> None:
+    # Exact types first: they are what requests carry, and cheaper to test than the ABCs.
+    kind = type(value)
+    if kind is str:
+        param.string_param = value  # type: ignore[assignment]
+    elif kind is int and _INT64_MIN <= value <= _INT64_MAX:  # type: ignore[operator]
+        param.int64_param = value  # type: ignore[assignment]
+    # bool before int: bool is a subclass of int.
+    elif isinstance(value, (bool, np.bool_)):
+        param.bool_param = bool(value)
+    elif isinstance(value, numbers.Integral):
+        number = int(value)
+        if _INT64_MIN <= number <= _INT64_MAX:
+            param.int64_param = number
+        elif _INT64_MAX < number <= _UINT64_MAX:
+            param.uint64_param = number
+        else:
+            raise ValueError(f"parameter {key!r}: {number} fits neither int64 nor uint64")
+    elif isinstance(value, numbers.Real):
+        param.double_param = float(value)
+    else:
+        raise TypeError(f"parameter {key!r}: {type(value).__name__} is not a bool, int, float or str")
 
 
 def parameters_from_pb(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
     """Convert a ``parameters`` map to plain values; uint64 and int64 both become int."""
     out: dict[str, ParameterValue] = {}
-    for key, param in params.items():
+    for key in params:  # not .items(): on a protobuf map that runs through a pure-Python mixin
+        param = params[key]
         choice = param.WhichOneof("parameter_choice")
         if choice is None:
             raise TensorFormatError(f"parameter {key!r} has no value")
@@ -191,15 +207,16 @@ def infer_request_to_pb(req: InferRequest) -> pb.ModelInferRequest:
     """Build a ModelInferRequest, with every input's bytes in ``raw_input_contents``."""
     Input = pb.ModelInferRequest.InferInputTensor
     Output = pb.ModelInferRequest.InferRequestedOutputTensor
-    return pb.ModelInferRequest(
+    msg = pb.ModelInferRequest(
         model_name=req.model_name,
         model_version=req.model_version,
         id=req.id,
-        parameters=parameters_to_pb(req.parameters),
         inputs=[Input(name=t.name, datatype=t.datatype, shape=t.shape) for t in req.inputs],
         outputs=[Output(name=name) for name in req.outputs],
         raw_input_contents=[_raw(t.data) for t in req.inputs],
     )
+    _set_parameters(msg.parameters, req.parameters)
+    return msg
 
 
 def infer_request_from_pb(msg: pb.ModelInferRequest) -> InferRequest:
@@ -222,14 +239,15 @@ def infer_request_from_pb(msg: pb.ModelInferRequest) -> InferRequest:
 def infer_response_to_pb(resp: InferResponse) -> pb.ModelInferResponse:
     """Build a ModelInferResponse, with every output's bytes in ``raw_output_contents``."""
     Output = pb.ModelInferResponse.InferOutputTensor
-    return pb.ModelInferResponse(
+    msg = pb.ModelInferResponse(
         model_name=resp.model_name,
         model_version=resp.model_version,
         id=resp.id,
-        parameters=parameters_to_pb(resp.parameters),
         outputs=[Output(name=t.name, datatype=t.datatype, shape=t.shape) for t in resp.outputs],
         raw_output_contents=[_raw(t.data) for t in resp.outputs],
     )
+    _set_parameters(msg.parameters, resp.parameters)
+    return msg
 
 
 def infer_response_from_pb(msg: pb.ModelInferResponse) -> InferResponse:

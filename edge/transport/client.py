@@ -14,11 +14,10 @@ caller can decide to finish locally without importing grpc.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -220,17 +219,19 @@ class TailClient:
 
     # -- internals --------------------------------------------------------------------
 
-    def _run(self, work: Awaitable[T], timeout_s: float) -> T:
+    def _run(self, work: Coroutine[Any, Any, T], timeout_s: float) -> T:
         """Run ``work`` on the private loop, within ``timeout_s``; the caller holds the lock."""
         if self._loop.is_closed() or asyncio._get_running_loop() is not None:
-            if inspect.iscoroutine(work):
-                work.close()
+            work.close()
             if self._loop.is_closed():
                 raise RemoteError(f"CANCELLED: the client of {self.address} is closed", status="CANCELLED")
             raise RuntimeError("TailClient is synchronous: call it from a thread, not from a coroutine")
+        # A timer that cancels the task: lighter than asyncio.wait_for, which wraps it in a second task.
+        task = self._loop.create_task(work)
+        timer = self._loop.call_later(timeout_s, task.cancel)
         try:
-            return self._loop.run_until_complete(asyncio.wait_for(work, timeout_s))
-        except asyncio.TimeoutError as err:
+            return self._loop.run_until_complete(task)
+        except asyncio.CancelledError as err:
             self._drop_stream()  # an answer may still be on its way: never read it as the next one's
             raise RemoteError(
                 f"DEADLINE_EXCEEDED: edge server {self.address} did not answer within {timeout_s}s",
@@ -238,6 +239,8 @@ class TailClient:
             ) from err
         except grpc.aio.AioRpcError as err:
             raise RemoteError(f"{err.code().name}: {err.details()}", status=err.code().name) from err
+        finally:
+            timer.cancel()
 
     def _unary_call(self, method: Any, message: object, timeout_s: float | None) -> Any:
         timeout = timeout_s if timeout_s is not None else self.timeout_s
@@ -261,14 +264,24 @@ class TailClient:
 
     async def _exchange(self, message: Any) -> Any:
         """One request and its answer on the open stream, opening it first if need be."""
-        if self._stream is None or self._stream.done():
+        fresh = self._stream is None or self._stream.done()
+        if fresh:
             self._stream = self._stub.ModelStreamInfer()
         stream = self._stream
         try:
             await stream.write(message)
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as err:
+            # The stream ended before this request went out (a server restart, say): learn why,
+            # then send it once more on a new stream, since it was never delivered.
+            self._stream = None
+            status = await self._ended(stream)
+            if fresh:
+                raise RemoteError(
+                    f"{status}: edge server {self.address} refused the stream", status=status
+                ) from err
+            return await self._exchange(message)
+        try:
             reply = await stream.read()
-        except asyncio.InvalidStateError:  # the stream ended before the write
-            reply = grpc.aio.EOF
         except grpc.aio.AioRpcError as err:
             self._stream = None
             if err.code() is grpc.StatusCode.UNIMPLEMENTED:
@@ -276,20 +289,20 @@ class TailClient:
             raise
         if reply is grpc.aio.EOF:
             self._stream = None
-            code = await stream.code()
-            if code is grpc.StatusCode.UNIMPLEMENTED:
-                raise _NoStreamingError
-            status = "UNAVAILABLE" if code is grpc.StatusCode.OK else code.name
-            details = await stream.details()
-            raise RemoteError(
-                f"{status}: edge server {self.address} ended the stream"
-                + (f": {details}" if details else ""),
-                status=status,
-            )
+            status = await self._ended(stream)
+            raise RemoteError(f"{status}: edge server {self.address} ended the stream", status=status)
         if reply.error_message:
             status, detail = converters.stream_error_from_pb(reply.error_message)
             raise RemoteError(f"{status}: {detail}", status=status)
         return reply.infer_response
+
+    @staticmethod
+    async def _ended(stream: Any) -> str:
+        """The status a finished stream ended with (OK reads as UNAVAILABLE: it is gone)."""
+        code = await stream.code()
+        if code is grpc.StatusCode.UNIMPLEMENTED:
+            raise _NoStreamingError
+        return "UNAVAILABLE" if code is grpc.StatusCode.OK else str(code.name)
 
     def _drop_stream(self) -> None:
         if self._stream is not None:
