@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from edge.backends import BACKENDS, DEFAULT_BACKEND
+from edge.cpu_latency import add_cpu_latency_arg, hold_from_args
 from edge.errors import EdgeError
 from edge.systemd import notify, watchdog_interval
 
@@ -55,11 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest gRPC message accepted or sent (default: %(default)s)",
     )
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get at shutdown")
+    add_cpu_latency_arg(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return p
 
 
 async def serve(args: argparse.Namespace) -> None:
+    hold = hold_from_args(args.cpu_latency_us)
+    try:
+        await _serve(args)
+    finally:
+        if hold is not None:
+            hold.close()
+
+
+async def _serve(args: argparse.Namespace) -> None:
     repository = ModelRepository.from_directory(
         args.models, backend=args.backend, threads=args.threads, cache_size=args.cache_size
     )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
 
+from ..cpu_latency import hold_from_args
 from ..errors import EdgeError
 from . import bench_cmd, demo_cmd, infer_cmd, inspect_cmd, plan_cmd, run_cmd, split_cmd
 
@@ -37,7 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with contextlib.ExitStack() as stack:
+            hold = hold_from_args(getattr(args, "cpu_latency_us", None))
+            if hold is not None:
+                stack.enter_context(hold)
+            return int(args.func(args) or 0)
     except EdgeError as err:
         if args.debug:
             raise

@@ -91,11 +91,14 @@ def run(args: argparse.Namespace) -> int:
         device = open_runner(args, graph)
         stack.callback(device.close)
         report = measure(device, feeds, args.n, args.warmup, progress=not args.json)
+    client = device.client
     report.update(
         model=Path(graph.source).stem,
         server=args.server,
+        transport="stream" if getattr(client, "streaming", False) else "unary",
         backend=args.backend,
         threads=args.threads,
+        cpu_latency_us=args.cpu_latency_us,
         input_bytes=sum(t.nbytes for t in graph.inputs),
     )
     if args.json:

@@ -10,6 +10,7 @@ import numpy as np
 from .. import models
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..cooperative import CooperativeRunner
+from ..cpu_latency import add_cpu_latency_arg
 from ..errors import TensorFormatError
 from ..graph import ModelGraph
 from ..policy import make_policy
@@ -34,6 +35,7 @@ def add_device_args(p: argparse.ArgumentParser, *, model_required: bool = True) 
     )
     p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND, help="device backend")
     p.add_argument("--threads", type=int, default=1, help="device interpreter threads (default: %(default)s)")
+    add_cpu_latency_arg(p)
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
