@@ -256,10 +256,13 @@ class TailClient:
             try:
                 return await self._exchange(message)
             except _NoStreamingError:
+                # The request never went out. If a unary call gets through, the server does not stream.
+                reply = await self._stub.ModelInfer(message, timeout=timeout_s)
                 logger.info(
-                    "edge server %s has no ModelStreamInfer; sending unary ModelInfer calls", self.address
+                    "edge server %s refuses ModelStreamInfer; sending unary ModelInfer calls", self.address
                 )
                 self.streaming = False
+                return reply
         return await self._stub.ModelInfer(message, timeout=timeout_s)
 
     async def _exchange(self, message: Any) -> Any:
@@ -271,14 +274,12 @@ class TailClient:
         try:
             await stream.write(message)
         except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as err:
-            # The stream ended before this request went out (a server restart, say): learn why,
-            # then send it once more on a new stream, since it was never delivered.
+            # The stream ended before this request went out. An old one may simply be gone (the
+            # server restarted): send on a new one. A new one refused at once hides its status
+            # (gRPC reports INTERNAL), so let the caller find out with a unary call.
             self._stream = None
-            status = await self._ended(stream)
             if fresh:
-                raise RemoteError(
-                    f"{status}: edge server {self.address} refused the stream", status=status
-                ) from err
+                raise _NoStreamingError from err
             return await self._exchange(message)
         try:
             reply = await stream.read()
@@ -311,7 +312,7 @@ class TailClient:
 
 
 class _NoStreamingError(Exception):
-    """The server answered ModelStreamInfer with UNIMPLEMENTED."""
+    """The server answered ModelStreamInfer with UNIMPLEMENTED, or refused a new stream at once."""
 
 
 async def _open_channel(

@@ -41,7 +41,7 @@ def test_an_unwritable_path_is_one_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", [-1, 2_000_000_001])
 def test_out_of_range_latency_is_refused(value: int) -> None:
-    with pytest.raises(ConfigError, match="0..2000000000"):
+    with pytest.raises(ConfigError, match=r"0\.\.2000000000"):
         CPULatencyHold(value)
 
 

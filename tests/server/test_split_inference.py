@@ -138,9 +138,8 @@ def test_server_killed_mid_run(graphs: dict[str, ModelGraph], server_process: tu
     proc, address = server_process
     graph = graphs["digits_resnet"]
     runner = ModelRunner(graph)
-    device = CooperativeRunner(
-        runner, TailClient(address, timeout_s=5.0), model_name="digits_resnet", policy=6, timeout_s=5.0
-    )
+    client = TailClient(address, timeout_s=5.0)
+    device = CooperativeRunner(runner, client, model_name="digits_resnet", policy=6, timeout_s=5.0)
     results = []
     for i in range(40):
         if i == 20:
@@ -154,6 +153,7 @@ def test_server_killed_mid_run(graphs: dict[str, ModelGraph], server_process: tu
     assert [r.fallback for r in results[:20]] == [False] * 20
     assert [r.fallback for r in results[20:]] == [True] * 20
     assert all("UNAVAILABLE" in (r.fallback_reason or "") for r in results[20:])
+    assert client.streaming, "a dead server is not one without streaming"
 
 
 def test_device_recovers_when_the_server_comes_back(graphs: dict[str, ModelGraph], tmp_path: Path) -> None:
@@ -162,9 +162,8 @@ def test_device_recovers_when_the_server_comes_back(graphs: dict[str, ModelGraph
     first.start()
     port = int(first.address.rsplit(":", 1)[1])
     runner = ModelRunner(graph)
-    device = CooperativeRunner(
-        runner, TailClient(first.address), model_name="digits_tiny", policy=2, timeout_s=5.0
-    )
+    client = TailClient(first.address)
+    device = CooperativeRunner(runner, client, model_name="digits_tiny", policy=2, timeout_s=5.0)
     feeds = seeded_inputs(graph, 0)
     assert not device.infer(feeds).fallback
     first.stop()
@@ -176,3 +175,4 @@ def test_device_recovers_when_the_server_comes_back(graphs: dict[str, ModelGraph
             assert time.monotonic() < deadline, "the device never offloaded again"
             time.sleep(0.05)
         assert not device.infer(feeds).fallback
+        assert client.streaming
