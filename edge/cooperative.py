@@ -23,7 +23,7 @@ __all__ = ["CooperativeRunner", "FixedSplit", "InferenceResult", "SplitPolicy", 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StageTimings:
     """Milliseconds spent in each stage of one request."""
 
@@ -47,7 +47,7 @@ class StageTimings:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InferenceResult:
     """The model's outputs for one request, and how they were computed."""
 

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeadResult:
     """What the head of a cut produced."""
 

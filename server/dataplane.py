@@ -55,7 +55,7 @@ PROFILE_RUNS = 9
 PROFILE_WARMUP = 2
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PreparedRequest:
     """A request that passed validation: decoded tensors, ready to run."""
 
@@ -81,6 +81,8 @@ class DataPlane:
         # Guards _profiles; held while a profile is measured so one model is profiled once (no I/O inside).
         self._profile_lock = threading.Lock()
         self._profiles: dict[str, np.ndarray] = {}
+        # What each (model, cut) takes and gives; at most models x (N + 1) entries.
+        self._routes: dict[tuple[str, int | None], _Route] = {}
 
     # -- health and metadata ----------------------------------------------------------
 
@@ -128,19 +130,16 @@ class DataPlane:
                 raise TensorFormatError(f"a {PROFILE} request carries no inputs; got {len(request.inputs)}")
             return PreparedRequest(request, model, None, {}, (), received_ns, profile=True)
         split_point = _split_point(params, graph.num_operators)
-        if split_point is None:
-            expected: Sequence[TensorInfo] = graph.inputs
-            produced: tuple[TensorInfo, ...] = graph.outputs
-        else:
-            cut = graph.cut(split_point)
-            expected, produced = cut.tensors, cut.tail_outputs
-        feeds = _decode_inputs(request.inputs, expected, request.model_name, split_point)
+        route = self._route(model, split_point)
+        feeds = route.decode(request.inputs)
+        if feeds is None:  # not exactly as expected: the full check names the problem
+            feeds = _decode_inputs(request.inputs, route.expected, request.model_name, split_point)
         return PreparedRequest(
             request=request,
             model=model,
             split_point=split_point,
             feeds=feeds,
-            outputs=_requested(produced, request.outputs),
+            outputs=_requested(route.produced, request.outputs),
             received_ns=received_ns,
         )
 
@@ -211,6 +210,19 @@ class DataPlane:
 
     # -- internals --------------------------------------------------------------------
 
+    def _route(self, model: ServedModel, split_point: int | None) -> _Route:
+        key = (model.name, split_point)
+        route = self._routes.get(key)
+        if route is None:
+            graph = model.graph
+            if split_point is None:
+                route = _Route.of(graph.inputs, graph.outputs)
+            else:
+                cut = graph.cut(split_point)
+                route = _Route.of(cut.tensors, cut.tail_outputs)
+            self._routes[key] = route
+        return route
+
     def _model(self, name: str, version: str) -> ServedModel:
         model = self.repository.get(name)
         if version not in ("", MODEL_VERSION):
@@ -230,6 +242,42 @@ class DataPlane:
     def _release(self) -> None:
         with self._lock:
             self._inflight -= 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """The tensors one (model, cut) takes and gives, with the wire form each input must have."""
+
+    expected: tuple[TensorInfo, ...]
+    produced: tuple[TensorInfo, ...]
+    wire: tuple[tuple[str, str, tuple[int, ...], np.dtype, int], ...]
+    """(name, datatype, shape, dtype, byte count) per input, in the model's order."""
+    exact: bool
+    """True when every input can be taken on a plain comparison (no BOOL, whose bytes need a look)."""
+
+    @classmethod
+    def of(cls, expected: Sequence[TensorInfo], produced: Sequence[TensorInfo]) -> _Route:
+        wire = tuple((t.name, datatype_of(t.dtype), t.shape, t.dtype, t.nbytes) for t in expected)
+        exact = all(t.dtype.kind != "b" for t in expected)
+        return cls(tuple(expected), tuple(produced), wire, exact)
+
+    def decode(self, inputs: Sequence[WireTensor]) -> dict[str, np.ndarray] | None:
+        """The feeds, if ``inputs`` are exactly the expected tensors in the expected order; else None."""
+        if not self.exact or len(inputs) != len(self.wire):
+            return None
+        feeds = {}
+        for tensor, (name, datatype, shape, dtype, nbytes) in zip(inputs, self.wire, strict=True):
+            data = tensor.data
+            if (
+                tensor.name != name
+                or tensor.datatype != datatype
+                or tensor.shape != shape
+                or type(data) is not bytes
+                or len(data) != nbytes
+            ):
+                return None
+            feeds[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+        return feeds
 
 
 def _metadata(tensor: TensorInfo) -> TensorMetadata:

@@ -61,12 +61,18 @@ class BackgroundServer:
         if not self._thread.is_alive():
             return
         try:
-            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(timeout)
+            asyncio.run_coroutine_threadsafe(self._stop(grace), self._loop).result(timeout)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
             self._loop.close()
             self.repository.close()
+
+    async def _stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+        # gRPC's completion queue is shared by every loop in the process and may still hand this
+        # loop the last events of the finished calls: take them before the loop closes.
+        await asyncio.sleep(0.05)
 
     def __enter__(self) -> BackgroundServer:
         self.start()

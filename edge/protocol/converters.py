@@ -96,7 +96,9 @@ def parameters_to_pb(params: Mapping[str, ParameterValue]) -> dict[str, pb.Infer
     return out
 
 
-def _set_parameters(target: MutableMapping[str, pb.InferParameter], params: Mapping[str, ParameterValue]) -> None:
+def _set_parameters(
+    target: MutableMapping[str, pb.InferParameter], params: Mapping[str, ParameterValue]
+) -> None:
     """Write ``params`` into a message's ``parameters`` map in place."""
     for key, value in params.items():
         _set_parameter(target[key], key, value)
@@ -185,15 +187,14 @@ def _tensors_from_pb(
             raise TensorFormatError(
                 f"{len(raw_contents)} {raw_field} entries for {len(tensors)} {kind}s; need one per {kind}"
             )
-        for tensor in tensors:
+        out = []
+        for tensor, data in zip(tensors, raw_contents, strict=True):
             if tensor.HasField("contents"):
                 raise TensorFormatError(
                     f"{kind} {tensor.name!r} has typed contents while the message uses {raw_field}; use one or the other"
                 )
-        return tuple(
-            WireTensor(name=t.name, datatype=t.datatype, shape=tuple(t.shape), data=data)
-            for t, data in zip(tensors, raw_contents, strict=True)
-        )
+            out.append(WireTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
+        return tuple(out)
     return tuple(
         WireTensor(name=t.name, datatype=t.datatype, shape=tuple(t.shape), data=_typed_to_bytes(kind, t))
         for t in tensors

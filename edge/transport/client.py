@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_CLOSE_SETTLE_S = 0.05
+
 # Statuses after which the device should finish the work itself: the link or the server is the problem.
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED"})
 
@@ -75,7 +77,7 @@ class TLSOptions:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RemoteResult:
     """What the server returned, and how long the call took as seen from the device."""
 
@@ -206,7 +208,7 @@ class TailClient:
             if self._loop.is_closed():
                 return
             self._drop_stream()
-            self._loop.run_until_complete(self._channel.close())
+            self._loop.run_until_complete(self._close_channel())
             self._loop.close()
 
     def __enter__(self) -> TailClient:
@@ -218,6 +220,12 @@ class TailClient:
         self.close()
 
     # -- internals --------------------------------------------------------------------
+
+    async def _close_channel(self) -> None:
+        await self._channel.close()
+        # gRPC's completion queue is shared by every loop in the process and may still hand this
+        # loop the last events of the cancelled calls: take them before the loop closes.
+        await asyncio.sleep(_CLOSE_SETTLE_S)
 
     def _run(self, work: Coroutine[Any, Any, T], timeout_s: float) -> T:
         """Run ``work`` on the private loop, within ``timeout_s``; the caller holds the lock."""

@@ -138,6 +138,16 @@ def test_bench_json(server_process: tuple) -> None:
     graph = ModelGraph.from_file(models.model_path("digits_resnet"))
     assert report["bytes_sent"] == graph.cut(5).nbytes
     assert report["e2e_ms"]["p50"] >= report["head_ms"]["p50"]
+    assert report["transport"] == "stream"
+
+
+def test_bench_on_the_embedded_server_exits_cleanly() -> None:
+    """Client and in-process server share gRPC's completion queue: neither may leave events for a closed loop."""
+    for _ in range(3):
+        proc = run("bench", "--model", "digits_tiny", "-n", "20", "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == ""
+        assert json.loads(proc.stdout)["fallbacks"] == 0
 
 
 def test_demo_runs_on_the_embedded_default() -> None:
@@ -150,6 +160,7 @@ def test_demo_runs_on_the_embedded_default() -> None:
     assert report["accuracy"] >= 0.95
     assert 0 < report["split_point"] < report["num_operators"]
     assert report["bytes_sent_per_request"] > 0 and report["input_bytes"] == 1024
+    assert "Traceback" not in proc.stderr
     human = run("demo", "-n", "20")
     assert human.returncode == 0, human.stderr
     for text in ("accuracy", "head (device)", "transfer", "tail (server)", "bytes sent", "fallbacks: 0"):
