@@ -261,7 +261,11 @@ class ModelGraph:
             raise UnsupportedModelError(
                 f"{self.source} uses control flow ({', '.join(flow)}); such models cannot be split"
             )
-        variables = [t.name for t, raw in zip(self.tensors, self._subgraph.tensors or [], strict=True) if raw.isVariable]
+        variables = [
+            t.name
+            for t, raw in zip(self.tensors, self._subgraph.tensors or [], strict=True)
+            if raw.isVariable
+        ]
         if variables:
             raise UnsupportedModelError(
                 f"{self.source} has variable (stateful) tensors such as {variables[0]!r}; they cannot be split"

@@ -43,6 +43,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", help="the model's name on the server (default: the model file's stem)")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline of each request, seconds")
     p.add_argument(
+        "--transport",
+        choices=["stream", "unary"],
+        default="stream",
+        help="stream: tail requests on one ModelStreamInfer stream (the device falls back to unary calls "
+        "by itself if the server refuses); unary: one ModelInfer call each (default: %(default)s)",
+    )
+    p.add_argument(
         "--split-at",
         default=None,
         metavar="K|TENSOR",
@@ -67,7 +74,7 @@ def open_runner(args: argparse.Namespace, graph: ModelGraph, *, local: bool = Fa
     client = (
         None
         if local or not getattr(args, "server", None)
-        else TailClient(args.server, timeout_s=args.timeout)
+        else TailClient(args.server, timeout_s=args.timeout, streaming=args.transport == "stream")
     )
     name = getattr(args, "model_name", None) or Path(graph.source).stem
     policy = make_policy(

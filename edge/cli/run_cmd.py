@@ -9,6 +9,7 @@ import signal
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from ..cpu_latency import hold_from_args
 from ..errors import EdgeError
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(json.dumps(_describe(resolved), indent=2))
         return 0
+    hold = hold_from_args(profile.runtime.cpu_latency_us)
     client = build_client(profile, source=str(path))
     device = daemon.open_device(resolved)
     service = daemon.Daemon(resolved, device, client)
@@ -77,7 +79,11 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return service.run()
+    try:
+        return service.run()
+    finally:
+        if hold is not None:
+            hold.close()
 
 
 def _describe(resolved: Plan) -> dict[str, Any]:

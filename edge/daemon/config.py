@@ -56,6 +56,14 @@ class RuntimeConfig(_Strict):
         default="litert", description="Interpreter that runs the model on the device."
     )
     threads: int = Field(default=1, ge=1, le=64, description="Interpreter threads on the device.")
+    cpu_latency_us: int | None = Field(
+        default=None,
+        ge=0,
+        le=2_000_000_000,
+        description="While the daemon runs, keep idle CPUs able to wake within this many microseconds "
+        "(Linux PM QoS, /dev/cpu_dma_latency; needs root). 0 keeps them polling: the lowest latency and "
+        "the most power. Absent: the kernel decides.",
+    )
 
 
 class ModelConfig(_Strict):
@@ -133,6 +141,11 @@ class TLSConfig(_Strict):
 class EdgeServerConfig(_Strict):
     address: str = Field(description="HOST:PORT of an edge server's gRPC endpoint.")
     tls: TLSConfig | None = Field(default=None, description="TLS for this server; plaintext when absent.")
+    streaming: bool = Field(
+        default=True,
+        description="Send tail requests on one long-lived ModelStreamInfer stream. False sends a unary "
+        "ModelInfer call per request; the device also switches by itself when a server refuses streams.",
+    )
 
     @field_validator("address")
     @classmethod

@@ -94,7 +94,9 @@ def _client(profile: DeviceProfile, source: Path) -> TailClient | None:
     for i, server in enumerate(edge.servers):
         try:
             tls = server.tls.options() if server.tls else None
-            clients.append(TailClient(server.address, timeout_s=edge.timeout_s, tls=tls))
+            clients.append(
+                TailClient(server.address, timeout_s=edge.timeout_s, tls=tls, streaming=server.streaming)
+            )
         except ConfigError as err:
             raise ConfigError(f"{source}: edge.servers[{i}].tls: {err}") from err
     if not clients:

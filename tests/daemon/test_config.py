@@ -106,6 +106,12 @@ def test_every_field_is_documented() -> None:
         (('topic = "sensors/+/digits"', 'topic = "edge/#"'), "sensors[0].topic", "the daemon's own topic"),
         (('device_id = "dev-1"', 'device_id = "dev/1"'), "device_id", "letters, digits"),
         (('host = "localhost"', 'host = "localhost"\npassword = "x"'), "mqtt", "a password needs a username"),
+        (('device_id = "dev-1"', 'device_id = "dev-1"\n[runtime]\ncpu_latency_us = -1'), "runtime.cpu_latency_us", "0"),
+        (
+            ('host = "localhost"', 'host = "localhost"\n[[edge.servers]]\naddress = "h:1"\nstreaming = "maybe"'),
+            "edge.servers[0].streaming",
+            "bool",
+        ),
     ],
 )
 def test_a_mistake_names_file_key_and_problem(edit: tuple[str, str], key: str, problem: str) -> None:
@@ -192,3 +198,12 @@ def test_check_fails_with_one_line_and_status_2(tmp_path: Path, capsys: pytest.C
     assert err.count("\n") == 1 and f"{path}: mqtt.qos: unknown key" in err
     assert main(["run", "--config", "nowhere", "--check"]) == 2
     assert "available: " in capsys.readouterr().err
+
+
+def test_transport_and_cpu_latency_settings_reach_the_profile() -> None:
+    text = MINIMAL.replace('device_id = "dev-1"', 'device_id = "dev-1"\n[runtime]\ncpu_latency_us = 0')
+    text += '[[edge.servers]]\naddress = "a:1"\n[[edge.servers]]\naddress = "b:2"\nstreaming = false\n'
+    profile = parse(text, source="p.toml")
+    assert profile.runtime.cpu_latency_us == 0
+    assert [s.streaming for s in profile.edge.servers] == [True, False]
+    assert parse(MINIMAL, source="p.toml").runtime.cpu_latency_us is None

@@ -141,6 +141,17 @@ def test_bench_json(server_process: tuple) -> None:
     assert report["transport"] == "stream"
 
 
+def test_bench_over_unary_calls(server_process: tuple) -> None:
+    _, address = server_process
+    proc = run(
+        "bench", "--server", address, "--model", "digits_resnet", "--split-at", "5", "-n", "10", "--json",
+        "--transport", "unary",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["transport"] == "unary" and report["fallbacks"] == 0 and report["n"] == 10
+
+
 def test_bench_on_the_embedded_server_exits_cleanly() -> None:
     """Client and in-process server share gRPC's completion queue: neither may leave events for a closed loop."""
     for _ in range(3):
