@@ -7,6 +7,7 @@ every cut, digits_resnet_f32 at every cut, mobilenetv2_035 at cuts 0, 1, 7 (two 
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ import pytest
 
 from edge import models
 from edge.cooperative import CooperativeRunner
+from edge.errors import TensorFormatError
 from edge.graph import ModelGraph
 from edge.protocol import pb, pb_grpc
 from edge.runner import ModelRunner
@@ -176,3 +178,19 @@ def test_device_recovers_when_the_server_comes_back(graphs: dict[str, ModelGraph
             time.sleep(0.05)
         assert not device.infer(feeds).fallback
         assert client.streaming
+
+
+def test_the_device_refuses_bad_inputs_before_anything_runs(graphs: dict[str, ModelGraph]) -> None:
+    """Checked on the device for every cut, K = 0 included, where no head would catch them."""
+    graph = graphs["digits_tiny"]
+    (spec,) = graph.inputs
+    good = seeded_inputs(graph, 0)
+    device = CooperativeRunner(ModelRunner(graph), None, model_name="digits_tiny", policy=0)
+    cases = {
+        "missing input": {},
+        "unexpected input(s): zzz": {**good, "zzz": good[spec.name]},
+        "must be": {spec.name: good[spec.name].astype(np.float64)},
+    }
+    for message, feeds in cases.items():
+        with pytest.raises(TensorFormatError, match=re.escape(message)):
+            device.infer(feeds)
