@@ -1,0 +1,144 @@
+"""What gRPC itself costs per request here: bare grpcio round trips, with none of our code.
+
+A grpc.aio server (its own process) answers ModelInfer and ModelStreamInfer with a fixed
+response after busy-waiting ``--handler-us``; the client busy-waits ``--gap-us`` before each
+request, as a device does while it runs the head. The figure is the median of the call time
+minus the handler's time: what a request pays for the two gRPC stacks and the loopback.
+
+    python3 tools/grpc_floor.py                       # the split-inference pattern
+    python3 tools/grpc_floor.py --gap-us 0 --handler-us 0   # back to back
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import statistics
+import time
+from typing import Any
+
+import grpc
+
+from edge.protocol import pb, pb_grpc
+
+
+def _busy(us: int) -> None:
+    end = time.perf_counter_ns() + us * 1000
+    while time.perf_counter_ns() < end:
+        pass
+
+
+def _response(handler_us: int) -> Any:
+    started = time.perf_counter_ns()
+    _busy(handler_us)
+    took = time.perf_counter_ns() - started
+    response = pb.ModelInferResponse(model_name="floor", raw_output_contents=[bytes(1000)])
+    response.parameters["handler_ns"].int64_param = took
+    return response
+
+
+class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, handler_us: int) -> None:
+        self.handler_us = handler_us
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return _response(self.handler_us)
+
+    async def ModelStreamInfer(self, requests: Any, context: Any) -> Any:  # noqa: N802
+        async for _ in requests:
+            yield pb.ModelStreamInferResponse(infer_response=_response(self.handler_us))
+
+
+def _serve(port: multiprocessing.Queue, handler_us: int) -> None:
+    async def main() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(handler_us), server)
+        port.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def _measure(address: str, mode: str, n: int, gap_us: int, payload: bytes) -> float:
+    loop = asyncio.new_event_loop()
+
+    async def connect() -> Any:
+        return grpc.aio.insecure_channel(address)
+
+    channel = loop.run_until_complete(connect())
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    request = pb.ModelInferRequest(model_name="floor", raw_input_contents=[payload])
+    request.inputs.add(name="x", datatype="INT8", shape=[len(payload)])
+    stream = loop.run_until_complete(_open(stub)) if mode == "stream" else None
+
+    async def once() -> Any:
+        if stream is None:
+            return await stub.ModelInfer(request, timeout=5)
+        await stream.write(request)
+        return (await stream.read()).infer_response
+
+    costs = []
+    for i in range(n + n // 10):
+        _busy(gap_us)
+        started = time.perf_counter_ns()
+        reply = loop.run_until_complete(once())
+        took = time.perf_counter_ns() - started
+        if i >= n // 10:  # the first tenth warms up
+            costs.append((took - reply.parameters["handler_ns"].int64_param) / 1e6)
+    if stream is not None:
+        stream.cancel()
+    loop.run_until_complete(channel.close())
+    loop.close()
+    return statistics.median(costs)
+
+
+async def _open(stub: Any) -> Any:
+    return stub.ModelStreamInfer()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-n", type=int, default=2000, help="requests per mode (default: %(default)s)")
+    p.add_argument("--bytes", type=int, default=4704, help="request payload (default: %(default)s)")
+    p.add_argument("--gap-us", type=int, default=1200, help="client busy time before each request")
+    p.add_argument("--handler-us", type=int, default=450, help="server busy time per request")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    ports: multiprocessing.Queue = ctx.Queue()
+    server = ctx.Process(target=_serve, args=(ports, args.handler_us), daemon=True)
+    server.start()
+    try:
+        address = f"127.0.0.1:{ports.get(timeout=30)}"
+        payload = os.urandom(args.bytes)
+        result = {
+            mode: round(_measure(address, mode, args.n, args.gap_us, payload), 3)
+            for mode in ("unary", "stream")
+        }
+    finally:
+        server.terminate()
+        server.join(10)
+    report = {
+        "n": args.n,
+        "bytes": args.bytes,
+        "gap_us": args.gap_us,
+        "handler_us": args.handler_us,
+        "median_ms": result,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(
+            f"bare grpc.aio, {args.bytes} B, gap {args.gap_us} us, handler {args.handler_us} us, n={args.n}"
+        )
+        for mode, ms in result.items():
+            print(f"  {mode:6s} median {ms:.3f} ms per request outside the handler")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
