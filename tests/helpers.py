@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from edge import models
 from edge.graph import ModelGraph
 from edge.preprocess import random_inputs
+from edge.protocol import pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,3 +71,16 @@ def wait_for_port(
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+@contextlib.contextmanager
+def grpc_peer(servicer: object) -> Iterator[str]:
+    """A real (synchronous) gRPC server on a free loopback port holding ``servicer``; yields its address."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -24,7 +23,7 @@ from edge.graph import ModelGraph
 from edge.protocol import pb, pb_grpc
 from edge.runner import ModelRunner
 from edge.transport import TailClient
-from helpers import seeded_inputs
+from helpers import grpc_peer, seeded_inputs
 from server.embedded import BackgroundServer
 
 MOBILENET_CUTS = [0, 1, 7, 16, 33, 57, 64]
@@ -109,18 +108,12 @@ class _SlowServicer(pb_grpc.GRPCInferenceServiceServicer):
 def test_deadline_exceeded_falls_back_with_identical_outputs(graphs: dict[str, ModelGraph]) -> None:
     graph = graphs["mobilenetv2_035"]
     runner = ModelRunner(graph)
-    slow = grpc.server(ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(_SlowServicer(), slow)
-    port = slow.add_insecure_port("127.0.0.1:0")
-    slow.start()
-    try:
+    with grpc_peer(_SlowServicer()) as address:
         device = CooperativeRunner(
-            runner, TailClient(f"127.0.0.1:{port}"), model_name="mobilenetv2_035", policy=33, timeout_s=0.3
+            runner, TailClient(address), model_name="mobilenetv2_035", policy=33, timeout_s=0.3
         )
         feeds = seeded_inputs(graph, 5)
         result = device.infer(feeds)
-    finally:
-        slow.stop(0)
     assert result.fallback and "DEADLINE_EXCEEDED" in (result.fallback_reason or "")
     expected = runner.run(feeds)
     assert all(np.array_equal(result.outputs[k], v) for k, v in expected.items())

@@ -13,7 +13,6 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -28,7 +27,7 @@ from edge.preprocess import random_tensors
 from edge.protocol import pb_grpc
 from edge.runner import ModelRunner
 from edge.transport import TailClient
-from helpers import seeded_inputs
+from helpers import grpc_peer, seeded_inputs
 from server.dataplane import DataPlane
 from server.embedded import BackgroundServer
 from server.grpc_service import InferenceServicer
@@ -176,12 +175,8 @@ class _SilentStream(pb_grpc.GRPCInferenceServiceServicer):
 def test_a_silent_stream_is_deadline_exceeded_and_replaced(graphs: dict[str, ModelGraph]) -> None:
     graph = graphs[MODEL]
     runner = ModelRunner(graph)
-    silent = grpc.server(ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(_SilentStream(), silent)
-    port = silent.add_insecure_port("127.0.0.1:0")
-    silent.start()
-    try:
-        client = TailClient(f"127.0.0.1:{port}")
+    with grpc_peer(_SilentStream()) as address:
+        client = TailClient(address)
         device = CooperativeRunner(runner, client, model_name=MODEL, policy=CUT, timeout_s=0.3)
         for seed in (1, 2):
             feeds = seeded_inputs(graph, seed)
@@ -191,8 +186,6 @@ def test_a_silent_stream_is_deadline_exceeded_and_replaced(graphs: dict[str, Mod
             assert all(np.array_equal(result.outputs[k], v) for k, v in expected.items())
         assert client.streaming  # a silent stream is not a missing one
         client.close()
-    finally:
-        silent.stop(0)
 
 
 def test_stopping_ends_open_streams_at_once(graphs: dict[str, ModelGraph]) -> None:
