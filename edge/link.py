@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import RemoteError
 from .graph import ModelGraph
 
 if TYPE_CHECKING:
@@ -171,7 +170,7 @@ class LinkEstimator:
 class LinkProber:
     """Sends probes to the server and feeds the answers to an estimator.
 
-    RTT probes are ServerReady calls. Payload probes are ordinary tail requests with seeded
+    RTT probes travel like tail requests (see :meth:`_ping`). Payload probes are ordinary tail requests with seeded
     random cut tensors (the server reports its compute and queue time, so only the link's
     share is counted), at cuts of three sizes: the smallest, about a third of
     ``payload_bytes`` and about ``payload_bytes``. If the largest still crossed the link
@@ -210,12 +209,19 @@ class LinkProber:
 
     def probe_rtt(self, estimator: LinkEstimator, count: int = 3) -> None:
         for _ in range(count):
-            started = time.perf_counter()
-            ok = self.client.ready(timeout_s=self.timeout_s)
-            ms = (time.perf_counter() - started) * 1000.0
-            if not ok:
-                raise RemoteError(f"UNAVAILABLE: edge server {self.client.address} is not ready")
-            estimator.observe_rtt(ms)
+            estimator.observe_rtt(self._ping())
+
+    def _ping(self) -> float:
+        """One request's fixed cost (ms), paid the way tail requests pay it: a ``ping`` request,
+        which the server answers at once without running anything. On a streaming client it is a
+        message on the open stream, which costs less than a call, as tail requests do."""
+        result = self.client.infer(
+            self.model_name,
+            {},
+            parameters={"ping": True, "model_sha256": self.graph.sha256},
+            timeout_s=self.timeout_s,
+        )
+        return result.transfer_ms
 
     def probe_bandwidth(self, estimator: LinkEstimator, count: int = 2) -> None:
         for k in self.probe_cuts:

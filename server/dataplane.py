@@ -5,7 +5,9 @@ inference, what any Open Inference Protocol client expects). A request with the 
 parameter ``split_point`` = K runs the tail of cut K on the cut tensors it carries.
 A request with the bool parameter ``profile`` = true and no inputs returns this server's
 median tail latency at every cut as the FP32 output ``tail_ms`` [N + 1], measured once per
-model and cached. Everything is validated before any tensor is decoded or any model runs.
+model and cached. A request with the bool parameter ``ping`` = true and no inputs runs
+nothing and answers at once, with no outputs: a probe of the inference path's fixed cost.
+Everything is validated before any tensor is decoded or any model runs.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ MODEL_SHA256 = "model_sha256"
 COMPUTE_US = "compute_us"
 QUEUE_US = "queue_us"
 PROFILE = "profile"
+PING = "ping"
 PROFILE_OUTPUT = "tail_ms"
 PROFILE_RUNS = 9
 PROFILE_WARMUP = 2
@@ -66,6 +69,7 @@ class PreparedRequest:
     outputs: tuple[TensorInfo, ...]
     received_ns: int
     profile: bool = False
+    ping: bool = False
 
 
 class DataPlane:
@@ -125,10 +129,12 @@ class DataPlane:
         graph = model.graph
         params = request.parameters
         _check_sha(params, graph.sha256, request.model_name)
-        if _wants_profile(params):
+        profile, ping = _flag(params, PROFILE), _flag(params, PING)
+        if profile or ping:
+            kind = PROFILE if profile else PING
             if request.inputs:
-                raise TensorFormatError(f"a {PROFILE} request carries no inputs; got {len(request.inputs)}")
-            return PreparedRequest(request, model, None, {}, (), received_ns, profile=True)
+                raise TensorFormatError(f"a {kind} request carries no inputs; got {len(request.inputs)}")
+            return PreparedRequest(request, model, None, {}, (), received_ns, profile=profile, ping=ping)
         split_point = _split_point(params, graph.num_operators)
         route = self._route(model, split_point)
         feeds = route.decode(request.inputs)
@@ -151,7 +157,9 @@ class DataPlane:
             runner = prepared.model.runner
             if prepared.profile:
                 return self._profile_response(prepared, started)
-            if prepared.split_point is None:
+            if prepared.ping:
+                results: dict[str, np.ndarray] = {}
+            elif prepared.split_point is None:
                 results = runner.run(prepared.feeds)
             else:
                 results = runner.run_tail(prepared.split_point, prepared.feeds)
@@ -296,12 +304,12 @@ def _check_sha(params: Mapping[str, object], sha256: str, name: str) -> None:
         )
 
 
-def _wants_profile(params: Mapping[str, object]) -> bool:
-    value = params.get(PROFILE)
+def _flag(params: Mapping[str, object], name: str) -> bool:
+    value = params.get(name)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise TensorFormatError(f"parameter {PROFILE!r} must be a bool, got {type(value).__name__}")
+        raise TensorFormatError(f"parameter {name!r} must be a bool, got {type(value).__name__}")
     return value
 
 

@@ -45,6 +45,26 @@ def test_profile_request_carries_no_inputs(client, graphs):
     assert err.value.status == "INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "unary"])
+def test_ping_runs_nothing_and_answers(server, graphs, streaming):
+    graph = graphs[MODEL]
+    with TailClient(server.address, streaming=streaming) as client:
+        result = client.infer(MODEL, {}, parameters={"ping": True, "model_sha256": graph.sha256})
+        assert result.outputs == {} and result.bytes_sent == 0
+        assert result.compute_ms < 1.0 and result.transfer_ms > 0
+        x = digit_inputs(graph, 1)[0]
+        cases = [
+            ({"ping": True}, x, "INVALID_ARGUMENT"),  # a ping carries no inputs
+            ({"ping": 1}, {}, "INVALID_ARGUMENT"),
+            ({"ping": True, "model_sha256": "0" * 64}, {}, "FAILED_PRECONDITION"),
+        ]
+        for parameters, inputs, status in cases:
+            with pytest.raises(RemoteError) as err:
+                client.infer(MODEL, inputs, parameters=parameters)
+            assert err.value.status == status
+        assert client.streaming is streaming
+
+
 def test_tritonclient_with_and_without_profile(server, graphs):
     graph = graphs[MODEL]
     x = digit_inputs(graph, 1)[0][graph.inputs[0].name]

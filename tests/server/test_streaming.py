@@ -23,6 +23,7 @@ from edge import models
 from edge.cooperative import CooperativeRunner
 from edge.errors import RemoteError
 from edge.graph import ModelGraph
+from edge.link import LinkEstimator, LinkProber
 from edge.preprocess import random_tensors
 from edge.protocol import pb_grpc
 from edge.runner import ModelRunner
@@ -39,8 +40,8 @@ CUT = 6
 
 @pytest.fixture
 def counted() -> Iterator[tuple[BackgroundServer, list[int]]]:
-    """A real server whose servicer counts the calls it receives: [ModelStreamInfer, ModelInfer]."""
-    counts = [0, 0]
+    """A real server whose servicer counts the calls it receives: [ModelStreamInfer, ModelInfer, ServerReady]."""
+    counts = [0, 0, 0]
 
     class Counting(InferenceServicer):
         async def ModelStreamInfer(self, requests: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
@@ -51,6 +52,10 @@ def counted() -> Iterator[tuple[BackgroundServer, list[int]]]:
         async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
             counts[1] += 1
             return await super().ModelInfer(request, context)
+
+        async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+            counts[2] += 1
+            return await super().ServerReady(request, context)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("server.grpc_service.InferenceServicer", Counting)
@@ -80,7 +85,7 @@ def test_requests_share_one_stream(
             assert result.offloaded and not result.fallback
             for name, expected in runner.run(feeds).items():
                 assert np.array_equal(result.outputs[name], expected)
-    assert calls == [1, 0]
+    assert calls == [1, 0, 0]
 
 
 class _UnaryOnly(pb_grpc.GRPCInferenceServiceServicer):
@@ -160,7 +165,7 @@ def test_errors_on_the_stream_keep_their_status_and_the_stream(
             # The same stream still answers.
             ok = client.infer(MODEL, feeds, parameters=_params(graph))
             assert set(ok.outputs) == {t.name for t in graph.cut(CUT).tail_outputs}
-    assert calls == [1, 0]
+    assert calls == [1, 0, 0]
 
 
 class _SilentStream(pb_grpc.GRPCInferenceServiceServicer):
@@ -212,3 +217,18 @@ def test_the_client_refuses_to_block_inside_a_coroutine(server: BackgroundServer
         with pytest.raises(RuntimeError, match="from a thread"):
             asyncio.run(inside())
         assert client.ready()
+
+
+def test_link_probes_travel_like_tail_requests(
+    counted: tuple[BackgroundServer, list[int]], graphs: dict[str, ModelGraph]
+) -> None:
+    """The planner's round-trip probes are ping messages on the open stream, not calls of their own,
+    so they cost what a tail request's fixed part costs."""
+    graph = graphs[MODEL]
+    server, calls = counted
+    with TailClient(server.address) as client:
+        prober = LinkProber(client, MODEL, graph)
+        estimator = LinkEstimator()
+        prober.probe_rtt(estimator, count=5)
+        assert len(estimator.probe_rtts) == 5 and all(ms > 0 for ms in estimator.probe_rtts)
+    assert calls == [1, 0, 0]
