@@ -12,6 +12,7 @@ The request lasts as long as the file stays open, and ends when it is closed or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import struct
@@ -20,7 +21,7 @@ from types import TracebackType
 
 from .errors import ConfigError
 
-__all__ = ["PM_QOS_PATH", "CPULatencyHold", "add_cpu_latency_arg", "current_cpu_latency_us", "hold_from_args"]
+__all__ = ["PM_QOS_PATH", "CPULatencyHold", "add_cpu_latency_arg", "cpu_latency_hold", "current_cpu_latency_us"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,9 @@ def current_cpu_latency_us(path: Path = PM_QOS_PATH) -> int:
     return int(value)
 
 
-def hold_from_args(microseconds: int | None) -> CPULatencyHold | None:
-    """A hold for a ``--cpu-latency-us`` option, or None when it is not given."""
-    return None if microseconds is None else CPULatencyHold(microseconds)
+def cpu_latency_hold(microseconds: int | None) -> contextlib.AbstractContextManager[object]:
+    """A hold for a ``--cpu-latency-us`` option or a profile's ``cpu_latency_us``; does nothing when it is None."""
+    return contextlib.nullcontext() if microseconds is None else CPULatencyHold(microseconds)
 
 
 def add_cpu_latency_arg(p: argparse.ArgumentParser) -> None:

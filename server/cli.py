@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from edge.backends import BACKENDS, DEFAULT_BACKEND
-from edge.cpu_latency import add_cpu_latency_arg, hold_from_args
+from edge.cpu_latency import add_cpu_latency_arg, cpu_latency_hold
 from edge.errors import EdgeError
 from edge.systemd import notify, watchdog_interval
 
@@ -62,12 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    hold = hold_from_args(args.cpu_latency_us)
-    try:
+    with cpu_latency_hold(args.cpu_latency_us):
         await _serve(args)
-    finally:
-        if hold is not None:
-            hold.close()
 
 
 async def _serve(args: argparse.Namespace) -> None:

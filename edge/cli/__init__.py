@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from collections.abc import Sequence
 
-from ..cpu_latency import hold_from_args
+from ..cpu_latency import cpu_latency_hold
 from ..errors import EdgeError
 from . import bench_cmd, demo_cmd, infer_cmd, inspect_cmd, plan_cmd, run_cmd, split_cmd
 
@@ -39,10 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        with contextlib.ExitStack() as stack:
-            hold = hold_from_args(getattr(args, "cpu_latency_us", None))
-            if hold is not None:
-                stack.enter_context(hold)
+        with cpu_latency_hold(getattr(args, "cpu_latency_us", None)):
             return int(args.func(args) or 0)
     except EdgeError as err:
         if args.debug:

@@ -9,7 +9,7 @@ import signal
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from ..cpu_latency import hold_from_args
+from ..cpu_latency import cpu_latency_hold
 from ..errors import EdgeError
 
 if TYPE_CHECKING:
@@ -68,22 +68,18 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(json.dumps(_describe(resolved), indent=2))
         return 0
-    hold = hold_from_args(profile.runtime.cpu_latency_us)
-    client = build_client(profile, source=str(path))
-    device = daemon.open_device(resolved)
-    service = daemon.Daemon(resolved, device, client)
+    with cpu_latency_hold(profile.runtime.cpu_latency_us):
+        client = build_client(profile, source=str(path))
+        device = daemon.open_device(resolved)
+        service = daemon.Daemon(resolved, device, client)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        logger.info("received %s; draining", signal.Signals(signum).name)
-        service.stop()
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            logger.info("received %s; draining", signal.Signals(signum).name)
+            service.stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
         return service.run()
-    finally:
-        if hold is not None:
-            hold.close()
 
 
 def _describe(resolved: Plan) -> dict[str, Any]:

@@ -107,6 +107,11 @@ def test_infer_falls_back_when_no_server_answers(tmp_path: Path, graphs: dict[st
         )
 
 
+def test_a_bad_cpu_latency_is_one_error_line() -> None:
+    line = _one_error_line(run("bench", "--model", "digits_tiny", "-n", "5", "--cpu-latency-us", "-1"))
+    assert "0..2000000000 microseconds, not -1" in line
+
+
 def test_infer_bad_inputs(tmp_path: Path) -> None:
     (tmp_path / "junk.npy").write_text("not numpy")
     np.save(tmp_path / "wrong.npy", np.zeros((3, 3), np.int8))
