@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import numbers
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -201,17 +201,23 @@ def _tensors_from_pb(
     )
 
 
+def _put_tensors(tensors: Sequence[WireTensor], messages: Any, raw_contents: Any) -> None:
+    """Append each tensor's metadata to ``messages`` and its bytes to ``raw_contents``.
+
+    Filled in place with add() and append(): building sub-messages and copying them in costs twice as much.
+    """
+    for t in tensors:
+        messages.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        raw_contents.append(_raw(t.data))
+
+
 # -- inference ----------------------------------------------------------------------------
 
 
 def infer_request_to_pb(req: InferRequest) -> pb.ModelInferRequest:
     """Build a ModelInferRequest, with every input's bytes in ``raw_input_contents``."""
-    # Filled in place with add() and append(): building sub-messages and copying them in costs twice as much.
     msg = pb.ModelInferRequest(model_name=req.model_name, model_version=req.model_version, id=req.id)
-    inputs, raw = msg.inputs, msg.raw_input_contents
-    for t in req.inputs:
-        inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-        raw.append(_raw(t.data))
+    _put_tensors(req.inputs, msg.inputs, msg.raw_input_contents)
     for name in req.outputs:
         msg.outputs.add(name=name)
     _set_parameters(msg.parameters, req.parameters)
@@ -238,10 +244,7 @@ def infer_request_from_pb(msg: pb.ModelInferRequest) -> InferRequest:
 def infer_response_to_pb(resp: InferResponse) -> pb.ModelInferResponse:
     """Build a ModelInferResponse, with every output's bytes in ``raw_output_contents``."""
     msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
-    outputs, raw = msg.outputs, msg.raw_output_contents
-    for t in resp.outputs:
-        outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-        raw.append(_raw(t.data))
+    _put_tensors(resp.outputs, msg.outputs, msg.raw_output_contents)
     _set_parameters(msg.parameters, resp.parameters)
     return msg
 
