@@ -29,6 +29,7 @@ from edge.codec import (
     WireTensor,
     datatype_of,
     decode,
+    dtype_of,
     encode,
 )
 from edge.errors import CutError, ModelMismatchError, ModelNotFoundError, TensorFormatError
@@ -265,7 +266,12 @@ class _Route:
 
     @classmethod
     def of(cls, expected: Sequence[TensorInfo], produced: Sequence[TensorInfo]) -> _Route:
-        wire = tuple((t.name, datatype_of(t.dtype), t.shape, t.dtype, t.nbytes) for t in expected)
+        datatypes = [datatype_of(t.dtype) for t in expected]
+        # The wire's little-endian dtype, as edge.codec.decode reads it.
+        wire = tuple(
+            (t.name, datatype, t.shape, dtype_of(datatype), t.nbytes)
+            for t, datatype in zip(expected, datatypes, strict=True)
+        )
         exact = all(t.dtype.kind != "b" for t in expected)
         return cls(tuple(expected), tuple(produced), wire, exact)
 
