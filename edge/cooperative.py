@@ -10,13 +10,15 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Protocol
 
 import numpy as np
 
 from .errors import RemoteError, TensorFormatError
+from .protocol import wire
 from .runner import ModelRunner
-from .transport.client import RETRYABLE, RemoteResult, TailClient
+from .transport.base import RETRYABLE, RemoteResult, TailTransport
 
 __all__ = ["CooperativeRunner", "FixedSplit", "InferenceResult", "SplitPolicy", "StageTimings"]
 
@@ -95,7 +97,7 @@ class CooperativeRunner:
     def __init__(
         self,
         runner: ModelRunner,
-        client: TailClient | None,
+        client: TailTransport | None,
         *,
         model_name: str,
         policy: SplitPolicy | int,
@@ -107,7 +109,7 @@ class CooperativeRunner:
         self.model_name = model_name
         self.policy: SplitPolicy = FixedSplit(policy) if isinstance(policy, int) else policy
         self.timeout_s = timeout_s
-        self._parameters = {"model_sha256": self.graph.sha256}
+        self._sha256 = self.graph.sha256
         if isinstance(policy, int):
             self.graph.cut(policy)  # an out-of-range cut fails here, not on the first request
 
@@ -138,8 +140,20 @@ class CooperativeRunner:
             raise TensorFormatError(f"unexpected input(s): {', '.join(sorted(extra))}")
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
+        """Close the transport and the runner."""
+        try:
+            if self.client is not None:
+                self.client.close()
+        finally:
+            self.runner.close()
+
+    def __enter__(self) -> CooperativeRunner:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
     # -- internals --------------------------------------------------------------------
 
@@ -164,7 +178,7 @@ class CooperativeRunner:
             remote = self.client.infer(
                 self.model_name,
                 head.cut,
-                parameters={**self._parameters, "split_point": k},
+                parameters={wire.MODEL_SHA256: self._sha256, wire.SPLIT_POINT: k},
                 timeout_s=self.timeout_s,
                 request_id=request_id,
             )

@@ -19,9 +19,16 @@ import struct
 from pathlib import Path
 from types import TracebackType
 
+from .argtypes import non_negative_int
 from .errors import ConfigError
 
-__all__ = ["PM_QOS_PATH", "CPULatencyHold", "add_cpu_latency_arg", "cpu_latency_hold", "current_cpu_latency_us"]
+__all__ = [
+    "PM_QOS_PATH",
+    "CPULatencyHold",
+    "add_cpu_latency_arg",
+    "cpu_latency_hold",
+    "current_cpu_latency_us",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +104,7 @@ def add_cpu_latency_arg(p: argparse.ArgumentParser) -> None:
     """The ``--cpu-latency-us`` option, shared by ``edge`` and ``edge-server``."""
     p.add_argument(
         "--cpu-latency-us",
-        type=int,
+        type=non_negative_int,
         metavar="US",
         help="while running, keep idle CPUs able to wake within US microseconds (Linux PM QoS, "
         "/dev/cpu_dma_latency; needs root). 0 keeps them polling: lowest latency, most power",

@@ -9,14 +9,14 @@ few kilobytes through at line rate.
 
 * When the recent samples span different sizes, a robust line fit (Theil-Sen: the median of
   pairwise slopes) gives bandwidth and rtt separately.
-* When they all have one size, the rtt comes from ServerReady probes and the bandwidth from
+* When they all have one size, the rtt comes from ping probes and the bandwidth from
   ``bytes / (transfer - rtt)``, the median over the window.
 * Samples older than ``max_age_s`` are dropped, so the estimate follows the link; the last
   bandwidth is remembered while only probes arrive.
 * When every payload is too small to time (a fast link), the largest one gives a lower bound.
 
 :class:`LinkEstimator` is pure (the clock is injected). :class:`LinkProber` is the adapter that
-sends the probes through a :class:`~edge.transport.client.TailClient`.
+sends the probes through a :class:`~edge.transport.base.TailTransport`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .graph import ModelGraph
+from .protocol import wire
+from .transport.base import TailTransport, ping, tail_profile
 
 if TYPE_CHECKING:
-    from .transport.client import TailClient
+    from .runner import ModelRunner
 
 __all__ = ["LinkEstimate", "LinkEstimator", "LinkProber", "fit_line"]
 
@@ -170,9 +172,11 @@ class LinkEstimator:
 class LinkProber:
     """Sends probes to the server and feeds the answers to an estimator.
 
-    RTT probes travel like tail requests (see :meth:`_ping`). Payload probes are ordinary tail requests with seeded
-    random cut tensors (the server reports its compute and queue time, so only the link's
-    share is counted), at cuts of three sizes: the smallest, about a third of
+    RTT probes travel like tail requests (see :meth:`_ping`). Payload probes are ordinary tail
+    requests (the server reports its compute and queue time, so only the link's share is
+    counted) carrying what the head computes from a seeded input when ``runner`` is given (a cut
+    may carry shape tensors, which random values would break), else seeded random cut
+    tensors, at cuts of three sizes: the smallest, about a third of
     ``payload_bytes`` and about ``payload_bytes``. If the largest still crossed the link
     in under ``min_payload_ms`` (a fast link: fixed costs and the shaper's burst hide its
     size) a cut big enough to take about twice that is probed too, up to ``max_bytes``.
@@ -180,10 +184,11 @@ class LinkProber:
 
     def __init__(
         self,
-        client: TailClient,
+        client: TailTransport,
         model_name: str,
         graph: ModelGraph,
         *,
+        runner: ModelRunner | None = None,
         payload_bytes: int = 32 * 1024,
         min_payload_ms: float = 10.0,
         max_bytes: int | None = None,
@@ -193,6 +198,7 @@ class LinkProber:
         self.client = client
         self.model_name = model_name
         self.graph = graph
+        self.runner = runner
         self.timeout_s = timeout_s
         self.profile_timeout_s = profile_timeout_s
         self.min_payload_ms = min_payload_ms
@@ -202,8 +208,8 @@ class LinkProber:
 
     def tail_profile(self) -> list[float]:
         """The server's median tail time per cut, 0..N (ms)."""
-        profile = self.client.tail_profile(
-            self.model_name, model_sha256=self.graph.sha256, timeout_s=self.profile_timeout_s
+        profile = tail_profile(
+            self.client, self.model_name, model_sha256=self.graph.sha256, timeout_s=self.profile_timeout_s
         )
         return [float(x) for x in profile]
 
@@ -215,12 +221,7 @@ class LinkProber:
         """One request's fixed cost (ms), paid the way tail requests pay it: a ``ping`` request,
         which the server answers at once without running anything. On a streaming client it is a
         message on the open stream, which costs less than a call, as tail requests do."""
-        result = self.client.infer(
-            self.model_name,
-            {},
-            parameters={"ping": True, "model_sha256": self.graph.sha256},
-            timeout_s=self.timeout_s,
-        )
+        result = ping(self.client, self.model_name, model_sha256=self.graph.sha256, timeout_s=self.timeout_s)
         return result.transfer_ms
 
     def probe_bandwidth(self, estimator: LinkEstimator, count: int = 2) -> None:
@@ -251,18 +252,25 @@ class LinkProber:
         return estimate
 
     def _send(self, estimator: LinkEstimator, k: int, count: int) -> None:
-        from .preprocess import random_tensors
-
-        feeds = self._feeds.setdefault(k, random_tensors(self.graph.cut(k).tensors, seed=k))
+        feeds = self._feeds.get(k)
+        if feeds is None:
+            feeds = self._feeds[k] = self._cut_tensors(k)
         for _ in range(count):
             result = self.client.infer(
                 self.model_name,
                 feeds,
-                parameters={"model_sha256": self.graph.sha256, "split_point": k},
+                parameters={wire.MODEL_SHA256: self.graph.sha256, wire.SPLIT_POINT: k},
                 timeout_s=self.timeout_s,
             )
             received = sum(a.nbytes for a in result.outputs.values())
             estimator.observe_transfer(result.bytes_sent + received, result.transfer_ms)
+
+    def _cut_tensors(self, k: int) -> dict[str, np.ndarray]:
+        from .preprocess import random_inputs, random_tensors
+
+        if self.runner is None:
+            return random_tensors(self.graph.cut(k).tensors, seed=k)
+        return self.runner.run_head(k, random_inputs(self.graph, seed=0)).cut
 
 
 def _probe_sizes(graph: ModelGraph, max_bytes: int | None) -> list[tuple[int, int]]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .autosplit import AutoSplit
 from .cooperative import FixedSplit, SplitPolicy
 from .errors import CutError
 from .graph import ModelGraph
-from .planner import AutoSplit, Objective
+from .planner import Objective
 from .runner import ModelRunner
-from .transport import TailClient
+from .transport import TailTransport
 
 __all__ = ["Objective", "make_policy"]
 
@@ -20,7 +21,7 @@ def make_policy(
     spec: str | int | None,
     *,
     runner: ModelRunner | None = None,
-    client: TailClient | None = None,
+    client: TailTransport | None = None,
     model_name: str | None = None,
     objective: Objective = "latency",
     deadline_ms: float | None = None,

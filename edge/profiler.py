@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .preprocess import random_tensors
+from .errors import EdgeError
+from .preprocess import random_inputs
 from .runner import ModelRunner
 
 __all__ = [
@@ -141,7 +142,7 @@ def profile_heads(
 ) -> list[float]:
     """Median head latency (ms) at every cut 0..N, measured with ``runner``'s backend and threads."""
     graph = runner.graph
-    feeds = feeds if feeds is not None else random_tensors(graph.inputs, seed=0)
+    feeds = feeds if feeds is not None else random_inputs(graph, seed=0)
     n = graph.num_operators
     calls = {k: functools.partial(runner.run_head, k, feeds) for k in range(1, n + 1)}
     measured = _measure(
@@ -167,14 +168,34 @@ def profile_tails(
     gap_s: float = 0.005,
     seed: int = 0,
 ) -> list[float]:
-    """Median tail latency (ms) at every cut 0..N, on seeded random cut tensors."""
+    """Median tail latency (ms) at every cut 0..N, fed what the head computes from a seeded input.
+
+    A tail that cannot run (its backend refuses it) gets +inf, so a planner never picks that
+    cut; the other cuts are still measured.
+    """
     graph = runner.graph
     n = graph.num_operators
-    cuts = [k for k in range(n) if graph.cut(k).tail_outputs]
-    calls = {
-        k: functools.partial(runner.run_tail, k, random_tensors(graph.cut(k).tensors, seed=seed + k))
-        for k in cuts
-    }
+    activations = runner.activations(random_inputs(graph, seed=seed))
+    calls: dict[int, Callable[[], object]] = {}
+    failed: dict[int, str] = {}
+    for k in range(n):
+        cut = graph.cut(k)
+        if not cut.tail_outputs:
+            continue
+        call = functools.partial(runner.run_tail, k, {t.name: activations[t.name] for t in cut.tensors})
+        try:
+            call()  # builds the tail, and finds the ones that cannot run before any is timed
+        except EdgeError as err:
+            failed[k] = str(err)
+            continue
+        calls[k] = call
+    if failed:
+        logger.warning(
+            "%d tail(s) of %s cannot run and are marked +inf: %s",
+            len(failed),
+            graph.source,
+            "; ".join(f"cut {k}: {why}" for k, why in list(failed.items())[:3]),
+        )
     measured = _measure(
         calls,
         runs=runs,
@@ -184,8 +205,8 @@ def profile_tails(
         block=max(1, runner.cache_size // 2),
         progress=None,
     )
-    tail = [measured.get(k, 0.0) for k in range(n + 1)]
-    logger.info("profiled %d tails of %s: whole model %.3f ms", n, graph.source, tail[0])
+    tail = [float("inf") if k in failed else measured.get(k, 0.0) for k in range(n + 1)]
+    logger.info("profiled %d tails of %s: whole model %.3f ms", len(calls), graph.source, tail[0])
     return tail
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from .backends import DEFAULT_BACKEND, Backend, TensorSpec, create_backend
 from .errors import ModelMismatchError
 from .graph import Cut, ModelGraph, TensorInfo
-from .partition import build_head, build_tail
+from .partition import build_head, build_tail, extract_subgraph
 
 __all__ = ["HeadResult", "ModelRunner"]
 
@@ -86,6 +86,28 @@ class ModelRunner:
         if k == 0:
             return self.run(cut_tensors)
         return self._half("tail", cut).run(cut_tensors)
+
+    def activations(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
+        """Every tensor that crosses any cut, as the model computes it from ``inputs``, in one run.
+
+        What a tail of any cut is fed in real use: the cuts may carry shape tensors or indices,
+        which random values would turn into errors or into work of another size.
+        """
+        graph = self.graph
+        inputs_by_index = {t.index for t in graph.inputs}
+        wanted: dict[int, None] = {}
+        for k in range(1, graph.num_operators):
+            for t in graph.cut(k).tensors:
+                if t.index not in inputs_by_index:
+                    wanted[t.index] = None
+        produced: Tensors = {}
+        if wanted:
+            data = extract_subgraph(
+                graph, range(graph.num_operators), list(graph.input_indices), list(wanted)
+            )
+            with create_backend(self.backend, data, threads=self.threads) as backend:
+                produced = backend.run(inputs)
+        return {**{t.name: inputs[t.name] for t in graph.inputs}, **produced}
 
     def warm(self, k: int) -> None:
         """Build both halves of cut ``k`` now rather than on the first request."""

@@ -8,88 +8,130 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from edge.backends import BACKENDS, DEFAULT_BACKEND
+from edge import __version__
+from edge.argtypes import Parser, at_least, listen_port, non_negative_float, non_negative_int, positive_int
+from edge.backends import BACKENDS
 from edge.cpu_latency import add_cpu_latency_arg, cpu_latency_hold
 from edge.errors import EdgeError
 from edge.systemd import notify, watchdog_interval
 
 from .dataplane import DataPlane
-from .grpc_service import DEFAULT_MAX_MESSAGE_BYTES, EdgeServer
+from .grpc_service import EdgeServer, check_listen
 from .repository import ModelRepository
+from .settings import ServerSettings, load_settings
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
 
+def _default(name: str) -> Any:
+    return ServerSettings.model_fields[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="edge-server",
         description="Serve whole models and their tails over the KServe v2 Open Inference Protocol (gRPC). "
         "Each MODELS/*.tflite is served under its file stem. A request with the int64 parameter split_point=K "
-        "runs the tail of cut K; without it, the whole model.",
+        "runs the tail of cut K; without it, the whole model. Flags override the --config file.",
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--models", required=True, metavar="DIR", help="directory of .tflite files to serve")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
-        "--port", type=int, default=8001, help="port to listen on, 0 for any (default: %(default)s)"
+        "--config", type=Path, metavar="FILE.toml", help="settings file; its keys are the flags' names with _"
     )
-    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND, help="inference backend")
     p.add_argument(
-        "--threads", type=int, default=1, help="interpreter threads per model (default: %(default)s)"
+        "--models", type=Path, metavar="DIR", help="directory of .tflite files to serve (required)"
+    )
+    p.add_argument("--host", help=f"address to listen on (default: {_default('host')})")
+    p.add_argument(
+        "--port",
+        type=listen_port,
+        help=f"port to listen on, 0 for any free one (default: {_default('port')})",
+    )
+    p.add_argument(
+        "--backend", choices=sorted(BACKENDS), help=f"inference backend (default: {_default('backend')})"
+    )
+    p.add_argument(
+        "--threads", type=positive_int, help=f"interpreter threads per model (default: {_default('threads')})"
     )
     p.add_argument(
         "--workers",
-        type=int,
-        default=0,
-        help="compute threads; 0 computes on the event loop, the lowest latency per request (default: %(default)s)",
+        type=non_negative_int,
+        help="compute threads; 0 computes on the event loop: least overhead per request, but one request "
+        f"at a time and nothing is ever refused (default: {_default('workers')})",
     )
     p.add_argument(
-        "--max-inflight", type=int, default=64, help="requests admitted at once before RESOURCE_EXHAUSTED"
+        "--max-inflight",
+        type=positive_int,
+        help="requests admitted at once, waiting or running, before RESOURCE_EXHAUSTED "
+        f"(default: {_default('max_inflight')})",
     )
-    p.add_argument("--cache-size", type=int, default=16, help="tails kept loaded per model (LRU)")
+    p.add_argument(
+        "--cache-size",
+        type=at_least(2),
+        help=f"tails kept loaded per model, LRU (default: {_default('cache_size')})",
+    )
     p.add_argument(
         "--max-message-bytes",
-        type=int,
-        default=DEFAULT_MAX_MESSAGE_BYTES,
-        help="largest gRPC message accepted or sent (default: %(default)s)",
+        type=positive_int,
+        help=f"largest gRPC message accepted or sent (default: {_default('max_message_bytes')})",
     )
-    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get at shutdown")
+    p.add_argument(
+        "--grace",
+        dest="grace_s",
+        type=non_negative_float,
+        help=f"seconds in-flight requests get at shutdown (default: {_default('grace_s'):g})",
+    )
     add_cpu_latency_arg(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return p
 
 
-async def serve(args: argparse.Namespace) -> None:
-    with cpu_latency_hold(args.cpu_latency_us):
-        await _serve(args)
+def settings_from(args: argparse.Namespace) -> ServerSettings:
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "debug")}
+    config = getattr(args, "config", None)
+    if config is None and "models" not in flags:
+        raise EdgeError('--models DIR is required (or a --config file with models = "DIR")')
+    return load_settings(flags, config)
 
 
-async def _serve(args: argparse.Namespace) -> None:
+async def serve(settings: ServerSettings) -> None:
+    with cpu_latency_hold(settings.cpu_latency_us):
+        await _serve(settings)
+
+
+async def _serve(settings: ServerSettings) -> None:
+    check_listen(settings.host, settings.port)  # in milliseconds, before the models take seconds to load
     repository = ModelRepository.from_directory(
-        args.models, backend=args.backend, threads=args.threads, cache_size=args.cache_size
+        settings.models, backend=settings.backend, threads=settings.threads, cache_size=settings.cache_size
     )
-    server = EdgeServer(
-        DataPlane(repository, max_inflight=args.max_inflight),
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        max_message_bytes=args.max_message_bytes,
-    )
-    await server.start()
-    print(f"edge-server: serving {', '.join(m.name for m in repository)} on {server.address}", flush=True)
-    notify("READY=1")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    watchdog = asyncio.create_task(_watchdog(stop))
-    await stop.wait()
-    notify("STOPPING=1")
-    watchdog.cancel()
-    await server.stop(args.grace)
-    repository.close()
+    try:
+        server = EdgeServer(
+            DataPlane(repository, max_inflight=settings.max_inflight),
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            max_message_bytes=settings.max_message_bytes,
+        )
+        await server.start()
+        print(f"edge-server: serving {', '.join(m.name for m in repository)} on {server.address}", flush=True)
+        notify("READY=1")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        watchdog = asyncio.create_task(_watchdog(stop))
+        await stop.wait()
+        notify("STOPPING=1")
+        watchdog.cancel()
+        await server.stop(settings.grace_s)
+    finally:
+        repository.close()
 
 
 async def _watchdog(stop: asyncio.Event) -> None:
@@ -101,18 +143,21 @@ async def _watchdog(stop: asyncio.Event) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
+        level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(serve(args))
+        asyncio.run(serve(settings_from(args)))
     except EdgeError as err:
-        if args.debug:
+        if debug:
             raise
         print(f"edge-server: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
+        if debug:
+            raise
         print(f"edge-server: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

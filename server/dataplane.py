@@ -12,10 +12,11 @@ Everything is validated before any tensor is decoded or any model runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,11 +36,24 @@ from edge.codec import (
 from edge.errors import CutError, ModelMismatchError, ModelNotFoundError, TensorFormatError
 from edge.graph import TensorInfo
 from edge.profiler import profile_tails
+from edge.protocol.wire import (
+    BACKEND,
+    COMPUTE_US,
+    EXTENSIONS,
+    MODEL_SHA256,
+    PING,
+    PROFILE,
+    PROFILE_OUTPUT,
+    PROFILE_RUNS,
+    QUEUE_US,
+    SPLIT_POINT,
+    THREADS,
+)
 
 from .errors import ServerOverloadedError, ServerStoppingError
 from .repository import ModelRepository, ServedModel
 
-__all__ = ["SERVER_NAME", "DataPlane", "PreparedRequest"]
+__all__ = ["DEFAULT_MAX_INFLIGHT", "SERVER_NAME", "DataPlane", "PreparedRequest"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +61,8 @@ SERVER_NAME = "edge-server"
 PLATFORM = "tflite"
 MODEL_VERSION = "1"
 
-# Request parameters the device sends, and response parameters the server returns.
-SPLIT_POINT = "split_point"
-MODEL_SHA256 = "model_sha256"
-COMPUTE_US = "compute_us"
-QUEUE_US = "queue_us"
-PROFILE = "profile"
-PING = "ping"
-PROFILE_OUTPUT = "tail_ms"
-PROFILE_RUNS = 9
+DEFAULT_MAX_INFLIGHT = 64
+PROFILE_REPEATS = 9
 PROFILE_WARMUP = 2
 
 
@@ -76,7 +83,7 @@ class PreparedRequest:
 class DataPlane:
     """Validates and runs inference requests against a model repository."""
 
-    def __init__(self, repository: ModelRepository, *, max_inflight: int = 64) -> None:
+    def __init__(self, repository: ModelRepository, *, max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
         self.repository = repository
         self.max_inflight = max_inflight
         # Guards _inflight and _stopping: admission is decided under it, work runs outside it.
@@ -105,7 +112,7 @@ class DataPlane:
         return not self._stopping
 
     def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
-        return SERVER_NAME, __version__, ("split_point", "model_sha256")
+        return SERVER_NAME, __version__, EXTENSIONS
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
         graph = self._model(name, version).graph
@@ -120,8 +127,36 @@ class DataPlane:
     # -- inference --------------------------------------------------------------------
 
     def infer(self, request: InferRequest) -> InferResponse:
-        """Validate and run ``request`` in the calling thread."""
-        return self.execute(self.prepare(request))
+        """Validate, admit and run ``request`` in the calling thread."""
+        prepared = self.prepare(request)
+        with self.admitted():
+            return self.execute(prepared)
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of the ``max_inflight`` places while a request waits for compute and runs.
+
+        Raises ServerOverloadedError when every place is taken, ServerStoppingError while draining.
+        The transport takes the place before it queues the request for a compute thread, so the
+        limit counts waiting requests too.
+        """
+        with self._lock:
+            if self._stopping:
+                raise ServerStoppingError("the server is shutting down")
+            if self._inflight >= self.max_inflight:
+                raise ServerOverloadedError(
+                    f"{self._inflight} requests in flight, the limit is {self.max_inflight}"
+                )
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
 
     def prepare(self, request: InferRequest, received_ns: int | None = None) -> PreparedRequest:
         """Check a request against the model and cut it names; decode its tensors without copying."""
@@ -151,22 +186,18 @@ class DataPlane:
         )
 
     def execute(self, prepared: PreparedRequest) -> InferResponse:
-        """Run a prepared request; reports compute and queue time in microseconds."""
-        self._admit()
-        try:
-            started = time.perf_counter_ns()
-            runner = prepared.model.runner
-            if prepared.profile:
-                return self._profile_response(prepared, started)
-            if prepared.ping:
-                results: dict[str, np.ndarray] = {}
-            elif prepared.split_point is None:
-                results = runner.run(prepared.feeds)
-            else:
-                results = runner.run_tail(prepared.split_point, prepared.feeds)
-            finished = time.perf_counter_ns()
-        finally:
-            self._release()
+        """Run a prepared request (admitted by the caller); reports compute and queue time in microseconds."""
+        started = time.perf_counter_ns()
+        runner = prepared.model.runner
+        if prepared.profile:
+            return self._profile_response(prepared, started)
+        if prepared.ping:
+            results: dict[str, np.ndarray] = {}
+        elif prepared.split_point is None:
+            results = runner.run(prepared.feeds)
+        else:
+            results = runner.run_tail(prepared.split_point, prepared.feeds)
+        finished = time.perf_counter_ns()
         request = prepared.request
         params: dict[str, bool | int | float | str] = {
             COMPUTE_US: (finished - started) // 1000,
@@ -188,7 +219,7 @@ class DataPlane:
             profile = self._profiles.get(model.name)
             if profile is None:
                 logger.info("profiling the tails of %s (%d cuts)", model.name, model.graph.num_operators + 1)
-                values = profile_tails(model.runner, runs=PROFILE_RUNS, warmup=PROFILE_WARMUP)
+                values = profile_tails(model.runner, runs=PROFILE_REPEATS, warmup=PROFILE_WARMUP)
                 profile = self._profiles[model.name] = np.asarray(values, dtype=np.float32)
             return profile
 
@@ -205,9 +236,9 @@ class DataPlane:
                 COMPUTE_US: (finished - started) // 1000,
                 QUEUE_US: (started - prepared.received_ns) // 1000,
                 PROFILE: True,
-                "profile_runs": PROFILE_RUNS,
-                "backend": runner.backend,
-                "threads": runner.threads,
+                PROFILE_RUNS: PROFILE_REPEATS,
+                BACKEND: runner.backend,
+                THREADS: runner.threads,
                 MODEL_SHA256: prepared.model.graph.sha256,
             },
         )
@@ -237,20 +268,6 @@ class DataPlane:
         if version not in ("", MODEL_VERSION):
             raise ModelNotFoundError(f"model {name!r} has no version {version!r} (versions: {MODEL_VERSION})")
         return model
-
-    def _admit(self) -> None:
-        with self._lock:
-            if self._stopping:
-                raise ServerStoppingError("the server is shutting down")
-            if self._inflight >= self.max_inflight:
-                raise ServerOverloadedError(
-                    f"{self._inflight} requests in flight, the limit is {self.max_inflight}"
-                )
-            self._inflight += 1
-
-    def _release(self) -> None:
-        with self._lock:
-            self._inflight -= 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,12 @@ import logging
 import threading
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from edge.backends import DEFAULT_BACKEND
 
-from .dataplane import DataPlane
-from .grpc_service import DEFAULT_MAX_MESSAGE_BYTES, EdgeServer
+from .dataplane import DEFAULT_MAX_INFLIGHT, DataPlane
+from .grpc_service import EdgeServer
 from .repository import ModelRepository
 
 __all__ = ["BackgroundServer"]
@@ -26,27 +27,28 @@ class BackgroundServer:
     ...     client = TailClient(server.address)
     """
 
-    def __init__(
-        self,
-        repository: ModelRepository,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        workers: int = 0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        self.repository = repository
-        self.server = EdgeServer(
-            DataPlane(repository), host=host, port=port, workers=workers, max_message_bytes=max_message_bytes
-        )
+    def __init__(self, server: EdgeServer) -> None:
+        self.server = server
+        self.repository = server.dataplane.repository
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="edge-server", daemon=True)
 
     @classmethod
     def from_files(
-        cls, paths: list[Path], *, backend: str = DEFAULT_BACKEND, threads: int = 1, port: int = 0
+        cls,
+        paths: list[Path],
+        *,
+        backend: str = DEFAULT_BACKEND,
+        threads: int = 1,
+        port: int = 0,
+        workers: int = 1,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        **server_options: Any,
     ) -> BackgroundServer:
-        return cls(ModelRepository.from_files(paths, backend=backend, threads=threads), port=port)
+        """A server of ``paths`` on loopback; ``server_options`` go to :class:`EdgeServer`."""
+        repository = ModelRepository.from_files(paths, backend=backend, threads=threads)
+        dataplane = DataPlane(repository, max_inflight=max_inflight)
+        return cls(EdgeServer(dataplane, port=port, workers=workers, **server_options))
 
     @property
     def address(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edge.errors import EdgeError
 
-__all__ = ["ServerError", "ServerOverloadedError", "ServerStoppingError"]
+__all__ = ["ListenError", "ServerError", "ServerOverloadedError", "ServerStoppingError"]
 
 
 class ServerError(EdgeError):
@@ -17,3 +17,7 @@ class ServerOverloadedError(ServerError):
 
 class ServerStoppingError(ServerError):
     """The server is draining and accepts no new work."""
+
+
+class ListenError(ServerError):
+    """The server cannot listen on the address it was given (in use, unknown, not this machine's)."""

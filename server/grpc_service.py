@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -31,13 +32,20 @@ from edge.errors import (
 from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
 
 from .dataplane import DataPlane
-from .errors import ServerOverloadedError, ServerStoppingError
+from .errors import ListenError, ServerOverloadedError, ServerStoppingError
+from .settings import DEFAULT_MAX_MESSAGE_BYTES
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "STATUS_CODES", "EdgeServer", "InferenceServicer", "status_for"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "STATUS_CODES",
+    "EdgeServer",
+    "InferenceServicer",
+    "check_listen",
+    "status_for",
+]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Most specific class first: the first match wins.
 STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -65,11 +73,19 @@ def status_for(err: BaseException) -> grpc.StatusCode:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """``inference.GRPCInferenceService`` over a :class:`DataPlane`."""
+    """``inference.GRPCInferenceService`` over a :class:`DataPlane`.
 
-    def __init__(self, dataplane: DataPlane, executor: ThreadPoolExecutor | None) -> None:
+    ``workers`` > 0 computes on that many threads, so the event loop keeps answering health
+    checks and admitting (or refusing) requests while a model runs; 0 computes on the event
+    loop itself, which saves a thread hand-off per request but serialises everything, so the
+    in-flight limit can never be reached.
+    """
+
+    def __init__(self, dataplane: DataPlane, *, workers: int = 1) -> None:
         self.dataplane = dataplane
-        self.executor = executor
+        self.executor = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-infer") if workers > 0 else None
+        )
         # Streams waiting for their next request; a stopping server ends them at once.
         self._idle_streams: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -118,6 +134,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             self._idle_streams.discard(task)
 
+    def shutdown(self) -> None:
+        """Let the compute threads finish what they hold, then stop them."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
     def close_streams(self) -> None:
         """End every stream: idle ones now, busy ones after their current request."""
         self._closing = True
@@ -132,19 +153,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         received = time.perf_counter_ns()
         request = converters.infer_request_from_pb(message)
         prepared = self.dataplane.prepare(request, received)
-        if self.executor is None and prepared.profile:
-            # Profiling takes seconds: keep the event loop answering health checks and requests meanwhile.
-            response = await asyncio.to_thread(self.dataplane.execute, prepared)
-        elif self.executor is None:
-            response = self.dataplane.execute(prepared)
-        else:
-            loop = asyncio.get_running_loop()
-            response = await loop.run_in_executor(self.executor, self.dataplane.execute, prepared)
+        with self.dataplane.admitted():
+            if prepared.profile:
+                # Profiling takes seconds: on a thread of its own, so neither the event loop nor the
+                # compute threads wait for it.
+                response = await asyncio.to_thread(self.dataplane.execute, prepared)
+            elif self.executor is None or prepared.ping:
+                response = self.dataplane.execute(prepared)
+            else:
+                loop = asyncio.get_running_loop()
+                response = await loop.run_in_executor(self.executor, self.dataplane.execute, prepared)
         return converters.infer_response_to_pb(response)
 
 
 class EdgeServer:
-    """An asyncio gRPC server holding the inference service, health and reflection."""
+    """An asyncio gRPC server holding the inference service, health and reflection.
+
+    What it serves with is passed in: the ``servicer`` (by default an :class:`InferenceServicer`
+    over ``dataplane`` with ``workers`` compute threads), the ``credentials`` (None: plaintext)
+    and the ``interceptors``.
+    """
 
     def __init__(
         self,
@@ -152,21 +180,21 @@ class EdgeServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        workers: int = 0,
+        workers: int = 1,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        servicer: InferenceServicer | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.dataplane = dataplane
         self.host = host
         self.requested_port = port
         self.max_message_bytes = max_message_bytes
-        # workers=0 computes on the event loop: the lowest per-request overhead, one request at a time.
-        # workers>0 hands compute to a thread pool, so requests overlap at the cost of a thread hop.
-        self.executor = (
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-infer") if workers > 0 else None
-        )
+        self.servicer = servicer if servicer is not None else InferenceServicer(dataplane, workers=workers)
+        self.credentials = credentials
+        self.interceptors = tuple(interceptors)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port: int | None = None
-        self.servicer: InferenceServicer | None = None
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -182,15 +210,12 @@ class EdgeServer:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options)
-        self.servicer = InferenceServicer(self.dataplane, self.executor)
+        server = grpc.aio.server(options=options, interceptors=self.interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=DESCRIPTOR_POOL)
-        port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
-        if port == 0:
-            raise OSError(f"cannot listen on {self.host}:{self.requested_port}")
+        port = bind(server, self.host, self.requested_port, self.credentials)
         await server.start()
         self._server, self.port = server, port
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -205,12 +230,10 @@ class EdgeServer:
             return
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.dataplane.begin_shutdown()
-        if self.servicer is not None:
-            self.servicer.close_streams()
+        self.servicer.close_streams()
         await self._server.stop(grace)
         self._server = None
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+        self.servicer.shutdown()
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -225,6 +248,50 @@ class EdgeServer:
             result = self.health.enter_graceful_shutdown()
             if isinstance(result, Awaitable):
                 await result
+
+
+def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    """Add the listening port; a failure (in use, unknown host, not this machine's) is one ListenError.
+
+    The address is tried with a plain socket first: gRPC says only that it failed, and says it
+    on stderr in a line of its own.
+    """
+    target = check_listen(host, port)
+    try:
+        bound = (
+            server.add_insecure_port(target)
+            if credentials is None
+            else server.add_secure_port(target, credentials)
+        )
+    except RuntimeError as err:
+        raise ListenError(f"cannot listen on {target}: {err}") from err
+    if bound == 0:
+        raise ListenError(f"cannot listen on {target}")
+    return int(bound)
+
+
+def check_listen(host: str, port: int) -> str:
+    """``host:port`` if this process can listen there now; raises ListenError saying why not."""
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    problem = _bind_problem(host, port)
+    if problem is not None:
+        raise ListenError(f"cannot listen on {target}: {problem}")
+    return target
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        return f"unknown host {host!r} ({err.strerror})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as err:
+            return err.strerror or str(err)
+    return None
 
 
 async def _guard(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:

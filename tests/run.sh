@@ -19,6 +19,7 @@ echo "== installing edge-coop with the test extras"
 
 echo "== lint and types"
 "$PYTHON" -m ruff check edge server tests tools
+"$PYTHON" -m ruff format --check edge server tests tools
 "$PYTHON" -m mypy edge server
 
 echo "== test suite (backend: litert)"

@@ -355,7 +355,9 @@ def recalibrate_batchnorm(model: tf.keras.Model, images: np.ndarray) -> None:
 
 def build_mobilenet(batch_size: int | None = None) -> tf.keras.Model:
     inputs = tf.keras.layers.Input((224, 224, 3), batch_size=batch_size, name="image")
-    return tf.keras.applications.MobileNetV2(alpha=0.35, input_tensor=inputs, weights=None, classes=1000, classifier_activation=None)
+    return tf.keras.applications.MobileNetV2(
+        alpha=0.35, input_tensor=inputs, weights=None, classes=1000, classifier_activation=None
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
+from ..argtypes import Parser
 from ..cpu_latency import cpu_latency_hold
 from ..errors import EdgeError
 from . import bench_cmd, demo_cmd, infer_cmd, inspect_cmd, plan_cmd, run_cmd, split_cmd
@@ -19,11 +21,12 @@ COMMANDS = [demo_cmd, inspect_cmd, split_cmd, infer_cmd, bench_cmd, plan_cmd, ru
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="edge",
         description="Cooperative device-edge inference: split a TFLite model, run the head here and the tail "
         "on an edge server.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

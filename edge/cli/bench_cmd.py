@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from ..argtypes import non_negative_int, positive_int
 from ..preprocess import random_inputs
 from ..stats import summary
 from . import sweep
@@ -31,8 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     # Not required by argparse, which would demand it of `edge bench sweep` too: _run_one_cut checks it.
     add_device_args(p, model_required=False)
     add_server_args(p)
-    p.add_argument("-n", type=int, default=200, help="measured requests (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=20, help="unmeasured requests first (default: %(default)s)")
+    p.add_argument("-n", type=positive_int, default=200, help="measured requests (default: %(default)s)")
+    p.add_argument(
+        "--warmup", type=non_negative_int, default=20, help="unmeasured requests first (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random input")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=functools.partial(_run_one_cut, p))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import models
+from ..argtypes import address, positive_float, positive_int
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..cooperative import CooperativeRunner
 from ..cpu_latency import add_cpu_latency_arg
@@ -17,6 +18,7 @@ from ..policy import make_policy
 from ..preprocess import coerce_input
 from ..runner import ModelRunner
 from ..transport import TailClient
+from ..transport.address import DEFAULT_PORT
 
 __all__ = [
     "add_device_args",
@@ -33,15 +35,30 @@ def add_device_args(p: argparse.ArgumentParser, *, model_required: bool = True) 
         required=model_required,
         help=f"a .tflite file, or a shipped model's name ({', '.join(models.names()) or 'none shipped'})",
     )
-    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND, help="device backend")
-    p.add_argument("--threads", type=int, default=1, help="device interpreter threads (default: %(default)s)")
+    add_backend_args(p)
     add_cpu_latency_arg(p)
 
 
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default=DEFAULT_BACKEND,
+        help="device backend (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=1, help="device interpreter threads (default: %(default)s)"
+    )
+
+
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", metavar="HOST:PORT", help="edge server address")
-    p.add_argument("--model-name", help="the model's name on the server (default: the model file's stem)")
-    p.add_argument("--timeout", type=float, default=2.0, help="deadline of each request, seconds")
+    add_address_args(p)
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=2.0,
+        help="deadline of each request, seconds (default: %(default)s)",
+    )
     p.add_argument(
         "--transport",
         choices=["stream", "unary"],
@@ -61,8 +78,28 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         default="latency",
         help="what --split-at auto minimises (default: %(default)s)",
     )
-    p.add_argument("--deadline-ms", type=float, help="with auto: only cuts predicted to finish within this")
-    p.add_argument("--max-bytes", type=int, help="with auto: only cuts that send at most this many bytes")
+    add_constraint_args(p, prefix="with auto: ")
+
+
+def add_address_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        type=address,
+        metavar="HOST[:PORT]",
+        help=f"edge server address; the port defaults to {DEFAULT_PORT}",
+    )
+    p.add_argument("--model-name", help="the model's name on the server (default: the model file's stem)")
+
+
+def add_constraint_args(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
+    p.add_argument(
+        "--deadline-ms",
+        type=positive_float,
+        help=f"{prefix}only cuts predicted to finish within this many ms",
+    )
+    p.add_argument(
+        "--max-bytes", type=positive_int, help=f"{prefix}only cuts that send at most this many bytes"
+    )
 
 
 def load_graph(spec: str) -> ModelGraph:

@@ -12,6 +12,7 @@ from rich.progress import track
 from rich.table import Table
 
 from .. import models
+from ..argtypes import positive_int
 from ..cooperative import CooperativeRunner
 from ..policy import make_policy
 from ..runner import ModelRunner
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model", default=models.DEFAULT_MODEL, help="shipped model or .tflite (default: %(default)s)"
     )
     p.add_argument("--split-at", default=None, metavar="K|TENSOR", help="the cut (default: the middle one)")
-    p.add_argument("-n", type=int, default=None, help="how many samples (default: all)")
+    p.add_argument("-n", type=positive_int, default=None, help="how many samples (default: all)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 

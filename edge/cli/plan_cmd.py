@@ -11,14 +11,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..backends import BACKENDS, DEFAULT_BACKEND
+from ..argtypes import positive_float, positive_int
+from ..autosplit import AutoSplit
 from ..errors import EdgeError
-from ..planner import DEFAULT_COMPUTE_WATTS, DEFAULT_RADIO_WATTS, OBJECTIVES, AutoSplit, Plan
+from ..planner import DEFAULT_COMPUTE_WATTS, DEFAULT_RADIO_WATTS, OBJECTIVES, Plan
 from ..policy import make_policy
 from ..profiler import profile_path
 from ..runner import ModelRunner
 from ..transport import TailClient
-from .common import load_graph
+from .common import add_address_args, add_backend_args, add_constraint_args, load_graph
 
 __all__ = ["register"]
 
@@ -35,26 +36,36 @@ def register(sub: argparse._SubParsersAction) -> None:
         "on loopback.",
     )
     p.add_argument("model", help="a .tflite file, or a shipped model's name")
-    p.add_argument("--server", metavar="HOST:PORT", help="edge server address")
-    p.add_argument("--model-name", help="the model's name on the server (default: the model file's stem)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND, help="device backend")
-    p.add_argument("--threads", type=int, default=1, help="device interpreter threads (default: %(default)s)")
+    add_address_args(p)
+    add_backend_args(p)
     p.add_argument(
         "--objective", choices=OBJECTIVES, default="latency", help="what to minimise (default: latency)"
     )
-    p.add_argument("--deadline-ms", type=float, help="only cuts predicted to finish within this many ms")
-    p.add_argument("--max-bytes", type=int, help="only cuts sending at most this many bytes")
+    add_constraint_args(p)
     p.add_argument(
-        "--compute-watts", type=float, default=DEFAULT_COMPUTE_WATTS, help="device power while computing (W)"
+        "--compute-watts",
+        type=positive_float,
+        default=DEFAULT_COMPUTE_WATTS,
+        help="device power while computing, W (default: %(default)s)",
     )
     p.add_argument(
-        "--radio-watts", type=float, default=DEFAULT_RADIO_WATTS, help="device power while sending (W)"
+        "--radio-watts",
+        type=positive_float,
+        default=DEFAULT_RADIO_WATTS,
+        help="device power while sending, W (default: %(default)s)",
     )
-    p.add_argument("--probes", type=int, default=3, help="link probes of each kind (default: %(default)s)")
+    p.add_argument(
+        "--probes", type=positive_int, default=3, help="link probes of each kind (default: %(default)s)"
+    )
     p.add_argument(
         "--refresh-profile", action="store_true", help="measure the device again, ignoring the cache"
     )
-    p.add_argument("--timeout", type=float, default=30.0, help="deadline of each probe, seconds")
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=30.0,
+        help="deadline of each probe, seconds (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 

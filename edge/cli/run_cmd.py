@@ -13,7 +13,7 @@ from ..cpu_latency import cpu_latency_hold
 from ..errors import EdgeError
 
 if TYPE_CHECKING:
-    from ..daemon import Plan
+    from ..daemon import ResolvedProfile
 
 __all__ = ["register"]
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     profile = daemon.load(path)
     if args.broker or args.server:
         profile = daemon.apply_overrides(profile, broker=args.broker, servers=args.server, source=str(path))
-    resolved = daemon.plan(profile, path)
+    resolved = daemon.resolve(profile, path)
     if args.check:
         print(json.dumps(_describe(resolved), indent=2))
         return 0
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         return service.run()
 
 
-def _describe(resolved: Plan) -> dict[str, Any]:
+def _describe(resolved: ResolvedProfile) -> dict[str, Any]:
     profile = resolved.profile
     graph = resolved.graph
     return {

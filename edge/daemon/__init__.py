@@ -9,18 +9,18 @@ acknowledges each message once its result is confirmed (:mod:`.ledger`).
 from __future__ import annotations
 
 from .config import DeviceProfile
-from .device import Plan, open_device, plan
+from .device import ResolvedProfile, open_device, resolve
 from .profiles import apply_overrides, available, find, load
 from .service import Daemon
 
 __all__ = [
     "Daemon",
     "DeviceProfile",
-    "Plan",
+    "ResolvedProfile",
     "apply_overrides",
     "available",
     "find",
     "load",
     "open_device",
-    "plan",
+    "resolve",
 ]

@@ -1,6 +1,6 @@
 """From a validated profile to the objects that run it: the model, its cut, the edge servers.
 
-:func:`plan` reads the model and checks the profile against it (labels, inputs, the cut)
+:func:`resolve` reads the model and checks the profile against it (labels, inputs, the cut)
 without touching the network; ``edge run --check`` stops there. :func:`open_device` then
 builds the cooperative runner.
 """
@@ -11,7 +11,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 
@@ -21,17 +20,16 @@ from ..errors import ConfigError, EdgeError
 from ..graph import ModelGraph
 from ..policy import make_policy
 from ..runner import ModelRunner
-from ..transport import TailClient
-from ..transport.failover import FailoverClient
+from ..transport import FailoverClient, TailClient, TailTransport
 from .config import DeviceProfile, FixedSplitConfig
 
-__all__ = ["Plan", "open_device", "plan"]
+__all__ = ["ResolvedProfile", "open_device", "resolve"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class ResolvedProfile:
     """A profile resolved against its model."""
 
     profile: DeviceProfile
@@ -44,7 +42,7 @@ class Plan:
     """The fixed cut, or None when the planner chooses."""
 
 
-def plan(profile: DeviceProfile, source: Path) -> Plan:
+def resolve(profile: DeviceProfile, source: Path) -> ResolvedProfile:
     """Resolve the model and check the profile against it; raises ConfigError naming file and key."""
     model_path = _resolve_model(profile.model.path, source)
     graph = ModelGraph.from_file(model_path)
@@ -57,10 +55,12 @@ def plan(profile: DeviceProfile, source: Path) -> Plan:
             cut = graph.resolve_cut(profile.split.k)
         except EdgeError as err:
             raise ConfigError(f"{source}: split.k: {err}") from err
-    return Plan(profile=profile, source=source, model_path=model_path, graph=graph, model_name=name, cut=cut)
+    return ResolvedProfile(
+        profile=profile, source=source, model_path=model_path, graph=graph, model_name=name, cut=cut
+    )
 
 
-def open_device(resolved: Plan) -> CooperativeRunner:
+def open_device(resolved: ResolvedProfile) -> CooperativeRunner:
     """The cooperative runner the profile describes (no request is sent yet)."""
     profile = resolved.profile
     runner = ModelRunner(resolved.graph, backend=profile.runtime.backend, threads=profile.runtime.threads)
@@ -88,9 +88,9 @@ def open_device(resolved: Plan) -> CooperativeRunner:
     )
 
 
-def _client(profile: DeviceProfile, source: Path) -> TailClient | None:
+def _client(profile: DeviceProfile, source: Path) -> TailTransport | None:
     edge = profile.edge
-    clients = []
+    clients: list[TailTransport] = []
     for i, server in enumerate(edge.servers):
         try:
             tls = server.tls.options() if server.tls else None
@@ -103,8 +103,7 @@ def _client(profile: DeviceProfile, source: Path) -> TailClient | None:
         return None
     if len(clients) == 1:
         return clients[0]
-    # FailoverClient has TailClient's call surface (infer, ready, model_metadata, close) without its channel.
-    return cast(TailClient, FailoverClient(clients, retry_after_s=edge.retry_after_s))
+    return FailoverClient(clients, retry_after_s=edge.retry_after_s)
 
 
 def _resolve_model(spec: str, source: Path) -> Path:

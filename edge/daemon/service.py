@@ -35,7 +35,7 @@ from ..stats import summary
 from ..systemd import notify, watchdog_interval
 from . import messages, payloads
 from .config import SensorConfig
-from .device import Plan
+from .device import ResolvedProfile
 from .ledger import AckLedger, Source
 from .mqtt import OFFLINE, ONLINE, connect_properties, subscriptions, user_properties
 
@@ -61,7 +61,7 @@ class _Inbound:
 class Daemon:
     """Runs one profile until :meth:`stop`; :meth:`run` returns the exit status."""
 
-    def __init__(self, resolved: Plan, device: CooperativeRunner, client: paho.Client) -> None:
+    def __init__(self, resolved: ResolvedProfile, device: CooperativeRunner, client: paho.Client) -> None:
         self.plan = resolved
         self.profile = resolved.profile
         self.device = device

@@ -26,9 +26,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..autosplit import AutoSplit
 from ..cooperative import CooperativeRunner, InferenceResult
 from ..graph import ModelGraph
-from ..planner import AutoSplit
 from ..policy import make_policy
 from ..preprocess import random_tensors
 from ..runner import ModelRunner

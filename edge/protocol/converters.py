@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import grpc
 import numpy as np
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from edge.codec import (
     InferRequest,
@@ -307,3 +308,9 @@ def stream_error_from_pb(error_message: str) -> tuple[str, str]:
     if sep and status in _STATUS_NAMES:
         return status, rest
     return "UNKNOWN", error_message
+
+
+def stream_answer_is_foreign(reply: pb.ModelStreamInferResponse) -> bool:
+    """True when a stream answer's bytes are another message's: a ModelInferResponse read as ours
+    (as MLServer streams) puts the model name in ``error_message`` and leaves its other fields unknown."""
+    return len(UnknownFieldSet(reply)) > 0

@@ -1,5 +1,17 @@
-"""Device-side transport: the gRPC client that sends cut tensors to an edge server."""
+"""Device-side transport: how cut tensors reach edge servers, one (:class:`TailClient`) or several
+(:class:`FailoverClient`), both a :class:`TailTransport`."""
 
-from .client import RemoteResult, TailClient, TLSOptions
+from .base import RETRYABLE, RemoteResult, TailTransport, ping, tail_profile
+from .client import TailClient, TLSOptions
+from .failover import FailoverClient
 
-__all__ = ["RemoteResult", "TLSOptions", "TailClient"]
+__all__ = [
+    "RETRYABLE",
+    "FailoverClient",
+    "RemoteResult",
+    "TLSOptions",
+    "TailClient",
+    "TailTransport",
+    "ping",
+    "tail_profile",
+]

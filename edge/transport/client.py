@@ -26,20 +26,18 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from ..codec import InferRequest, ModelMetadata, decode, encode
-from ..errors import ConfigError, RemoteError
+from ..codec import InferRequest, ModelMetadata, ParameterValue, decode, encode
+from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb, pb_grpc
+from .base import RemoteResult
 
-__all__ = ["RETRYABLE", "RemoteResult", "TLSOptions", "TailClient"]
+__all__ = ["TLSOptions", "TailClient"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _CLOSE_SETTLE_S = 0.05
-
-# Statuses after which the device should finish the work itself: the link or the server is the problem.
-RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED"})
 
 # Reconnect quickly after an edge server restarts; gRPC's default backoff grows to two minutes.
 _CHANNEL_OPTIONS = [
@@ -75,30 +73,6 @@ class TLSOptions:
             private_key=read(self.key_file),
             certificate_chain=read(self.cert_file),
         )
-
-
-@dataclass(slots=True)
-class RemoteResult:
-    """What the server returned, and how long the call took as seen from the device."""
-
-    outputs: dict[str, np.ndarray]
-    parameters: Mapping[str, bool | int | float | str]
-    call_ms: float
-    """Wall time of the RPC on the device: transfer both ways, queueing and compute."""
-    bytes_sent: int
-
-    @property
-    def compute_ms(self) -> float:
-        return float(self.parameters.get("compute_us", 0)) / 1000.0
-
-    @property
-    def queue_ms(self) -> float:
-        return float(self.parameters.get("queue_us", 0)) / 1000.0
-
-    @property
-    def transfer_ms(self) -> float:
-        """Call time not spent computing or queueing on the server: the network and both stacks."""
-        return max(self.call_ms - self.compute_ms - self.queue_ms, 0.0)
 
 
 class TailClient:
@@ -140,7 +114,7 @@ class TailClient:
         model: str,
         inputs: Mapping[str, np.ndarray],
         *,
-        parameters: Mapping[str, bool | int | float | str] | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
     ) -> RemoteResult:
@@ -155,30 +129,20 @@ class TailClient:
             started = time.perf_counter()
             reply = self._run(self._infer(message, timeout), timeout)
             call_ms = (time.perf_counter() - started) * 1000.0
-        response = converters.infer_response_from_pb(reply)
+        try:
+            response = converters.infer_response_from_pb(reply)
+            outputs = {t.name: decode(t) for t in response.outputs}
+        except EdgeError as err:
+            raise RemoteError(
+                f"INTERNAL: edge server {self.address} sent an answer that cannot be read: {err}",
+                status="INTERNAL",
+            ) from err
         return RemoteResult(
-            outputs={t.name: decode(t) for t in response.outputs},
+            outputs=outputs,
             parameters=response.parameters,
             call_ms=call_ms,
             bytes_sent=sum(t.nbytes for t in tensors),
         )
-
-    def tail_profile(
-        self, model: str, *, model_sha256: str | None = None, timeout_s: float | None = None
-    ) -> np.ndarray:
-        """The server's median tail latency (ms) of ``model`` at every cut 0..N.
-
-        A ModelInfer request with the bool parameter ``profile`` and no inputs; the first one
-        per model makes the server measure, so give it a generous timeout.
-        """
-        parameters: dict[str, bool | int | float | str] = {"profile": True}
-        if model_sha256 is not None:
-            parameters["model_sha256"] = model_sha256
-        result = self.infer(model, {}, parameters=parameters, timeout_s=timeout_s)
-        profile = result.outputs.get("tail_ms")
-        if profile is None or profile.ndim != 1:
-            raise RemoteError(f"INTERNAL: edge server {self.address} sent no tail profile", status="INTERNAL")
-        return profile.astype(np.float64)
 
     def ready(self, timeout_s: float | None = None) -> bool:
         try:
@@ -228,8 +192,11 @@ class TailClient:
         await asyncio.sleep(_CLOSE_SETTLE_S)
 
     def _run(self, work: Coroutine[Any, Any, T], timeout_s: float) -> T:
-        """Run ``work`` on the private loop, within ``timeout_s``; the caller holds the lock."""
-        if self._loop.is_closed() or asyncio._get_running_loop() is not None:
+        """Run ``work`` on the private loop, within ``timeout_s``; the caller holds the lock.
+
+        Whatever goes wrong on the way, the caller gets a RemoteError: the device then finishes locally.
+        """
+        if self._loop.is_closed() or _in_coroutine():
             work.close()
             if self._loop.is_closed():
                 raise RemoteError(f"CANCELLED: the client of {self.address} is closed", status="CANCELLED")
@@ -247,6 +214,16 @@ class TailClient:
             ) from err
         except grpc.aio.AioRpcError as err:
             raise RemoteError(f"{err.code().name}: {err.details()}", status=err.code().name) from err
+        except RemoteError:
+            raise
+        except Exception as err:
+            # A peer that breaks the protocol, or a channel in a state gRPC did not expect.
+            self._drop_stream()
+            logger.debug("call to %s failed", self.address, exc_info=err)
+            raise RemoteError(
+                f"INTERNAL: the call to edge server {self.address} failed: {type(err).__name__}: {err}",
+                status="INTERNAL",
+            ) from err
         finally:
             timer.cancel()
 
@@ -263,12 +240,10 @@ class TailClient:
         if self.streaming:
             try:
                 return await self._exchange(message)
-            except _NoStreamingError:
-                # The request never went out. If a unary call gets through, the server does not stream.
+            except _NoStreamingError as err:
+                # If a unary call gets through, the server does not stream, or not in our dialect.
                 reply = await self._stub.ModelInfer(message, timeout=timeout_s)
-                logger.info(
-                    "edge server %s refuses ModelStreamInfer; sending unary ModelInfer calls", self.address
-                )
+                logger.info("edge server %s: %s; sending unary ModelInfer calls", self.address, err)
                 self.streaming = False
                 return reply
         return await self._stub.ModelInfer(message, timeout=timeout_s)
@@ -287,22 +262,37 @@ class TailClient:
             # (gRPC reports INTERNAL), so let the caller find out with a unary call.
             self._stream = None
             if fresh:
-                raise _NoStreamingError from err
+                raise _NoStreamingError("it refuses ModelStreamInfer") from err
             return await self._exchange(message)
         try:
             reply = await stream.read()
         except grpc.aio.AioRpcError as err:
             self._stream = None
             if err.code() is grpc.StatusCode.UNIMPLEMENTED:
-                raise _NoStreamingError from err
+                raise _NoStreamingError("it refuses ModelStreamInfer") from err
             raise
         if reply is grpc.aio.EOF:
             self._stream = None
             status = await self._ended(stream)
             raise RemoteError(f"{status}: edge server {self.address} ended the stream", status=status)
+        if not isinstance(reply, pb.ModelStreamInferResponse):
+            # gRPC hands back None when the bytes do not parse as our message (MLServer's stream
+            # answers with ModelInferResponse, for one). The stream is of no use with this peer.
+            self._drop_stream()
+            raise _NoStreamingError("its ModelStreamInfer answers cannot be read")
         if reply.error_message:
             status, detail = converters.stream_error_from_pb(reply.error_message)
+            if (
+                status == "UNKNOWN"
+                and not reply.HasField("infer_response")
+                and converters.stream_answer_is_foreign(reply)
+            ):
+                self._drop_stream()
+                raise _NoStreamingError("its ModelStreamInfer answers are not ModelStreamInferResponse")
             raise RemoteError(f"{status}: {detail}", status=status)
+        if not reply.HasField("infer_response"):
+            self._drop_stream()
+            raise _NoStreamingError("its ModelStreamInfer answers carry no infer_response")
         return reply.infer_response
 
     @staticmethod
@@ -310,7 +300,7 @@ class TailClient:
         """The status a finished stream ended with (OK reads as UNAVAILABLE: it is gone)."""
         code = await stream.code()
         if code is grpc.StatusCode.UNIMPLEMENTED:
-            raise _NoStreamingError
+            raise _NoStreamingError("it refuses ModelStreamInfer")
         return "UNAVAILABLE" if code is grpc.StatusCode.OK else str(code.name)
 
     def _drop_stream(self) -> None:
@@ -320,7 +310,16 @@ class TailClient:
 
 
 class _NoStreamingError(Exception):
-    """The server answered ModelStreamInfer with UNIMPLEMENTED, or refused a new stream at once."""
+    """The server answered ModelStreamInfer with UNIMPLEMENTED, refused a new stream at once, or
+    answered on it in a form this client cannot read."""
+
+
+def _in_coroutine() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 async def _open_channel(

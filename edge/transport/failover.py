@@ -1,7 +1,7 @@
 """Several edge servers behind one client: try them in order of preference, skip the ones that just failed.
 
-Same call as :meth:`TailClient.infer`, and the same failure: :class:`~edge.errors.RemoteError`,
-raised when no server answered, so the caller finishes the work locally.
+A :class:`~edge.transport.base.TailTransport` over several: the same calls, and the same failure,
+:class:`~edge.errors.RemoteError`, raised when no server answered, so the caller finishes the work locally.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from types import TracebackType
 
 import numpy as np
 
-from ..codec import ModelMetadata
+from ..codec import ModelMetadata, ParameterValue
 from ..errors import ConfigError, RemoteError
-from .client import RemoteResult, TailClient
+from .base import RemoteResult, TailTransport
 
 __all__ = ["FailoverClient"]
 
@@ -32,7 +32,7 @@ class FailoverClient:
 
     def __init__(
         self,
-        clients: Sequence[TailClient],
+        clients: Sequence[TailTransport],
         *,
         retry_after_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
@@ -56,7 +56,7 @@ class FailoverClient:
         model: str,
         inputs: Mapping[str, np.ndarray],
         *,
-        parameters: Mapping[str, bool | int | float | str] | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
     ) -> RemoteResult:

@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from edge.cli import main
-from edge.daemon import apply_overrides, available, find, load, plan
+from edge.daemon import apply_overrides, available, find, load, resolve
 from edge.daemon.config import AutoSplitConfig, DeviceProfile, FixedSplitConfig
 from edge.daemon.profiles import parse
 from edge.errors import ConfigError
@@ -45,7 +45,7 @@ def test_the_four_profiles_ship() -> None:
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
 def test_each_shipped_profile_validates_against_its_model(path: Path) -> None:
     profile = load(path)
-    resolved = plan(profile, path)
+    resolved = resolve(profile, path)
     assert resolved.graph.num_operators > 0
     assert profile.sensors and profile.client_id == f"edge-{profile.device_id}"
     if path.stem == "generic-x86":
@@ -106,9 +106,16 @@ def test_every_field_is_documented() -> None:
         (('topic = "sensors/+/digits"', 'topic = "edge/#"'), "sensors[0].topic", "the daemon's own topic"),
         (('device_id = "dev-1"', 'device_id = "dev/1"'), "device_id", "letters, digits"),
         (('host = "localhost"', 'host = "localhost"\npassword = "x"'), "mqtt", "a password needs a username"),
-        (('device_id = "dev-1"', 'device_id = "dev-1"\n[runtime]\ncpu_latency_us = -1'), "runtime.cpu_latency_us", "0"),
         (
-            ('host = "localhost"', 'host = "localhost"\n[[edge.servers]]\naddress = "h:1"\nstreaming = "maybe"'),
+            ('device_id = "dev-1"', 'device_id = "dev-1"\n[runtime]\ncpu_latency_us = -1'),
+            "runtime.cpu_latency_us",
+            "0",
+        ),
+        (
+            (
+                'host = "localhost"',
+                'host = "localhost"\n[[edge.servers]]\naddress = "h:1"\nstreaming = "maybe"',
+            ),
             "edge.servers[0].streaming",
             "bool",
         ),
@@ -136,20 +143,20 @@ def test_a_model_mismatch_is_named_when_planned(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text(MINIMAL.replace("k = 8", "k = 99"))
     with pytest.raises(ConfigError, match=r"p\.toml: split\.k: cut 99 is out of range"):
-        plan(load(path), path)
+        resolve(load(path), path)
     path.write_text(MINIMAL.replace('path = "digits_resnet"', 'path = "digits_resnet"\nlabels = ["a", "b"]'))
     with pytest.raises(ConfigError, match=r"p\.toml: model\.labels: 2 labels for 10 output classes"):
-        plan(load(path), path)
+        resolve(load(path), path)
     path.write_text(MINIMAL.replace('path = "digits_resnet"', 'path = "no_such_model"'))
     with pytest.raises(ConfigError, match=r"p\.toml: model\.path: "):
-        plan(load(path), path)
+        resolve(load(path), path)
 
 
 def test_a_relative_model_path_is_relative_to_the_profile(tmp_path: Path) -> None:
     (tmp_path / "m.tflite").write_bytes((REPO / "edge" / "models" / "digits_tiny.tflite").read_bytes())
     path = tmp_path / "p.toml"
     path.write_text(MINIMAL.replace('path = "digits_resnet"', 'path = "m.tflite"').replace("k = 8", "k = 2"))
-    resolved = plan(load(path), path)
+    resolved = resolve(load(path), path)
     assert resolved.model_path == tmp_path / "m.tflite" and resolved.model_name == "m"
 
 

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 
 from edge import models
+from edge.autosplit import AutoSplit
+from edge.cooperative import CooperativeRunner
+from edge.daemon import load, open_device, resolve
 from edge.errors import ConfigError, RemoteError
 from edge.graph import ModelGraph
+from edge.policy import make_policy
 from edge.runner import ModelRunner
-from edge.transport import TailClient
-from edge.transport.failover import FailoverClient
+from edge.transport import FailoverClient, TailClient, TailTransport
 from helpers import free_port
 from server.embedded import BackgroundServer
 
@@ -107,3 +110,60 @@ def test_a_server_that_comes_back_is_preferred_again(cut_tensors: dict[str, np.n
 def test_no_servers_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         FailoverClient([])
+
+
+def test_auto_split_plans_across_several_servers(
+    servers: list[BackgroundServer], tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two or more servers with split type auto: the planner profiles and probes through the pool."""
+    monkeypatch.setenv("EDGE_CACHE_DIR", str(tmp_path / "cache"))
+    dead = f"127.0.0.1:{free_port()}"
+    clients: list[TailTransport] = [TailClient(dead, timeout_s=1.0)] + [
+        TailClient(s.address, timeout_s=30.0) for s in servers
+    ]
+    pool = FailoverClient(clients)
+    with ModelRunner(GRAPH) as runner:
+        policy = make_policy(GRAPH, "auto", runner=ModelRunner(GRAPH), client=pool, progress=False)
+        assert isinstance(policy, AutoSplit) and policy.reachable
+        device = CooperativeRunner(runner, pool, model_name="digits_resnet", policy=policy)
+        x = {GRAPH.inputs[0].name: models.digits_sample().x[:1]}
+        expected = ModelRunner(GRAPH).run(x)
+        result = device.infer(x)
+        assert not result.fallback
+        np.testing.assert_array_equal(result.outputs[GRAPH.outputs[0].name], expected[GRAPH.outputs[0].name])
+        device.close()
+
+
+def test_a_daemon_profile_with_two_servers_and_auto_split_starts(
+    servers: list[BackgroundServer], tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shape of the shipped raspberry-pi-5 and jetson-orin-nano profiles, without their TLS."""
+    monkeypatch.setenv("EDGE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "two.toml"
+    path.write_text(
+        f"""
+device_id = "two-servers"
+[model]
+path = "digits_resnet"
+[split]
+type = "auto"
+objective = "bytes"
+[[edge.servers]]
+address = "{servers[0].address}"
+[[edge.servers]]
+address = "{servers[1].address}"
+streaming = false
+[mqtt]
+host = "127.0.0.1"
+[[sensors]]
+topic = "sensors/+/digits"
+format = "json"
+"""
+    )
+    resolved = resolve(load(path), path)
+    device = open_device(resolved)
+    try:
+        assert isinstance(device.client, FailoverClient)
+        assert isinstance(device.policy, AutoSplit) and device.policy.reachable
+    finally:
+        device.close()

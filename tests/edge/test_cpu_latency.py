@@ -14,7 +14,8 @@ from edge.cpu_latency import PM_QOS_PATH, CPULatencyHold, current_cpu_latency_us
 from edge.errors import ConfigError
 
 needs_pm_qos = pytest.mark.skipif(
-    not PM_QOS_PATH.exists() or not os.access(PM_QOS_PATH, os.W_OK), reason="needs root and /dev/cpu_dma_latency"
+    not PM_QOS_PATH.exists() or not os.access(PM_QOS_PATH, os.W_OK),
+    reason="needs root and /dev/cpu_dma_latency",
 )
 
 
@@ -55,5 +56,5 @@ def test_edge_server_reports_a_bad_value_in_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "edge-server: error: CPU wake-up latency must be 0..2000000000 microseconds, not -5"
+        "edge-server: error: argument --cpu-latency-us: -5 is below the minimum, 0 (see edge-server --help)"
     ]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edge.autosplit import AutoSplit
 from edge.cooperative import InferenceResult, StageTimings
 from edge.link import LinkEstimator
-from edge.planner import AutoSplit
-from edge.transport.client import RemoteResult
+from edge.transport import RemoteResult
 
 
 class Clock:

@@ -9,13 +9,13 @@ import pytest
 import tritonclient.grpc as triton
 
 from edge import models
+from edge.autosplit import AutoSplit
 from edge.cli import main
 from edge.cooperative import CooperativeRunner
 from edge.errors import RemoteError
-from edge.planner import AutoSplit
 from edge.policy import make_policy
 from edge.runner import ModelRunner
-from edge.transport import TailClient
+from edge.transport import TailClient, tail_profile
 from helpers import digit_inputs, free_port
 
 MODEL = "digits_resnet"
@@ -24,16 +24,16 @@ MODEL = "digits_resnet"
 def test_profile_request_returns_every_cut(client, graphs):
     graph = graphs[MODEL]
     n = graph.num_operators
-    profile = client.tail_profile(MODEL, model_sha256=graph.sha256)
+    profile = tail_profile(client, MODEL, model_sha256=graph.sha256)
     assert profile.shape == (n + 1,)
     assert profile[n] == 0.0 and (profile[:n] > 0).all()
     # Measured once per model: the second answer is the cached one.
-    assert np.array_equal(client.tail_profile(MODEL), profile)
+    assert np.array_equal(tail_profile(client, MODEL), profile)
 
 
 def test_profile_request_checks_the_model(client):
     with pytest.raises(RemoteError) as err:
-        client.tail_profile(MODEL, model_sha256="0" * 64)
+        tail_profile(client, MODEL, model_sha256="0" * 64)
     assert err.value.status == "FAILED_PRECONDITION"
 
 

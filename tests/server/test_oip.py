@@ -15,7 +15,9 @@ from edge.partition import split_model
 from edge.protocol import SERVICE_NAME, pb, pb_grpc
 from edge.runner import ModelRunner
 from helpers import seeded_inputs
+from server.dataplane import DataPlane
 from server.embedded import BackgroundServer
+from server.grpc_service import EdgeServer
 from server.repository import ModelRepository
 
 MODEL = "digits_resnet"
@@ -149,7 +151,7 @@ def test_malformed_requests_are_rejected_and_the_server_keeps_serving(
 
 def test_message_size_limit_is_enforced(graphs: dict) -> None:
     repository = ModelRepository.from_files([models.model_path(MODEL)])
-    with BackgroundServer(repository, max_message_bytes=512) as srv:
+    with BackgroundServer(EdgeServer(DataPlane(repository), max_message_bytes=512)) as srv:
         stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(srv.address))
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(_request(graphs[MODEL]), timeout=10)

@@ -13,6 +13,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -25,13 +26,13 @@ from edge.errors import RemoteError
 from edge.graph import ModelGraph
 from edge.link import LinkEstimator, LinkProber
 from edge.preprocess import random_tensors
-from edge.protocol import pb_grpc
+from edge.protocol import SERVICE_NAME, converters, pb, pb_grpc
 from edge.runner import ModelRunner
 from edge.transport import TailClient
 from helpers import grpc_peer, seeded_inputs
 from server.dataplane import DataPlane
 from server.embedded import BackgroundServer
-from server.grpc_service import InferenceServicer
+from server.grpc_service import EdgeServer, InferenceServicer
 from server.repository import ModelRepository
 
 MODEL = "digits_resnet"
@@ -57,10 +58,9 @@ def counted() -> Iterator[tuple[BackgroundServer, list[int]]]:
             counts[2] += 1
             return await super().ServerReady(request, context)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("server.grpc_service.InferenceServicer", Counting)
-        with BackgroundServer.from_files([models.model_path(MODEL)]) as server:
-            yield server, counts
+    dataplane = DataPlane(ModelRepository.from_files([models.model_path(MODEL)]))
+    with BackgroundServer(EdgeServer(dataplane, servicer=Counting(dataplane))) as server:
+        yield server, counts
 
 
 def _cut_feeds(graph: ModelGraph, seed: int) -> dict[str, np.ndarray]:
@@ -109,7 +109,7 @@ def unary_only_server() -> Iterator[str]:
     async def start() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server()
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            _UnaryOnly(InferenceServicer(DataPlane(repository), None)), server
+            _UnaryOnly(InferenceServicer(DataPlane(repository), workers=0)), server
         )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -232,3 +232,74 @@ def test_link_probes_travel_like_tail_requests(
         prober.probe_rtt(estimator, count=5)
         assert len(estimator.probe_rtts) == 5 and all(ms > 0 for ms in estimator.probe_rtts)
     assert calls == [1, 0, 0]
+
+
+class _ForeignStream:
+    """A real gRPC peer that streams as MLServer does: ModelStreamInfer answers with ModelInferResponse
+    messages, and ModelInfer answers with our data plane's results. ``version`` is the model version
+    it writes: "1" makes the bytes unreadable as ours, "" makes them parse with foreign fields."""
+
+    def __init__(self, dataplane: DataPlane, version: str) -> None:
+        self.dataplane = dataplane
+        self.version = version
+        self.streamed = 0
+
+    def _answer(self, request: Any) -> Any:
+        response = converters.infer_response_to_pb(
+            self.dataplane.infer(converters.infer_request_from_pb(request))
+        )
+        response.model_version = self.version
+        return response
+
+    def stream(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        for request in requests:
+            self.streamed += 1
+            yield self._answer(request)
+
+    def unary(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._answer(request)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                    self.stream,
+                    request_deserializer=pb.ModelInferRequest.FromString,
+                    response_serializer=pb.ModelInferResponse.SerializeToString,
+                ),
+                "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                    self.unary,
+                    request_deserializer=pb.ModelInferRequest.FromString,
+                    response_serializer=pb.ModelInferResponse.SerializeToString,
+                ),
+            },
+        )
+
+
+@pytest.mark.parametrize("version", ["1", ""], ids=["unreadable", "foreign-fields"])
+def test_a_peer_streaming_other_messages_gets_unary_calls_with_identical_outputs(
+    graphs: dict[str, ModelGraph], version: str
+) -> None:
+    graph = graphs[MODEL]
+    repository = ModelRepository.from_files([models.model_path(MODEL)])
+    peer = _ForeignStream(DataPlane(repository), version)
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((peer.handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    runner = ModelRunner(graph)
+    try:
+        client = TailClient(f"127.0.0.1:{port}", timeout_s=10.0)
+        with CooperativeRunner(runner, client, model_name=MODEL, policy=CUT) as device:
+            for seed in range(3):
+                feeds = seeded_inputs(graph, seed)
+                result = device.infer(feeds)
+                assert not result.fallback, result.fallback_reason
+                expected = ModelRunner(graph).run(feeds)
+                assert all(np.array_equal(result.outputs[k], v) for k, v in expected.items())
+            assert not client.streaming
+        assert peer.streamed == 1  # one try on the stream, then unary calls
+    finally:
+        server.stop(0)
+        repository.close()

@@ -1,0 +1,368 @@
+"""The ``auto`` split policy: keeps the planner's inputs fresh from profiles, probes and live traffic.
+
+:mod:`edge.planner` holds the arithmetic; this module feeds it and acts on its answer. It is
+the only part of the planner that talks to the network, through a
+:class:`~edge.transport.base.TailTransport`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .cooperative import InferenceResult
+from .errors import EdgeError, ModelMismatchError, RemoteError
+from .graph import ModelGraph
+from .link import LinkEstimator, LinkProber
+from .planner import (
+    DEFAULT_COMPUTE_WATTS,
+    DEFAULT_RADIO_WATTS,
+    OBJECTIVES,
+    CutCost,
+    Hysteresis,
+    Objective,
+    Plan,
+    cut_costs,
+    plan,
+)
+from .profiler import load_or_profile
+from .transport.base import RETRYABLE
+
+if TYPE_CHECKING:
+    from .runner import ModelRunner
+    from .transport.base import TailTransport
+
+__all__ = ["AutoSplit"]
+
+logger = logging.getLogger(__name__)
+
+
+class AutoSplit:
+    """A :class:`~edge.cooperative.SplitPolicy` that plans the cut from profiles and live link estimates.
+
+    Every result feeds the link estimator (bytes sent, transfer time), the queue estimate and
+    what the head and tail took at its cut; then it re-plans, and :class:`Hysteresis` decides
+    whether to move. A cut that has run at least ``min_live`` times lately is planned with its
+    own recent medians of head and tail time; other cuts with their profiles.
+
+    Profiles are never exact, so near-ties are settled by trying: every ``explore_every``
+    requests, the best other cut predicted within ``explore_margin`` of the current one, if it
+    has not run ``min_live`` times yet, gets one request.
+
+    When the link has been idle for ``probe_interval_s`` a ping refreshes the RTT, and while the device runs alone a payload probe now and then refreshes the bandwidth.
+    When the server fails the policy goes local (K = N) and re-probes every ``reprobe_s``
+    seconds. Probes run in the request that finds them due.
+    """
+
+    def __init__(
+        self,
+        graph: ModelGraph,
+        head_ms: Sequence[float],
+        tail_ms: Sequence[float] | None,
+        *,
+        reachable: bool | None = None,
+        estimator: LinkEstimator | None = None,
+        prober: LinkProber | None = None,
+        objective: Objective = "latency",
+        deadline_ms: float | None = None,
+        max_bytes: int | None = None,
+        compute_watts: float = DEFAULT_COMPUTE_WATTS,
+        radio_watts: float = DEFAULT_RADIO_WATTS,
+        idle_watts: float = 0.0,
+        margin: float = 0.10,
+        patience: int = 3,
+        min_live: int = 3,
+        explore_every: int = 10,
+        explore_margin: float = 0.15,
+        live_max_age_s: float = 300.0,
+        probe_interval_s: float = 10.0,
+        bandwidth_probe_s: float = 60.0,
+        reprobe_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if objective not in OBJECTIVES:
+            raise EdgeError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+        self.graph = graph
+        self.n = graph.num_operators
+        self._head = [float(x) for x in head_ms]
+        self._tail = [float(x) for x in tail_ms] if tail_ms is not None else None
+        self.estimator = estimator or LinkEstimator(clock=clock)
+        self.prober = prober
+        self.objective: Objective = objective
+        self.deadline_ms = deadline_ms
+        self.max_bytes = max_bytes
+        self._watts = (compute_watts, radio_watts, idle_watts)
+        self.hysteresis = Hysteresis(margin=margin, patience=patience)
+        self.probe_interval_s = probe_interval_s
+        self.bandwidth_probe_s = bandwidth_probe_s
+        self.reprobe_s = reprobe_s
+        self._clock = clock
+        self.queue_ms = 0.0
+        # Recent (time, ms) per cut, which replace the profile at cuts that have run enough lately.
+        self._live_head: dict[int, deque[tuple[float, float]]] = {}
+        self._live_tail: dict[int, deque[tuple[float, float]]] = {}
+        self._ran: dict[int, deque[tuple[float, float]]] = {}
+        self.live_max_age_s = live_max_age_s
+        self.min_live = min_live
+        self.explore_every = explore_every
+        self.explore_margin = explore_margin
+        self._since_explore = 0
+        self.explored: deque[int] = deque(maxlen=100)
+        """The cuts tried lately, outside the plan."""
+        self.reachable = (tail_ms is not None) if reachable is None else (reachable and tail_ms is not None)
+        self._next_reprobe = clock() + reprobe_s
+        self._last_bandwidth_probe = clock()
+        self.last_plan: Plan | None = None
+        self.replan()
+
+    @classmethod
+    def connect(
+        cls,
+        runner: ModelRunner,
+        client: TailTransport | None,
+        *,
+        model_name: str,
+        profile_label: str = "",
+        progress: bool = True,
+        refresh_profile: bool = False,
+        probes: int = 3,
+        max_bytes: int | None = None,
+        **options: Any,
+    ) -> AutoSplit:
+        """Profile the device (or read its cached profile), fetch the server's profile, probe the link.
+
+        An unreachable server is not an error: the policy starts local and re-probes.
+        """
+        graph = runner.graph
+        head = load_or_profile(
+            runner, label=profile_label, progress=progress, refresh=refresh_profile
+        ).head_ms
+        estimator = LinkEstimator()
+        if client is None:
+            return cls(graph, head, None, estimator=estimator, max_bytes=max_bytes, **options)
+        prober = LinkProber(client, model_name, graph, runner=runner, max_bytes=max_bytes)
+        tail: list[float] | None = None
+        reachable = False
+        try:
+            tail = _server_tails(prober, head, progress=progress)
+            prober.probe(estimator, rtt_count=probes, payload_count=max(1, probes - 1))
+            reachable = True
+        except RemoteError as err:
+            logger.warning("edge server unreachable, starting with the device alone: %s", err)
+        return cls(
+            graph,
+            head,
+            tail,
+            reachable=reachable,
+            estimator=estimator,
+            prober=prober,
+            max_bytes=max_bytes,
+            **options,
+        )
+
+    # -- SplitPolicy ----------------------------------------------------------------------
+
+    def choose(self) -> int:
+        now = self._clock()
+        if not self.reachable:
+            if self.prober is not None and now >= self._next_reprobe:
+                self._reprobe(now)
+            if not self.reachable:
+                return self.n
+        elif self.prober is not None:
+            self._probe_if_idle(now)
+        current = self.hysteresis.current
+        if current is None:
+            return self.n
+        if self.reachable and self.explore_every > 0 and self._since_explore >= self.explore_every:
+            self._since_explore = 0
+            contender = self._contender(current)
+            if contender is not None:
+                logger.debug("trying cut %d against cut %d", contender, current)
+                self.explored.append(contender)
+                return contender
+        return current
+
+    def observe(self, result: InferenceResult) -> None:
+        k = result.split_point
+        if result.fallback:
+            self._lost(result.fallback_reason or "fallback")
+            return
+        self._since_explore += 1
+        t = result.timings
+        now = self._clock()
+        self._ran.setdefault(k, deque(maxlen=8)).append((now, t.e2e_ms))
+        if 0 < k <= self.n and t.head_ms > 0:
+            self._live_head.setdefault(k, deque(maxlen=8)).append((now, t.head_ms))
+        remote = result.remote
+        if remote is not None and k < self.n:
+            received = sum(a.nbytes for a in remote.outputs.values())
+            self.estimator.observe_transfer(result.bytes_sent + received, t.transfer_ms)
+            self.queue_ms = 0.8 * self.queue_ms + 0.2 * t.queue_ms
+            if t.tail_ms > 0:
+                self._live_tail.setdefault(k, deque(maxlen=8)).append((now, t.tail_ms))
+        self.replan()
+
+    # -- planning -------------------------------------------------------------------------
+
+    def costs(self) -> list[CutCost]:
+        """Each cut's head and tail: its own recent median where it has run enough, else the profile."""
+        profile_tail = self._tail if self._tail is not None else [0.0] * (self.n + 1)
+        head, tail = [], []
+        for k in range(self.n + 1):
+            live_head, live_tail = self._live(self._live_head, k), self._live(self._live_tail, k)
+            head.append(_median(live_head, 0.0) if len(live_head) >= self.min_live else self._head[k])
+            tail.append(_median(live_tail, 0.0) if len(live_tail) >= self.min_live else profile_tail[k])
+        return cut_costs(self.graph, head, tail)
+
+    def _live(self, samples: dict[int, deque[tuple[float, float]]], k: int) -> list[float]:
+        oldest = self._clock() - self.live_max_age_s
+        return [ms for t, ms in samples.get(k, ()) if t >= oldest]
+
+    def _contender(self, current: int) -> int | None:
+        """The best other cut predicted within ``explore_margin`` of ``current`` that has not run enough."""
+        last = self.last_plan
+        if last is None:
+            return None
+        mine = last.prediction(current)
+        bar = mine.score(last.objective) * (1.0 + self.explore_margin)
+        untried = [
+            p
+            for p in last.predictions
+            if p.index != current
+            and (p.feasible or not mine.feasible)
+            and math.isfinite(p.predicted_ms)
+            and p.score(last.objective) <= bar
+            and len(self._live(self._ran, p.index)) < self.min_live
+        ]
+        if not untried:
+            return None
+        return min(untried, key=lambda p: (p.score(last.objective), p.predicted_ms)).index
+
+    def replan(self) -> Plan:
+        link = self.estimator.estimate() if self.reachable else None
+        compute, radio, idle = self._watts
+        new = plan(
+            self.costs(),
+            link,
+            objective=self.objective,
+            deadline_ms=self.deadline_ms,
+            max_bytes=self.max_bytes,
+            queue_ms=self.queue_ms,
+            compute_watts=compute,
+            radio_watts=radio,
+            idle_watts=idle,
+        )
+        if self.last_plan is not None and new.note and new.note != self.last_plan.note:
+            logger.warning("%s", new.note)
+        self.last_plan = new
+        self.hysteresis.update(new)
+        return new
+
+    # -- probing --------------------------------------------------------------------------
+
+    def _lost(self, reason: str) -> None:
+        if self.reachable:
+            logger.warning(
+                "edge server lost, running locally and re-probing every %.0fs: %s", self.reprobe_s, reason
+            )
+        self.reachable = False
+        self._next_reprobe = self._clock() + self.reprobe_s
+        self.hysteresis.reset(self.n)
+        self.replan()
+
+    def _reprobe(self, now: float) -> None:
+        assert self.prober is not None
+        self._next_reprobe = now + self.reprobe_s
+        try:
+            if self._tail is None:
+                self._tail = _server_tails(self.prober, self._head, progress=False)
+            self.prober.probe_rtt(self.estimator, count=2)
+        except EdgeError as err:
+            logger.debug("edge server still unreachable: %s", err)
+            return
+        logger.info("edge server reachable again")
+        self.reachable = True
+        self.hysteresis.reset(self.n)
+        self.replan()
+
+    def _probe_if_idle(self, now: float) -> None:
+        assert self.prober is not None
+        probed = False
+        try:
+            if now - self.estimator.last_sample_at >= self.probe_interval_s:
+                self.prober.probe_rtt(self.estimator, count=1)
+                probed = True
+            if (
+                self.hysteresis.current == self.n
+                and now - self._last_bandwidth_probe >= self.bandwidth_probe_s
+            ):
+                self._last_bandwidth_probe = now
+                self.prober.probe_bandwidth(self.estimator, count=1)
+                probed = True
+        except EdgeError as err:
+            self._lost(str(err))
+            return
+        if probed:
+            self.replan()
+
+
+def _server_tails(prober: LinkProber, head_ms: Sequence[float], *, progress: bool) -> list[float]:
+    """The server's tail profile; raises RemoteError only when the server cannot be reached.
+
+    A server that is reachable but cannot profile (an older server, a model it cannot time)
+    is still a server: its tails are estimated from the device's own profile, and live
+    requests correct the estimate at the cuts that run.
+    """
+    graph = prober.graph
+    try:
+        tail = _with_status(prober.tail_profile, progress, f"waiting for {prober.client.address} to profile")
+    except RemoteError as err:
+        if err.status in RETRYABLE:
+            raise
+        logger.warning("edge server could not profile the tails (%s); estimating them from the device's", err)
+        return estimated_tails(head_ms)
+    if len(tail) != graph.num_operators + 1:
+        raise ModelMismatchError(
+            f"the server's profile of {prober.model_name!r} has {len(tail)} cuts, this model "
+            f"{graph.num_operators + 1}"
+        )
+    failed = [k for k, ms in enumerate(tail) if not math.isfinite(ms)]
+    if failed:
+        logger.warning(
+            "the server could not run the tail at %d cut(s) (%s); they are never chosen",
+            len(failed),
+            ", ".join(map(str, failed[:10])) + (" …" if len(failed) > 10 else ""),
+        )
+    return tail
+
+
+def estimated_tails(head_ms: Sequence[float]) -> list[float]:
+    """A tail profile taken from the device's head profile: what the device would need to finish."""
+    whole = head_ms[-1]
+    return [max(whole - h, 0.0) for h in head_ms]
+
+
+def _with_status(work: Callable[[], list[float]], progress: bool, message: str) -> list[float]:
+    logger.info("%s", message)
+    if not progress:
+        return work()
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return work()
+    with console.status(message + " (the first time per model takes a while)"):
+        return work()
+
+
+def _median(values: Sequence[float], default: float) -> float:
+    if not values:
+        return default
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])

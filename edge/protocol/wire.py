@@ -1,0 +1,46 @@
+"""The names both sides put on the wire: request and response parameters, and special outputs.
+
+The device and the server import these; neither types them by hand.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BACKEND",
+    "COMPUTE_US",
+    "EXTENSIONS",
+    "MODEL_SHA256",
+    "PING",
+    "PROFILE",
+    "PROFILE_OUTPUT",
+    "PROFILE_RUNS",
+    "QUEUE_US",
+    "SPLIT_POINT",
+    "THREADS",
+]
+
+# -- request parameters -----------------------------------------------------------------------
+SPLIT_POINT = "split_point"
+"""int64 K: run the tail of cut K on the cut tensors the request carries (absent: the whole model)."""
+MODEL_SHA256 = "model_sha256"
+"""string: the sha256 of the model the device runs; a server holding other bytes refuses the request."""
+PROFILE = "profile"
+"""bool, no inputs: answer with the server's median tail time per cut."""
+PING = "ping"
+"""bool, no inputs: run nothing and answer at once (a probe of a request's fixed cost)."""
+
+# -- response parameters ----------------------------------------------------------------------
+COMPUTE_US = "compute_us"
+"""int64: microseconds the server computed."""
+QUEUE_US = "queue_us"
+"""int64: microseconds between the request's arrival and the start of its compute."""
+PROFILE_RUNS = "profile_runs"
+BACKEND = "backend"
+THREADS = "threads"
+
+# -- outputs ----------------------------------------------------------------------------------
+PROFILE_OUTPUT = "tail_ms"
+"""FP32 [N + 1]: a profile's answer; +inf marks a cut whose tail could not run."""
+
+EXTENSIONS = (SPLIT_POINT, MODEL_SHA256)
+"""What ServerMetadata lists as extensions."""

@@ -1,0 +1,99 @@
+"""``edge-server``'s settings: command-line flags over an optional TOML file, validated by pydantic.
+
+Validation only: reading the file and turning errors into ``file: key: problem`` is
+:func:`load_settings`'s job; nothing here opens a socket or loads a model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edge.errors import ConfigError
+from edge.transport.address import check_host
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "ServerSettings", "load_settings"]
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ServerSettings(BaseModel):
+    """What one ``edge-server`` process serves, and with what limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    models: Path = Field(description="Directory of .tflite files; each is served under its file stem.")
+    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    port: int = Field(default=8001, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
+    backend: Literal["litert", "tflite-runtime"] = Field(default="litert", description="Inference backend.")
+    threads: int = Field(default=1, ge=1, le=64, description="Interpreter threads per model.")
+    workers: int = Field(
+        default=1,
+        ge=0,
+        le=256,
+        description="Compute threads. 0 computes on the event loop: the least overhead per request, "
+        "but requests are served one at a time, health checks wait behind compute and nothing is refused.",
+    )
+    max_inflight: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Requests admitted at once, waiting or running; the next gets RESOURCE_EXHAUSTED.",
+    )
+    cache_size: int = Field(default=16, ge=2, le=4096, description="Tails kept loaded per model (LRU).")
+    max_message_bytes: int = Field(
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        ge=4096,
+        le=2**31 - 1,
+        description="Largest gRPC message received or sent.",
+    )
+    grace_s: float = Field(
+        default=5.0, ge=0.0, le=3600.0, description="Seconds in-flight requests get at shutdown."
+    )
+    cpu_latency_us: int | None = Field(
+        default=None, ge=0, le=2_000_000_000, description="Hold idle CPUs' wake-up latency (Linux PM QoS)."
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        try:
+            return check_host(value)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value: object) -> object:
+        return Path(value) if isinstance(value, str) else value
+
+
+def load_settings(flags: Mapping[str, Any], config: Path | None = None) -> ServerSettings:
+    """Settings from ``config`` (TOML, optional), with ``flags`` (the ones given on the command line) on top."""
+    values: dict[str, Any] = {}
+    where = "command line"
+    if config is not None:
+        where = str(config)
+        try:
+            values.update(tomllib.loads(config.read_text()))
+        except OSError as err:
+            raise ConfigError(f"{config}: cannot read: {err.strerror or err}") from err
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{config}: not valid TOML: {err}") from err
+    values.update(flags)
+    try:
+        return ServerSettings(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "settings"
+        source = "command line" if first["loc"] and first["loc"][0] in flags else where
+        raise ConfigError(f"{source}: {key}: {first['msg']}") from err

@@ -1,0 +1,99 @@
+"""Admission at the server's defaults: the in-flight limit refuses work, and health checks stay prompt.
+
+Covered: with the default compute threads, more concurrent requests than ``max_inflight`` get
+RESOURCE_EXHAUSTED while the others succeed with the whole model's outputs; a health check
+answers while a profile keeps compute busy; with ``workers=0`` (compute on the event loop)
+no request is refused there; ``--workers 2`` gives the same outputs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from edge import models
+from edge.errors import RemoteError
+from edge.graph import ModelGraph
+from edge.runner import ModelRunner
+from edge.transport import TailClient
+from helpers import seeded_inputs
+from server.embedded import BackgroundServer
+
+MODEL = "mobilenetv2_035"
+CLIENTS = 12
+REQUESTS = 15
+
+
+def _hammer(address: str, graph: ModelGraph) -> Counter[str]:
+    """CLIENTS threads, each with its own stream, sending REQUESTS whole-model requests."""
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    x = seeded_inputs(graph, 1)
+    with ModelRunner(graph) as runner:
+        expected = runner.run(x)
+    start = threading.Barrier(CLIENTS)
+
+    def one() -> None:
+        with TailClient(address, timeout_s=30.0) as client:
+            start.wait(timeout=30)
+            for _ in range(REQUESTS):
+                try:
+                    result = client.infer(MODEL, x)
+                    same = all(np.array_equal(result.outputs[k], v) for k, v in expected.items())
+                    outcome = "OK" if same else "WRONG"
+                except RemoteError as err:
+                    outcome = err.status
+                with lock:
+                    outcomes[outcome] += 1
+
+    threads = [threading.Thread(target=one) for _ in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def graph() -> ModelGraph:
+    return ModelGraph.from_file(models.model_path(MODEL))
+
+
+def test_the_default_server_refuses_past_its_inflight_limit(graph: ModelGraph) -> None:
+    with BackgroundServer.from_files([models.model_path(MODEL)], max_inflight=2) as server:
+        outcomes = _hammer(server.address, graph)
+    assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, outcomes
+    assert outcomes["RESOURCE_EXHAUSTED"] > 0 and outcomes["OK"] > 0, outcomes
+    assert sum(outcomes.values()) == CLIENTS * REQUESTS
+
+
+def test_health_answers_while_compute_is_busy(graph: ModelGraph) -> None:
+    """A profile request keeps compute busy for a while; ServerReady still answers within a second."""
+    with BackgroundServer.from_files([models.model_path(MODEL)]) as server:
+        busy = TailClient(server.address, timeout_s=120.0)
+        profiling = threading.Thread(
+            target=lambda: busy.infer(MODEL, {}, parameters={"profile": True, "model_sha256": graph.sha256})
+        )
+        profiling.start()
+        try:
+            time.sleep(0.3)
+            with TailClient(server.address) as probe:
+                assert probe.ready(timeout_s=1.0)
+                x = seeded_inputs(graph, 2)
+                assert probe.infer(MODEL, x, timeout_s=5.0).outputs
+        finally:
+            profiling.join(timeout=120)
+            busy.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_other_worker_counts_give_the_same_outputs(graph: ModelGraph, workers: int) -> None:
+    with BackgroundServer.from_files(
+        [models.model_path(MODEL)], workers=workers, max_inflight=1000
+    ) as server:
+        outcomes = _hammer(server.address, graph)
+    assert outcomes == Counter({"OK": CLIENTS * REQUESTS})
