@@ -13,7 +13,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from .errors import CutError, ModelFormatError
+from .fileio import stage
 from .graph import Cut, ModelGraph, TensorInfo
 
 __all__ = [
@@ -196,18 +196,15 @@ def write_split(partition: Partition, out_dir: str | Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CutError(f"cannot create output directory {out}: {err.strerror or err}") from err
-    staged: list[tuple[str, Path]] = []
+    staged: list[tuple[Path, Path]] = []
     try:
         for name, data in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            staged.append((tmp, out / name))
+            staged.append((stage(out, name, data), out / name))
         for tmp, final in staged:
             os.replace(tmp, final)
     except OSError as err:
         for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         raise CutError(f"cannot write split into {out}: {err.strerror or err}") from err
     return [final for _, final in staged]
 

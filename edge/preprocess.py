@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -9,18 +10,54 @@ import numpy as np
 from .errors import TensorFormatError
 from .graph import ModelGraph, TensorInfo
 
-__all__ = ["coerce_input", "quantize", "random_inputs", "random_tensors"]
+__all__ = ["check_finite", "coerce_input", "quantize", "random_inputs", "random_tensors"]
+
+logger = logging.getLogger(__name__)
+
+# The inputs already warned about clipping; bounded, so a stream of new names cannot grow it.
+_CLIPPED: set[str] = set()
 
 
 def quantize(values: np.ndarray, tensor: TensorInfo) -> np.ndarray:
-    """Real values to ``tensor``'s integer type: round(x / scale) + zero_point, saturated."""
+    """Real values to ``tensor``'s integer type: round(x / scale) + zero_point, saturated.
+
+    NaN and infinite values are refused. Values outside the range the input can represent are
+    clipped to it, and a warning says how many, once per input tensor.
+    """
     quant = tensor.quantization
     if quant is None or quant[0] == 0.0:
         raise TensorFormatError(f"input {tensor.name!r} is {tensor.dtype.name} with no quantization to apply")
+    reals = np.asarray(values, dtype=np.float64)
+    check_finite(reals, tensor)
     scale, zero_point = quant
     info = np.iinfo(tensor.dtype)
-    q = np.round(np.asarray(values, dtype=np.float64) / scale) + zero_point
+    q = np.round(reals / scale) + zero_point
+    outside = int(np.count_nonzero((q < info.min) | (q > info.max)))
+    if outside and tensor.name not in _CLIPPED:
+        if len(_CLIPPED) < 1024:
+            _CLIPPED.add(tensor.name)
+        low, high = (info.min - zero_point) * scale, (info.max - zero_point) * scale
+        logger.warning(
+            "input %r: %d of %d values lie outside %.4g..%.4g, the range it can represent, and were clipped "
+            "(said once per input)",
+            tensor.name,
+            outside,
+            q.size,
+            low,
+            high,
+        )
     return np.clip(q, info.min, info.max).astype(tensor.dtype)
+
+
+def check_finite(values: np.ndarray, tensor: TensorInfo) -> None:
+    """Refuse NaN and infinite values: no model input means anything by them."""
+    if values.dtype.kind != "f" or values.size == 0:
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise TensorFormatError(
+            f"input {tensor.name!r}: {int(np.count_nonzero(bad))} of {values.size} values are NaN or infinite"
+        )
 
 
 def coerce_input(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
@@ -40,6 +77,7 @@ def coerce_input(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
                 f"input {tensor.name!r} must have shape {list(shape)}, got {list(array.shape)}"
             )
     if array.dtype == tensor.dtype:
+        check_finite(array, tensor)
         return array
     if np.issubdtype(array.dtype, np.floating) and np.issubdtype(tensor.dtype, np.integer):
         return quantize(array, tensor)
@@ -51,6 +89,7 @@ def coerce_input(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
             )
         return array.astype(tensor.dtype)
     if np.issubdtype(tensor.dtype, np.floating) and np.issubdtype(array.dtype, np.number):
+        check_finite(array, tensor)
         return array.astype(tensor.dtype)
     raise TensorFormatError(f"input {tensor.name!r} must be {tensor.dtype.name}, got {array.dtype.name}")
 

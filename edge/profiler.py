@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeError
+from .fileio import stage
 from .preprocess import random_inputs
 from .runner import ModelRunner
 
@@ -257,11 +257,9 @@ def _read(path: Path, sha256: str, backend: str, threads: int, cuts: int) -> Hea
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = stage(path.parent, path.name, text.encode())
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -14,6 +14,7 @@ from typing import Any
 from edge import __version__
 from edge.argtypes import Parser, at_least, listen_port, non_negative_float, non_negative_int, positive_int
 from edge.backends import BACKENDS
+from edge.cli.pipes import quiet_closed_stdout
 from edge.cpu_latency import add_cpu_latency_arg, cpu_latency_hold
 from edge.errors import EdgeError
 from edge.systemd import notify, watchdog_interval
@@ -160,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"edge-server: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return quiet_closed_stdout()
     except KeyboardInterrupt:
         return 130
     return 0

@@ -12,6 +12,7 @@ from ..argtypes import Parser
 from ..cpu_latency import cpu_latency_hold
 from ..errors import EdgeError
 from . import bench_cmd, demo_cmd, infer_cmd, inspect_cmd, plan_cmd, run_cmd, split_cmd
+from .pipes import quiet_closed_stdout
 
 __all__ = ["main"]
 
@@ -48,5 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"edge: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return quiet_closed_stdout()
     except KeyboardInterrupt:
         return 130

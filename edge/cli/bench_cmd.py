@@ -9,7 +9,6 @@ import statistics
 from contextlib import ExitStack
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
@@ -18,6 +17,7 @@ from ..preprocess import random_inputs
 from ..stats import summary
 from . import sweep
 from .common import add_device_args, add_server_args, load_graph, open_runner
+from .pipes import output_console
 
 __all__ = ["measure", "register"]
 
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    console = Console()
+    console = output_console()
     table = Table(
         title=f"{report['model']} at cut {report['split_point']} of {graph.num_operators}, n={args.n}"
     )

@@ -21,6 +21,7 @@ from ..transport import TailClient
 from ..transport.address import DEFAULT_PORT
 
 __all__ = [
+    "MODEL_HELP",
     "add_device_args",
     "add_server_args",
     "load_graph",
@@ -29,12 +30,11 @@ __all__ = [
 ]
 
 
+MODEL_HELP = f"a .tflite file, or a shipped model's name ({', '.join(models.names()) or 'none shipped'})"
+
+
 def add_device_args(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
-    p.add_argument(
-        "--model",
-        required=model_required,
-        help=f"a .tflite file, or a shipped model's name ({', '.join(models.names()) or 'none shipped'})",
-    )
+    p.add_argument("--model", required=model_required, help=MODEL_HELP)
     add_backend_args(p)
     add_cpu_latency_arg(p)
 

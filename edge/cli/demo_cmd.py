@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
@@ -19,6 +18,7 @@ from ..runner import ModelRunner
 from ..stats import summary
 from ..transport import TailClient
 from .common import load_graph
+from .pipes import output_console
 
 __all__ = ["register"]
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     sample = models.digits_sample()
     x, y = sample.x[: args.n], sample.y[: args.n]
     name = graph.inputs[0].name
-    console = Console(stderr=args.json)
+    console = output_console(stderr=args.json)
     with BackgroundServer.from_files([Path(graph.source)]) as server, ModelRunner(graph) as local:
         client = TailClient(server.address, timeout_s=2.0)
         device = CooperativeRunner(

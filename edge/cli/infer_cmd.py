@@ -39,16 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     graph = load_graph(args.model)
     feeds = load_inputs(graph, args.input)
+    output = _output_path(args.output) if args.output else None
     device = open_runner(args, graph, local=args.local)
     try:
         result = device.infer(feeds)
     finally:
         device.close()
-    if args.output:
+    if output is not None:
         try:
-            np.savez(Path(args.output), **result.outputs)  # type: ignore[arg-type]  # numpy's stub
+            with output.open("wb") as fh:  # a file object: np.savez would add .npz to a name by itself
+                np.savez(fh, **result.outputs)  # type: ignore[arg-type]  # numpy's stub
         except OSError as err:
-            raise EdgeError(f"cannot write {args.output}: {err.strerror or err}") from err
+            raise EdgeError(f"cannot write {output}: {err.strerror or err}") from err
     t = result.timings
     where = "local" if not result.offloaded and not result.fallback else f"cut {result.split_point}"
     print(
@@ -62,6 +64,16 @@ def run(args: argparse.Namespace) -> int:
         if array.ndim <= 2 and array.size <= 1000 and array.size > 1:
             line += f"  argmax {int(np.argmax(array))}"
         print(line)
-    if args.output:
-        print(f"wrote {args.output}")
+    if output is not None:
+        print(f"wrote {output}")
     return 0
+
+
+def _output_path(spec: str) -> Path:
+    """Where ``--output`` writes: the name as given if it ends in .npz, else with .npz added."""
+    path = Path(spec)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    if path.is_dir():
+        raise EdgeError(f"--output {spec}: {path} is a directory")
+    return path

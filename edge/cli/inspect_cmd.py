@@ -6,10 +6,11 @@ import argparse
 import json
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-from ..graph import ModelGraph, load_model
+from ..graph import ModelGraph
+from .common import MODEL_HELP, load_graph
+from .pipes import output_console
 
 __all__ = ["describe", "register"]
 
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="List every cut K of MODEL's main graph: the head runs operators [0, K), the tail runs "
         "[K, N). For each cut, the tensors that cross it and the bytes the device would send.",
     )
-    p.add_argument("model", help="a .tflite file")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -46,12 +47,11 @@ def describe(graph: ModelGraph) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    graph = load_model(args.model)
+    graph = load_graph(args.model)
     if args.json:
         print(json.dumps(describe(graph), indent=2))
         return 0
-    console = Console()
-    console.width = max(console.width, 140)
+    console = output_console()
     input_bytes = sum(t.nbytes for t in graph.inputs)
     console.print(f"[bold]{graph.source}[/bold]  sha256 {graph.sha256}")
     console.print(
@@ -62,14 +62,15 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"  {label} {t.name}  {t.dtype.name}{list(t.shape)}  {t.nbytes} B")
     table = Table(header_style="bold")
     table.add_column("K", justify="right")
-    table.add_column("after operator", no_wrap=True)
+    table.add_column("after operator")
     table.add_column("tensors sent", overflow="fold")
     table.add_column("shape, dtype", no_wrap=True)
-    table.add_column("bytes", justify="right")
-    table.add_column("vs input", justify="right")
+    table.add_column("bytes", justify="right", no_wrap=True)
+    table.add_column("vs input", justify="right", no_wrap=True)
     cuts = graph.cuts()
     inner = cuts[1:-1] or cuts
     smallest = min(cut.nbytes for cut in inner)
+    colour = console.color_system is not None
     for cut in cuts:
         if cut.index == 0:
             op = "- (server only)"
@@ -77,11 +78,27 @@ def run(args: argparse.Namespace) -> int:
             op = f"{cut.index - 1} {graph.operators[cut.index - 1].opcode}"
             if cut.index == graph.num_operators:
                 op += " (device only)"
-        names = "\n".join(t.name for t in cut.tensors) or "-"
-        shapes = "\n".join(f"{t.dtype.name}{list(t.shape)}" for t in cut.tensors) or "-"
         ratio = f"{cut.nbytes / input_bytes:.2f}x" if input_bytes else "-"
-        style = "green" if cut in inner and cut.nbytes == smallest else None
-        table.add_row(str(cut.index), op, names, shapes, f"{cut.nbytes:,}", ratio, style=style)
+        best = cut in inner and cut.nbytes == smallest
+        style = "green" if best and colour else None
+        mark = "" if colour or not best else " *"
+        # One row per tensor, so a long name that wraps cannot push its shape out of line.
+        tensors = cut.tensors or (None,)
+        for i, t in enumerate(tensors):
+            first = i == 0
+            table.add_row(
+                str(cut.index) + mark if first else "",
+                op if first else "",
+                t.name if t is not None else "-",
+                f"{t.dtype.name}{list(t.shape)}" if t is not None else "-",
+                f"{cut.nbytes:,}" if first else "",
+                ratio if first else "",
+                style=style,
+                end_section=i == len(tensors) - 1 and len(tensors) > 1,
+            )
     console.print(table)
-    console.print("[green]green[/green]: the inner cuts that send the fewest bytes")
+    if colour:
+        console.print("[green]green[/green]: the inner cuts that send the fewest bytes")
+    else:
+        console.print("*: the inner cuts that send the fewest bytes")
     return 0

@@ -8,7 +8,6 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from ..argtypes import positive_float, positive_int
@@ -19,7 +18,8 @@ from ..policy import make_policy
 from ..profiler import profile_path
 from ..runner import ModelRunner
 from ..transport import TailClient
-from .common import add_address_args, add_backend_args, add_constraint_args, load_graph
+from .common import MODEL_HELP, add_address_args, add_backend_args, add_constraint_args, load_graph
+from .pipes import output_console
 
 __all__ = ["register"]
 
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "This is what --split-at auto starts from. Without --server an edge server is started in-process "
         "on loopback.",
     )
-    p.add_argument("model", help="a .tflite file, or a shipped model's name")
+    p.add_argument("model", help=MODEL_HELP)
     add_address_args(p)
     add_backend_args(p)
     p.add_argument(
@@ -140,7 +140,7 @@ def _report(
 
 
 def _print(report: dict[str, object], chosen: Plan, n: int) -> None:
-    console = Console()
+    console = output_console()
     table = Table(title=f"{report['model']}: {n} operators, objective {chosen.objective}")
     for column in (
         "K",

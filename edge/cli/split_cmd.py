@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..graph import load_model
 from ..partition import split_model, write_split
+from .common import MODEL_HELP, load_graph
 
 __all__ = ["register"]
 
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Cut MODEL at K: DIR/head.tflite runs operators [0, K), DIR/tail.tflite runs [K, N), and "
         "DIR/split.json records the source model's sha256, K and the tensors crossing the cut.",
     )
-    p.add_argument("model", help="a .tflite file")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument(
         "--at",
         required=True,
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    graph = load_model(args.model)
+    graph = load_graph(args.model)
     k = graph.resolve_cut(args.at)
     partition = split_model(graph, k)
     paths = write_split(partition, args.out)

@@ -38,6 +38,7 @@ from ..emulation.netns import EmulationError, NetnsLink, check_privileges
 from ..emulation.report import Summary, plot, summarize
 from ..graph import ModelGraph
 from .common import load_graph
+from .pipes import output_console
 
 __all__ = ["Scenario", "register", "scenarios_from"]
 
@@ -356,9 +357,7 @@ def _cpu_model() -> str:
 
 
 def _print_summary(summaries: list[Summary], graph: ModelGraph) -> None:
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=140)  # a log file gets every column, not an 80-column squeeze
+    console = output_console(min_width=140)
     n = graph.num_operators
     table = Table(title=f"{Path(graph.source).stem}: planner's cut vs best measured (N = {n}), median e2e ms")
     for column in ("scenario", "chosen K", "ms", "best K", "ms", "ratio", "device-only ms", "server-only ms",

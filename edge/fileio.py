@@ -1,0 +1,33 @@
+"""Writing files whole: a temporary file beside the target, renamed over it, with the umask's mode."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["stage", "umask_mode"]
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process's umask: what ``open()`` would give a new file."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
+
+
+def stage(directory: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to a temporary file in ``directory`` (readable as ``open()`` would make it) and
+    return its path; the caller renames it into place with ``os.replace`` or deletes it.
+
+    ``mkstemp`` creates files with mode 0600, which would hide them from a service's user.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, umask_mode())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
