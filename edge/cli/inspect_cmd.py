@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ..graph import ModelGraph
+from ..graph import ModelGraph, TensorInfo
 from .common import MODEL_HELP, load_graph
 from .pipes import output_console
 
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         style = "green" if best and colour else None
         mark = "" if colour or not best else " *"
         # One row per tensor, so a long name that wraps cannot push its shape out of line.
-        tensors = cut.tensors or (None,)
+        tensors: tuple[TensorInfo | None, ...] = cut.tensors or (None,)
         for i, t in enumerate(tensors):
             first = i == 0
             table.add_row(

@@ -35,7 +35,12 @@ def test_inspect_table_lists_every_cut(graphs: dict[str, ModelGraph]) -> None:
     graph = graphs["digits_resnet"]
     assert graph.sha256 in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("│") and line.split("│")[1].strip()]
-    assert [int(r.split("│")[1]) for r in rows] == list(range(graph.num_operators + 1))
+    assert [int(r.split("│")[1].strip(" *")) for r in rows] == list(range(graph.num_operators + 1))
+    # Piped, there is no colour: the smallest inner cuts are starred, and the legend says so.
+    smallest = min(graph.cut(k).nbytes for k in range(1, graph.num_operators))
+    starred = [int(r.split("│")[1].strip(" *")) for r in rows if "*" in r.split("│")[1]]
+    assert starred and all(graph.cut(k).nbytes == smallest for k in starred)
+    assert "*: the inner cuts that send the fewest bytes" in proc.stdout and "green" not in proc.stdout
 
 
 def test_inspect_json(graphs: dict[str, ModelGraph]) -> None:
