@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"{graph.num_operators} operators; cut K runs [0, K) on the device and [K, N) on the server"
     )
-    for label, tensors in (("input ", graph.inputs), ("output", graph.outputs)):
-        for t in tensors:
+    for label, group in (("input ", graph.inputs), ("output", graph.outputs)):
+        for t in group:
             console.print(f"  {label} {t.name}  {t.dtype.name}{list(t.shape)}  {t.nbytes} B")
     table = Table(header_style="bold")
     table.add_column("K", justify="right")
