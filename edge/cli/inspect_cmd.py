@@ -84,13 +84,13 @@ def run(args: argparse.Namespace) -> int:
         mark = "" if colour or not best else " *"
         # One row per tensor, so a long name that wraps cannot push its shape out of line.
         tensors: tuple[TensorInfo | None, ...] = cut.tensors or (None,)
-        for i, t in enumerate(tensors):
+        for i, tensor in enumerate(tensors):
             first = i == 0
             table.add_row(
                 str(cut.index) + mark if first else "",
                 op if first else "",
-                t.name if t is not None else "-",
-                f"{t.dtype.name}{list(t.shape)}" if t is not None else "-",
+                tensor.name if tensor is not None else "-",
+                f"{tensor.dtype.name}{list(tensor.shape)}" if tensor is not None else "-",
                 f"{cut.nbytes:,}" if first else "",
                 ratio if first else "",
                 style=style,
