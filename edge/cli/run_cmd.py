@@ -65,11 +65,13 @@ def run(args: argparse.Namespace) -> int:
     if args.broker or args.server:
         profile = daemon.apply_overrides(profile, broker=args.broker, servers=args.server, source=str(path))
     resolved = daemon.resolve(profile, path)
+    # What start checks, --check checks too: the backend, and every file the profile names.
+    daemon.preflight(resolved)
+    client = build_client(profile, source=str(path))
     if args.check:
         print(json.dumps(_describe(resolved), indent=2))
         return 0
     with cpu_latency_hold(profile.runtime.cpu_latency_us):
-        client = build_client(profile, source=str(path))
         device = daemon.open_device(resolved)
         service = daemon.Daemon(resolved, device, client)
 

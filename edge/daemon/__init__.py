@@ -9,7 +9,7 @@ acknowledges each message once its result is confirmed (:mod:`.ledger`).
 from __future__ import annotations
 
 from .config import DeviceProfile
-from .device import ResolvedProfile, open_device, resolve
+from .device import ResolvedProfile, open_device, preflight, resolve
 from .profiles import apply_overrides, available, find, load
 from .service import Daemon
 
@@ -22,5 +22,6 @@ __all__ = [
     "find",
     "load",
     "open_device",
+    "preflight",
     "resolve",
 ]

@@ -14,7 +14,9 @@ import numpy as np
 from paho.mqtt.client import topic_matches_sub
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from ..errors import ConfigError
 from ..transport import TLSOptions
+from ..transport.address import check_host, normalize
 
 __all__ = [
     "AutoSplitConfig",
@@ -36,19 +38,19 @@ __all__ = [
     "TopicsConfig",
 ]
 
-_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: TOML has real numbers and booleans, so "1883" where a port goes is a mistake, not a port.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _check_address(value: str) -> str:
-    match = _ADDRESS.match(value)
-    if match is None or not 0 < int(match.group(2)) < 65536:
-        raise ValueError(f"{value!r} is not HOST:PORT")
-    return value
+    try:
+        return normalize(value)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
 
 
 class RuntimeConfig(_Strict):
@@ -114,10 +116,12 @@ SplitConfig = Annotated[FixedSplitConfig | AutoSplitConfig, Field(discriminator=
 
 class TLSConfig(_Strict):
     ca_file: Path | None = Field(
-        default=None, description="PEM file of the CA that signed the server's certificate."
+        default=None, strict=False, description="PEM file of the CA that signed the server's certificate."
     )
-    cert_file: Path | None = Field(default=None, description="PEM client certificate, for mutual TLS.")
-    key_file: Path | None = Field(default=None, description="PEM private key of cert_file.")
+    cert_file: Path | None = Field(
+        default=None, strict=False, description="PEM client certificate, for mutual TLS."
+    )
+    key_file: Path | None = Field(default=None, strict=False, description="PEM private key of cert_file.")
     server_name: str | None = Field(
         default=None,
         description="Name to check the server's certificate against, when it differs from the host.",
@@ -139,7 +143,9 @@ class TLSConfig(_Strict):
 
 
 class EdgeServerConfig(_Strict):
-    address: str = Field(description="HOST:PORT of an edge server's gRPC endpoint.")
+    address: str = Field(
+        max_length=300, description="HOST:PORT of an edge server's gRPC endpoint (the port defaults to 8001)."
+    )
     tls: TLSConfig | None = Field(default=None, description="TLS for this server; plaintext when absent.")
     streaming: bool = Field(
         default=True,
@@ -172,10 +178,12 @@ class EdgeConfig(_Strict):
 
 class MqttTLSConfig(_Strict):
     ca_file: Path | None = Field(
-        default=None, description="PEM CA bundle to verify the broker; default: the system's."
+        default=None, strict=False, description="PEM CA bundle to verify the broker; default: the system's."
     )
-    cert_file: Path | None = Field(default=None, description="PEM client certificate, for mutual TLS.")
-    key_file: Path | None = Field(default=None, description="PEM private key of cert_file.")
+    cert_file: Path | None = Field(
+        default=None, strict=False, description="PEM client certificate, for mutual TLS."
+    )
+    key_file: Path | None = Field(default=None, strict=False, description="PEM private key of cert_file.")
     verify_hostname: bool = Field(
         default=True, description="Check that the broker's certificate names its host."
     )
@@ -188,7 +196,7 @@ class MqttTLSConfig(_Strict):
 
 
 class MqttConfig(_Strict):
-    host: str = Field(description="The broker's host name or address.")
+    host: str = Field(max_length=253, description="The broker's host name or address.")
     port: int = Field(
         default=1883, ge=1, le=65535, description="The broker's port (1883 plain, 8883 TLS by convention)."
     )
@@ -204,7 +212,7 @@ class MqttConfig(_Strict):
         default=None, description="Password to authenticate with (or use password_file)."
     )
     password_file: Path | None = Field(
-        default=None, description="File whose first line is the password; read when connecting."
+        default=None, strict=False, description="File whose first line is the password; read when connecting."
     )
     tls: MqttTLSConfig | None = Field(default=None, description="TLS to the broker; plaintext when absent.")
     keepalive_s: int = Field(default=30, ge=5, le=65535, description="MQTT keepalive interval.")
@@ -219,6 +227,14 @@ class MqttConfig(_Strict):
     reconnect_max_s: float = Field(
         default=30.0, gt=0, le=3600, description="Longest delay between reconnect attempts."
     )
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        try:
+            return check_host(value.strip("[]"))
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
 
     @model_validator(mode="after")
     def _auth(self) -> MqttConfig:
@@ -325,9 +341,10 @@ class TopicsConfig(_Strict):
 class ResultsConfig(_Strict):
     top_k: int = Field(
         default=3,
-        ge=0,
+        ge=1,
         le=1000,
-        description="Labels and scores per result; 0 publishes the raw outputs instead.",
+        description="Classes per result, most likely first, for one-output models; models with several "
+        "outputs publish them all. include_raw adds the raw outputs.",
     )
     include_raw: bool = Field(default=False, description="Also publish every output tensor, dequantized.")
 

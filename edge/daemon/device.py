@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import models
+from ..backends import create_backend
 from ..cooperative import CooperativeRunner
 from ..errors import ConfigError, EdgeError
 from ..graph import ModelGraph
@@ -23,7 +24,7 @@ from ..runner import ModelRunner
 from ..transport import FailoverClient, TailClient, TailTransport
 from .config import DeviceProfile, FixedSplitConfig
 
-__all__ = ["ResolvedProfile", "open_device", "resolve"]
+__all__ = ["ResolvedProfile", "open_device", "preflight", "resolve"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,22 @@ def resolve(profile: DeviceProfile, source: Path) -> ResolvedProfile:
     return ResolvedProfile(
         profile=profile, source=source, model_path=model_path, graph=graph, model_name=name, cut=cut
     )
+
+
+def preflight(resolved: ResolvedProfile) -> None:
+    """Every check start makes, short of connecting: the backend loads the model, and every TLS file,
+    password file and certificate the profile names can be read. Raises ConfigError naming file and key."""
+    profile, source = resolved.profile, resolved.source
+    try:
+        create_backend(profile.runtime.backend, resolved.graph.data, threads=profile.runtime.threads).close()
+    except EdgeError as err:
+        raise ConfigError(f"{source}: runtime.backend: {err}") from err
+    for i, server in enumerate(profile.edge.servers):
+        if server.tls is not None:
+            try:
+                server.tls.options().credentials()
+            except ConfigError as err:
+                raise ConfigError(f"{source}: edge.servers[{i}].tls: {err}") from err
 
 
 def open_device(resolved: ResolvedProfile) -> CooperativeRunner:

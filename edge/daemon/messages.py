@@ -15,7 +15,7 @@ from ..cooperative import InferenceResult
 from ..graph import TensorInfo
 from .config import DeviceProfile
 
-__all__ = ["dequantize", "discovery", "error", "result", "stats"]
+__all__ = ["dequantize", "discovery", "error", "result", "stats", "top_k"]
 
 
 def dequantize(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
@@ -25,6 +25,32 @@ def dequantize(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
         return np.asarray(array, dtype=np.float64)
     scale, zero_point = quant
     return (array.astype(np.float64) - zero_point) * scale
+
+
+def top_k(values: np.ndarray, k: int, labels: Sequence[str] | None) -> list[dict[str, Any]]:
+    """The ``k`` most likely classes, each with its ``probability``.
+
+    When ``values`` already form a distribution (a softmax output: every value in [0, 1], summing
+    to 1 within the output's quantization), they are the probabilities. Otherwise they are
+    logits: each entry also carries its ``logit``, and the probability is their softmax.
+    """
+    order = np.argsort(-values, kind="stable")[:k]
+    distribution = (
+        values.size > 0 and values.min() >= 0.0 and values.max() <= 1.0 and abs(values.sum() - 1.0) <= 0.02
+    )
+    if distribution:
+        probabilities = values
+    else:
+        shifted = np.exp(values - values.max())
+        probabilities = shifted / shifted.sum()
+    entries = []
+    for i in order:
+        entry: dict[str, Any] = {"index": int(i), "label": labels[i] if labels else str(int(i))}
+        if not distribution:
+            entry["logit"] = float(values[i])
+        entry["probability"] = float(probabilities[i])
+        entries.append(entry)
+    return entries
 
 
 def result(
@@ -43,17 +69,14 @@ def result(
         "device_id": profile.device_id,
         "model": model_name,
     }
-    top_k = profile.results.top_k
-    if top_k and len(outputs) == 1:
+    if len(outputs) == 1:
         tensor = outputs[0]
-        scores = dequantize(inference.outputs[tensor.name], tensor).reshape(-1)
-        order = np.argsort(-scores, kind="stable")[:top_k]
-        labels = profile.model.labels
-        body["top_k"] = [
-            {"index": int(i), "label": labels[i] if labels else str(int(i)), "score": float(scores[i])}
-            for i in order
-        ]
-    if not body.get("top_k") or profile.results.include_raw:
+        body["top_k"] = top_k(
+            dequantize(inference.outputs[tensor.name], tensor).reshape(-1),
+            profile.results.top_k,
+            profile.model.labels,
+        )
+    if len(outputs) != 1 or profile.results.include_raw:
         body["outputs"] = {
             t.name: {
                 "shape": list(inference.outputs[t.name].shape),

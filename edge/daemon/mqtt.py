@@ -46,6 +46,16 @@ def build_client(profile: DeviceProfile, *, source: str = "<profile>") -> paho.C
         client.username_pw_set(mqtt.username, _password(profile, source))
     if mqtt.tls is not None:
         tls = mqtt.tls
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(tls, key)
+            if path is None:
+                continue
+            try:
+                Path(path).read_bytes()
+            except OSError as err:
+                raise ConfigError(
+                    f"{source}: mqtt.tls.{key}: cannot read {path}: {err.strerror or err}"
+                ) from err
         try:
             client.tls_set(
                 ca_certs=str(tls.ca_file) if tls.ca_file else None,
@@ -53,7 +63,10 @@ def build_client(profile: DeviceProfile, *, source: str = "<profile>") -> paho.C
                 keyfile=str(tls.key_file) if tls.key_file else None,
             )
         except (OSError, ValueError) as err:
-            raise ConfigError(f"{source}: mqtt.tls: cannot load the TLS files: {err}") from err
+            files = ", ".join(str(p) for p in (tls.ca_file, tls.cert_file, tls.key_file) if p is not None)
+            raise ConfigError(
+                f"{source}: mqtt.tls: cannot load {files or 'the system CA bundle'}: {err}"
+            ) from err
         client.tls_insecure_set(not tls.verify_hostname)
     return client
 

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import ConfigError
+from ..transport.address import parse_address
 from .config import DeviceProfile, EdgeServerConfig
 
 if sys.version_info >= (3, 11):
@@ -100,10 +101,10 @@ def apply_overrides(
     """The profile with its broker address and edge servers replaced (TLS and credentials are kept)."""
     data = profile.model_dump(mode="python", exclude_none=True)
     if broker is not None:
-        host, sep, port = broker.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ConfigError(f"--broker {broker}: expected HOST:PORT")
-        data["mqtt"]["host"], data["mqtt"]["port"] = host.strip("[]"), int(port)
+        try:
+            data["mqtt"]["host"], data["mqtt"]["port"] = parse_address(broker, default_port=1883)
+        except ConfigError as err:
+            raise ConfigError(f"--broker {broker}: {err}") from err
     if servers:
         tls = profile.edge.servers[0].tls if profile.edge.servers else None
         replaced = []
@@ -111,7 +112,7 @@ def apply_overrides(
             try:
                 replaced.append(EdgeServerConfig(address=address, tls=tls))
             except ValidationError as err:
-                raise ConfigError(f"--server {address}: expected HOST:PORT") from err
+                raise ConfigError(f"--server {address}: {err.errors()[0]['msg']}") from err
         data["edge"]["servers"] = replaced
     return validate(data, source=f"{source} (with command-line overrides)")
 

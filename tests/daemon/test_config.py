@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import get_args
@@ -96,6 +97,15 @@ def test_every_field_is_documented() -> None:
         (("[mqtt]", "[mqtt]\ncolour = 'red'"), "mqtt.colour", "unknown key"),
         (('device_id = "dev-1"', 'device_id = "dev-1"\nextra = 1'), "extra", "unknown key"),
         (('host = "localhost"', 'host = "localhost"\nport = "high"'), "mqtt.port", "valid integer"),
+        (('host = "localhost"', 'host = "localhost"\nport = "1883"'), "mqtt.port", "valid integer"),
+        (('host = "localhost"', 'host = "localhost"\nport = 70000'), "mqtt.port", "65535"),
+        (('host = "localhost"', 'host = "bad host"'), "mqtt.host", "not a host name"),
+        (("[mqtt]", "[results]\ntop_k = 0\n[mqtt]"), "results.top_k", "greater than or equal to 1"),
+        (
+            ('host = "localhost"', 'host = "localhost"\n[[edge.servers]]\naddress = "h:99999"'),
+            "edge.servers[0].address",
+            "out of range",
+        ),
         (('format = "json"', 'format = "xml"'), "sensors[0].format", "'json', 'raw' or 'image'"),
         (("k = 8", "k = -1"), "split.k", "0 or more"),
         (("k = 8", ""), "split.k", "required key is missing"),
@@ -168,10 +178,14 @@ def test_overrides_replace_broker_and_servers_and_keep_the_rest() -> None:
     assert changed.mqtt.username == profile.mqtt.username and changed.mqtt.tls == profile.mqtt.tls
     assert [s.address for s in changed.edge.servers] == ["10.1.1.1:9000"]
     assert changed.edge.servers[0].tls == profile.edge.servers[0].tls
-    with pytest.raises(ConfigError, match=r"--broker nohost: expected HOST:PORT"):
-        apply_overrides(profile, broker="nohost")
-    with pytest.raises(ConfigError, match=r"--server 10\.1\.1\.1: expected HOST:PORT"):
-        apply_overrides(profile, servers=["10.1.1.1"])
+    assert apply_overrides(profile, broker="nohost").mqtt.port == 1883
+    with pytest.raises(ConfigError, match=r"--broker nohost:99999: .*out of range"):
+        apply_overrides(profile, broker="nohost:99999")
+    assert [s.address for s in apply_overrides(profile, servers=["10.1.1.1"]).edge.servers] == [
+        "10.1.1.1:8001"
+    ]
+    with pytest.raises(ConfigError, match=r"--server 10\.1\.1\.1:0: .*out of range"):
+        apply_overrides(profile, servers=["10.1.1.1:0"])
 
 
 def test_password_is_kept_through_overrides_and_hidden_by_check(
@@ -214,3 +228,47 @@ def test_transport_and_cpu_latency_settings_reach_the_profile() -> None:
     assert profile.runtime.cpu_latency_us == 0
     assert [s.streaming for s in profile.edge.servers] == [True, False]
     assert parse(MINIMAL, source="p.toml").runtime.cpu_latency_us is None
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            ('host = "localhost"', 'host = "localhost"\nusername = "u"\npassword_file = "/nonexistent/pw"'),
+            "mqtt.password_file: cannot read /nonexistent/pw",
+        ),
+        (
+            ('host = "localhost"', 'host = "localhost"\n[mqtt.tls]\nca_file = "/nonexistent/ca.pem"'),
+            "mqtt.tls.ca_file: cannot read /nonexistent/ca.pem",
+        ),
+        (
+            (
+                'host = "localhost"',
+                'host = "localhost"\n[[edge.servers]]\naddress = "h:1"\n[edge.servers.tls]\nca_file = "/nonexistent/e.pem"',
+            ),
+            "edge.servers[0].tls: cannot read TLS file /nonexistent/e.pem",
+        ),
+    ],
+)
+def test_check_finds_what_start_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: tuple[str, str], expected: str
+) -> None:
+    old, new = edit
+    path = tmp_path / "p.toml"
+    path.write_text(MINIMAL.replace(old, new, 1))
+    assert main(["run", "--config", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: {expected}" in err, err
+
+
+def test_check_loads_the_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The backend must be installed and able to load the model; tflite-runtime is absent from the main
+    test environment (it needs numpy < 2), present in its own."""
+    path = tmp_path / "p.toml"
+    path.write_text(
+        MINIMAL.replace('device_id = "dev-1"', 'device_id = "dev-1"\n[runtime]\nbackend = "tflite-runtime"')
+    )
+    installed = importlib.util.find_spec("tflite_runtime") is not None
+    assert main(["run", "--config", str(path), "--check"]) == (0 if installed else 2)
+    if not installed:
+        assert f"{path}: runtime.backend: backend 'tflite-runtime' needs" in capsys.readouterr().err

@@ -50,9 +50,18 @@ def reference() -> Callable[[int], list[dict[str, object]]]:
     def top3(i: int) -> list[dict[str, object]]:
         if i not in cache:
             out = runner.run({graph.inputs[0].name: sample.x[i : i + 1]})[graph.outputs[0].name]
-            scores = dequantize(out, graph.outputs[0]).reshape(-1)
-            order = np.argsort(-scores, kind="stable")[:3]
-            cache[i] = [{"index": int(k), "label": str(int(k)), "score": float(scores[k])} for k in order]
+            logits = dequantize(out, graph.outputs[0]).reshape(-1)
+            probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            order = np.argsort(-logits, kind="stable")[:3]
+            cache[i] = [
+                {
+                    "index": int(k),
+                    "label": str(int(k)),
+                    "logit": float(logits[k]),
+                    "probability": float(probabilities[k]),
+                }
+                for k in order
+            ]
         return cache[i]
 
     return top3

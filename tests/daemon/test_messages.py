@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from edge import models
 from edge.cooperative import InferenceResult, StageTimings
 from edge.daemon import messages
 from edge.daemon.profiles import parse
+from edge.errors import ConfigError
 from edge.graph import ModelGraph
 
 GRAPH = ModelGraph.from_file(models.model_path("digits_resnet"))
@@ -61,15 +63,32 @@ def test_a_result_carries_top_k_labels_cut_fallback_and_timings() -> None:
     assert [e["label"] for e in body["top_k"]] == ["three", "seven", "one"]
     assert [e["index"] for e in body["top_k"]] == [3, 7, 1]
     scale, zero_point = OUTPUT.quantization or (0.0, 0)
-    assert body["top_k"][0]["score"] == (100 - zero_point) * scale
+    logits = (np.array(values, dtype=np.float64) - zero_point) * scale
+    assert body["top_k"][0]["logit"] == logits[3]
+    softmax = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert [e["probability"] for e in body["top_k"]] == [softmax[3], softmax[7], softmax[1]]
     assert body["id"] == "m1" and body["topic"] == "s/a" and body["cut"] == 8
     assert body["fallback"] is True and body["fallback_reason"].startswith("UNAVAILABLE")
     assert body["timings"]["e2e_ms"] == 3.0 and "outputs" not in body
     json.dumps(body)  # serialisable as it is
 
 
-def test_top_k_zero_publishes_the_raw_outputs() -> None:
-    profile = parse(PROFILE + "[results]\ntop_k = 0\n")
+def test_a_softmax_output_gives_its_own_probabilities() -> None:
+    probabilities = np.array([0.05, 0.7, 0.25, 0.0])
+    entries = messages.top_k(probabilities, 2, ["a", "b", "c", "d"])
+    assert entries == [
+        {"index": 1, "label": "b", "probability": 0.7},
+        {"index": 2, "label": "c", "probability": 0.25},
+    ]
+
+
+def test_top_k_zero_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"results\.top_k"):
+        parse(PROFILE + "[results]\ntop_k = 0\n")
+
+
+def test_include_raw_publishes_the_raw_outputs() -> None:
+    profile = parse(PROFILE + "[results]\ninclude_raw = true\n")
     body = messages.result(
         message_id="m",
         topic="s/a",
@@ -78,7 +97,7 @@ def test_top_k_zero_publishes_the_raw_outputs() -> None:
         outputs=GRAPH.outputs,
         inference=inference(list(range(10))),
     )
-    assert "top_k" not in body
+    assert len(body["top_k"]) == 3
     out = body["outputs"][OUTPUT.name]
     assert out["shape"] == [1, 10]
     np.testing.assert_allclose(out["values"], messages.dequantize(np.arange(10, dtype=np.int8), OUTPUT))
