@@ -28,8 +28,8 @@ __all__ = ["SEARCH_PATH", "apply_overrides", "available", "find", "load", "parse
 
 logger = logging.getLogger(__name__)
 
-# Local profiles in /etc/edge win over the ones shipped in the repository.
-SEARCH_PATH: tuple[Path, ...] = (Path("/etc/edge"), Path(__file__).resolve().parents[2] / "firmware_config")
+# Local profiles in /etc/edge win over the shipped ones (firmware_config/, packaged as edge/firmware_config).
+SEARCH_PATH: tuple[Path, ...] = (Path("/etc/edge"), Path(__file__).resolve().parents[1] / "firmware_config")
 
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
 
