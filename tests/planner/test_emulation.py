@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from edge.cli.sweep import scenarios_from
 from edge.emulation.dilation import DilatedRunner
 from edge.emulation.netns import EmulationError
 from edge.emulation.proxy import DelayProxy
 from edge.emulation.report import summarize
+from edge.emulation.sweep import scenarios_from
 from edge.runner import ModelRunner
 from helpers import seeded_inputs
 
