@@ -29,7 +29,7 @@ from .planner import (
     cut_costs,
     plan,
 )
-from .profiler import load_or_profile
+from .profiler import candidate_cuts, load_or_profile
 from .transport.base import RETRYABLE
 
 if TYPE_CHECKING:
@@ -116,6 +116,8 @@ class AutoSplit:
         self.reachable = (tail_ms is not None) if reachable is None else (reachable and tail_ms is not None)
         self._next_reprobe = clock() + reprobe_s
         self._last_bandwidth_probe = clock()
+        self.candidates = frozenset(candidate_cuts(graph))
+        """The cuts the policy may choose (see :func:`edge.profiler.candidate_cuts`)."""
         self.last_plan: Plan | None = None
         self.replan()
 
@@ -234,6 +236,7 @@ class AutoSplit:
             p
             for p in last.predictions
             if p.index != current
+            and p.index in self.candidates
             and (p.feasible or not mine.feasible)
             and math.isfinite(p.predicted_ms)
             and p.score(last.objective) <= bar
@@ -256,6 +259,7 @@ class AutoSplit:
             compute_watts=compute,
             radio_watts=radio,
             idle_watts=idle,
+            allowed=self.candidates,
         )
         if self.last_plan is not None and new.note and new.note != self.last_plan.note:
             logger.warning("%s", new.note)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -189,10 +189,12 @@ def choose(
     objective: Objective = "latency",
     deadline_ms: float | None = None,
     max_bytes: int | None = None,
+    allowed: Collection[int] | None = None,
 ) -> Plan:
     """The best cut by ``objective`` among those meeting the constraints; ties go to lower latency.
 
-    If none meets them, the best by objective over all cuts, with a note saying so.
+    If none meets them, the best by objective over all cuts, with a note saying so. ``allowed``
+    limits the choice to those cuts (the others are still predicted); None allows every cut.
     """
     if objective not in OBJECTIVES:
         raise EdgeError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
@@ -204,7 +206,11 @@ def choose(
         )
         for p in predictions
     )
-    reachable = [p for p in marked if math.isfinite(p.predicted_ms)]
+    reachable = [
+        p
+        for p in marked
+        if math.isfinite(p.predicted_ms) and (allowed is None or p.index in allowed or p.local)
+    ]
     feasible = [p for p in reachable if p.feasible]
     pool = feasible or reachable
 
@@ -236,6 +242,7 @@ def plan(
     compute_watts: float = DEFAULT_COMPUTE_WATTS,
     radio_watts: float = DEFAULT_RADIO_WATTS,
     idle_watts: float = 0.0,
+    allowed: Collection[int] | None = None,
 ) -> Plan:
     """:func:`predict` then :func:`choose`."""
     predictions = predict(
@@ -246,7 +253,9 @@ def plan(
         radio_watts=radio_watts,
         idle_watts=idle_watts,
     )
-    return choose(predictions, objective=objective, deadline_ms=deadline_ms, max_bytes=max_bytes)
+    return choose(
+        predictions, objective=objective, deadline_ms=deadline_ms, max_bytes=max_bytes, allowed=allowed
+    )
 
 
 @dataclass(slots=True)

@@ -16,26 +16,34 @@ Device profiles are cached as JSON under ``$EDGE_CACHE_DIR/profiles`` (default
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
+import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .backends import create_backend
 from .errors import EdgeError
 from .fileio import stage
+from .graph import ModelGraph
+from .partition import extract_subgraph
 from .preprocess import random_inputs
 from .runner import ModelRunner
 
 __all__ = [
     "HeadProfile",
     "cache_dir",
+    "candidate_cuts",
+    "interpolate",
     "load_or_profile",
+    "operator_costs",
     "profile_heads",
     "profile_path",
     "profile_tails",
@@ -43,7 +51,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +138,72 @@ def _measure(
     return best
 
 
+def candidate_cuts(graph: ModelGraph) -> list[int]:
+    """The cuts a planner can pick: 0, N, and each cut that sends fewer bytes than every earlier one.
+
+    A cut that sends at least as many bytes as an earlier cut also runs more of the model on the
+    device: it costs more head time, more transfer and more device energy, and wins back only
+    the tail time its extra operators would take on the server. So it can only win when the
+    device computes faster than the server, where the device alone (K = N) wins anyway.
+    """
+    n = graph.num_operators
+    chosen = [0]
+    fewest = graph.cut(0).nbytes
+    for k in range(1, n):
+        cut = graph.cut(k)
+        if cut.tail_outputs and cut.nbytes < fewest:
+            fewest = cut.nbytes
+            chosen.append(k)
+    return [*chosen, n]
+
+
+def operator_costs(
+    runner: ModelRunner, activations: Mapping[str, np.ndarray], *, runs: int = 5
+) -> list[float]:
+    """Each operator's median time (ms) run alone on what the model feeds it: weights to spread the
+    measured cuts' times over the cuts between them. Alone, an operator pays a little fixed cost of
+    its own, so these are weights, not times."""
+    graph = runner.graph
+    costs = []
+    for op in graph.operators:
+        inputs = [i for i in op.inputs if i >= 0 and not graph.tensors[i].is_constant]
+        data = extract_subgraph(graph, range(op.index, op.index + 1), inputs, list(op.outputs))
+        feeds = {graph.tensors[i].name: activations[graph.tensors[i].name] for i in inputs}
+        try:
+            with create_backend(runner.backend, data, threads=runner.threads) as backend:
+                backend.run(feeds)
+                samples = []
+                for _ in range(runs):
+                    started = time.perf_counter()
+                    backend.run(feeds)
+                    samples.append((time.perf_counter() - started) * 1000.0)
+        except EdgeError:
+            costs.append(0.0)  # cannot run alone (a stateful or custom op): spread nothing onto it
+            continue
+        costs.append(float(statistics.median(samples)))
+    return costs
+
+
+def interpolate(anchors: Mapping[int, float], weights: Sequence[float]) -> list[float]:
+    """One value per cut 0..N from the measured ``anchors`` (which hold 0 and N): between two anchors
+    each cut gets the share of the difference that the operators up to it carry in ``weights``.
+    A non-finite anchor stays itself and is skipped as an end point."""
+    n = len(weights)
+    cumulative = [0.0]
+    for w in weights:
+        cumulative.append(cumulative[-1] + max(w, 0.0))
+    ends = sorted(k for k, v in anchors.items() if math.isfinite(v))
+    out = [float(anchors[k]) if k in anchors else math.nan for k in range(n + 1)]
+    for a, b in itertools.pairwise(ends):
+        span = cumulative[b] - cumulative[a]
+        for k in range(a + 1, b):
+            if k in anchors:
+                continue
+            share = (cumulative[k] - cumulative[a]) / span if span > 0 else (k - a) / (b - a)
+            out[k] = anchors[a] + (anchors[b] - anchors[a]) * share
+    return out
+
+
 def profile_heads(
     runner: ModelRunner,
     feeds: Mapping[str, np.ndarray] | None = None,
@@ -139,12 +213,19 @@ def profile_heads(
     passes: int = 2,
     gap_s: float = 0.005,
     progress: bool = True,
+    cuts: Sequence[int] | None = None,
 ) -> list[float]:
-    """Median head latency (ms) at every cut 0..N, measured with ``runner``'s backend and threads."""
+    """Median head latency (ms) at every cut 0..N, with ``runner``'s backend and threads.
+
+    The ``cuts`` (default: :func:`candidate_cuts`, the ones a planner can pick, and N) are
+    measured; the others are spread between them by per-operator weights.
+    """
     graph = runner.graph
-    feeds = feeds if feeds is not None else random_inputs(graph, seed=0)
     n = graph.num_operators
-    calls = {k: functools.partial(runner.run_head, k, feeds) for k in range(1, n + 1)}
+    feeds = feeds if feeds is not None else random_inputs(graph, seed=0)
+    measured_cuts = sorted((set(cuts if cuts is not None else candidate_cuts(graph)) | {n}) - {0})
+    logger.info("profiling %d of %d heads of %s on %s", len(measured_cuts), n, graph.source, runner.backend)
+    calls = {k: functools.partial(runner.run_head, k, feeds) for k in measured_cuts}
     measured = _measure(
         calls,
         runs=runs,
@@ -152,10 +233,18 @@ def profile_heads(
         passes=passes,
         gap_s=gap_s,
         block=max(1, runner.cache_size // 2),
-        progress="profiling heads" if progress else None,
+        progress=f"profiling {len(calls)} heads" if progress else None,
     )
-    head = [0.0] + [measured[k] for k in range(1, n + 1)]
-    logger.info("profiled %d heads of %s: whole model %.3f ms", n, graph.source, head[n])
+    anchors = {0: 0.0, **measured}
+    weights = operator_costs(runner, runner.activations(feeds)) if len(anchors) < n + 1 else [1.0] * n
+    head = interpolate(anchors, weights)
+    logger.info(
+        "profiled %d of %d heads of %s (the rest spread by operator): whole model %.3f ms",
+        len(calls),
+        n,
+        graph.source,
+        head[n],
+    )
     return head
 
 
@@ -167,18 +256,20 @@ def profile_tails(
     passes: int = 2,
     gap_s: float = 0.005,
     seed: int = 0,
+    cuts: Sequence[int] | None = None,
 ) -> list[float]:
     """Median tail latency (ms) at every cut 0..N, fed what the head computes from a seeded input.
 
-    A tail that cannot run (its backend refuses it) gets +inf, so a planner never picks that
-    cut; the other cuts are still measured.
+    The ``cuts`` (default: :func:`candidate_cuts`) are measured, the others spread between them
+    by per-operator weights. A measured tail that cannot run (its backend refuses it) gets +inf,
+    so a planner never picks that cut; the other cuts are still measured.
     """
     graph = runner.graph
     n = graph.num_operators
     activations = runner.activations(random_inputs(graph, seed=seed))
     calls: dict[int, Callable[[], object]] = {}
     failed: dict[int, str] = {}
-    for k in range(n):
+    for k in sorted(set(cuts if cuts is not None else candidate_cuts(graph)) - {n}):
         cut = graph.cut(k)
         if not cut.tail_outputs:
             continue
@@ -205,8 +296,18 @@ def profile_tails(
         block=max(1, runner.cache_size // 2),
         progress=None,
     )
-    tail = [float("inf") if k in failed else measured.get(k, 0.0) for k in range(n + 1)]
-    logger.info("profiled %d tails of %s: whole model %.3f ms", len(calls), graph.source, tail[0])
+    anchors: dict[int, float] = {n: 0.0, **measured, **dict.fromkeys(failed, math.inf)}
+    # A cut with no tail outputs (the model's outputs all computed already) costs nothing to finish.
+    anchors.update({k: 0.0 for k in range(n) if not graph.cut(k).tail_outputs})
+    weights = operator_costs(runner, activations) if len(anchors) < n + 1 else [1.0] * n
+    tail = interpolate(anchors, weights)
+    logger.info(
+        "profiled %d of %d tails of %s (the rest spread by operator): whole model %.3f ms",
+        len(calls),
+        n,
+        graph.source,
+        tail[0],
+    )
     return tail
 
 

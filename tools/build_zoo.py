@@ -59,9 +59,12 @@ def convert(model: tf.keras.Model, *, int8: bool) -> bytes:
     if int8:
         rng = np.random.default_rng(0)
 
-        def representative() -> Iterator[list[np.ndarray]]:
+        def representative() -> Iterator[dict[str, np.ndarray]]:
             for _ in range(4):
-                yield [rng.random((1, *i.shape[1:]), dtype=np.float32) for i in model.inputs]
+                yield {
+                    i.name.split(":")[0]: rng.random((1, *i.shape[1:]), dtype=np.float32)
+                    for i in model.inputs
+                }
 
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative

@@ -29,7 +29,10 @@ __all__ = ["SEARCH_PATH", "apply_overrides", "available", "find", "load", "parse
 logger = logging.getLogger(__name__)
 
 # Local profiles in /etc/edge win over the shipped ones (firmware_config/, packaged as edge/firmware_config).
-SEARCH_PATH: tuple[Path, ...] = (Path("/etc/edge"), Path(__file__).resolve().parents[1] / "firmware_config")
+SEARCH_PATH: tuple[Path, ...] = (
+    Path("/etc/edge"),
+    (Path(__file__).resolve().parents[1] / "firmware_config").resolve(),
+)
 
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-from edge.profiler import HeadProfile, cache_dir, load_or_profile, profile_heads, profile_path, profile_tails
+from edge.profiler import (
+    HeadProfile,
+    cache_dir,
+    candidate_cuts,
+    interpolate,
+    load_or_profile,
+    profile_heads,
+    profile_path,
+    profile_tails,
+)
 from edge.runner import ModelRunner
 
 
@@ -97,3 +107,32 @@ def test_unusable_cache_files_are_measured_again(runner, tmp_path, corrupt):
     assert 999.0 not in again.head_ms
     assert HeadProfile.from_json(Path(path).read_text()) == again
     assert again.model_sha256 == first.model_sha256
+
+
+@pytest.mark.parametrize("name", ["digits_resnet", "digits_tiny", "mobilenetv2_035"])
+def test_candidate_cuts_are_the_front_of_bytes_against_depth(name: str, graphs) -> None:
+    graph = graphs[name]
+    n = graph.num_operators
+    chosen = candidate_cuts(graph)
+    assert chosen[0] == 0 and chosen[-1] == n
+    for k in range(1, n):
+        earlier = min(graph.cut(j).nbytes for j in range(k))
+        if k in chosen:
+            assert graph.cut(k).nbytes < earlier
+        else:  # dominated: an earlier cut sends no more, with less on the device
+            assert graph.cut(k).nbytes >= earlier or not graph.cut(k).tail_outputs
+
+
+def test_interpolate_spreads_by_operator_weight() -> None:
+    # Five operators; cuts 0, 2 and 5 measured.
+    got = interpolate({0: 0.0, 2: 4.0, 5: 10.0}, [1.0, 3.0, 0.0, 2.0, 4.0])
+    assert got == [0.0, 1.0, 4.0, 4.0, 6.0, 10.0]
+
+
+def test_interpolate_keeps_a_failed_anchor_and_skips_it() -> None:
+    got = interpolate({0: 8.0, 2: math.inf, 4: 0.0}, [1.0, 1.0, 1.0, 1.0])
+    assert got == [8.0, 6.0, math.inf, 2.0, 0.0]
+
+
+def test_interpolate_without_weights_is_linear() -> None:
+    assert interpolate({0: 0.0, 4: 8.0}, [0.0, 0.0, 0.0, 0.0]) == [0.0, 2.0, 4.0, 6.0, 8.0]
