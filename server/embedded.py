@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any
 
 from edge.backends import DEFAULT_BACKEND
+from edge.transport.loops import finish_tasks, retire
 
 from .dataplane import DEFAULT_MAX_INFLIGHT, DataPlane
 from .grpc_service import EdgeServer
@@ -67,14 +68,12 @@ class BackgroundServer:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
-            self._loop.close()
+            retire(self._loop)  # not closed: gRPC may still hand it a finished call's last events
             self.repository.close()
 
     async def _stop(self, grace: float) -> None:
         await self.server.stop(grace)
-        # gRPC's completion queue is shared by every loop in the process and may still hand this
-        # loop the last events of the finished calls: take them before the loop closes.
-        await asyncio.sleep(0.05)
+        await finish_tasks()
 
     def __enter__(self) -> BackgroundServer:
         self.start()

@@ -30,6 +30,7 @@ from ..codec import InferRequest, ModelMetadata, ParameterValue, decode, encode
 from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb, pb_grpc
 from .base import RemoteResult
+from .loops import finish_tasks, retire
 
 __all__ = ["TLSOptions", "TailClient"]
 
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_CLOSE_SETTLE_S = 0.05
 
 # Reconnect quickly after an edge server restarts; gRPC's default backoff grows to two minutes.
 _CHANNEL_OPTIONS = [
@@ -75,10 +75,33 @@ class TLSOptions:
         )
 
 
-class TailClient:
-    """Talks to one edge server; safe to share between threads (calls take turns).
+@dataclass(slots=True)
+class _Lane:
+    """One thread's way to the server: its own event loop, channel and open stream.
 
-    ``streaming`` False sends every request as a unary ModelInfer call.
+    grpc.aio binds a channel to the loop it was made on, and a loop runs in one thread at a
+    time; a lane per thread lets threads call at once, and no lock is held across a call.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    channel: grpc.aio.Channel
+    stub: Any
+    stream: Any = None
+    """The open ModelStreamInfer call, if any."""
+    closed: bool = False
+
+    def drop_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.cancel()
+            self.stream = None
+
+
+class TailClient:
+    """Talks to one edge server; a :class:`~edge.transport.base.TailTransport`.
+
+    Safe to share between threads: each calling thread gets a lane of its own (a loop, a
+    channel and a stream), so calls from several threads run at once. ``streaming`` False sends
+    every request as a unary ModelInfer call.
     """
 
     def __init__(
@@ -93,21 +116,22 @@ class TailClient:
         self.address = address
         self.timeout_s = timeout_s
         self.streaming = streaming
-        options: list[tuple[str, int | str]] = [
+        self._options: list[tuple[str, int | str]] = [
             *_CHANNEL_OPTIONS,
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        credentials = None
+        self._credentials = None
         if tls is not None:
             if tls.server_name:
-                options.append(("grpc.ssl_target_name_override", tls.server_name))
-            credentials = tls.credentials()
+                self._options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._credentials = tls.credentials()
+        self._local = threading.local()
+        # Guards _lanes and _closed only: taken to add or close lanes, never during a call.
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._channel = self._loop.run_until_complete(_open_channel(address, credentials, options))
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._stream: Any = None  # the open ModelStreamInfer call, if any
+        self._lanes: list[_Lane] = []
+        self._closed = False
+        self._lane()  # the constructing thread's lane, made now: a bad address fails here
 
     def infer(
         self,
@@ -125,10 +149,10 @@ class TailClient:
         )
         message = converters.infer_request_to_pb(request)
         timeout = timeout_s if timeout_s is not None else self.timeout_s
-        with self._lock:
-            started = time.perf_counter()
-            reply = self._run(self._infer(message, timeout), timeout)
-            call_ms = (time.perf_counter() - started) * 1000.0
+        lane = self._lane()
+        started = time.perf_counter()
+        reply = self._run(lane, self._infer(lane, message, timeout), timeout)
+        call_ms = (time.perf_counter() - started) * 1000.0
         try:
             response = converters.infer_response_from_pb(reply)
             outputs = {t.name: decode(t) for t in response.outputs}
@@ -146,20 +170,20 @@ class TailClient:
 
     def ready(self, timeout_s: float | None = None) -> bool:
         try:
-            reply = self._unary_call(self._stub.ServerReady, pb.ServerReadyRequest(), timeout_s)
+            reply = self._unary_call("ServerReady", pb.ServerReadyRequest(), timeout_s)
         except RemoteError:
             return False
         return bool(reply.ready)
 
     def model_metadata(self, model: str, timeout_s: float | None = None) -> ModelMetadata:
-        reply = self._unary_call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=model), timeout_s)
+        reply = self._unary_call("ModelMetadata", pb.ModelMetadataRequest(name=model), timeout_s)
         return converters.model_metadata_from_pb(reply)
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Block until the server answers ServerReady, or raise RemoteError."""
+        lane = self._lane()
         try:
-            with self._lock:
-                self._run(self._channel.channel_ready(), timeout_s)
+            self._run(lane, lane.channel.channel_ready(), timeout_s)
         except RemoteError as err:
             raise RemoteError(
                 f"UNAVAILABLE: edge server {self.address} not reachable within {timeout_s}s"
@@ -168,12 +192,18 @@ class TailClient:
             raise RemoteError(f"UNAVAILABLE: edge server {self.address} is not ready")
 
     def close(self) -> None:
+        """Close every lane; call it once the calls have returned."""
         with self._lock:
-            if self._loop.is_closed():
+            if self._closed:
                 return
-            self._drop_stream()
-            self._loop.run_until_complete(self._close_channel())
-            self._loop.close()
+            self._closed = True
+            lanes, self._lanes = self._lanes, []
+        for lane in lanes:
+            if lane.closed:
+                continue
+            lane.loop.run_until_complete(_close_lane(lane))
+            lane.closed = True
+            retire(lane.loop)
 
     def __enter__(self) -> TailClient:
         return self
@@ -185,29 +215,44 @@ class TailClient:
 
     # -- internals --------------------------------------------------------------------
 
-    async def _close_channel(self) -> None:
-        await self._channel.close()
-        # gRPC's completion queue is shared by every loop in the process and may still hand this
-        # loop the last events of the cancelled calls: take them before the loop closes.
-        await asyncio.sleep(_CLOSE_SETTLE_S)
+    def _lane(self) -> _Lane:
+        lane: _Lane | None = getattr(self._local, "lane", None)
+        if lane is not None and not lane.closed:
+            return lane
+        if self._closed:
+            raise RemoteError(f"CANCELLED: the client of {self.address} is closed", status="CANCELLED")
+        loop = asyncio.new_event_loop()
+        channel = loop.run_until_complete(_open_channel(self.address, self._credentials, self._options))
+        lane = _Lane(loop, channel, pb_grpc.GRPCInferenceServiceStub(channel))
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._lanes.append(lane)
+        if closed:
+            loop.run_until_complete(channel.close())
+            retire(loop)
+            raise RemoteError(f"CANCELLED: the client of {self.address} is closed", status="CANCELLED")
+        self._local.lane = lane
+        return lane
 
-    def _run(self, work: Coroutine[Any, Any, T], timeout_s: float) -> T:
-        """Run ``work`` on the private loop, within ``timeout_s``; the caller holds the lock.
+    def _run(self, lane: _Lane, work: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        """Run ``work`` on the lane's loop, within ``timeout_s``.
 
         Whatever goes wrong on the way, the caller gets a RemoteError: the device then finishes locally.
         """
-        if self._loop.is_closed() or _in_coroutine():
+        loop = lane.loop
+        if lane.closed or _in_coroutine():
             work.close()
-            if self._loop.is_closed():
+            if lane.closed:
                 raise RemoteError(f"CANCELLED: the client of {self.address} is closed", status="CANCELLED")
             raise RuntimeError("TailClient is synchronous: call it from a thread, not from a coroutine")
         # A timer that cancels the task: lighter than asyncio.wait_for, which wraps it in a second task.
-        task = self._loop.create_task(work)
-        timer = self._loop.call_later(timeout_s, task.cancel)
+        task = loop.create_task(work)
+        timer = loop.call_later(timeout_s, task.cancel)
         try:
-            return self._loop.run_until_complete(task)
+            return loop.run_until_complete(task)
         except asyncio.CancelledError as err:
-            self._drop_stream()  # an answer may still be on its way: never read it as the next one's
+            lane.drop_stream()  # an answer may still be on its way: never read it as the next one's
             raise RemoteError(
                 f"DEADLINE_EXCEEDED: edge server {self.address} did not answer within {timeout_s}s",
                 status="DEADLINE_EXCEEDED",
@@ -218,7 +263,7 @@ class TailClient:
             raise
         except Exception as err:
             # A peer that breaks the protocol, or a channel in a state gRPC did not expect.
-            self._drop_stream()
+            lane.drop_stream()
             logger.debug("call to %s failed", self.address, exc_info=err)
             raise RemoteError(
                 f"INTERNAL: the call to edge server {self.address} failed: {type(err).__name__}: {err}",
@@ -227,58 +272,58 @@ class TailClient:
         finally:
             timer.cancel()
 
-    def _unary_call(self, method: Any, message: object, timeout_s: float | None) -> Any:
+    def _unary_call(self, method: str, message: object, timeout_s: float | None) -> Any:
         timeout = timeout_s if timeout_s is not None else self.timeout_s
+        lane = self._lane()
 
         async def call() -> Any:  # grpc.aio makes the call on the running loop, so inside it
-            return await method(message, timeout=timeout)
+            return await getattr(lane.stub, method)(message, timeout=timeout)
 
-        with self._lock:
-            return self._run(call(), timeout)
+        return self._run(lane, call(), timeout)
 
-    async def _infer(self, message: Any, timeout_s: float) -> Any:
+    async def _infer(self, lane: _Lane, message: Any, timeout_s: float) -> Any:
         if self.streaming:
             try:
-                return await self._exchange(message)
+                return await self._exchange(lane, message)
             except _NoStreamingError as err:
                 # If a unary call gets through, the server does not stream, or not in our dialect.
-                reply = await self._stub.ModelInfer(message, timeout=timeout_s)
+                reply = await lane.stub.ModelInfer(message, timeout=timeout_s)
                 logger.info("edge server %s: %s; sending unary ModelInfer calls", self.address, err)
                 self.streaming = False
                 return reply
-        return await self._stub.ModelInfer(message, timeout=timeout_s)
+        return await lane.stub.ModelInfer(message, timeout=timeout_s)
 
-    async def _exchange(self, message: Any) -> Any:
-        """One request and its answer on the open stream, opening it first if need be."""
-        fresh = self._stream is None or self._stream.done()
+    async def _exchange(self, lane: _Lane, message: Any) -> Any:
+        """One request and its answer on the lane's open stream, opening it first if need be."""
+        fresh = lane.stream is None or lane.stream.done()
         if fresh:
-            self._stream = self._stub.ModelStreamInfer()
-        stream = self._stream
+            lane.stream = lane.stub.ModelStreamInfer()
+        stream = lane.stream
         try:
             await stream.write(message)
         except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as err:
             # The stream ended before this request went out. An old one may simply be gone (the
             # server restarted): send on a new one. A new one refused at once hides its status
             # (gRPC reports INTERNAL), so let the caller find out with a unary call.
-            self._stream = None
+            lane.stream = None
             if fresh:
                 raise _NoStreamingError("it refuses ModelStreamInfer") from err
-            return await self._exchange(message)
+            return await self._exchange(lane, message)
         try:
             reply = await stream.read()
         except grpc.aio.AioRpcError as err:
-            self._stream = None
+            lane.stream = None
             if err.code() is grpc.StatusCode.UNIMPLEMENTED:
                 raise _NoStreamingError("it refuses ModelStreamInfer") from err
             raise
         if reply is grpc.aio.EOF:
-            self._stream = None
+            lane.stream = None
             status = await self._ended(stream)
             raise RemoteError(f"{status}: edge server {self.address} ended the stream", status=status)
         if not isinstance(reply, pb.ModelStreamInferResponse):
             # gRPC hands back None when the bytes do not parse as our message (MLServer's stream
             # answers with ModelInferResponse, for one). The stream is of no use with this peer.
-            self._drop_stream()
+            lane.drop_stream()
             raise _NoStreamingError("its ModelStreamInfer answers cannot be read")
         if reply.error_message:
             status, detail = converters.stream_error_from_pb(reply.error_message)
@@ -287,11 +332,11 @@ class TailClient:
                 and not reply.HasField("infer_response")
                 and converters.stream_answer_is_foreign(reply)
             ):
-                self._drop_stream()
+                lane.drop_stream()
                 raise _NoStreamingError("its ModelStreamInfer answers are not ModelStreamInferResponse")
             raise RemoteError(f"{status}: {detail}", status=status)
         if not reply.HasField("infer_response"):
-            self._drop_stream()
+            lane.drop_stream()
             raise _NoStreamingError("its ModelStreamInfer answers carry no infer_response")
         return reply.infer_response
 
@@ -302,11 +347,6 @@ class TailClient:
         if code is grpc.StatusCode.UNIMPLEMENTED:
             raise _NoStreamingError("it refuses ModelStreamInfer")
         return "UNAVAILABLE" if code is grpc.StatusCode.OK else str(code.name)
-
-    def _drop_stream(self) -> None:
-        if self._stream is not None:
-            self._stream.cancel()
-            self._stream = None
 
 
 class _NoStreamingError(Exception):
@@ -320,6 +360,12 @@ def _in_coroutine() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+async def _close_lane(lane: _Lane) -> None:
+    lane.drop_stream()
+    await lane.channel.close()
+    await finish_tasks()
 
 
 async def _open_channel(
