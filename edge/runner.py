@@ -162,7 +162,7 @@ class ModelRunner:
 
 
 def _check_boundary(side: str, cut: Cut, backend: Backend) -> None:
-    """The built half must expose exactly the cut's tensors, with their dtypes and shapes."""
+    """The built half must expose exactly the cut's tensors, with their dtypes, shapes and quantization."""
     if side == "head":
         expected = list(cut.tensors) + [t for t in cut.head_outputs if t not in cut.tensors]
         actual = backend.outputs
@@ -180,4 +180,9 @@ def _check_boundary(side: str, cut: Cut, backend: Backend) -> None:
 
 
 def _same(tensor: TensorInfo, spec: TensorSpec) -> bool:
-    return tensor.dtype == spec.dtype and tuple(tensor.shape) == tuple(spec.shape)
+    if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape):
+        return False
+    # Per-tensor quantization must survive surgery; a per-channel tensor reports (0, 0) here.
+    quant = tensor.quantization
+    expected = quant if quant is not None else (0.0, 0)
+    return (float(expected[0]), int(expected[1])) == (spec.scale, spec.zero_point) or quant is None

@@ -114,16 +114,22 @@ def open_runner(args: argparse.Namespace, graph: ModelGraph, *, local: bool = Fa
         else TailClient(args.server, timeout_s=args.timeout, streaming=args.transport == "stream")
     )
     name = getattr(args, "model_name", None) or Path(graph.source).stem
-    policy = make_policy(
-        graph,
-        args.split_at,
-        runner=runner,
-        client=client,
-        model_name=name,
-        objective=getattr(args, "objective", "latency"),
-        deadline_ms=getattr(args, "deadline_ms", None),
-        max_bytes=getattr(args, "max_bytes", None),
-    )
+    try:
+        policy = make_policy(
+            graph,
+            args.split_at,
+            runner=runner,
+            client=client,
+            model_name=name,
+            objective=getattr(args, "objective", "latency"),
+            deadline_ms=getattr(args, "deadline_ms", None),
+            max_bytes=getattr(args, "max_bytes", None),
+        )
+    except BaseException:
+        if client is not None:
+            client.close()
+        runner.close()
+        raise
     return CooperativeRunner(runner, client, model_name=name, policy=policy, timeout_s=args.timeout)
 
 

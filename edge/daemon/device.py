@@ -83,23 +83,29 @@ def open_device(resolved: ResolvedProfile) -> CooperativeRunner:
     runner = ModelRunner(resolved.graph, backend=profile.runtime.backend, threads=profile.runtime.threads)
     client = _client(profile, resolved.source)
     split = profile.split
-    if isinstance(split, FixedSplitConfig):
-        assert resolved.cut is not None
-        policy = make_policy(resolved.graph, resolved.cut)
-        runner.warm(resolved.cut)
-    else:
-        # The planner measures the device once (cached under $EDGE_CACHE_DIR) and probes the servers.
-        policy = make_policy(
-            resolved.graph,
-            "auto",
-            runner=runner,
-            client=client,
-            model_name=resolved.model_name,
-            objective=split.objective,
-            deadline_ms=split.deadline_ms,
-            max_bytes=split.max_bytes,
-            progress=False,
-        )
+    try:
+        if isinstance(split, FixedSplitConfig):
+            assert resolved.cut is not None
+            policy = make_policy(resolved.graph, resolved.cut)
+            runner.warm(resolved.cut)
+        else:
+            # The planner measures the device once (cached under $EDGE_CACHE_DIR) and probes the servers.
+            policy = make_policy(
+                resolved.graph,
+                "auto",
+                runner=runner,
+                client=client,
+                model_name=resolved.model_name,
+                objective=split.objective,
+                deadline_ms=split.deadline_ms,
+                max_bytes=split.max_bytes,
+                progress=False,
+            )
+    except BaseException:
+        if client is not None:
+            client.close()
+        runner.close()
+        raise
     return CooperativeRunner(
         runner, client, model_name=resolved.model_name, policy=policy, timeout_s=profile.edge.timeout_s
     )

@@ -265,32 +265,52 @@ class Probe:
         self.client.disconnect()
 
 
-def session_backlog(broker: Broker, client_id: str, settle_s: float = 1.5) -> list[str]:
+def session_backlog(
+    broker: Broker, client_id: str, topic: str = "sensors/backlog/digits", timeout_s: float = 15.0
+) -> list[str]:
     """Resume ``client_id``'s session without acking: the ids the broker still holds for it.
 
-    What an unclean run left unacknowledged is delivered again here; an empty list means every
+    What an unclean run left unacknowledged is delivered again here. To know that everything
+    held has arrived, a marker is published to ``topic`` (one the session subscribes to) after
+    the session is resumed: the broker delivers a session's messages in order, so once the
+    marker is seen nothing held before it is still on its way. An empty list means every
     message was acknowledged.
     """
     seen: list[str] = []
+    marker = f"backlog-marker-{time.monotonic_ns()}"
+    arrived = threading.Event()
     client = paho.Client(
         paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=True
     )
 
     def on_message(c: paho.Client, u: Any, message: paho.MQTTMessage) -> None:
         try:
-            seen.append(str(json.loads(message.payload)["id"]))
+            found = str(json.loads(message.payload)["id"])
         except (ValueError, KeyError, TypeError):
-            seen.append(f"{message.topic}#{message.mid}")
+            found = f"{message.topic}#{message.mid}"
+        if found == marker:
+            arrived.set()
+        else:
+            seen.append(found)
 
+    connected = threading.Event()
     client.on_message = on_message
+    client.on_connect = lambda c, u, flags, rc, props: connected.set()
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
     props.ReceiveMaximum = 1000
     client.connect("127.0.0.1", broker.port, clean_start=False, properties=props)
     client.loop_start()
+    publisher = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     try:
-        time.sleep(settle_s)
+        assert connected.wait(timeout_s), "the session did not resume"
+        publisher.connect("127.0.0.1", broker.port)
+        publisher.loop_start()
+        publisher.publish(topic, json.dumps({"id": marker, "data": []}), qos=1).wait_for_publish(timeout_s)
+        assert arrived.wait(timeout_s), f"the marker published to {topic} never reached the session"
     finally:
+        publisher.loop_stop()
+        publisher.disconnect()
         client.loop_stop()
         client.disconnect()
     return seen

@@ -1,0 +1,59 @@
+"""The runner's cache of halves and its build-time boundary check.
+
+Covered: the cache keeps at most ``cache_size`` halves and evicts the least recently used one,
+and an evicted half rebuilt later gives the same outputs; a built half whose boundary differs
+from the cut (another cut's tensors, or a cut tensor whose quantization changed in surgery) is
+refused when built, naming the tensor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as schema
+
+from edge.backends import create_backend
+from edge.errors import ModelMismatchError
+from edge.graph import ModelGraph
+from edge.partition import _pack, build_head
+from edge.runner import ModelRunner, _check_boundary
+from helpers import seeded_inputs
+
+
+def test_the_cache_evicts_the_least_recently_used_half(graphs: dict[str, ModelGraph]) -> None:
+    graph = graphs["digits_resnet"]
+    x = seeded_inputs(graph, 0)
+    with ModelRunner(graph, cache_size=2) as runner:
+        first = runner.run_head(3, x).cut
+        runner.run_head(5, x)
+        runner.run_head(3, x)  # 3 is now the most recent
+        runner.run_head(7, x)  # evicts 5
+        assert list(runner._halves) == [("head", 3), ("head", 7)]
+        again = runner.run_head(3, x).cut  # 3 is the most recent again, 7 the least
+        assert all(np.array_equal(first[k], again[k]) for k in first)
+        rebuilt = runner.run_head(5, x).cut  # rebuilt, evicting 7
+        assert list(runner._halves) == [("head", 3), ("head", 5)]
+        with ModelRunner(graph) as fresh:
+            expected = fresh.run_head(5, x).cut
+        assert all(np.array_equal(rebuilt[k], expected[k]) for k in expected)
+
+
+def test_a_half_with_another_cuts_tensors_is_refused(graphs: dict[str, ModelGraph]) -> None:
+    graph = graphs["digits_resnet"]
+    other = create_backend("litert", build_head(graph, graph.cut(3)))
+    with pytest.raises(ModelMismatchError, match=r"head of cut 5: tensor"):
+        _check_boundary("head", graph.cut(5), other)
+
+
+def test_a_half_whose_quantization_changed_is_refused(graphs: dict[str, ModelGraph]) -> None:
+    graph = graphs["digits_resnet"]
+    cut = graph.cut(5)
+    head = schema.ModelT.InitFromPackedBuf(build_head(graph, cut), 0)
+    name = cut.tensors[0].name
+    (tensor,) = [t for t in head.subgraphs[0].tensors if t.name.decode() == name]
+    tensor.quantization.scale = np.asarray(tensor.quantization.scale, np.float32) * 2
+    changed = create_backend("litert", _pack(head))
+    assert changed.outputs[0].dtype == cut.tensors[0].dtype  # same names, dtypes and shapes
+    with pytest.raises(ModelMismatchError, match=name.replace(";", ".").split("/")[0]):
+        _check_boundary("head", cut, changed)
+    _check_boundary("head", cut, create_backend("litert", build_head(graph, cut)))  # the real one passes
