@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="measure per-stage latency (head, transfer, tail) at one cut",
         description="Measure cooperative inference at one cut: head on this device, tail on the server, after a "
-        "warm-up. Without --server an edge server is started in-process on loopback.",
+        "warm-up. Without --server an edge server is started in-process on loopback. --model is required "
+        "(edge bench sweep has its own default).",
+        usage="%(prog)s --model MODEL [options]\n       %(prog)s sweep [options]",
     )
     # Not required by argparse, which would demand it of `edge bench sweep` too: _run_one_cut checks it.
     add_device_args(p, model_required=False)

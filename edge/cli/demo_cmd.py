@@ -13,7 +13,9 @@ from rich.table import Table
 from .. import models
 from ..argtypes import positive_int
 from ..cooperative import CooperativeRunner
+from ..graph import ModelGraph
 from ..policy import make_policy
+from ..profiler import candidate_cuts
 from ..runner import ModelRunner
 from ..stats import summary
 from ..transport import TailClient
@@ -28,21 +30,39 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="run the held-out digits through split inference against an in-process server",
         description="Start edge-server in-process on loopback, run the shipped held-out digits through the "
-        "model split at a middle cut, and report accuracy, per-stage latency, bytes sent and fallbacks.",
+        "model split at a cut that sends at most half the raw input (or --split-at), and report accuracy, "
+        "per-stage latency, bytes sent and fallbacks.",
     )
     p.add_argument(
         "--model", default=models.DEFAULT_MODEL, help="shipped model or .tflite (default: %(default)s)"
     )
-    p.add_argument("--split-at", default=None, metavar="K|TENSOR", help="the cut (default: the middle one)")
+    p.add_argument(
+        "--split-at",
+        default=None,
+        metavar="K|TENSOR",
+        help="the cut (default: the first that sends at most half the raw input)",
+    )
     p.add_argument("-n", type=positive_int, default=None, help="how many samples (default: all)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
+
+
+def showcase_cut(graph: ModelGraph) -> tuple[int, str]:
+    """The cut the demo shows by default, and why: the first inner cut that sends at most half the
+    raw input, so offloading saves bytes while the device runs as little of the model as it can."""
+    n = graph.num_operators
+    half = sum(t.nbytes for t in graph.inputs) / 2
+    for k in candidate_cuts(graph):
+        if 0 < k < n and graph.cut(k).nbytes <= half:
+            return k, "the first cut that sends at most half the raw input"
+    return n // 2, "no cut of this model sends less than half its input; the middle one"
 
 
 def run(args: argparse.Namespace) -> int:
     from server.embedded import BackgroundServer
 
     graph = load_graph(args.model)
+    default_cut, why = showcase_cut(graph)
     sample = models.digits_sample()
     x, y = sample.x[: args.n], sample.y[: args.n]
     name = graph.inputs[0].name
@@ -53,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             ModelRunner(graph),
             client,
             model_name=Path(graph.source).stem,
-            policy=make_policy(graph, args.split_at),
+            policy=make_policy(graph, args.split_at if args.split_at is not None else default_cut),
         )
         console.print(
             f"edge-server on {server.address}; model {Path(graph.source).name}, {graph.num_operators} ops"
@@ -98,8 +118,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     cut = graph.cut(split if split is not None else 0)
+    reason = (
+        f" ({why}; --split-at picks another, edge inspect lists them all)" if args.split_at is None else ""
+    )
     console.print(
-        f"cut {split} of {graph.num_operators} sends {len(cut.tensors)} tensor(s), {cut.nbytes:,} bytes:"
+        f"cut {split} of {graph.num_operators} sends {len(cut.tensors)} tensor(s), {cut.nbytes:,} bytes{reason}:"
     )
     for tensor in cut.tensors:
         console.print(f"  {tensor.name}  {tensor.dtype.name}{list(tensor.shape)}", soft_wrap=True)

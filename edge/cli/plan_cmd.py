@@ -8,6 +8,7 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from ..argtypes import positive_float, positive_int
@@ -66,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=30.0,
         help="deadline of each probe, seconds (default: %(default)s)",
     )
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--all", action="store_true", help="list every cut, not only those the planner may choose")
+    p.add_argument("--json", action="store_true", help="print JSON (every cut)")
     p.set_defaults(func=run)
 
 
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _print(report, chosen, graph.num_operators)
+        _print(report, chosen, graph.num_operators, policy.candidates, args.all)
     return 0
 
 
@@ -135,27 +137,28 @@ def _report(
             "profile": str(profile_path(policy.graph.sha256, args.backend, args.threads)),
         },
         "num_operators": n,
-        "cuts": [p.as_dict() for p in predictions],
+        "cuts": [{**p.as_dict(), "candidate": p.index in policy.candidates} for p in predictions],
     }
 
 
-def _print(report: dict[str, object], chosen: Plan, n: int) -> None:
-    console = output_console()
-    table = Table(title=f"{report['model']}: {n} operators, objective {chosen.objective}")
-    for column in (
-        "K",
-        "head ms",
-        "bytes",
-        "transfer ms",
-        "rtt+queue ms",
-        "tail ms",
-        "predicted ms",
-        "energy mJ",
-        "",
-    ):
-        table.add_column(column, justify="right")
-    for p in chosen.predictions:
-        mark = "◀ chosen" if p.index == chosen.choice else ("" if p.feasible else "✗")
+def _print(
+    report: dict[str, object], chosen: Plan, n: int, candidates: frozenset[int], show_all: bool
+) -> None:
+    console = output_console(min_width=100)
+    table = Table(
+        title=f"{report['model']}: {n} operators, objective {chosen.objective}; times in ms",
+        box=box.SIMPLE_HEAD,
+    )
+    for column in ("K", "head", "bytes", "transfer", "rtt+queue", "tail", "predicted", "mJ", ""):
+        table.add_column(column, justify="right", no_wrap=True)
+    shown = [p for p in chosen.predictions if show_all or p.index in candidates]
+    for p in shown:
+        if p.index == chosen.choice:
+            mark = "◀ chosen"
+        elif p.index not in candidates:
+            mark = "dominated"
+        else:
+            mark = "" if p.feasible else "✗ limits"
         remote = not p.local
         table.add_row(
             str(p.index),
@@ -170,6 +173,12 @@ def _print(report: dict[str, object], chosen: Plan, n: int) -> None:
             style="bold green" if p.index == chosen.choice else None,
         )
     console.print(table)
+    hidden = len(chosen.predictions) - len(shown)
+    if hidden:
+        console.print(
+            f"{hidden} other {'cut is' if hidden == 1 else 'cuts are'} not shown: each sends no fewer bytes "
+            "than an earlier cut, so it cannot win unless the device outruns the server (--all lists them)"
+        )
     link = report["link"]
     if isinstance(link, dict):
         mbit = link["bandwidth_mbit_s"]

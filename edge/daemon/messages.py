@@ -11,11 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from .. import __version__
 from ..cooperative import InferenceResult
 from ..graph import TensorInfo
 from .config import DeviceProfile
 
-__all__ = ["dequantize", "discovery", "error", "result", "stats", "top_k"]
+__all__ = ["dequantize", "discovery", "error", "ha_status_topic", "result", "stats", "top_k"]
 
 
 def dequantize(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
@@ -131,6 +132,11 @@ def stats(
     }
 
 
+def ha_status_topic(profile: DeviceProfile) -> str:
+    """Where Home Assistant says ``online`` after it starts: the cue to publish discovery again."""
+    return f"{profile.home_assistant.discovery_prefix}/status"
+
+
 def discovery(profile: DeviceProfile, model_name: str) -> list[tuple[str, dict[str, Any]]]:
     """Home Assistant MQTT discovery: (topic, config) for the last label and the median latency sensors."""
     ha = profile.home_assistant
@@ -140,6 +146,7 @@ def discovery(profile: DeviceProfile, model_name: str) -> list[tuple[str, dict[s
         "name": ha.name or device_id,
         "model": model_name,
         "manufacturer": "edge-coop",
+        "sw_version": __version__,
     }
     availability = profile.topic("availability")
     common = {
@@ -147,6 +154,7 @@ def discovery(profile: DeviceProfile, model_name: str) -> list[tuple[str, dict[s
         "payload_available": "online",
         "payload_not_available": "offline",
         "device": device,
+        "origin": {"name": "edge-coop", "sw_version": __version__},
     }
     label = {
         **common,

@@ -16,6 +16,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..errors import ConfigError
 from .config import DeviceProfile
+from .messages import ha_status_topic
 
 __all__ = ["build_client", "connect_properties", "subscriptions", "user_properties"]
 
@@ -34,7 +35,10 @@ def build_client(profile: DeviceProfile, *, source: str = "<profile>") -> paho.C
         protocol=paho.MQTTv5,
         manual_ack=True,
     )
-    client.enable_logger(logging.getLogger("edge.daemon.paho"))
+    paho_logger = logging.getLogger("edge.daemon.paho")
+    if not any(isinstance(f, _NotConnectedFilter) for f in paho_logger.filters):
+        paho_logger.addFilter(_NotConnectedFilter())
+    client.enable_logger(paho_logger)
     # A failing callback must not end the network loop; ours catch everything, this is the backstop.
     client.suppress_exceptions = True
     # paho annotates the delays as int but computes with them as numbers; sub-second delays work.
@@ -71,6 +75,14 @@ def build_client(profile: DeviceProfile, *, source: str = "<profile>") -> paho.C
     return client
 
 
+class _NotConnectedFilter(logging.Filter):
+    """paho logs "Client is not connected" at every reconnect attempt, naming no broker; the
+    daemon says itself which broker it cannot reach, and how often it retries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
 def connect_properties(profile: DeviceProfile) -> Properties:
     """CONNECT properties: how long the broker keeps the session, and how many unacked messages we take."""
     properties = Properties(PacketTypes.CONNECT)
@@ -82,7 +94,11 @@ def connect_properties(profile: DeviceProfile) -> Properties:
 def subscriptions(profile: DeviceProfile) -> list[tuple[str, SubscribeOptions]]:
     """Every sensor topic at QoS 1; retained messages only on a new subscription, not on each reconnect."""
     options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-    return [(s.topic, options) for s in profile.sensors]
+    topics = [(s.topic, options) for s in profile.sensors]
+    if profile.home_assistant.enabled:
+        # QoS 0: a status is a cue, not work; it takes no acknowledgement and no place in the queue.
+        topics.append((ha_status_topic(profile), SubscribeOptions(qos=0)))
+    return topics
 
 
 def user_properties(message: paho.MQTTMessage) -> Mapping[str, str]:

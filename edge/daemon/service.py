@@ -71,6 +71,8 @@ class Daemon:
         self._stop = threading.Event()
         self._stopping = threading.Event()
         self._connected = threading.Event()
+        self._connect_failures = 0
+        self._last_connect_warning = 0.0
         self._ready = threading.Event()
         self._started = time.monotonic()
         self._latencies: deque[float] = deque(maxlen=1000)
@@ -81,6 +83,7 @@ class Daemon:
         self.duplicates = 0
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -292,13 +295,17 @@ class Daemon:
                 "resumed" if flags.session_present else "new",
             )
             self._connected.set()
+            self._connect_failures = 0
             client.subscribe(subscriptions(self.profile))
             self._publish(self.profile.topic("availability"), ONLINE, retain=True)
             if self.profile.home_assistant.enabled:
-                for topic, config in messages.discovery(self.profile, self.plan.model_name):
-                    self._publish(topic, config, retain=True)
+                self._publish_discovery()
         except Exception:  # paho's thread must survive
             logger.exception("on_connect failed")
+
+    def _publish_discovery(self) -> None:
+        for topic, config in messages.discovery(self.profile, self.plan.model_name):
+            self._publish(topic, config, retain=True)
 
     def _on_subscribe(
         self,
@@ -317,6 +324,22 @@ class Daemon:
             logger.info("ready: %s subscribed to %s", self.profile.device_id, topics)
             notify("READY=1")
 
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # Said at the first failure of an outage, then at most once a minute.
+        now = time.monotonic()
+        self._connect_failures += 1
+        if self._connect_failures == 1 or now - self._last_connect_warning >= 60.0:
+            self._last_connect_warning = now
+            mqtt = self.profile.mqtt
+            logger.warning(
+                "cannot reach the MQTT broker %s (%d attempt%s so far); retrying every %g-%gs",
+                mqtt.address,
+                self._connect_failures,
+                "" if self._connect_failures == 1 else "s",
+                mqtt.reconnect_min_s,
+                mqtt.reconnect_max_s,
+            )
+
     def _on_disconnect(
         self,
         client: paho.Client,
@@ -331,6 +354,15 @@ class Daemon:
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:
+            if self.profile.home_assistant.enabled and message.topic == messages.ha_status_topic(
+                self.profile
+            ):
+                if bytes(message.payload).strip() == b"online":
+                    logger.info("Home Assistant is online: publishing discovery again")
+                    self._publish_discovery()
+                if message.qos > 0:  # a sensor filter that also matches it raised its QoS: done with it
+                    client.ack(message.mid, message.qos)
+                return
             if self._stopping.is_set():
                 return  # left unacknowledged: the broker delivers it to the next run
             source = self.ledger.receive(message.mid)

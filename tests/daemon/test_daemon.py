@@ -340,6 +340,28 @@ def test_stats_and_home_assistant_discovery(
     assert label["device"]["name"] == "Test box"
     latency = json.loads(probe.retained["homeassistant/sensor/generic-x86/latency/config"])
     assert latency["state_topic"] == "edge/generic-x86/stats" and latency["unit_of_measurement"] == "ms"
+    assert (
+        label["origin"]["name"] == "edge-coop"
+        and label["origin"]["sw_version"] == label["device"]["sw_version"]
+    )
+
+    # Home Assistant restarted: it says "online" on its status topic and expects discovery again.
+    for topic in (
+        "homeassistant/sensor/generic-x86/label/config",
+        "homeassistant/sensor/generic-x86/latency/config",
+    ):
+        probe.retained.pop(topic)
+    probe.publish("homeassistant/status", "online")
+    wait_until(
+        lambda: (
+            "homeassistant/sensor/generic-x86/label/config" in probe.retained
+            and "homeassistant/sensor/generic-x86/latency/config" in probe.retained
+        ),
+        10,
+        "discovery published again",
+    )
+    # The status message was a cue, not a sensor message: no result and no error document for it.
+    assert not any(e.get("topic") == "homeassistant/status" for e in probe.errors)
 
 
 def _gif() -> bytes:

@@ -182,11 +182,14 @@ def test_demo_runs_on_the_embedded_default() -> None:
     assert report["accuracy"] >= 0.95
     assert 0 < report["split_point"] < report["num_operators"]
     assert report["bytes_sent_per_request"] > 0 and report["input_bytes"] == 1024
+    # The default cut makes the point: it sends at most half the raw input.
+    assert report["bytes_sent_per_request"] <= report["input_bytes"] / 2
     assert "Traceback" not in proc.stderr
     human = run("demo", "-n", "20")
     assert human.returncode == 0, human.stderr
     for text in ("accuracy", "head (device)", "transfer", "tail (server)", "bytes sent", "fallbacks: 0"):
         assert text in human.stdout
+    assert "at most half the raw input" in " ".join(human.stdout.split())
 
 
 def test_edge_server_bad_model_directory(tmp_path: Path) -> None:
