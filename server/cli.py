@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=non_negative_int,
-        help="compute threads; 0 computes on the event loop: least overhead per request, but one request "
-        f"at a time and nothing is ever refused (default: {_default('workers')})",
+        help="compute threads; 0 computes on the event loop: the least overhead per request, one at a "
+        f"time; N > 0 computes on N threads (default: {_default('workers')})",
     )
     p.add_argument(
         "--max-inflight",

@@ -42,7 +42,7 @@ class BackgroundServer:
         backend: str = DEFAULT_BACKEND,
         threads: int = 1,
         port: int = 0,
-        workers: int = 1,
+        workers: int = 0,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         **server_options: Any,
     ) -> BackgroundServer:

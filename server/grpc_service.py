@@ -75,13 +75,15 @@ def status_for(err: BaseException) -> grpc.StatusCode:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over a :class:`DataPlane`.
 
-    ``workers`` > 0 computes on that many threads, so the event loop keeps answering health
-    checks and admitting (or refusing) requests while a model runs; 0 computes on the event
-    loop itself, which saves a thread hand-off per request but serialises everything, so the
-    in-flight limit can never be reached.
+    ``workers`` 0 (the default) computes on the event loop: no thread hand-off, which costs
+    about 0.45 ms a request on this kind of machine. A request takes its in-flight place, then
+    yields once, so every request that has arrived holds a place before the first of them
+    computes: the limit counts the requests waiting on the loop, and refuses past it.
+    ``workers`` > 0 computes on that many threads, so the loop keeps answering health checks
+    while models run.
     """
 
-    def __init__(self, dataplane: DataPlane, *, workers: int = 1) -> None:
+    def __init__(self, dataplane: DataPlane, *, workers: int = 0) -> None:
         self.dataplane = dataplane
         self.executor = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-infer") if workers > 0 else None
@@ -158,7 +160,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 # Profiling takes seconds: on a thread of its own, so neither the event loop nor the
                 # compute threads wait for it.
                 response = await asyncio.to_thread(self.dataplane.execute, prepared)
-            elif self.executor is None or prepared.ping:
+            elif prepared.ping:
+                response = self.dataplane.execute(prepared)
+            elif self.executor is None:
+                await asyncio.sleep(0)  # the other arrived requests take their places before this computes
                 response = self.dataplane.execute(prepared)
             else:
                 loop = asyncio.get_running_loop()
@@ -180,7 +185,7 @@ class EdgeServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        workers: int = 1,
+        workers: int = 0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         servicer: InferenceServicer | None = None,
         credentials: grpc.ServerCredentials | None = None,
