@@ -1,8 +1,10 @@
 """Tensors to wire bytes and back, independent of the transport.
 
-A :class:`WireTensor` is what travels: an Open Inference Protocol datatype string, a shape
-and raw little-endian, row-major bytes. :func:`encode` and :func:`decode` are the one pair
-every tensor passes through, so activation compression belongs here. This module imports
+A :class:`WireTensor` is what travels: an Open Inference Protocol datatype string, a shape,
+little-endian row-major bytes, and per-tensor parameters. :func:`encode` and :func:`decode`
+(with :func:`decode_expected`, the server's fast path for a tensor it knows) are the one way
+every tensor passes. How the bytes are encoded is the tensor's ``edge_encoding`` parameter,
+an entry of :data:`ENCODINGS`; absent means ``raw``, the only one so far. This module imports
 neither protobuf nor grpc; ``edge.protocol.converters`` maps these objects to messages.
 """
 
@@ -10,16 +12,20 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TypeAlias
 
 import numpy as np
 
 from edge.errors import TensorFormatError
+from edge.wire import ENCODING
 
 __all__ = [
     "DATATYPES",
+    "ENCODING",
+    "ENCODINGS",
     "MAX_NDIM",
     "InferRequest",
     "InferResponse",
@@ -29,6 +35,7 @@ __all__ = [
     "WireTensor",
     "datatype_of",
     "decode",
+    "decode_expected",
     "dtype_of",
     "element_count",
     "encode",
@@ -61,6 +68,17 @@ DATATYPES: tuple[str, ...] = tuple(_DTYPES)
 #: More dimensions than any model has; numpy itself stops at 64.
 MAX_NDIM = 32
 
+_NO_PARAMETERS: Mapping[str, ParameterValue] = MappingProxyType({})
+
+
+def _raw_bytes(data: bytes | memoryview) -> bytes | memoryview:
+    return data
+
+
+#: Encodings by name: each turns the wire bytes into the raw little-endian bytes. A new encoding
+#: (a compressor, say) is one entry here and one in encode's choice.
+ENCODINGS: dict[str, Callable[[bytes | memoryview], bytes | memoryview]] = {"raw": _raw_bytes}
+
 
 # WireTensor, InferRequest and InferResponse are built for every request, so they are plain
 # slotted dataclasses: a frozen one's __init__ costs several times more. Treat them as read-only.
@@ -72,6 +90,8 @@ class WireTensor:
     datatype: str
     shape: tuple[int, ...]
     data: bytes | memoryview
+    parameters: Mapping[str, ParameterValue] = field(default_factory=lambda: _NO_PARAMETERS)
+    """Per-tensor parameters; ``edge_encoding`` says how ``data`` is encoded (absent: raw)."""
 
     @property
     def nbytes(self) -> int:
@@ -203,6 +223,38 @@ def _encode_datatype(name: str, dtype: np.dtype) -> str:
         raise TensorFormatError(f"tensor {name!r}: {err}") from err
 
 
+def _payload(t: WireTensor) -> bytes | memoryview:
+    """``t``'s bytes as raw little-endian bytes, through its encoding."""
+    if not t.parameters:
+        return t.data
+    encoding = t.parameters.get(ENCODING, "raw")
+    unpack = ENCODINGS.get(encoding) if isinstance(encoding, str) else None
+    if unpack is None:
+        raise TensorFormatError(
+            f"tensor {t.name!r}: unknown encoding {str(encoding)[:40]!r}; supported: {', '.join(ENCODINGS)}"
+        )
+    return unpack(t.data)
+
+
+def decode_expected(
+    t: WireTensor, name: str, datatype: str, shape: tuple[int, ...], dtype: np.dtype, nbytes: int
+) -> np.ndarray | None:
+    """The array, if ``t`` is exactly the tensor expected (name, datatype, shape, byte count, and raw
+    bytes); else None, and :func:`decode` after a full check says what is wrong. BOOL tensors are
+    never taken here: their bytes need a look."""
+    if (
+        t.parameters
+        or t.name != name
+        or t.datatype != datatype
+        or t.shape != shape
+        or type(t.data) is not bytes
+        or len(t.data) != nbytes
+        or dtype.kind == "b"
+    ):
+        return None
+    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+
+
 def decode(t: WireTensor) -> np.ndarray:
     """Unpack a WireTensor into a read-only array that shares its bytes.
 
@@ -211,12 +263,14 @@ def decode(t: WireTensor) -> np.ndarray:
     dtype = _lookup_dtype(t.datatype, t.name)
     count = element_count(t.name, t.shape)
     expected = count * dtype.itemsize
-    if expected != t.nbytes:
+    data = _payload(t)
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if expected != size:
         raise TensorFormatError(
-            f"tensor {t.name!r}: shape {list(t.shape)} of {t.datatype} needs {expected} bytes, got {t.nbytes}"
+            f"tensor {t.name!r}: shape {list(t.shape)} of {t.datatype} needs {expected} bytes, got {size}"
         )
     try:
-        flat = np.frombuffer(t.data, dtype=dtype, count=count)
+        flat = np.frombuffer(data, dtype=dtype, count=count)
     except ValueError as err:  # a memoryview that is not contiguous
         raise TensorFormatError(f"tensor {t.name!r}: unreadable data: {err}") from err
     if dtype.kind == "b" and count and flat.view(np.uint8).max() > 1:

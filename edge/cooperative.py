@@ -15,8 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from . import wire
 from .errors import RemoteError, TensorFormatError
-from .protocol import wire
 from .runner import ModelRunner
 from .transport.base import RETRYABLE, RemoteResult, TailTransport
 

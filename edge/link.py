@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import wire
 from .graph import ModelGraph
-from .protocol import wire
 from .transport.base import TailTransport, ping, tail_profile
 
 if TYPE_CHECKING:

@@ -30,13 +30,14 @@ from edge.codec import (
     WireTensor,
     datatype_of,
     decode,
+    decode_expected,
     dtype_of,
     encode,
 )
 from edge.errors import CutError, ModelMismatchError, ModelNotFoundError, TensorFormatError
 from edge.graph import TensorInfo
 from edge.profiler import profile_tails
-from edge.protocol.wire import (
+from edge.wire import (
     BACKEND,
     COMPUTE_US,
     EXTENSIONS,
@@ -298,16 +299,10 @@ class _Route:
             return None
         feeds = {}
         for tensor, (name, datatype, shape, dtype, nbytes) in zip(inputs, self.wire, strict=True):
-            data = tensor.data
-            if (
-                tensor.name != name
-                or tensor.datatype != datatype
-                or tensor.shape != shape
-                or type(data) is not bytes
-                or len(data) != nbytes
-            ):
+            array = decode_expected(tensor, name, datatype, shape, dtype, nbytes)
+            if array is None:
                 return None
-            feeds[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+            feeds[name] = array
         return feeds
 
 

@@ -13,6 +13,7 @@ from edge.codec import (
     WireTensor,
     datatype_of,
     decode,
+    decode_expected,
     dtype_of,
     element_count,
     encode,
@@ -181,3 +182,25 @@ def test_element_count_uses_python_ints() -> None:
     assert element_count("x", (2**40, 2**40)) == 2**80
     assert element_count("x", ()) == 1
     assert element_count("x", (np.int64(3), 4)) == 12
+
+
+def test_an_explicit_raw_encoding_decodes_and_an_unknown_one_is_refused() -> None:
+    array = np.arange(6, dtype=np.int8).reshape(2, 3)
+    plain = encode("t", array)
+    raw = WireTensor(plain.name, plain.datatype, plain.shape, plain.data, {"edge_encoding": "raw"})
+    assert np.array_equal(decode(raw), array)
+    unknown = WireTensor(plain.name, plain.datatype, plain.shape, plain.data, {"edge_encoding": "zip9"})
+    with pytest.raises(TensorFormatError, match=r"unknown encoding 'zip9'; supported: raw"):
+        decode(unknown)
+
+
+def test_the_fast_path_takes_only_a_plain_exact_tensor() -> None:
+    array = np.arange(6, dtype=np.int8).reshape(2, 3)
+    t = encode("t", array)
+    spec = ("t", "INT8", (2, 3), np.dtype("i1"), 6)
+    got = decode_expected(t, *spec)
+    assert got is not None and np.array_equal(got, array)
+    with_parameters = WireTensor(t.name, t.datatype, t.shape, t.data, {"edge_encoding": "raw"})
+    assert decode_expected(with_parameters, *spec) is None  # an encoding goes through decode
+    assert decode_expected(encode("u", array), *spec) is None
+    assert decode_expected(encode("t", array.astype(np.int16)), *spec) is None

@@ -78,6 +78,9 @@ class _TensorMessage(Protocol):
     @property
     def contents(self) -> pb.InferTensorContents: ...
 
+    @property
+    def parameters(self) -> Mapping[str, pb.InferParameter]: ...
+
     def HasField(self, field_name: str) -> bool: ...
 
 
@@ -194,10 +197,27 @@ def _tensors_from_pb(
                 raise TensorFormatError(
                     f"{kind} {tensor.name!r} has typed contents while the message uses {raw_field}; use one or the other"
                 )
-            out.append(WireTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
+            if tensor.parameters:
+                out.append(
+                    WireTensor(
+                        tensor.name,
+                        tensor.datatype,
+                        tuple(tensor.shape),
+                        data,
+                        parameters_from_pb(tensor.parameters),
+                    )
+                )
+            else:
+                out.append(WireTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
         return tuple(out)
     return tuple(
-        WireTensor(name=t.name, datatype=t.datatype, shape=tuple(t.shape), data=_typed_to_bytes(kind, t))
+        WireTensor(
+            name=t.name,
+            datatype=t.datatype,
+            shape=tuple(t.shape),
+            data=_typed_to_bytes(kind, t),
+            parameters=parameters_from_pb(t.parameters),
+        )
         for t in tensors
     )
 
@@ -208,7 +228,9 @@ def _put_tensors(tensors: Sequence[WireTensor], messages: Any, raw_contents: Any
     Filled in place with add() and append(): building sub-messages and copying them in costs twice as much.
     """
     for t in tensors:
-        messages.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        message = messages.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        if t.parameters:
+            _set_parameters(message.parameters, t.parameters)
         raw_contents.append(_raw(t.data))
 
 

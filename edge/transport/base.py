@@ -14,9 +14,9 @@ from typing import Protocol
 
 import numpy as np
 
+from .. import wire
 from ..codec import ModelMetadata, ParameterValue
 from ..errors import RemoteError
-from ..protocol import wire
 
 __all__ = ["RETRYABLE", "RemoteResult", "TailTransport", "ping", "tail_profile"]
 

@@ -394,3 +394,13 @@ def test_stream_errors_carry_their_status(status: str) -> None:
 def test_stream_errors_without_a_status_are_unknown(text: str) -> None:
     """Triton's stream errors name no status."""
     assert stream_error_from_pb(text) == ("UNKNOWN", text)
+
+
+def test_per_tensor_parameters_travel_both_ways() -> None:
+    t = encode("x", np.zeros((1, 2), np.int8))
+    tagged = WireTensor(t.name, t.datatype, t.shape, t.data, {"edge_encoding": "raw", "note": 3})
+    request = infer_request_from_pb(infer_request_to_pb(InferRequest(model_name="m", inputs=(tagged, t))))
+    assert dict(request.inputs[0].parameters) == {"edge_encoding": "raw", "note": 3}
+    assert dict(request.inputs[1].parameters) == {}
+    response = infer_response_from_pb(infer_response_to_pb(InferResponse(model_name="m", outputs=(tagged,))))
+    assert dict(response.outputs[0].parameters) == {"edge_encoding": "raw", "note": 3}

@@ -203,3 +203,29 @@ def test_metadata_of_an_unknown_model_is_not_found(stub: pb_grpc.GRPCInferenceSe
         stub.ModelMetadata(pb.ModelMetadataRequest(name="no_such_model"), timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no_such_model" in info.value.details()
+
+
+@pytest.mark.parametrize(("encoding", "ok"), [("raw", True), ("zip9", False)])
+def test_a_tensor_says_its_encoding(
+    stub: pb_grpc.GRPCInferenceServiceStub, graphs: dict, encoding: str, ok: bool
+) -> None:
+    """The per-tensor ``edge_encoding`` parameter reaches the codec: raw is served, an unknown one refused."""
+    graph = graphs[MODEL]
+    feeds = seeded_inputs(graph, 9)
+    ((name, array),) = feeds.items()
+    request = pb.ModelInferRequest(model_name=MODEL)
+    tensor = request.inputs.add(name=name, datatype="INT8", shape=list(array.shape))
+    tensor.parameters["edge_encoding"].string_param = encoding
+    request.raw_input_contents.append(array.tobytes())
+    if ok:
+        reply = stub.ModelInfer(request, timeout=10)
+        expected = ModelRunner(graph).run(feeds)
+        (out,) = expected
+        assert np.array_equal(
+            np.frombuffer(reply.raw_output_contents[0], np.int8).reshape(expected[out].shape), expected[out]
+        )
+    else:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown encoding 'zip9'" in err.value.details()

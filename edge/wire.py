@@ -1,6 +1,7 @@
 """The names both sides put on the wire: request and response parameters, and special outputs.
 
-The device and the server import these; neither types them by hand.
+The device, the codec and the server import these; none types them by hand. This module imports
+nothing, so the codec can use it without protobuf.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "BACKEND",
     "COMPUTE_US",
+    "ENCODING",
     "EXTENSIONS",
     "MODEL_SHA256",
     "PING",
@@ -37,6 +39,10 @@ QUEUE_US = "queue_us"
 PROFILE_RUNS = "profile_runs"
 BACKEND = "backend"
 THREADS = "threads"
+
+# -- tensor parameters ------------------------------------------------------------------------
+ENCODING = "edge_encoding"
+"""string, on a tensor: how its bytes are encoded (absent: ``raw``); see :data:`edge.codec.ENCODINGS`."""
 
 # -- outputs ----------------------------------------------------------------------------------
 PROFILE_OUTPUT = "tail_ms"
