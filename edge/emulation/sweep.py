@@ -1,12 +1,6 @@
-"""The sweep behind ``edge bench sweep``: does the planner's cut come close to the best one, under emulated links?
-
-For each scenario (bandwidth x RTT x device slowdown) the sweep shapes a veth pair between
-two network namespaces with ``tc tbf``, puts a user-space delay proxy (RTT/2 each way) in
-front of one edge server, and runs the device in the other namespace: first under
-``--split-at auto``, which sees only what a device sees (its profile, the server's profile,
-its own traffic and probes), then at every cut with a fixed split to measure end-to-end
-latency. It writes JSON and a PNG, and prints the chosen cut against the best measured one.
-Needs root.
+"""The work behind ``edge bench sweep`` (see :mod:`edge.cli.sweep` for what it measures): set up
+each emulated scenario, run the device under ``--split-at auto`` and then at every cut, and
+write the JSON, the PNG and the summary table. Needs root.
 """
 
 from __future__ import annotations
