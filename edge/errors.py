@@ -8,6 +8,7 @@ This module imports no grpc: the server maps these classes to status codes itsel
 from __future__ import annotations
 
 __all__ = [
+    "ECHO_CHARS",
     "BackendError",
     "BackendUnavailableError",
     "ConfigError",
@@ -19,7 +20,21 @@ __all__ = [
     "RemoteError",
     "TensorFormatError",
     "UnsupportedModelError",
+    "echo",
 ]
+
+ECHO_CHARS = 64
+"""The most of a caller's value an error message repeats."""
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error may name what it refuses, but a caller
+    cannot make it (or the log) as large as they like."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if isinstance(value, (str, bytes)) else len(text)
+    return f"{text[: limit - 1]}… ({size:,} characters)"
 
 
 class EdgeError(Exception):

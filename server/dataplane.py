@@ -34,7 +34,7 @@ from edge.codec import (
     dtype_of,
     encode,
 )
-from edge.errors import CutError, ModelMismatchError, ModelNotFoundError, TensorFormatError
+from edge.errors import CutError, ModelMismatchError, ModelNotFoundError, TensorFormatError, echo
 from edge.graph import TensorInfo
 from edge.profiler import profile_tails
 from edge.wire import (
@@ -63,6 +63,10 @@ PLATFORM = "tflite"
 MODEL_VERSION = "1"
 
 DEFAULT_MAX_INFLIGHT = 64
+MAX_NAME_CHARS = 256
+"""The longest model name, version, request id, tensor name or string parameter a request may carry."""
+MAX_PARAMETERS = 64
+"""The most request parameters, and requested outputs, a request may carry."""
 PROFILE_REPEATS = 9
 PROFILE_WARMUP = 2
 
@@ -162,6 +166,7 @@ class DataPlane:
     def prepare(self, request: InferRequest, received_ns: int | None = None) -> PreparedRequest:
         """Check a request against the model and cut it names; decode its tensors without copying."""
         received_ns = received_ns if received_ns is not None else time.perf_counter_ns()
+        _check_bounds(request)
         model = self._model(request.model_name, request.model_version)
         graph = model.graph
         params = request.parameters
@@ -265,9 +270,15 @@ class DataPlane:
         return route
 
     def _model(self, name: str, version: str) -> ServedModel:
+        if len(name) > MAX_NAME_CHARS or len(version) > MAX_NAME_CHARS:
+            raise ModelNotFoundError(
+                f"model {echo(name)} version {echo(version)}: names are at most {MAX_NAME_CHARS} characters"
+            )
         model = self.repository.get(name)
         if version not in ("", MODEL_VERSION):
-            raise ModelNotFoundError(f"model {name!r} has no version {version!r} (versions: {MODEL_VERSION})")
+            raise ModelNotFoundError(
+                f"model {echo(name)} has no version {echo(version)} (versions: {MODEL_VERSION})"
+            )
         return model
 
 
@@ -306,6 +317,37 @@ class _Route:
         return feeds
 
 
+def _check_bounds(request: InferRequest) -> None:
+    """Names, ids and parameters within :data:`MAX_NAME_CHARS` and :data:`MAX_PARAMETERS`, before anything
+    is looked up with them."""
+    for what, value in (
+        ("model name", request.model_name),
+        ("model version", request.model_version),
+        ("id", request.id),
+    ):
+        if len(value) > MAX_NAME_CHARS:
+            raise TensorFormatError(
+                f"the {what} has {len(value):,} characters; at most {MAX_NAME_CHARS} are taken"
+            )
+    params = request.parameters
+    if len(params) > MAX_PARAMETERS:
+        raise TensorFormatError(f"{len(params)} request parameters; at most {MAX_PARAMETERS} are taken")
+    for key, param in params.items():
+        if len(key) > MAX_NAME_CHARS or (isinstance(param, str) and len(param) > MAX_NAME_CHARS):
+            raise TensorFormatError(
+                f"request parameter {echo(key)} is longer than {MAX_NAME_CHARS} characters"
+            )
+    for tensor in request.inputs:
+        if len(tensor.name) > MAX_NAME_CHARS:
+            raise TensorFormatError(
+                f"input {echo(tensor.name)} has a name longer than {MAX_NAME_CHARS} characters"
+            )
+    if len(request.outputs) > MAX_PARAMETERS:
+        raise TensorFormatError(
+            f"{len(request.outputs)} requested outputs; at most {MAX_PARAMETERS} are taken"
+        )
+
+
 def _metadata(tensor: TensorInfo) -> TensorMetadata:
     return TensorMetadata(name=tensor.name, datatype=datatype_of(tensor.dtype), shape=tensor.shape)
 
@@ -318,7 +360,7 @@ def _check_sha(params: Mapping[str, object], sha256: str, name: str) -> None:
         raise TensorFormatError(f"parameter {MODEL_SHA256!r} must be a string")
     if claimed.lower() != sha256:
         raise ModelMismatchError(
-            f"model {name!r} differs: the device runs sha256 {claimed}, the server holds sha256 {sha256}"
+            f"model {echo(name)} differs: the device runs sha256 {echo(claimed, 66)}, the server holds sha256 {sha256}"
         )
 
 
@@ -327,7 +369,7 @@ def _flag(params: Mapping[str, object], name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise TensorFormatError(f"parameter {name!r} must be a bool, got {type(value).__name__}")
+        raise TensorFormatError(f"parameter {echo(name)} must be a bool, got {type(value).__name__}")
     return value
 
 
@@ -348,15 +390,15 @@ def _split_point(params: Mapping[str, object], num_operators: int) -> int | None
 def _decode_inputs(
     inputs: Sequence[WireTensor], expected: Sequence[TensorInfo], model: str, split_point: int | None
 ) -> dict[str, np.ndarray]:
-    where = f"model {model!r}" + (f" cut {split_point}" if split_point is not None else "")
+    where = f"model {echo(model)}" + (f" cut {split_point}" if split_point is not None else "")
     by_name = {t.name: t for t in expected}
     seen: dict[str, WireTensor] = {}
     for tensor in inputs:
         if tensor.name in seen:
-            raise TensorFormatError(f"{where}: input {tensor.name!r} is given twice")
+            raise TensorFormatError(f"{where}: input {echo(tensor.name)} is given twice")
         if tensor.name not in by_name:
             raise TensorFormatError(
-                f"{where}: unexpected input {tensor.name!r}; expected {', '.join(repr(n) for n in by_name)}"
+                f"{where}: unexpected input {echo(tensor.name)}; expected {', '.join(repr(n) for n in by_name)}"
             )
         seen[tensor.name] = tensor
     missing = [name for name in by_name if name not in seen]
@@ -367,7 +409,9 @@ def _decode_inputs(
         tensor = seen[name]
         datatype = datatype_of(info.dtype)
         if tensor.datatype != datatype:
-            raise TensorFormatError(f"{where}: input {name!r} must be {datatype}, got {tensor.datatype}")
+            raise TensorFormatError(
+                f"{where}: input {name!r} must be {datatype}, got {echo(tensor.datatype)}"
+            )
         if tuple(tensor.shape) != info.shape:
             raise TensorFormatError(
                 f"{where}: input {name!r} must have shape {list(info.shape)}, got {list(tensor.shape)}"
@@ -383,7 +427,7 @@ def _requested(produced: tuple[TensorInfo, ...], names: Sequence[str]) -> tuple[
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise TensorFormatError(
-            f"requested output(s) {', '.join(repr(n) for n in unknown)} are not produced here; "
+            f"requested output(s) {', '.join(echo(n) for n in unknown[:4])} are not produced here; "
             f"available: {', '.join(repr(n) for n in by_name)}"
         )
     return tuple(by_name[n] for n in names)

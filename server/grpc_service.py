@@ -93,15 +93,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._closing = False
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        await _refuse_unparsed(context, request)
         return pb.ServerLiveResponse(live=self.dataplane.live())
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        await _refuse_unparsed(context, request)
         return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        await _refuse_unparsed(context, request)
         return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        await _refuse_unparsed(context, request)
         name, version, extensions = self.dataplane.server_metadata()
         return pb.ServerMetadataResponse(name=name, version=version, extensions=list(extensions))
 
@@ -121,6 +125,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             async for request in request_iterator:
                 self._idle_streams.discard(task)
                 try:
+                    if isinstance(request, Unparsed):  # the framing held: answer, and keep the stream
+                        raise TensorFormatError(request.describe())
                     response = await self._infer(request)
                 except Exception as err:  # one bad request must not end the stream
                     yield converters.stream_error_to_pb(_log(err).name, _describe(err))
@@ -148,10 +154,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             task.cancel()
 
     async def _metadata(self, request: Any) -> Any:
+        if isinstance(request, Unparsed):
+            raise TensorFormatError(request.describe())
         meta = self.dataplane.model_metadata(request.name, request.version)
         return converters.model_metadata_to_pb(meta)
 
     async def _infer(self, message: Any) -> Any:
+        if isinstance(message, Unparsed):
+            raise TensorFormatError(message.describe())
         received = time.perf_counter_ns()
         request = converters.infer_request_from_pb(message)
         prepared = self.dataplane.prepare(request, received)
@@ -216,7 +226,7 @@ class EdgeServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options, interceptors=self.interceptors)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        add_tolerant_servicer(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=DESCRIPTOR_POOL)
@@ -253,6 +263,63 @@ class EdgeServer:
             result = self.health.enter_graceful_shutdown()
             if isinstance(result, Awaitable):
                 await result
+
+
+class Unparsed:
+    """What a request whose bytes do not parse as its message becomes, so the servicer can answer
+    INVALID_ARGUMENT itself (gRPC would answer UNKNOWN, log a traceback, and end a stream)."""
+
+    __slots__ = ("message", "reason", "size")
+
+    def __init__(self, message: str, size: int, reason: str) -> None:
+        self.message, self.size, self.reason = message, size, reason
+
+    def describe(self) -> str:
+        return f"the request ({self.size:,} bytes) is not a valid {self.message}: {self.reason[:200]}"
+
+
+def _tolerant(parse: Any, message: str) -> Any:
+    def read(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as err:  # DecodeError, and whatever else a parser raises on bad bytes
+            return Unparsed(message, len(data), str(err) or type(err).__name__)
+
+    return read
+
+
+class _Registrar:
+    """Takes what the generated ``add_..._to_server`` registers, with tolerant request parsers."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come again, by name, through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        methods = DESCRIPTOR_POOL.FindServiceByName(service).methods_by_name
+        tolerant = {
+            name: handler._replace(
+                request_deserializer=_tolerant(
+                    handler.request_deserializer, methods[name].input_type.full_name
+                )
+            )
+            for name, handler in handlers.items()
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, tolerant),))
+        self.server.add_registered_method_handlers(service, tolerant)
+
+
+def add_tolerant_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` on ``server`` as the generated code does, but with request parsers that
+    turn unparseable bytes into :class:`Unparsed` instead of failing the call."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _Registrar(server))
+
+
+async def _refuse_unparsed(context: grpc.aio.ServicerContext, request: Any) -> None:
+    if isinstance(request, Unparsed):
+        await _abort(context, TensorFormatError(request.describe()))
 
 
 def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.backends import DEFAULT_BACKEND
-from edge.errors import ConfigError, ModelNotFoundError
+from edge.errors import ConfigError, ModelNotFoundError, echo
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
 
@@ -63,7 +63,7 @@ class ModelRepository:
         model = self._models.get(name)
         if model is None:
             known = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFoundError(f"model {name!r} is not served here (served: {known})")
+            raise ModelNotFoundError(f"model {echo(name)} is not served here (served: {known})")
         return model
 
     def __iter__(self) -> Iterator[ServedModel]:
