@@ -25,6 +25,7 @@ from edge.wire import ENCODING
 __all__ = [
     "DATATYPES",
     "ENCODING",
+    "Deferred",
     "ENCODINGS",
     "MAX_NDIM",
     "InferRequest",
@@ -80,6 +81,17 @@ def _raw_bytes(data: bytes | memoryview) -> bytes | memoryview:
 ENCODINGS: dict[str, Callable[[bytes | memoryview], bytes | memoryview]] = {"raw": _raw_bytes}
 
 
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """Tensor bytes not made yet: typed contents (one protobuf value per element) are converted
+    only when the tensor is decoded, after the request has been checked against the model, so a
+    request for an input that does not exist costs nothing to refuse."""
+
+    nbytes: int
+    """What the bytes will measure: the declared element count times the datatype's size."""
+    load: Callable[[], bytes]
+
+
 # WireTensor, InferRequest and InferResponse are built for every request, so they are plain
 # slotted dataclasses: a frozen one's __init__ costs several times more. Treat them as read-only.
 @dataclass(slots=True)
@@ -89,7 +101,7 @@ class WireTensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    data: bytes | memoryview
+    data: bytes | memoryview | Deferred
     parameters: Mapping[str, ParameterValue] = field(default_factory=lambda: _NO_PARAMETERS)
     """Per-tensor parameters; ``edge_encoding`` says how ``data`` is encoded (absent: raw)."""
 
@@ -97,7 +109,9 @@ class WireTensor:
     def nbytes(self) -> int:
         """The size of ``data`` in bytes."""
         data = self.data
-        return data.nbytes if isinstance(data, memoryview) else len(data)
+        if isinstance(data, bytes):
+            return len(data)
+        return data.nbytes
 
 
 @dataclass(slots=True)
@@ -225,15 +239,18 @@ def _encode_datatype(name: str, dtype: np.dtype) -> str:
 
 def _payload(t: WireTensor) -> bytes | memoryview:
     """``t``'s bytes as raw little-endian bytes, through its encoding."""
+    data = t.data
+    if isinstance(data, Deferred):
+        return data.load()
     if not t.parameters:
-        return t.data
+        return data
     encoding = t.parameters.get(ENCODING, "raw")
     unpack = ENCODINGS.get(encoding) if isinstance(encoding, str) else None
     if unpack is None:
         raise TensorFormatError(
             f"tensor {t.name!r}: unknown encoding {str(encoding)[:40]!r}; supported: {', '.join(ENCODINGS)}"
         )
-    return unpack(t.data)
+    return unpack(data)
 
 
 def decode_expected(

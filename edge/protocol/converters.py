@@ -18,6 +18,7 @@ import numpy as np
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from edge.codec import (
+    Deferred,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -147,12 +148,18 @@ def parameters_from_pb(params: Mapping[str, pb.InferParameter]) -> dict[str, Par
 # -- tensors ------------------------------------------------------------------------------
 
 
-def _raw(data: bytes | memoryview) -> bytes:
-    return data if isinstance(data, bytes) else bytes(data)
+def _raw(data: bytes | memoryview | Deferred) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    return data.load() if isinstance(data, Deferred) else bytes(data)
 
 
-def _typed_to_bytes(kind: str, tensor: _TensorMessage) -> bytes:
-    """Convert a tensor's typed ``contents`` to raw bytes of its declared datatype."""
+def _typed_to_bytes(kind: str, tensor: _TensorMessage) -> Deferred:
+    """A tensor's typed ``contents`` as raw bytes of its declared datatype, converted when decoded.
+
+    Checked now, without touching the values: the datatype, the field that carries them, and
+    their count against the declared shape.
+    """
     name, datatype = tensor.name, tensor.datatype
     try:
         target = dtype_of(datatype)
@@ -173,14 +180,18 @@ def _typed_to_bytes(kind: str, tensor: _TensorMessage) -> bytes:
         raise TensorFormatError(
             f"{kind} {name!r}: shape {list(tensor.shape)} needs {count} values, {field_name} has {len(values)}"
         )
-    array = np.fromiter(values, dtype=wide, count=count)
-    if target.itemsize < wide.itemsize and count:
-        info = np.iinfo(target)
-        if array.min() < info.min or array.max() > info.max:
-            raise TensorFormatError(
-                f"{kind} {name!r}: a value in {field_name} is out of range for {datatype}"
-            )
-    return array.astype(target, copy=False).tobytes()
+
+    def load() -> bytes:
+        array = np.fromiter(values, dtype=wide, count=count)
+        if target.itemsize < wide.itemsize and count:
+            info = np.iinfo(target)
+            if array.min() < info.min or array.max() > info.max:
+                raise TensorFormatError(
+                    f"{kind} {name!r}: a value in {field_name} is out of range for {datatype}"
+                )
+        return array.astype(target, copy=False).tobytes()
+
+    return Deferred(count * target.itemsize, load)
 
 
 def _tensors_from_pb(

@@ -118,3 +118,31 @@ def test_too_many_or_too_long_parameters_are_refused(channel: grpc.Channel) -> N
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
     # And the server still serves.
     assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+
+
+def test_typed_contents_for_a_wrong_input_are_refused_without_converting_them(graphs: dict) -> None:
+    """2 M int64 values (16 MB once converted) for an input that does not exist: refused on the
+    names alone, before any value is converted."""
+    import tracemalloc
+
+    from edge.errors import TensorFormatError
+    from edge.protocol import infer_request_from_pb
+    from server.dataplane import DataPlane
+    from server.repository import ModelRepository
+
+    count = 2_000_000
+    message = pb.ModelInferRequest(model_name=MODEL)
+    tensor = message.inputs.add(name="nope", datatype="INT64", shape=[count])
+    tensor.contents.int64_contents.extend(range(count))
+    repository = ModelRepository.from_files([models.model_path(MODEL)])
+    dataplane = DataPlane(repository)
+    tracemalloc.start()
+    try:
+        request = infer_request_from_pb(message)
+        with pytest.raises(TensorFormatError, match="unexpected input 'nope'"):
+            dataplane.prepare(request)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        repository.close()
+    assert peak < 1_000_000, f"{peak:,} bytes allocated to refuse it"
