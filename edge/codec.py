@@ -25,9 +25,9 @@ from edge.wire import ENCODING
 __all__ = [
     "DATATYPES",
     "ENCODING",
-    "Deferred",
     "ENCODINGS",
     "MAX_NDIM",
+    "Deferred",
     "InferRequest",
     "InferResponse",
     "ModelMetadata",
