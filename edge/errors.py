@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ECHO_CHARS",
     "BackendError",
+    "BackendRunError",
     "BackendUnavailableError",
     "ConfigError",
     "CutError",
@@ -67,6 +68,11 @@ class TensorFormatError(EdgeError):
 
 class BackendError(EdgeError):
     """The inference backend failed to load or run a model."""
+
+
+class BackendRunError(BackendError):
+    """A loaded model failed on the values it was given (a kernel refused them: a shape tensor
+    with a negative dimension, an index out of range). The inputs are at fault, not the model."""
 
 
 class BackendUnavailableError(BackendError):

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edge.errors import (
     BackendError,
+    BackendRunError,
     ConfigError,
     CutError,
     EdgeError,
@@ -53,6 +54,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ModelMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (TensorFormatError, grpc.StatusCode.INVALID_ARGUMENT),
     (CutError, grpc.StatusCode.INVALID_ARGUMENT),
+    (BackendRunError, grpc.StatusCode.INVALID_ARGUMENT),  # a kernel refused the caller's values
     (ServerOverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ServerStoppingError, grpc.StatusCode.UNAVAILABLE),
     (ModelFormatError, grpc.StatusCode.INTERNAL),

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import BackendError, TensorFormatError
+from ..errors import BackendError, BackendRunError, TensorFormatError
 
 __all__ = ["Backend", "InterpreterBackend", "TensorSpec"]
 
@@ -93,7 +93,7 @@ class InterpreterBackend(Backend):
                 self._interpreter.invoke()
                 return {name: self._interpreter.get_tensor(index) for name, index in self._output_index}
             except (ValueError, RuntimeError) as err:
-                raise BackendError(f"{self.key} failed to run the model: {err}") from err
+                raise BackendRunError(f"{self.key} failed to run the model on these inputs: {err}") from err
 
     def close(self) -> None:
         self._interpreter = None

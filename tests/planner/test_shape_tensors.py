@@ -19,7 +19,7 @@ from model_builder import shape_tensor_model
 
 from edge.autosplit import AutoSplit
 from edge.cooperative import CooperativeRunner
-from edge.errors import BackendError
+from edge.errors import BackendError, RemoteError
 from edge.graph import ModelGraph
 from edge.policy import make_policy
 from edge.preprocess import random_inputs, random_tensors
@@ -107,3 +107,20 @@ def test_a_server_that_cannot_profile_is_still_used(model_file: Path, graph: Mod
         finally:
             client.close()
             runner.close()
+
+
+def test_values_a_kernel_refuses_are_the_callers_fault_and_the_tail_survives(
+    server: BackgroundServer, graph: ModelGraph
+) -> None:
+    with TailClient(server.address, timeout_s=30.0) as client:
+        params = {"split_point": 2, "model_sha256": graph.sha256}
+        bad = random_tensors(graph.cut(2).tensors, seed=2)  # a random shape tensor: RESHAPE fails
+        with pytest.raises(RemoteError) as err:
+            client.infer(NAME, bad, parameters=params)
+        assert err.value.status == "INVALID_ARGUMENT" and "RESHAPE" in str(err.value)
+        x = random_inputs(graph, seed=4)
+        with ModelRunner(graph) as runner:
+            good = runner.run_head(2, x).cut
+            expected = runner.run(x)
+        result = client.infer(NAME, good, parameters=params)
+        assert all(np.array_equal(result.outputs[k], v) for k, v in expected.items())
