@@ -25,6 +25,7 @@ __all__ = [
     "EdgeServerConfig",
     "FixedSplitConfig",
     "HomeAssistantConfig",
+    "LimitsConfig",
     "ModelConfig",
     "MqttConfig",
     "MqttTLSConfig",
@@ -371,6 +372,34 @@ class QueueConfig(_Strict):
     )
 
 
+class LimitsConfig(_Strict):
+    max_payload_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=64,
+        le=1024**3,
+        description="Largest sensor message taken; a larger one gets an error document.",
+    )
+    max_json_depth: int = Field(
+        default=16, ge=1, le=256, description="Deepest nesting of arrays and objects in a JSON payload."
+    )
+    max_shape_rank: int = Field(
+        default=8, ge=1, le=32, description="Most dimensions a raw payload's shape property may give."
+    )
+    max_id_chars: int = Field(
+        default=256,
+        ge=8,
+        le=65536,
+        description="Longest message id taken; a longer one gets an error document.",
+    )
+    stall_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        description="With messages waiting and none answered for this long, the daemon stops pinging the "
+        "systemd watchdog (so systemd restarts it) and says so.",
+    )
+
+
 class StatsConfig(_Strict):
     interval_s: float = Field(
         default=30.0, ge=0, le=86400, description="Seconds between stats messages; 0 turns them off."
@@ -403,6 +432,9 @@ class DeviceProfile(_Strict):
     topics: TopicsConfig = Field(default_factory=TopicsConfig, description="Topics the daemon publishes on.")
     results: ResultsConfig = Field(default_factory=ResultsConfig, description="What a result carries.")
     queue: QueueConfig = Field(default_factory=QueueConfig, description="Bounds on work held in memory.")
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig, description="Bounds on what one sensor message may be."
+    )
     stats: StatsConfig = Field(default_factory=StatsConfig, description="Periodic stats messages.")
     home_assistant: HomeAssistantConfig = Field(
         default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery."

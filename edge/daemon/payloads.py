@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import TensorFormatError
 from ..graph import TensorInfo
 from ..preprocess import coerce_input, quantize
-from .config import SensorConfig
+from .config import LimitsConfig, SensorConfig
 
 __all__ = ["Decoded", "PayloadError", "decode", "fallback_id"]
 
@@ -61,33 +61,64 @@ def decode(
     sensor: SensorConfig,
     inputs: Sequence[TensorInfo],
     properties: Mapping[str, str] | None = None,
+    limits: LimitsConfig | None = None,
 ) -> Decoded:
-    """Decode one message from ``sensor`` into feeds for a model with ``inputs``."""
+    """Decode one message from ``sensor`` into feeds for a model with ``inputs``.
+
+    Every failure, whatever its cause, is a :class:`PayloadError`: a message always ends in a
+    result or an error document.
+    """
+    limits = limits or LimitsConfig()
     properties = properties or {}
     prop_id = properties.get("id") or None
-    if sensor.format == "json":
-        return _decode_json(payload, sensor, inputs, prop_id)
-    target = _target(sensor, inputs, prop_id)
+    if prop_id is not None and len(prop_id) > limits.max_id_chars:
+        raise PayloadError(f"the id property has {len(prop_id):,} characters; at most {limits.max_id_chars}")
+    if len(payload) > limits.max_payload_bytes:
+        raise PayloadError(
+            f"the payload is {len(payload):,} bytes; at most {limits.max_payload_bytes:,}", message_id=prop_id
+        )
     try:
-        if sensor.format == "raw":
-            array = _decode_raw(payload, sensor, target, properties)
-        else:
-            array = _decode_image(payload, sensor, target)
-    except TensorFormatError as err:
-        raise PayloadError(str(err), message_id=prop_id) from err
-    return Decoded(prop_id, {target.name: array})
+        if sensor.format == "json":
+            return _decode_json(payload, sensor, inputs, prop_id, limits)
+        target = _target(sensor, inputs, prop_id)
+        try:
+            if sensor.format == "raw":
+                array = _decode_raw(payload, sensor, target, properties, limits)
+            else:
+                array = _decode_image(payload, sensor, target)
+        except TensorFormatError as err:
+            raise PayloadError(str(err), message_id=prop_id) from err
+        return Decoded(prop_id, {target.name: array})
+    except PayloadError:
+        raise
+    except Exception as err:  # a decoder's own failure on input nobody foresaw: still the payload's fault
+        raise PayloadError(
+            f"cannot decode the payload: {type(err).__name__}: {str(err)[:200]}", message_id=prop_id
+        ) from err
 
 
 # -- JSON -----------------------------------------------------------------------------
 
 
 def _decode_json(
-    payload: bytes, sensor: SensorConfig, inputs: Sequence[TensorInfo], prop_id: str | None
+    payload: bytes,
+    sensor: SensorConfig,
+    inputs: Sequence[TensorInfo],
+    prop_id: str | None,
+    limits: LimitsConfig,
 ) -> Decoded:
     try:
         doc = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PayloadError(f"not valid JSON: {err}", message_id=prop_id) from err
+    except RecursionError as err:
+        raise PayloadError(
+            f"the JSON is nested deeper than {limits.max_json_depth} levels", message_id=prop_id
+        ) from err
+    if _depth(doc, limits.max_json_depth + 1) > limits.max_json_depth:
+        raise PayloadError(
+            f"the JSON is nested deeper than {limits.max_json_depth} levels", message_id=prop_id
+        )
     if not isinstance(doc, dict):
         raise PayloadError('a JSON payload must be an object: {"id": ..., "data": [...]}', message_id=prop_id)
     message_id = prop_id
@@ -98,6 +129,8 @@ def _decode_json(
                 f'"id" must be a non-empty string or an integer, got {raw_id!r:.40}', message_id=prop_id
             )
         message_id = str(raw_id)
+        if len(message_id) > limits.max_id_chars:
+            raise PayloadError(f'"id" has {len(message_id):,} characters; at most {limits.max_id_chars}')
     if "data" not in doc:
         raise PayloadError('the JSON object has no "data"', message_id=message_id)
     data = doc["data"]
@@ -125,8 +158,31 @@ def _json_feeds(data: dict[str, Any], inputs: Sequence[TensorInfo]) -> dict[str,
     return {name: _json_array(data[name], tensor) for name, tensor in by_name.items()}
 
 
+def _depth(value: Any, stop: int) -> int:
+    """How deeply arrays and objects nest in ``value`` (a number is 0), counted up to ``stop``."""
+    deepest = 0
+    todo: list[tuple[Any, int]] = [(value, 0)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, (list, dict)):
+            level += 1
+            deepest = max(deepest, level)
+            if deepest >= stop:
+                return deepest
+            todo.extend((child, level) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
 def _json_array(data: Any, tensor: TensorInfo) -> np.ndarray:
-    """Nested or flat numbers: integers are taken as the input's type, reals are quantized."""
+    """Nested or flat numbers: integers are taken as the input's type, reals are quantized.
+
+    Any nesting is taken whose shape is the input's once dimensions of size 1 are dropped
+    ([32][32] for an input of [1, 32, 32, 1]), and a flat list of the right length.
+    """
     if not isinstance(data, list):
         raise TensorFormatError(f'"data" must be an array of numbers, got {type(data).__name__}')
     try:
@@ -138,8 +194,9 @@ def _json_array(data: Any, tensor: TensorInfo) -> np.ndarray:
             f'"data" must hold only numbers in nested lists of equal length (got {array.dtype.kind!r} elements)'
         )
     size = math.prod(tensor.shape)
-    if array.ndim == 1 and len(tensor.shape) > 1 and array.size == size:
-        array = array.reshape(tensor.shape)
+    if array.shape != tensor.shape and array.size == size:
+        if array.ndim == 1 or _squeezed(array.shape) == _squeezed(tensor.shape):
+            array = array.reshape(tensor.shape)
     return _checked(array, tensor)
 
 
@@ -147,17 +204,23 @@ def _json_array(data: Any, tensor: TensorInfo) -> np.ndarray:
 
 
 def _decode_raw(
-    payload: bytes, sensor: SensorConfig, tensor: TensorInfo, properties: Mapping[str, str]
+    payload: bytes,
+    sensor: SensorConfig,
+    tensor: TensorInfo,
+    properties: Mapping[str, str],
+    limits: LimitsConfig,
 ) -> np.ndarray:
     dtype_name = properties.get("dtype") or sensor.dtype or tensor.dtype.name
     try:
         dtype = np.dtype(dtype_name)
-    except TypeError as err:
-        raise TensorFormatError(f"unknown dtype {dtype_name!r}") from err
+    except (TypeError, ValueError, SyntaxError) as err:
+        raise TensorFormatError(f"unknown dtype {dtype_name[:40]!r}") from err
     if dtype.kind not in "iuf":
         raise TensorFormatError(f"dtype {dtype_name!r} is not an integer or floating type")
     shape = (
-        _parse_shape(properties["shape"]) if "shape" in properties else tuple(sensor.shape or tensor.shape)
+        _parse_shape(properties["shape"], limits.max_shape_rank)
+        if "shape" in properties
+        else tuple(sensor.shape or tensor.shape)
     )
     expected = math.prod(shape) * dtype.itemsize
     if len(payload) != expected:
@@ -171,15 +234,19 @@ def _decode_raw(
     return _checked(array, tensor)
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
-    """A shape property: ``1,32,32,1``, ``[1, 32, 32, 1]`` or ``1x32x32x1``."""
+def _parse_shape(text: str, max_rank: int) -> tuple[int, ...]:
+    """A shape property: ``1,32,32,1``, ``[1, 32, 32, 1]`` or ``1x32x32x1``, of at most ``max_rank`` sizes."""
+    shown = repr(text[:40] + ("…" if len(text) > 40 else ""))
     cleaned = text.strip().strip("[]()").replace("x", ",")
+    parts = [part for part in cleaned.split(",") if part.strip()]
+    if len(parts) > max_rank:
+        raise TensorFormatError(f"shape property has {len(parts)} dimensions; at most {max_rank}")
     try:
-        shape = tuple(int(part) for part in cleaned.split(",") if part.strip())
+        shape = tuple(int(part) for part in parts)
     except ValueError as err:
-        raise TensorFormatError(f"shape property {text!r} is not a list of sizes") from err
+        raise TensorFormatError(f"shape property {shown} is not a list of sizes") from err
     if not shape or any(d <= 0 for d in shape):
-        raise TensorFormatError(f"shape property {text!r} is not a list of positive sizes")
+        raise TensorFormatError(f"shape property {shown} is not a list of positive sizes")
     return shape
 
 

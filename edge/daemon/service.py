@@ -15,12 +15,13 @@ the network thread waits for room: the broker then sees TCP flow control. Nothin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,10 @@ class Daemon:
         self._connected = threading.Event()
         self._connect_failures = 0
         self._last_connect_warning = 0.0
+        self._last_progress = time.monotonic()
+        self._stalled = False
+        # Message id -> digest of the payload it answered; as many as the ledger remembers.
+        self._digests: OrderedDict[str, bytes] = OrderedDict()
         self._ready = threading.Event()
         self._started = time.monotonic()
         self._latencies: deque[float] = deque(maxlen=1000)
@@ -165,22 +170,39 @@ class Daemon:
         )
 
     def _healthy(self) -> bool:
-        """Started (READY sent) and the network loop alive; a stuck main loop stops pinging by itself.
+        """Started (READY sent), the network loop alive, and progress while messages wait; a stuck
+        main loop stops pinging by itself.
 
         A broker that is down after READY does not make the daemon unhealthy: it reconnects by
         itself, and a restart would not help.
         """
         thread = getattr(self.client, "_thread", None)  # paho exposes no public accessor
-        return self._ready.is_set() and thread is not None and thread.is_alive()
+        if not (self._ready.is_set() and thread is not None and thread.is_alive()):
+            return False
+        waiting = self._queue.qsize() > 0
+        stalled = waiting and time.monotonic() - self._last_progress > self.profile.limits.stall_s
+        if stalled and not self._stalled:
+            logger.error(
+                "no message answered for %.0fs while %d wait: no more watchdog pings",
+                self.profile.limits.stall_s,
+                self._queue.qsize(),
+            )
+        self._stalled = stalled
+        return not stalled
 
     # -- the work ---------------------------------------------------------------------
 
     def _process(self, item: _Inbound) -> None:
         try:
             self._answer(item)
-        except Exception:  # one message must never take the daemon down
-            logger.exception("unexpected failure on a message from %s; it stays unacknowledged", item.topic)
-            self.ledger.release(item.source)
+        except Exception as err:  # one message must never take the daemon down, nor stay unanswered
+            logger.exception("unexpected failure on a message from %s", item.topic)
+            try:
+                self._refuse(item, None, f"internal error: {type(err).__name__}: {str(err)[:200]}")
+            except Exception:
+                logger.exception("cannot publish the error document; the message stays unacknowledged")
+                self.ledger.release(item.source)
+        self._last_progress = time.monotonic()
 
     def _answer(self, item: _Inbound) -> None:
         problem: str | None = None
@@ -190,17 +212,29 @@ class Daemon:
             problem = "no sensor of this profile subscribes to this topic (a subscription left from an older profile?)"
         else:
             try:
-                decoded = payloads.decode(item.payload, item.sensor, self.plan.graph.inputs, item.properties)
+                decoded = payloads.decode(
+                    item.payload, item.sensor, self.plan.graph.inputs, item.properties, self.profile.limits
+                )
                 given_id = decoded.message_id
             except payloads.PayloadError as err:
                 problem, given_id = str(err), err.message_id
         message_id = given_id or payloads.fallback_id(item.topic, item.source.mid)
+        digest = hashlib.blake2b(item.payload, digest_size=16).digest()
         # A fallback id is only unique while the message is in flight: trust it for redeliveries only.
         if (given_id is not None or item.dup) and self.ledger.answered(message_id):
+            if self._digests.get(message_id, digest) != digest:
+                self._refuse(
+                    item, given_id, f"id {message_id[:64]!r} was answered already, for another payload"
+                )
+                return
             self.duplicates += 1
             logger.info("message %s was answered already; acknowledging the redelivery", message_id)
             self._ack(self.ledger.duplicate(message_id, item.source))
             return
+        self._digests[message_id] = digest
+        self._digests.move_to_end(message_id)
+        while len(self._digests) > self.profile.queue.answered_ids:
+            self._digests.popitem(last=False)
         body: dict[str, Any] | None = None
         if decoded is not None:
             try:
@@ -223,15 +257,22 @@ class Daemon:
                 self.fallbacks += int(result.fallback)
                 self._latencies.append(result.timings.e2e_ms)
         if body is None:
-            self.errors += 1
-            logger.warning("message %s on %s: %s", message_id, item.topic, problem)
-            body = messages.error(
-                message_id=given_id, topic=item.topic, device_id=self.profile.device_id, message=str(problem)
-            )
-            topic = self.profile.topic("errors")
-        else:
-            topic = self.profile.topic("results")
-        self._publish(topic, body, sources=[item.source], message_id=message_id)
+            self._refuse(item, given_id, str(problem), message_id=message_id)
+            return
+        self._publish(self.profile.topic("results"), body, sources=[item.source], message_id=message_id)
+
+    def _refuse(
+        self, item: _Inbound, given_id: str | None, problem: str, *, message_id: str | None = None
+    ) -> None:
+        """Answer ``item`` with an error document; it is acknowledged once the broker has that."""
+        self.errors += 1
+        logger.warning(
+            "message %s on %s: %s", (message_id or given_id or "?")[:80], item.topic, problem[:300]
+        )
+        body = messages.error(
+            message_id=given_id, topic=item.topic, device_id=self.profile.device_id, message=problem
+        )
+        self._publish(self.profile.topic("errors"), body, sources=[item.source], message_id=message_id)
 
     def stats(self) -> dict[str, Any]:
         return messages.stats(

@@ -397,3 +397,75 @@ def test_systemd_notify_ready_watchdog_stopping(
             pass
         assert state == "STOPPING=1"
         assert daemon.terminate() == 0
+
+
+def test_poison_messages_each_get_an_error_and_do_not_stall_the_daemon(
+    tmp_path: Path,
+    broker: Broker,
+    probe: Probe,
+    daemon_factory: Callable[..., DaemonProcess],
+    reference: Callable[[int], list[dict[str, object]]],
+) -> None:
+    """100 of every kind of message that once escaped the error path, then a good one."""
+    profile = tmp_path / "local.toml"  # no edge server: all local
+    profile.write_text(GENERIC.read_text().replace('[[edge.servers]]\naddress = "localhost:8001"\n', ""))
+    daemon = daemon_factory([], profile=profile)
+    daemon.start()
+    sample = models.digits_sample()
+    raw = sample.x[0].tobytes()
+    kinds: dict[str, tuple[str, bytes | str, dict[str, str]]] = {
+        "deep": ("sensors/s1/digits", '{"data": ' + "[" * 1000 + "]" * 1000 + "}", {}),
+        "rank": ("sensors/s1/digits/raw", raw, {"shape": ",".join(["1"] * 65)}),
+        "long-id": ("sensors/s1/digits", json.dumps({"id": "x" * 10_000, "data": [0] * 1024}), {}),
+        "dtype": ("sensors/s1/digits/raw", raw, {"dtype": "V99999999999999999999"}),
+    }
+    sent: list[str] = []
+    for kind, (topic, payload, props) in kinds.items():
+        for n in range(100):
+            message_id = f"{kind}-{n}"
+            sent.append(message_id)
+            probe.publish(
+                topic, payload, properties={**props, "id": message_id} if kind != "long-id" else props
+            )
+    probe.publish(TOPIC, digit_json(5, "good"))
+    probe.wait_answered({"good"}, timeout=120)
+    wait_until(lambda: len(probe.errors) >= len(sent), 60, "an error document for every poison message")
+    assert len(probe.errors) == len(sent)
+    by_id: dict[str | None, list[str]] = {}
+    for doc in probe.errors:
+        by_id.setdefault(doc["id"], []).append(doc["error"])
+    for kind in ("deep", "rank", "dtype"):
+        for n in range(100):
+            (error,) = by_id[f"{kind}-{n}"]
+            assert {"deep": "nested deeper", "rank": "65 dimensions", "dtype": "unknown dtype"}[kind] in error
+    assert len(by_id[None]) == 100 and all("characters; at most 256" in e for e in by_id[None])
+    (good,) = probe.answered()["good"]
+    assert good["top_k"] == reference(5)
+    wait_until(lambda: any(s["errors"] >= len(sent) for s in probe.stats), 30, "stats counting the errors")
+
+
+def test_a_reused_id_with_another_payload_is_an_error_and_2d_json_is_taken(
+    tmp_path: Path,
+    broker: Broker,
+    probe: Probe,
+    daemon_factory: Callable[..., DaemonProcess],
+    reference: Callable[[int], list[dict[str, object]]],
+) -> None:
+    profile = tmp_path / "local.toml"  # no edge server: all local
+    profile.write_text(GENERIC.read_text().replace('[[edge.servers]]\naddress = "localhost:8001"\n', ""))
+    daemon = daemon_factory([], profile=profile)
+    daemon.start()
+    sample = models.digits_sample()
+    probe.publish(TOPIC, digit_json(1, "same"))
+    probe.wait_answered({"same"})
+    probe.publish(TOPIC, digit_json(1, "same"))  # the same payload again: a duplicate, acknowledged
+    probe.publish(TOPIC, digit_json(2, "same"))  # another payload under the same id
+    two_d = sample.x[3].reshape(32, 32).tolist()
+    probe.publish(TOPIC, json.dumps({"id": "two-d", "data": two_d}))
+    probe.wait_answered({"two-d"})
+    wait_until(lambda: len(probe.answered()["same"]) >= 2, 30, "an answer to the conflicting reuse")
+    docs = probe.answered()["same"]
+    assert len(docs) == 2 and docs[0]["top_k"] == reference(1)
+    assert "answered already, for another payload" in docs[1]["error"]
+    (doc,) = probe.answered()["two-d"]
+    assert doc["top_k"] == reference(3)

@@ -182,3 +182,77 @@ def test_bad_images() -> None:
             decode(payload, IMAGE, GRAPH.inputs, {"id": "i"})
         assert problem in str(err.value)
         assert err.value.message_id == "i"
+
+
+@pytest.mark.parametrize(
+    ("sensor", "payload", "properties", "needle"),
+    [
+        (JSON, b'{"data": ' + b"[" * 2000 + b"]" * 2000 + b"}", {}, "nested deeper than 16"),
+        (JSON, b'{"data": ' + b"[" * 20 + b"0" + b"]" * 20 + b"}", {}, "nested deeper than 16"),
+        (RAW, SAMPLE.x[0].tobytes(), {"shape": ",".join(["1"] * 65)}, "65 dimensions; at most 8"),
+        (RAW, SAMPLE.x[0].tobytes(), {"dtype": "V99999999999999999999"}, "unknown dtype"),
+        (RAW, SAMPLE.x[0].tobytes(), {"dtype": "(" * 500}, "unknown dtype"),
+        (JSON, as_json(id="x" * 300, data=[0] * 1024), {}, '"id" has 300 characters; at most 256'),
+        (RAW, SAMPLE.x[0].tobytes(), {"id": "y" * 300}, "id property has 300 characters"),
+        (RAW, b"\x00" * (8 * 1024 * 1024 + 1), {}, "at most 8,388,608"),
+    ],
+    ids=["deep-2000", "deep-20", "rank-65", "dtype-huge", "dtype-parens", "json-id", "property-id", "size"],
+)
+def test_the_decoders_are_bounded(
+    sensor: SensorConfig, payload: bytes, properties: dict[str, str], needle: str
+) -> None:
+    with pytest.raises(PayloadError) as err:
+        decode(payload, sensor, GRAPH.inputs, properties)
+    assert needle in str(err.value)
+    assert len(str(err.value)) < 500
+
+
+def test_json_of_any_nesting_with_the_inputs_shape_is_taken() -> None:
+    x = SAMPLE.x[2]
+    expected = x.reshape(INPUT.shape)
+    for data in (x.reshape(32, 32).tolist(), x.reshape(1, 32, 32).tolist(), x.reshape(32, 32, 1).tolist()):
+        got = decode(as_json(id="n", data=data), JSON, GRAPH.inputs).feeds[INPUT.name]
+        assert np.array_equal(got, expected)
+    with pytest.raises(PayloadError, match="shape"):
+        decode(as_json(id="n", data=x.reshape(16, 64).tolist()), JSON, GRAPH.inputs)
+
+
+def _mutations(seed: int, base: bytes, count: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        data = bytearray(base)
+        for _ in range(int(rng.integers(1, 8))):
+            choice = rng.integers(0, 4)
+            at = int(rng.integers(0, max(len(data), 1)))
+            if choice == 0 and data:
+                data[at] = int(rng.integers(0, 256))
+            elif choice == 1:
+                data[at:at] = bytes(rng.integers(0, 256, int(rng.integers(1, 16)), dtype=np.uint8))
+            elif choice == 2 and data:
+                del data[at : at + int(rng.integers(1, 32))]
+            else:
+                data = data[: at or 1]
+        out.append(bytes(data))
+    return out
+
+
+def test_fuzzed_payloads_decode_or_raise_payload_error_only() -> None:
+    """3,000 mutated JSON, raw and image payloads: each becomes feeds or one PayloadError, nothing else."""
+    cases = [
+        (JSON, as_json(id="j", data=SAMPLE.x[0].reshape(-1).tolist()), {}),
+        (JSON, as_json(id="k", data={INPUT.name: SAMPLE.x_float[1].reshape(32, 32).tolist()}), {}),
+        (RAW, SAMPLE.x[0].tobytes(), {"dtype": "int8", "shape": "1,32,32,1"}),
+        (IMAGE, encoded(digit_image(2), "PNG"), {}),
+    ]
+    outcomes = {"decoded": 0, "refused": 0}
+    for n, (sensor, base, properties) in enumerate(cases):
+        for payload in _mutations(n, base, 750):
+            try:
+                decoded = decode(payload, sensor, GRAPH.inputs, properties)
+            except PayloadError:
+                outcomes["refused"] += 1
+            else:
+                assert decoded.feeds[INPUT.name].shape == INPUT.shape
+                outcomes["decoded"] += 1
+    assert sum(outcomes.values()) == 3000 and outcomes["refused"] > 0
