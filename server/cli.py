@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tails kept loaded per model, LRU (default: {_default('cache_size')})",
     )
     p.add_argument(
+        "--max-model-bytes",
+        type=positive_int,
+        help=f"largest model file loaded; a larger one is skipped (default: {_default('max_model_bytes')})",
+    )
+    p.add_argument(
         "--max-message-bytes",
         type=positive_int,
         help=f"largest gRPC message accepted or sent (default: {_default('max_message_bytes')})",
@@ -109,7 +114,11 @@ async def serve(settings: ServerSettings) -> None:
 async def _serve(settings: ServerSettings) -> None:
     check_listen(settings.host, settings.port)  # in milliseconds, before the models take seconds to load
     repository = ModelRepository.from_directory(
-        settings.models, backend=settings.backend, threads=settings.threads, cache_size=settings.cache_size
+        settings.models,
+        backend=settings.backend,
+        threads=settings.threads,
+        cache_size=settings.cache_size,
+        max_model_bytes=settings.max_model_bytes,
     )
     try:
         server = EdgeServer(

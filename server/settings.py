@@ -51,6 +51,9 @@ class ServerSettings(BaseModel):
         description="Requests admitted at once, waiting or running; the next gets RESOURCE_EXHAUSTED.",
     )
     cache_size: int = Field(default=16, ge=2, le=4096, description="Tails kept loaded per model (LRU).")
+    max_model_bytes: int = Field(
+        default=1024**3, ge=1024, le=2**40, description="Largest model file loaded; a larger one is skipped."
+    )
     max_message_bytes: int = Field(
         default=DEFAULT_MAX_MESSAGE_BYTES,
         ge=4096,

@@ -24,7 +24,12 @@ def run(*args: str, module: str = "edge", timeout: float = 180) -> subprocess.Co
 
 
 def _one_error_line(proc: subprocess.CompletedProcess[str], prefix: str = r"edge( [a-z]+)?: error: ") -> str:
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith("INFO: ")]
+    # edge-server logs to stderr (timestamped lines); the error itself is the one other line.
+    lines = [
+        line
+        for line in proc.stderr.splitlines()
+        if not line.startswith("INFO: ") and not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", line)
+    ]
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and re.match(prefix, lines[0]), proc.stderr
     return lines[0]
