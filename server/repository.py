@@ -71,7 +71,9 @@ class ModelRepository:
                 logger.warning("skipping %s: %s", path.name, err)
                 skipped.append(f"{path.name} ({err})")
         if not models:
-            found = f"; skipped {'; '.join(skipped[:3])}" + (" …" if len(skipped) > 3 else "") if skipped else ""
+            found = (
+                f"; skipped {'; '.join(skipped[:3])}" + (" …" if len(skipped) > 3 else "") if skipped else ""
+            )
             raise ConfigError(f"model directory {root} holds no servable .tflite file{found}")
         return cls(models)
 
