@@ -31,6 +31,7 @@ from .planner import (
 )
 from .profiler import candidate_cuts, load_or_profile
 from .transport.base import RETRYABLE
+from .transport.circuit import Circuit
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
@@ -114,6 +115,7 @@ class AutoSplit:
         self.explored: deque[int] = deque(maxlen=100)
         """The cuts tried lately, outside the plan."""
         self.reachable = (tail_ms is not None) if reachable is None else (reachable and tail_ms is not None)
+        self.circuit: Circuit | None = None
         self._next_reprobe = clock() + reprobe_s
         self._last_bandwidth_probe = clock()
         self.candidates = frozenset(candidate_cuts(graph))
@@ -168,10 +170,20 @@ class AutoSplit:
 
     # -- SplitPolicy ----------------------------------------------------------------------
 
+    def bind(self, circuit: Circuit) -> None:
+        """Follow the transport's circuit: it probes in the background, and the policy comes back to
+        the server when the circuit closes, instead of probing inside a request."""
+        self.circuit = circuit
+        if not self.reachable and self.prober is not None:
+            circuit.trip("not reachable at start")
+
     def choose(self) -> int:
         now = self._clock()
         if not self.reachable:
-            if self.prober is not None and now >= self._next_reprobe:
+            if self.circuit is not None:
+                if self.circuit.available():
+                    self._back()
+            elif self.prober is not None and now >= self._next_reprobe:
                 self._reprobe(now)
             if not self.reachable:
                 return self.n
@@ -275,7 +287,23 @@ class AutoSplit:
                 "edge server lost, running locally and re-probing every %.0fs: %s", self.reprobe_s, reason
             )
         self.reachable = False
+        if self.circuit is not None:
+            self.circuit.trip(reason)
         self._next_reprobe = self._clock() + self.reprobe_s
+        self.hysteresis.reset(self.n)
+        self.replan()
+
+    def _back(self) -> None:
+        """The circuit closed: the server answers pings again."""
+        if self._tail is None and self.prober is not None:
+            try:
+                self._tail = _server_tails(self.prober, self._head, progress=False)
+            except EdgeError as err:
+                if self.circuit is not None:
+                    self.circuit.trip(str(err))
+                return
+        logger.info("edge server reachable again")
+        self.reachable = True
         self.hysteresis.reset(self.n)
         self.replan()
 

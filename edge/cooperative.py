@@ -6,6 +6,7 @@ model, so the request never fails and the outputs are the same bytes either way.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -18,7 +19,8 @@ import numpy as np
 from . import wire
 from .errors import RemoteError, TensorFormatError
 from .runner import ModelRunner
-from .transport.base import RETRYABLE, RemoteResult, TailTransport
+from .transport.base import RETRYABLE, RemoteResult, TailTransport, ping
+from .transport.circuit import Circuit
 
 __all__ = ["CooperativeRunner", "FixedSplit", "InferenceResult", "SplitPolicy", "StageTimings"]
 
@@ -73,6 +75,10 @@ class SplitPolicy(Protocol):
 
     def observe(self, result: InferenceResult) -> None: ...
 
+    def bind(self, circuit: Circuit) -> None:
+        """The circuit of the transport the runner sends on; a policy may follow it."""
+        ...
+
 
 class FixedSplit:
     """Always the same cut."""
@@ -86,12 +92,17 @@ class FixedSplit:
     def observe(self, result: InferenceResult) -> None:
         return None
 
+    def bind(self, circuit: Circuit) -> None:
+        return None
+
 
 class CooperativeRunner:
     """Runs requests head-on-device, tail-on-server, with a local fallback.
 
     ``client`` None means local only. ``model_name`` is the name the server serves the model
-    under (by default, the model file's stem).
+    under (by default, the model file's stem). After a failure the link or the server is to
+    blame for, the ``circuit`` (by default one that pings ``client``) sends requests to the
+    device alone until a background probe finds the server back, at most every ``retry_after_s``.
     """
 
     def __init__(
@@ -102,6 +113,8 @@ class CooperativeRunner:
         model_name: str,
         policy: SplitPolicy | int,
         timeout_s: float | None = None,
+        circuit: Circuit | None = None,
+        retry_after_s: float = 5.0,
     ) -> None:
         self.runner = runner
         self.graph = runner.graph
@@ -112,6 +125,18 @@ class CooperativeRunner:
         self._sha256 = self.graph.sha256
         if isinstance(policy, int):
             self.graph.cut(policy)  # an out-of-range cut fails here, not on the first request
+        if circuit is None and client is not None:
+            probe_timeout = timeout_s if timeout_s is not None else client.timeout_s
+            circuit = Circuit(
+                functools.partial(
+                    ping, client, model_name, model_sha256=self._sha256, timeout_s=probe_timeout
+                ),
+                retry_after_s=retry_after_s,
+                name=f"edge server {client.address}",
+            )
+        self.circuit = circuit
+        if circuit is not None:
+            self.policy.bind(circuit)
 
     def infer(self, inputs: Mapping[str, np.ndarray], *, request_id: str = "") -> InferenceResult:
         self.check_inputs(inputs)
@@ -119,6 +144,8 @@ class CooperativeRunner:
         n = self.graph.num_operators
         if self.client is None or k >= n:
             result = self._local(inputs, n)
+        elif self.circuit is not None and not self.circuit.available():
+            result = self._local(inputs, n, fallback_reason=self.circuit.reason)
         else:
             result = self._cooperative(inputs, k, request_id)
         self.policy.observe(result)
@@ -142,6 +169,8 @@ class CooperativeRunner:
     def close(self) -> None:
         """Close the transport and the runner."""
         try:
+            if self.circuit is not None:
+                self.circuit.close()
             if self.client is not None:
                 self.client.close()
         finally:
@@ -157,15 +186,19 @@ class CooperativeRunner:
 
     # -- internals --------------------------------------------------------------------
 
-    def _local(self, inputs: Mapping[str, np.ndarray], n: int) -> InferenceResult:
+    def _local(
+        self, inputs: Mapping[str, np.ndarray], n: int, *, fallback_reason: str | None = None
+    ) -> InferenceResult:
+        """The whole model here; a fallback when the server should have run the tail but is down."""
         started = time.perf_counter()
         outputs = self.runner.run(inputs)
         ms = (time.perf_counter() - started) * 1000.0
         return InferenceResult(
             outputs=self._ordered(outputs),
             split_point=n,
-            fallback=False,
+            fallback=fallback_reason is not None,
             timings=StageTimings(head_ms=ms, e2e_ms=ms),
+            fallback_reason=fallback_reason,
         )
 
     def _cooperative(self, inputs: Mapping[str, np.ndarray], k: int, request_id: str) -> InferenceResult:
@@ -220,6 +253,8 @@ class CooperativeRunner:
     ) -> InferenceResult:
         if err.status in RETRYABLE:
             logger.warning("edge server unavailable, finishing cut %d locally: %s", k, err)
+            if self.circuit is not None:
+                self.circuit.trip(str(err))
         else:
             logger.error("edge server refused the request, finishing cut %d locally: %s", k, err)
         tail_started = time.perf_counter()

@@ -107,7 +107,12 @@ def open_device(resolved: ResolvedProfile) -> CooperativeRunner:
         runner.close()
         raise
     return CooperativeRunner(
-        runner, client, model_name=resolved.model_name, policy=policy, timeout_s=profile.edge.timeout_s
+        runner,
+        client,
+        model_name=resolved.model_name,
+        policy=policy,
+        timeout_s=profile.edge.timeout_s,
+        retry_after_s=profile.edge.retry_after_s,
     )
 
 
