@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ from .runner import ModelRunner
 
 __all__ = [
     "HeadProfile",
+    "ProfileCancelledError",
     "cache_dir",
     "candidate_cuts",
     "interpolate",
@@ -105,8 +107,10 @@ def _measure(
     gap_s: float,
     block: int,
     progress: str | None,
+    stop: threading.Event | None = None,
 ) -> dict[int, float]:
-    """Each call's median time (ms), measured the way live requests run them.
+    """Each call's median time (ms), measured the way live requests run them; raises
+    :class:`ProfileCancelledError` soon after ``stop`` is set.
 
     A request runs one half after the network and the rest of the stack have had the CPU, so
     its caches are cold and the core may have idled. Back-to-back runs of one half flatter it
@@ -129,13 +133,20 @@ def _measure(
                 calls[k]()
         for _ in range(runs):
             for k in group:
-                time.sleep(gap_s)
+                if stop is not None and stop.wait(gap_s):
+                    raise ProfileCancelledError("profiling was stopped")
+                if stop is None:
+                    time.sleep(gap_s)
                 started = time.perf_counter()
                 calls[k]()
                 samples[k].append((time.perf_counter() - started) * 1000.0)
         for k in group:
             best[k] = min(best[k], float(statistics.median(samples[k])))
     return best
+
+
+class ProfileCancelledError(EdgeError):
+    """A profile was stopped before it finished (the server is shutting down)."""
 
 
 def candidate_cuts(graph: ModelGraph) -> list[int]:
@@ -257,8 +268,11 @@ def profile_tails(
     gap_s: float = 0.005,
     seed: int = 0,
     cuts: Sequence[int] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[float]:
     """Median tail latency (ms) at every cut 0..N, fed what the head computes from a seeded input.
+
+    ``stop`` set ends it early with :class:`ProfileCancelledError`.
 
     The ``cuts`` (default: :func:`candidate_cuts`) are measured, the others spread between them
     by per-operator weights. A measured tail that cannot run (its backend refuses it) gets +inf,
@@ -295,6 +309,7 @@ def profile_tails(
         gap_s=gap_s,
         block=max(1, runner.cache_size // 2),
         progress=None,
+        stop=stop,
     )
     anchors: dict[int, float] = {n: 0.0, **measured, **dict.fromkeys(failed, math.inf)}
     # A cut with no tail outputs (the model's outputs all computed already) costs nothing to finish.

@@ -36,7 +36,7 @@ from edge.codec import (
 )
 from edge.errors import CutError, ModelMismatchError, ModelNotFoundError, TensorFormatError, echo
 from edge.graph import TensorInfo
-from edge.profiler import profile_tails
+from edge.profiler import ProfileCancelledError, profile_tails
 from edge.wire import (
     BACKEND,
     COMPUTE_US,
@@ -97,6 +97,7 @@ class DataPlane:
         self._stopping = False
         # Guards _profiles; held while a profile is measured so one model is profiled once (no I/O inside).
         self._profile_lock = threading.Lock()
+        self._stop_profiling = threading.Event()
         self._profiles: dict[str, np.ndarray] = {}
         # What each (model, cut) takes and gives; at most models x (N + 1) entries.
         self._routes: dict[tuple[str, int | None], _Route] = {}
@@ -225,7 +226,14 @@ class DataPlane:
             profile = self._profiles.get(model.name)
             if profile is None:
                 logger.info("profiling the tails of %s (%d cuts)", model.name, model.graph.num_operators + 1)
-                values = profile_tails(model.runner, runs=PROFILE_REPEATS, warmup=PROFILE_WARMUP)
+                try:
+                    values = profile_tails(
+                        model.runner, runs=PROFILE_REPEATS, warmup=PROFILE_WARMUP, stop=self._stop_profiling
+                    )
+                except ProfileCancelledError as err:
+                    raise ServerStoppingError(
+                        "the server is shutting down; the profile was not finished"
+                    ) from err
                 profile = self._profiles[model.name] = np.asarray(values, dtype=np.float32)
             return profile
 
@@ -250,9 +258,10 @@ class DataPlane:
         )
 
     def begin_shutdown(self) -> None:
-        """Refuse new work; requests already running finish."""
+        """Refuse new work; requests already running finish, and a profile being measured stops."""
         with self._lock:
             self._stopping = True
+        self._stop_profiling.set()
 
     # -- internals --------------------------------------------------------------------
 

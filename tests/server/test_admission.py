@@ -97,3 +97,34 @@ def test_other_worker_counts_give_the_same_outputs(graph: ModelGraph, workers: i
     ) as server:
         outcomes = _hammer(server.address, graph)
     assert outcomes == Counter({"OK": CLIENTS * REQUESTS})
+
+
+def test_shutdown_stops_a_profile_being_measured() -> None:
+    """SIGTERM during a tail profile: the profile ends within a gap, as UNAVAILABLE, not after it finishes."""
+    from server.dataplane import DataPlane
+    from server.errors import ServerStoppingError
+    from server.repository import ModelRepository
+
+    repository = ModelRepository.from_files([models.model_path(MODEL)])
+    dataplane = DataPlane(repository)
+    outcome: list[BaseException | None] = []
+
+    def profile() -> None:
+        try:
+            dataplane.tail_profile(next(iter(repository)))
+        except BaseException as err:
+            outcome.append(err)
+        else:
+            outcome.append(None)
+
+    worker = threading.Thread(target=profile)
+    worker.start()
+    time.sleep(0.3)
+    stopped_at = time.monotonic()
+    dataplane.begin_shutdown()
+    worker.join(timeout=30)
+    try:
+        assert outcome and isinstance(outcome[0], ServerStoppingError), outcome
+        assert time.monotonic() - stopped_at < 2.0
+    finally:
+        repository.close()
