@@ -42,6 +42,14 @@ __all__ = [
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
+def _shared(topic: str) -> tuple[str | None, str]:
+    """(group, filter) of an MQTT v5 shared subscription ``$share/GROUP/FILTER``; (None, topic) otherwise."""
+    if not topic.startswith("$share/"):
+        return None, topic
+    _, group, plain = (topic.split("/", 2) + ["", ""])[:3]
+    return group, plain
+
+
 class _Strict(BaseModel):
     # strict: TOML has real numbers and booleans, so "1883" where a port goes is a mistake, not a port.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -254,7 +262,9 @@ class MqttConfig(_Strict):
 
 class SensorConfig(_Strict):
     topic: str = Field(
-        description="MQTT topic filter to subscribe to (QoS 1); '+' and '#' wildcards allowed."
+        description="MQTT topic filter to subscribe to (QoS 1); '+' and '#' wildcards allowed. "
+        "'$share/GROUP/FILTER' is an MQTT v5 shared subscription: the daemons subscribed with one GROUP "
+        "split the messages between them."
     )
     format: Literal["json", "raw", "image"] = Field(
         description="Payload format: 'json' ({\"id\": ..., \"data\": [...]}), 'raw' tensor bytes, or 'image' "
@@ -280,12 +290,22 @@ class SensorConfig(_Strict):
     )
     image_offset: float = Field(default=0.0, description="image: see image_scale.")
 
+    @property
+    def match_filter(self) -> str:
+        """The filter messages are matched against: ``topic`` without a ``$share/GROUP/`` prefix."""
+        return _shared(self.topic)[1]
+
     @field_validator("topic")
     @classmethod
     def _filter(cls, value: str) -> str:
         if not value or "\0" in value:
             raise ValueError("a topic filter cannot be empty")
-        levels = value.split("/")
+        group, plain = _shared(value)
+        if group is not None and (not group or any(c in group for c in "+#/")):
+            raise ValueError(f"{value!r}: a shared subscription is $share/GROUP/FILTER, GROUP without + # /")
+        if not plain:
+            raise ValueError(f"{value!r}: the filter after $share/GROUP/ is empty")
+        levels = plain.split("/")
         for i, level in enumerate(levels):
             if "#" in level and (level != "#" or i != len(levels) - 1):
                 raise ValueError(f"{value!r}: '#' must be a whole, last level")
@@ -454,7 +474,7 @@ class DeviceProfile(_Strict):
         # A sensor filter that matched our own output would feed results back in as input, forever.
         for i, sensor in enumerate(self.sensors):
             for topic in self.output_topics():
-                if topic_matches_sub(sensor.topic, topic):
+                if topic_matches_sub(sensor.match_filter, topic):
                     raise ValueError(
                         f"sensors[{i}].topic: {sensor.topic!r} matches the daemon's own topic {topic!r}"
                     )

@@ -117,8 +117,12 @@ def stats(
     queue_depth: int,
     uptime_s: float,
     p50_ms: float,
+    behind: int = 0,
 ) -> dict[str, Any]:
-    """Counters since start, the queue's depth now, and the median end-to-end latency of recent results."""
+    """Counters since start, the queue's depth now, and the median end-to-end latency of recent results.
+
+    ``behind`` counts the messages that arrived to a full queue: the broker held the rest of the
+    burst for this session meanwhile, up to its own limit (mosquitto's max_queued_messages)."""
     return {
         "device_id": device_id,
         "processed": processed,
@@ -126,6 +130,7 @@ def stats(
         "fallbacks": fallbacks,
         "duplicates": duplicates,
         "queue_depth": queue_depth,
+        "behind": behind,
         "uptime_s": round(uptime_s, 1),
         "p50_ms": p50_ms,
         "ts": round(time.time(), 3),

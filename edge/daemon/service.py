@@ -76,6 +76,8 @@ class Daemon:
         self._last_connect_warning = 0.0
         self._last_progress = time.monotonic()
         self._stalled = False
+        self.behind = 0
+        self._last_behind_warning = -60.0
         # Message id -> digest of the payload it answered; as many as the ledger remembers.
         self._digests: OrderedDict[str, bytes] = OrderedDict()
         self._ready = threading.Event()
@@ -283,6 +285,7 @@ class Daemon:
             duplicates=self.duplicates,
             queue_depth=self._queue.qsize(),
             uptime_s=time.monotonic() - self._started,
+            behind=self.behind,
             p50_ms=summary(list(self._latencies))["p50"],
         )
 
@@ -418,6 +421,8 @@ class Daemon:
                 dup=bool(message.dup),
                 properties=user_properties(message),
             )
+            if self._queue.full():
+                self._falling_behind()
             while True:
                 try:
                     self._queue.put(item, timeout=_TICK_S)
@@ -428,6 +433,19 @@ class Daemon:
                         return
         except Exception:  # paho's thread must survive
             logger.exception("cannot take a message from %s", getattr(message, "topic", "?"))
+
+    def _falling_behind(self) -> None:
+        # paho's thread only; said at most once a minute.
+        self.behind += 1
+        now = time.monotonic()
+        if now - self._last_behind_warning >= 60.0:
+            self._last_behind_warning = now
+            logger.warning(
+                "falling behind: messages arrive faster than they are answered (%d so far found the queue of %d "
+                "full); the broker holds the rest for this session, up to its max_queued_messages",
+                self.behind,
+                self.profile.queue.max_messages,
+            )
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None
@@ -443,6 +461,6 @@ class Daemon:
 
     def _sensor(self, topic: str) -> SensorConfig | None:
         for sensor in self.profile.sensors:
-            if paho.topic_matches_sub(sensor.topic, topic):
+            if paho.topic_matches_sub(sensor.match_filter, topic):
                 return sensor
         return None

@@ -31,6 +31,7 @@ MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
 )
 GENERIC = REPO / "firmware_config" / "generic-x86.toml"
+SHIPPED_BROKER = REPO / "firmware_config" / "mosquitto" / "edge.conf"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
@@ -53,7 +54,8 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: flo
 
 
 class Broker:
-    """A mosquitto process on a free loopback port, persistent across restarts (sessions, queued QoS 1)."""
+    """A mosquitto process with the shipped config (firmware_config/mosquitto/edge.conf) on a free
+    loopback port, persistent across restarts (sessions, queued QoS 1)."""
 
     def __init__(self, workdir: Path) -> None:
         if MOSQUITTO is None:
@@ -65,17 +67,23 @@ class Broker:
         self.config = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
         workdir.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+        # The shipped broker config, on this test's port and directory.
+        lines = []
+        for line in SHIPPED_BROKER.read_text().splitlines():
+            if line.startswith("listener 1883"):
+                line = f"listener {self.port} 127.0.0.1"
+            elif line.startswith("persistence_location"):
+                line = f"persistence_location {workdir}/"
+            lines.append(line)
+        lines += [
             # Run as root, mosquitto would switch to the 'mosquitto' user and lose write access here.
-            f"user {getpass.getuser()}\n"
-            "persistence true\n"
-            f"persistence_location {workdir}/\n"
-            "max_queued_messages 0\n"
-            f"log_dest file {self.log}\n"
-            "log_type error\nlog_type warning\nlog_type notice\n"
-        )
+            f"user {getpass.getuser()}",
+            f"log_dest file {self.log}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

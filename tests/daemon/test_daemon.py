@@ -469,3 +469,52 @@ def test_a_reused_id_with_another_payload_is_an_error_and_2d_json_is_taken(
     assert "answered already, for another payload" in docs[1]["error"]
     (doc,) = probe.answered()["two-d"]
     assert doc["top_k"] == reference(3)
+
+
+def test_a_burst_of_2000_against_the_shipped_broker_config_is_answered_whole(
+    tmp_path: Path, broker: Broker, probe: Probe, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """Past a stock mosquitto's max_queued_messages (1,000), at full speed, while the daemon is online."""
+    assert "max_queued_messages 100000" in broker.config.read_text()
+    profile = tmp_path / "local.toml"  # no edge server: all local, the fastest the daemon goes
+    text = GENERIC.read_text().replace('[[edge.servers]]\naddress = "localhost:8001"\n', "")
+    profile.write_text(text.replace("[stats]\ninterval_s = 30.0", "[stats]\ninterval_s = 0.5"))
+    daemon = daemon_factory([], profile=profile)
+    daemon.start()
+    sent = {f"burst-{n}" for n in range(2000)}
+    probe.publish_many([(TOPIC, digit_json(n % 200, f"burst-{n}")) for n in range(2000)])
+    answered = probe.wait_answered(sent, timeout=180)
+    assert sent <= set(answered)
+    assert all(len(answered[i]) == 1 for i in sent)
+    assert "dropped" not in broker.log.read_text()
+    # The burst outran the daemon: it counted and said so.
+    wait_until(lambda: any(s["behind"] > 0 for s in probe.stats), 40, "stats reporting the backlog")
+    assert "falling behind" in daemon.text()
+
+
+def test_a_shared_subscription_splits_the_messages_between_daemons(
+    tmp_path: Path, broker: Broker, probe: Probe, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """Two daemons on $share/pool/...: every message answered once, by one of them, and both work."""
+    base = GENERIC.read_text().replace('[[edge.servers]]\naddress = "localhost:8001"\n', "")
+    watchers = []
+    for name in ("pool-a", "pool-b"):
+        text = base.replace('device_id = "generic-x86"', f'device_id = "{name}"')
+        text = text.replace('topic = "sensors/+/digits"\n', 'topic = "$share/pool/sensors/+/digits"\n', 1)
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text)
+        watchers.append(Probe(broker, name, name=f"watch-{name}"))
+        daemon_factory([], profile=path).start()
+    try:
+        sent = {f"shared-{n}" for n in range(200)}
+        probe.publish_many([(TOPIC, digit_json(n % 200, f"shared-{n}")) for n in range(200)])
+        wait_until(
+            lambda: sent <= set(watchers[0].answered()) | set(watchers[1].answered()),
+            60,
+            "every message answered",
+        )
+        a, b = (set(w.answered()) & sent for w in watchers)
+        assert a and b and not a & b and a | b == sent
+    finally:
+        for w in watchers:
+            w.close()
