@@ -46,7 +46,7 @@ def _shared(topic: str) -> tuple[str | None, str]:
     """(group, filter) of an MQTT v5 shared subscription ``$share/GROUP/FILTER``; (None, topic) otherwise."""
     if not topic.startswith("$share/"):
         return None, topic
-    _, group, plain = (topic.split("/", 2) + ["", ""])[:3]
+    _, group, plain = [*topic.split("/", 2), "", ""][:3]
     return group, plain
 
 
