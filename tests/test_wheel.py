@@ -49,6 +49,7 @@ def test_the_wheel_ships_profiles_units_and_models(wheel: Path) -> None:
         assert f"edge/firmware_config/{profile.name}" in names
     for unit in (REPO / "firmware_config" / "systemd").glob("*.service"):
         assert f"edge/firmware_config/systemd/{unit.name}" in names
+    assert "edge/firmware_config/mosquitto/edge.conf" in names
     assert "edge/models/digits_resnet.tflite" in names and "edge/models/digits_test.npz" in names
 
 
