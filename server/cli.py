@@ -22,6 +22,7 @@ from edge.systemd import notify, watchdog_interval
 from .dataplane import DataPlane
 from .grpc_service import EdgeServer, check_listen
 from .repository import ModelRepository
+from .security import Security
 from .settings import ServerSettings, load_settings
 
 __all__ = ["main"]
@@ -93,13 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative_float,
         help=f"seconds in-flight requests get at shutdown (default: {_default('grace_s'):g})",
     )
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM CA: clients must present a certificate it signed (mTLS), or the handshake fails",
+    )
+    p.add_argument(
+        "--auth-tokens",
+        type=Path,
+        metavar="FILE",
+        help="'DEVICE_ID TOKEN' lines (# comments); every call but health and server metadata then needs "
+        "'authorization: Bearer TOKEN'. Certificates and tokens are read again on SIGHUP",
+    )
+    p.add_argument(
+        "--check", action="store_true", help="validate the settings and files, print them, exit 0 or 2"
+    )
     add_cpu_latency_arg(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return p
 
 
 def settings_from(args: argparse.Namespace) -> ServerSettings:
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "debug")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "debug", "check")}
     config = getattr(args, "config", None)
     if config is None and "models" not in flags:
         raise EdgeError('--models DIR is required (or a --config file with models = "DIR")')
@@ -111,8 +130,18 @@ async def serve(settings: ServerSettings) -> None:
         await _serve(settings)
 
 
+def security_from(settings: ServerSettings) -> Security:
+    return Security(
+        cert=settings.tls_cert,
+        key=settings.tls_key,
+        client_ca=settings.tls_client_ca,
+        tokens=settings.auth_tokens,
+    )
+
+
 async def _serve(settings: ServerSettings) -> None:
     check_listen(settings.host, settings.port)  # in milliseconds, before the models take seconds to load
+    security = security_from(settings)
     repository = ModelRepository.from_directory(
         settings.models,
         backend=settings.backend,
@@ -127,6 +156,8 @@ async def _serve(settings: ServerSettings) -> None:
             port=settings.port,
             workers=settings.workers,
             max_message_bytes=settings.max_message_bytes,
+            credentials=security.credentials(),
+            interceptors=security.interceptors(),
         )
         await server.start()
         print(f"edge-server: serving {', '.join(m.name for m in repository)} on {server.address}", flush=True)
@@ -135,6 +166,7 @@ async def _serve(settings: ServerSettings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, security.reload)
         watchdog = asyncio.create_task(_watchdog(stop))
         await stop.wait()
         notify("STOPPING=1")
@@ -159,7 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(serve(settings_from(args)))
+        settings = settings_from(args)
+        if getattr(args, "check", False):
+            security_from(settings)  # reads the TLS and token files
+            print(settings.model_dump_json(indent=2))
+            return 0
+        asyncio.run(serve(settings))
     except EdgeError as err:
         if debug:
             raise

@@ -63,6 +63,18 @@ class ServerSettings(BaseModel):
     grace_s: float = Field(
         default=5.0, ge=0.0, le=3600.0, description="Seconds in-flight requests get at shutdown."
     )
+    tls_cert: Path | None = Field(default=None, strict=False, description="PEM certificate chain: serve TLS.")
+    tls_key: Path | None = Field(default=None, strict=False, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        default=None,
+        strict=False,
+        description="PEM CA: clients must present a certificate it signed (mTLS), or the handshake fails.",
+    )
+    auth_tokens: Path | None = Field(
+        default=None,
+        strict=False,
+        description="File of 'DEVICE_ID TOKEN' lines: requests need 'authorization: Bearer TOKEN' metadata.",
+    )
     cpu_latency_us: int | None = Field(
         default=None, ge=0, le=2_000_000_000, description="Hold idle CPUs' wake-up latency (Linux PM QoS)."
     )
@@ -75,9 +87,9 @@ class ServerSettings(BaseModel):
         except ConfigError as err:
             raise ValueError(str(err)) from None
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "tls_cert", "tls_key", "tls_client_ca", "auth_tokens", mode="before")
     @classmethod
-    def _models(cls, value: object) -> object:
+    def _paths(cls, value: object) -> object:
         return Path(value) if isinstance(value, str) else value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,8 +18,9 @@ from ..graph import ModelGraph
 from ..policy import make_policy
 from ..preprocess import coerce_input
 from ..runner import ModelRunner
-from ..transport import TailClient
+from ..transport import TailClient, TLSOptions
 from ..transport.address import DEFAULT_PORT
+from ..transport.client import read_token
 
 __all__ = [
     "MODEL_HELP",
@@ -89,6 +91,15 @@ def add_address_args(p: argparse.ArgumentParser) -> None:
         help=f"edge server address; the port defaults to {DEFAULT_PORT}",
     )
     p.add_argument("--model-name", help="the model's name on the server (default: the model file's stem)")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="a bearer token (its first line) to send to the server",
+    )
+    p.add_argument("--tls-ca", type=Path, metavar="FILE", help="connect with TLS, trusting this CA (PEM)")
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="with --tls-ca: a client certificate (mTLS)")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="the private key of --tls-cert")
 
 
 def add_constraint_args(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
@@ -102,6 +113,14 @@ def add_constraint_args(p: argparse.ArgumentParser, *, prefix: str = "") -> None
     )
 
 
+def client_security(args: argparse.Namespace) -> dict[str, Any]:
+    """``tls`` and ``token`` for a TailClient, from --tls-ca/--tls-cert/--tls-key and --token-file."""
+    ca, cert, key = (getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
+    tls = TLSOptions(ca_file=ca, cert_file=cert, key_file=key) if ca or cert or key else None
+    token_file = getattr(args, "token_file", None)
+    return {"tls": tls, "token": read_token(token_file) if token_file else None}
+
+
 def load_graph(spec: str) -> ModelGraph:
     return ModelGraph.from_file(models.resolve(spec))
 
@@ -111,7 +130,9 @@ def open_runner(args: argparse.Namespace, graph: ModelGraph, *, local: bool = Fa
     client = (
         None
         if local or not getattr(args, "server", None)
-        else TailClient(args.server, timeout_s=args.timeout, streaming=args.transport == "stream")
+        else TailClient(
+            args.server, timeout_s=args.timeout, streaming=args.transport == "stream", **client_security(args)
+        )
     )
     name = getattr(args, "model_name", None) or Path(graph.source).stem
     try:

@@ -19,7 +19,14 @@ from ..policy import make_policy
 from ..profiler import profile_path
 from ..runner import ModelRunner
 from ..transport import TailClient
-from .common import MODEL_HELP, add_address_args, add_backend_args, add_constraint_args, load_graph
+from .common import (
+    MODEL_HELP,
+    add_address_args,
+    add_backend_args,
+    add_constraint_args,
+    client_security,
+    load_graph,
+)
 from .pipes import output_console
 
 __all__ = ["register"]
@@ -82,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
             address = stack.enter_context(BackgroundServer.from_files([Path(graph.source)])).address
         runner = stack.enter_context(ModelRunner(graph, backend=args.backend, threads=args.threads))
-        client = stack.enter_context(TailClient(address, timeout_s=args.timeout))
+        client = stack.enter_context(TailClient(address, timeout_s=args.timeout, **client_security(args)))
         policy = make_policy(
             graph,
             "auto",

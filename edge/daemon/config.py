@@ -156,6 +156,11 @@ class EdgeServerConfig(_Strict):
         max_length=300, description="HOST:PORT of an edge server's gRPC endpoint (the port defaults to 8001)."
     )
     tls: TLSConfig | None = Field(default=None, description="TLS for this server; plaintext when absent.")
+    token_file: Path | None = Field(
+        default=None,
+        strict=False,
+        description="File whose first line is a bearer token for this server (edge-server --auth-tokens).",
+    )
     streaming: bool = Field(
         default=True,
         description="Send tail requests on one long-lived ModelStreamInfer stream. False sends a unary "

@@ -22,6 +22,7 @@ from ..graph import ModelGraph
 from ..policy import make_policy
 from ..runner import ModelRunner
 from ..transport import FailoverClient, TailClient, TailTransport
+from ..transport.client import read_token
 from .config import DeviceProfile, FixedSplitConfig
 
 __all__ = ["ResolvedProfile", "open_device", "preflight", "resolve"]
@@ -75,6 +76,11 @@ def preflight(resolved: ResolvedProfile) -> None:
                 server.tls.options().credentials()
             except ConfigError as err:
                 raise ConfigError(f"{source}: edge.servers[{i}].tls: {err}") from err
+        if server.token_file is not None:
+            try:
+                read_token(server.token_file)
+            except ConfigError as err:
+                raise ConfigError(f"{source}: edge.servers[{i}].token_file: {err}") from err
 
 
 def open_device(resolved: ResolvedProfile) -> CooperativeRunner:
@@ -122,11 +128,15 @@ def _client(profile: DeviceProfile, source: Path) -> TailTransport | None:
     for i, server in enumerate(edge.servers):
         try:
             tls = server.tls.options() if server.tls else None
+            token = read_token(server.token_file) if server.token_file is not None else None
             clients.append(
-                TailClient(server.address, timeout_s=edge.timeout_s, tls=tls, streaming=server.streaming)
+                TailClient(
+                    server.address, timeout_s=edge.timeout_s, tls=tls, streaming=server.streaming, token=token
+                )
             )
         except ConfigError as err:
-            raise ConfigError(f"{source}: edge.servers[{i}].tls: {err}") from err
+            key = "token_file" if "token file" in str(err) else "tls"
+            raise ConfigError(f"{source}: edge.servers[{i}].{key}: {err}") from err
     if not clients:
         return None
     if len(clients) == 1:

@@ -109,11 +109,13 @@ def apply_overrides(
         except ConfigError as err:
             raise ConfigError(f"--broker {broker}: {err}") from err
     if servers:
-        tls = profile.edge.servers[0].tls if profile.edge.servers else None
+        first = profile.edge.servers[0] if profile.edge.servers else None
+        tls = first.tls if first is not None else None
+        token_file = first.token_file if first is not None else None
         replaced = []
         for address in servers:
             try:
-                replaced.append(EdgeServerConfig(address=address, tls=tls))
+                replaced.append(EdgeServerConfig(address=address, tls=tls, token_file=token_file))
             except ValidationError as err:
                 raise ConfigError(f"--server {address}: {err.errors()[0]['msg']}") from err
         data["edge"]["servers"] = replaced

@@ -32,7 +32,7 @@ from ..protocol import converters, pb, pb_grpc
 from .base import RemoteResult
 from .loops import finish_tasks, retire
 
-__all__ = ["TLSOptions", "TailClient"]
+__all__ = ["TLSOptions", "TailClient", "read_token"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,20 @@ class TLSOptions:
         )
 
 
+def read_token(path: Path) -> str:
+    """A bearer token from the first line of ``path``; ConfigError naming the file otherwise."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"cannot read the token file {path}: {getattr(err, 'strerror', None) or err}"
+        ) from err
+    token = lines[0].strip() if lines else ""
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"the token file {path} must hold the token on its first line")
+    return token
+
+
 @dataclass(slots=True)
 class _Lane:
     """One thread's way to the server: its own event loop, channel and open stream.
@@ -101,7 +115,8 @@ class TailClient:
 
     Safe to share between threads: each calling thread gets a lane of its own (a loop, a
     channel and a stream), so calls from several threads run at once. ``streaming`` False sends
-    every request as a unary ModelInfer call.
+    every request as a unary ModelInfer call. ``token`` is sent as ``authorization: Bearer TOKEN``
+    metadata on every call.
     """
 
     def __init__(
@@ -112,8 +127,12 @@ class TailClient:
         tls: TLSOptions | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
         streaming: bool = True,
+        token: str | None = None,
     ) -> None:
         self.address = address
+        self._metadata: tuple[tuple[str, str], ...] | None = (
+            (("authorization", f"Bearer {token}"),) if token else None
+        )
         self.timeout_s = timeout_s
         self.streaming = streaming
         self._options: list[tuple[str, int | str]] = [
@@ -277,7 +296,7 @@ class TailClient:
         lane = self._lane()
 
         async def call() -> Any:  # grpc.aio makes the call on the running loop, so inside it
-            return await getattr(lane.stub, method)(message, timeout=timeout)
+            return await getattr(lane.stub, method)(message, timeout=timeout, metadata=self._metadata)
 
         return self._run(lane, call(), timeout)
 
@@ -287,17 +306,17 @@ class TailClient:
                 return await self._exchange(lane, message)
             except _NoStreamingError as err:
                 # If a unary call gets through, the server does not stream, or not in our dialect.
-                reply = await lane.stub.ModelInfer(message, timeout=timeout_s)
+                reply = await lane.stub.ModelInfer(message, timeout=timeout_s, metadata=self._metadata)
                 logger.info("edge server %s: %s; sending unary ModelInfer calls", self.address, err)
                 self.streaming = False
                 return reply
-        return await lane.stub.ModelInfer(message, timeout=timeout_s)
+        return await lane.stub.ModelInfer(message, timeout=timeout_s, metadata=self._metadata)
 
     async def _exchange(self, lane: _Lane, message: Any) -> Any:
         """One request and its answer on the lane's open stream, opening it first if need be."""
         fresh = lane.stream is None or lane.stream.done()
         if fresh:
-            lane.stream = lane.stub.ModelStreamInfer()
+            lane.stream = lane.stub.ModelStreamInfer(metadata=self._metadata)
         stream = lane.stream
         try:
             await stream.write(message)

@@ -1,0 +1,198 @@
+"""Who may talk to the server: TLS (and mTLS) credentials, and bearer tokens per device.
+
+Both are read from files and read again on :meth:`Security.reload` (``edge-server`` calls it on
+SIGHUP): a new certificate applies to new connections, open streams keep theirs, and a new
+token file applies to the next request.
+
+Without a token an unauthenticated caller may still ask for health (the gRPC health service,
+ServerLive, ServerReady) and server metadata; everything about models, and inference, needs a
+valid token when ``--auth-tokens`` is given.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from edge.errors import ConfigError
+
+from .errors import ServerError
+
+__all__ = ["OPEN_METHODS", "Security", "TokenInterceptor", "read_tokens"]
+
+logger = logging.getLogger(__name__)
+
+OPEN_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+        "/inference.GRPCInferenceService/ServerMetadata",
+    }
+)
+"""What a caller without a token may call."""
+
+_STREAMING = frozenset({"/inference.GRPCInferenceService/ModelStreamInfer"})
+MAX_TOKENS = 10_000
+MAX_TOKEN_CHARS = 512
+
+
+class UnauthenticatedError(ServerError):
+    """A request without a valid bearer token."""
+
+
+def read_tokens(path: Path) -> dict[str, str]:
+    """``DEVICE_ID TOKEN`` per line, ``#`` comments: token -> device id."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path}: cannot read the token file: {getattr(err, 'strerror', None) or err}"
+        ) from err
+    tokens: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        parts = text.split()
+        if len(parts) != 2:
+            raise ConfigError(f"{path}:{number}: expected DEVICE_ID TOKEN")
+        device, token = parts
+        if len(token) < 16 or len(token) > MAX_TOKEN_CHARS:
+            raise ConfigError(f"{path}:{number}: a token has 16 to {MAX_TOKEN_CHARS} characters")
+        if token in tokens:
+            raise ConfigError(f"{path}:{number}: this token is given to {tokens[token]!r} already")
+        tokens[token] = device
+    if len(tokens) > MAX_TOKENS:
+        raise ConfigError(f"{path}: {len(tokens)} tokens; at most {MAX_TOKENS}")
+    return tokens
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read the {what} {path}: {err.strerror or err}") from err
+
+
+class Security:
+    """The server's TLS files and token file, and what they currently say."""
+
+    def __init__(
+        self,
+        *,
+        cert: Path | None = None,
+        key: Path | None = None,
+        client_ca: Path | None = None,
+        tokens: Path | None = None,
+    ) -> None:
+        if (cert is None) != (key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if client_ca is not None and cert is None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS first")
+        self.cert, self.key, self.client_ca, self.tokens_file = cert, key, client_ca, tokens
+        # Guards _config and _tokens, which reload() replaces.
+        self._lock = threading.Lock()
+        self._config = self._read_config()
+        self._fresh = False
+        self._tokens = read_tokens(tokens) if tokens is not None else None
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """Server credentials that fetch the certificate again after a reload; None for plaintext."""
+        if self._config is None:
+            return None
+        return grpc.dynamic_ssl_server_credentials(
+            self._config, self._fetch, require_client_authentication=self.client_ca is not None
+        )
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [TokenInterceptor(self)] if self.tokens_file is not None else []
+
+    def device_for(self, token: str) -> str | None:
+        with self._lock:
+            tokens = self._tokens
+        if tokens is None:
+            return None
+        for known, device in tokens.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return device
+        return None
+
+    def reload(self) -> None:
+        """Read the files again; on an error the old ones stay in force, and the error is logged."""
+        try:
+            config = self._read_config()
+            tokens = read_tokens(self.tokens_file) if self.tokens_file is not None else None
+        except ConfigError as err:
+            logger.error("reload failed, keeping the current certificates and tokens: %s", err)
+            return
+        with self._lock:
+            self._config, self._fresh, self._tokens = config, True, tokens
+        logger.info("reloaded certificates and tokens")
+
+    def _read_config(self) -> Any:
+        if self.cert is None or self.key is None:
+            return None
+        pairs = [(_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))]
+        roots = _read(self.client_ca, "client CA") if self.client_ca is not None else None
+        try:
+            return grpc.ssl_server_certificate_configuration(pairs, root_certificates=roots)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"unusable TLS files: {err}") from err
+
+    def _fetch(self) -> Any:
+        """Called by gRPC at each new handshake: the new configuration once after a reload, else None."""
+        with self._lock:
+            if not self._fresh:
+                return None
+            self._fresh = False
+            return self._config
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses with UNAUTHENTICATED every call but :data:`OPEN_METHODS` without a valid bearer token."""
+
+    def __init__(self, security: Security) -> None:
+        self.security = security
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        if method in OPEN_METHODS:
+            return await continuation(details)
+        token = ""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                token = value[len("Bearer ") :].strip()
+        if token and self.security.device_for(token) is not None:
+            return await continuation(details)
+        why = "no bearer token" if not token else "an unknown bearer token"
+        logger.info("refused %s: %s", method[:80], why)
+        return _refusal(method, f"{why}: send 'authorization: Bearer TOKEN' metadata")
+
+
+def _refusal(method: str, message: str) -> grpc.RpcMethodHandler:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield None  # pragma: no cover - abort raises
+
+    if method in _STREAMING:
+        return grpc.stream_stream_rpc_method_handler(stream)
+    return grpc.unary_unary_rpc_method_handler(unary)
