@@ -21,7 +21,10 @@ def read(path: Path) -> configparser.ConfigParser:
 
 @pytest.mark.parametrize(
     ("unit", "command"),
-    [("edge-device.service", " run --config "), ("edge-server.service", "edge-server --models ")],
+    [
+        ("edge-device.service", " run --config "),
+        ("edge-server.service", "edge-server --config /etc/edge/edge-server.toml"),
+    ],
 )
 def test_unit_is_notify_with_watchdog_and_restart(unit: str, command: str) -> None:
     service = read(UNITS / unit)["Service"]
@@ -31,3 +34,34 @@ def test_unit_is_notify_with_watchdog_and_restart(unit: str, command: str) -> No
     assert service["Restart"] == "on-failure"
     assert command in service["ExecStart"]
     assert service["RestartPreventExitStatus"] == "2"  # a bad profile or flag is not retried
+
+
+def test_the_shipped_server_settings_validate(tmp_path: Path) -> None:
+    """firmware_config/server/edge-server.toml, with its models directory pointed here, passes --check."""
+    import subprocess
+    import sys
+
+    text = (REPO / "firmware_config" / "server" / "edge-server.toml").read_text()
+    assert 'models = "/var/lib/edge/models"' in text
+    config = tmp_path / "edge-server.toml"
+    config.write_text(text.replace("/var/lib/edge/models", str(tmp_path)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "--config", str(config), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert '"max_inflight": 64' in proc.stdout
+    server = read(UNITS / "edge-server.service")["Service"]
+    assert "--check" in server["ExecStartPre"] and server["ExecReload"].endswith("-HUP $MAINPID")
+    assert int(server["LimitNOFILE"]) >= 4096
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text + "\ncolour = 1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "--config", str(bad), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "colour" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
