@@ -21,6 +21,7 @@ from edge.systemd import notify, watchdog_interval
 
 from .dataplane import DataPlane
 from .grpc_service import EdgeServer, check_listen
+from .metrics import ServerMetrics, serve_metrics
 from .repository import ModelRepository
 from .security import Security
 from .settings import ServerSettings, load_settings
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         "'authorization: Bearer TOKEN'. Certificates and tokens are read again on SIGHUP",
     )
     p.add_argument(
+        "--metrics-port",
+        type=listen_port,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs the server extra)",
+    )
+    p.add_argument(
         "--check", action="store_true", help="validate the settings and files, print them, exit 0 or 2"
     )
     add_cpu_latency_arg(p)
@@ -142,6 +149,7 @@ def security_from(settings: ServerSettings) -> Security:
 async def _serve(settings: ServerSettings) -> None:
     check_listen(settings.host, settings.port)  # in milliseconds, before the models take seconds to load
     security = security_from(settings)
+    metrics = ServerMetrics() if settings.metrics_port is not None else None
     repository = ModelRepository.from_directory(
         settings.models,
         backend=settings.backend,
@@ -158,8 +166,13 @@ async def _serve(settings: ServerSettings) -> None:
             max_message_bytes=settings.max_message_bytes,
             credentials=security.credentials(),
             interceptors=security.interceptors(),
+            metrics=metrics,
         )
         await server.start()
+        http = None
+        if metrics is not None and settings.metrics_port is not None:
+            http = serve_metrics(metrics, settings.host, settings.metrics_port)
+            print(f"edge-server: metrics on http://{settings.host}:{http.server_port}/metrics", flush=True)
         print(f"edge-server: serving {', '.join(m.name for m in repository)} on {server.address}", flush=True)
         notify("READY=1")
         stop = asyncio.Event()
@@ -172,6 +185,8 @@ async def _serve(settings: ServerSettings) -> None:
         notify("STOPPING=1")
         watchdog.cancel()
         await server.stop(settings.grace_s)
+        if http is not None:
+            http.shutdown()
     finally:
         repository.close()
 

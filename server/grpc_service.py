@@ -7,10 +7,11 @@ response. Errors become gRPC status codes through one table, :data:`STATUS_CODES
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -34,6 +35,7 @@ from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
 
 from .dataplane import DataPlane
 from .errors import ListenError, ServerOverloadedError, ServerStoppingError
+from .metrics import ServerMetrics
 from .settings import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = [
@@ -85,8 +87,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     while models run.
     """
 
-    def __init__(self, dataplane: DataPlane, *, workers: int = 0) -> None:
+    def __init__(
+        self, dataplane: DataPlane, *, workers: int = 0, metrics: ServerMetrics | None = None
+    ) -> None:
         self.dataplane = dataplane
+        self.metrics = metrics
         self.executor = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-infer") if workers > 0 else None
         )
@@ -144,6 +149,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             self._idle_streams.discard(task)
 
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        if self.metrics is None:
+            yield
+            return
+        self.metrics.inflight.inc()
+        try:
+            yield
+        finally:
+            self.metrics.inflight.dec()
+
     def shutdown(self) -> None:
         """Let the compute threads finish what they hold, then stop them."""
         if self.executor is not None:
@@ -162,12 +178,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return converters.model_metadata_to_pb(meta)
 
     async def _infer(self, message: Any) -> Any:
+        if self.metrics is None:
+            return await self._run(message)
+        received = time.perf_counter_ns()
+        try:
+            reply = await self._run(message)
+        except Exception as err:
+            model = getattr(message, "model_name", "")
+            served = model if self.dataplane.model_ready(model) else "(unknown)"
+            self.metrics.answered(served, "", status_for(err).name)
+            raise
+        params = reply.parameters
+        cut = str(params["split_point"].int64_param) if "split_point" in params else "whole"
+        queue_us = params["queue_us"].int64_param if "queue_us" in params else 0
+        compute_us = params["compute_us"].int64_param if "compute_us" in params else 0
+        self.metrics.answered(
+            reply.model_name,
+            cut,
+            "OK",
+            queue_s=queue_us / 1e6,
+            compute_s=compute_us / 1e6,
+            total_s=(time.perf_counter_ns() - received) / 1e9,
+            bytes_in=sum(len(b) for b in message.raw_input_contents),
+            bytes_out=sum(len(b) for b in reply.raw_output_contents),
+        )
+        return reply
+
+    async def _run(self, message: Any) -> Any:
         if isinstance(message, Unparsed):
             raise TensorFormatError(message.describe())
         received = time.perf_counter_ns()
         request = converters.infer_request_from_pb(message)
         prepared = self.dataplane.prepare(request, received)
-        with self.dataplane.admitted():
+        with self.dataplane.admitted(), self._counted():
             if prepared.profile:
                 # Profiling takes seconds: on a thread of its own, so neither the event loop nor the
                 # compute threads wait for it.
@@ -202,12 +245,17 @@ class EdgeServer:
         servicer: InferenceServicer | None = None,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.host = host
         self.requested_port = port
         self.max_message_bytes = max_message_bytes
-        self.servicer = servicer if servicer is not None else InferenceServicer(dataplane, workers=workers)
+        self.servicer = (
+            servicer
+            if servicer is not None
+            else InferenceServicer(dataplane, workers=workers, metrics=metrics)
+        )
         self.credentials = credentials
         self.interceptors = tuple(interceptors)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

@@ -75,6 +75,9 @@ class ServerSettings(BaseModel):
         strict=False,
         description="File of 'DEVICE_ID TOKEN' lines: requests need 'authorization: Bearer TOKEN' metadata.",
     )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port (on host)."
+    )
     cpu_latency_us: int | None = Field(
         default=None, ge=0, le=2_000_000_000, description="Hold idle CPUs' wake-up latency (Linux PM QoS)."
     )

@@ -1,0 +1,102 @@
+"""What an operator can scrape from ``edge-server`` (``--metrics-port``), with prometheus-client.
+
+Requests by model, cut and status; histograms of queue, compute and total time; requests in
+flight; bytes in and out. Labels are bounded: models are the served ones, cuts at most N + 1
+per model, statuses the gRPC codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from edge.errors import ConfigError
+
+__all__ = ["ServerMetrics", "serve_metrics"]
+
+logger = logging.getLogger(__name__)
+
+_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError as err:
+        raise ConfigError("--metrics-port needs prometheus-client: pip install 'edge-coop[server]'") from err
+    return prometheus_client
+
+
+class ServerMetrics:
+    """The server's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        prom = _prometheus()
+        self.registry = prom.CollectorRegistry()
+        self.requests = prom.Counter(
+            "edge_requests",
+            "Inference requests answered, by model, cut and status.",
+            ["model", "cut", "status"],
+            registry=self.registry,
+        )
+        self.queue = prom.Histogram(
+            "edge_queue_seconds",
+            "Arrival to the start of compute.",
+            ["model"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute = prom.Histogram(
+            "edge_compute_seconds",
+            "Compute time.",
+            ["model", "cut"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.total = prom.Histogram(
+            "edge_request_seconds",
+            "Arrival to answer, on the server.",
+            ["model"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.inflight = prom.Gauge(
+            "edge_requests_in_flight", "Requests admitted, waiting or computing.", registry=self.registry
+        )
+        self.bytes_in = prom.Counter(
+            "edge_received_bytes", "Tensor bytes received.", ["model"], registry=self.registry
+        )
+        self.bytes_out = prom.Counter(
+            "edge_sent_bytes", "Tensor bytes sent.", ["model"], registry=self.registry
+        )
+
+    def answered(
+        self,
+        model: str,
+        cut: str,
+        status: str,
+        *,
+        queue_s: float = 0.0,
+        compute_s: float = 0.0,
+        total_s: float = 0.0,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+    ) -> None:
+        self.requests.labels(model, cut, status).inc()
+        if status == "OK":
+            self.queue.labels(model).observe(queue_s)
+            self.compute.labels(model, cut).observe(compute_s)
+            self.total.labels(model).observe(total_s)
+            self.bytes_in.labels(model).inc(bytes_in)
+            self.bytes_out.labels(model).inc(bytes_out)
+
+
+def serve_metrics(metrics: ServerMetrics, host: str, port: int) -> Any:
+    """Serve ``/metrics`` over HTTP on a thread; returns the HTTP server (``shutdown()`` stops it)."""
+    prom = _prometheus()
+    try:
+        server, _thread = prom.start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as err:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}") from err
+    logger.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    return server

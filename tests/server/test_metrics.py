@@ -1,0 +1,80 @@
+"""edge-server's Prometheus metrics, scraped over HTTP from a real server process and parsed.
+
+Covered: requests counted by model, cut and status (OK and a refusal); the compute histogram
+holds one sample per answered request; bytes in and out; the in-flight gauge back at zero.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge import models
+from edge.errors import RemoteError
+from edge.runner import ModelRunner
+from edge.transport import TailClient
+from helpers import free_port, seeded_inputs
+
+MODEL = "digits_resnet"
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_count_what_the_server_did(tmp_path: Path, graphs: dict) -> None:
+    (tmp_path / f"{MODEL}.tflite").write_bytes(models.model_path(MODEL).read_bytes())
+    port = free_port()
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--models", str(tmp_path), "--host", "127.0.0.1", "--port", str(port),
+         "--metrics-port", "0"],
+        stdout=log, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        url = None
+        while url is None and time.monotonic() < deadline:
+            log.seek(0)
+            found = re.search(r"metrics on (http://\S+/metrics)", log.read())
+            url = found.group(1) if found else None
+            time.sleep(0.05)
+        assert url is not None, "the server did not say where its metrics are"
+        graph = graphs[MODEL]
+        x = seeded_inputs(graph, 0)
+        with ModelRunner(graph) as runner:
+            cut = runner.run_head(8, x).cut
+        with TailClient(f"127.0.0.1:{port}", timeout_s=10.0) as client:
+            client.wait_ready(30.0)
+            for _ in range(5):
+                client.infer(MODEL, cut, parameters={"split_point": 8})
+            try:
+                client.infer(MODEL, cut, parameters={"split_point": 999})
+            except RemoteError:
+                pass
+        samples = _scrape(url)
+        ok = (("cut", "8"), ("model", MODEL), ("status", "OK"))
+        bad = (("cut", ""), ("model", MODEL), ("status", "INVALID_ARGUMENT"))
+        assert samples[("edge_requests_total", ok)] == 5
+        assert samples[("edge_requests_total", bad)] == 1
+        assert samples[("edge_compute_seconds_count", (("cut", "8"), ("model", MODEL)))] == 5
+        sent = sum(a.nbytes for a in cut.values())
+        assert samples[("edge_received_bytes_total", (("model", MODEL),))] == 5 * sent
+        assert samples[("edge_sent_bytes_total", (("model", MODEL),))] == 5 * 10
+        assert samples[("edge_requests_in_flight", ())] == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
