@@ -26,6 +26,7 @@ __all__ = [
     "FixedSplitConfig",
     "HomeAssistantConfig",
     "LimitsConfig",
+    "MetricsConfig",
     "ModelConfig",
     "MqttConfig",
     "MqttTLSConfig",
@@ -425,6 +426,14 @@ class LimitsConfig(_Strict):
     )
 
 
+class MetricsConfig(_Strict):
+    enabled: bool = Field(default=False, description="Serve Prometheus metrics over HTTP.")
+    host: str = Field(default="127.0.0.1", description="Address the metrics endpoint listens on.")
+    port: int = Field(
+        default=9101, ge=0, le=65535, description="Port of http://HOST:PORT/metrics; 0 picks one."
+    )
+
+
 class StatsConfig(_Strict):
     interval_s: float = Field(
         default=30.0, ge=0, le=86400, description="Seconds between stats messages; 0 turns them off."
@@ -461,6 +470,7 @@ class DeviceProfile(_Strict):
         default_factory=LimitsConfig, description="Bounds on what one sensor message may be."
     )
     stats: StatsConfig = Field(default_factory=StatsConfig, description="Periodic stats messages.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="A Prometheus endpoint.")
     home_assistant: HomeAssistantConfig = Field(
         default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery."
     )

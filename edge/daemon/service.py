@@ -38,6 +38,7 @@ from . import messages, payloads
 from .config import SensorConfig
 from .device import ResolvedProfile
 from .ledger import AckLedger, Source
+from .metrics import DaemonMetrics
 from .mqtt import OFFLINE, ONLINE, connect_properties, subscriptions, user_properties
 
 __all__ = ["Daemon"]
@@ -78,6 +79,7 @@ class Daemon:
         self._stalled = False
         self.behind = 0
         self._last_behind_warning = -60.0
+        self.metrics = DaemonMetrics() if self.profile.metrics.enabled else None
         # Message id -> digest of the payload it answered; as many as the ledger remembers.
         self._digests: OrderedDict[str, bytes] = OrderedDict()
         self._ready = threading.Event()
@@ -111,11 +113,16 @@ class Daemon:
             clean_start=False,
             properties=connect_properties(self.profile),
         )
+        if self.metrics is not None:
+            settings = self.profile.metrics
+            self.metrics.serve(settings.host, settings.port)
         self.client.loop_start()
         try:
             self._loop()
         finally:
             self._shutdown()
+            if self.metrics is not None:
+                self.metrics.close()
         return 0
 
     def _loop(self) -> None:
@@ -230,6 +237,8 @@ class Daemon:
                 )
                 return
             self.duplicates += 1
+            if self.metrics is not None:
+                self.metrics.messages.labels("duplicate").inc()
             logger.info("message %s was answered already; acknowledging the redelivery", message_id)
             self._ack(self.ledger.duplicate(message_id, item.source))
             return
@@ -257,6 +266,13 @@ class Daemon:
                 )
                 self.processed += 1
                 self.fallbacks += int(result.fallback)
+                if self.metrics is not None:
+                    self.metrics.result(result)
+                    self.metrics.queue_depth.set(self._queue.qsize())
+                    link = getattr(self.device.policy, "estimator", None)
+                    if link is not None:
+                        estimate = link.estimate()
+                        self.metrics.link(estimate.rtt_ms, estimate.mbit_per_s)
                 self._latencies.append(result.timings.e2e_ms)
         if body is None:
             self._refuse(item, given_id, str(problem), message_id=message_id)
@@ -268,6 +284,8 @@ class Daemon:
     ) -> None:
         """Answer ``item`` with an error document; it is acknowledged once the broker has that."""
         self.errors += 1
+        if self.metrics is not None:
+            self.metrics.messages.labels("error").inc()
         logger.warning(
             "message %s on %s: %s", (message_id or given_id or "?")[:80], item.topic, problem[:300]
         )
@@ -437,6 +455,8 @@ class Daemon:
     def _falling_behind(self) -> None:
         # paho's thread only; said at most once a minute.
         self.behind += 1
+        if self.metrics is not None:
+            self.metrics.behind.inc()
         now = time.monotonic()
         if now - self._last_behind_warning >= 60.0:
             self._last_behind_warning = now

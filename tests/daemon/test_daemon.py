@@ -518,3 +518,34 @@ def test_a_shared_subscription_splits_the_messages_between_daemons(
     finally:
         for w in watchers:
             w.close()
+
+
+def test_daemon_metrics_are_scraped_over_http(
+    tmp_path: Path, broker: Broker, probe: Probe, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    import re
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    profile = tmp_path / "metrics.toml"
+    text = GENERIC.read_text().replace('[[edge.servers]]\naddress = "localhost:8001"\n', "")
+    profile.write_text(text + "\n[metrics]\nenabled = true\nport = 0\n")
+    daemon = daemon_factory([], profile=profile)
+    daemon.start()
+    sent = publish_digits(probe, "m", 5)
+    probe.publish(TOPIC, b'{"id": "broken", "data": [1,')
+    probe.wait_answered(set(sent))
+    wait_until(lambda: len(probe.errors) >= 1, 30, "the error document")
+    found = re.search(r"metrics on (http://\S+/metrics)", daemon.text())
+    assert found is not None, daemon.text()
+    with urllib.request.urlopen(found.group(1), timeout=10) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples
+    }
+    assert values[("edge_daemon_messages_total", (("outcome", "result"),))] == 5
+    assert values[("edge_daemon_messages_total", (("outcome", "error"),))] == 1
+    assert values[("edge_daemon_results_total", (("where", "local"),))] == 5
+    assert values[("edge_daemon_cut", ())] == 17
+    assert values[("edge_daemon_e2e_seconds_count", ())] == 5
