@@ -7,6 +7,7 @@ Each half's boundary is checked against the cut when it is built, not inside a r
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import OrderedDict
@@ -17,6 +18,7 @@ from types import TracebackType
 import numpy as np
 
 from .backends import DEFAULT_BACKEND, Backend, TensorSpec, create_backend
+from .backends.pool import ReplicaPool
 from .errors import ModelMismatchError
 from .graph import Cut, ModelGraph, TensorInfo
 from .partition import build_head, build_tail, extract_subgraph
@@ -42,11 +44,19 @@ class ModelRunner:
     """A model and its halves, loaded on one backend."""
 
     def __init__(
-        self, graph: ModelGraph, *, backend: str = DEFAULT_BACKEND, threads: int = 1, cache_size: int = 16
+        self,
+        graph: ModelGraph,
+        *,
+        backend: str = DEFAULT_BACKEND,
+        threads: int = 1,
+        cache_size: int = 16,
+        replicas: int = 1,
     ) -> None:
         self.graph = graph
         self.backend = backend
         self.threads = threads
+        self.replicas = max(1, replicas)
+        """Interpreters per half (and for the whole model): how many threads can run one half at once."""
         self.cache_size = max(2, cache_size)
         self._whole: Backend | None = None
         # Guards _whole and _halves (the dict only: halves are built outside it, without I/O).
@@ -59,7 +69,7 @@ class ModelRunner:
     def whole(self) -> Backend:
         with self._lock:
             if self._whole is None:
-                self._whole = create_backend(self.backend, self.graph.data, threads=self.threads)
+                self._whole = self._load(self.graph.data)
             return self._whole
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
@@ -135,6 +145,14 @@ class ModelRunner:
     ) -> None:
         self.close()
 
+    def _load(self, data: bytes) -> Backend:
+        first = create_backend(self.backend, data, threads=self.threads)
+        if self.replicas == 1:
+            return first
+        return ReplicaPool(
+            first, functools.partial(create_backend, self.backend, data, threads=self.threads), self.replicas
+        )
+
     def _half(self, side: str, cut: Cut) -> Backend:
         key = (side, cut.index)
         with self._lock:
@@ -143,7 +161,7 @@ class ModelRunner:
                 self._halves.move_to_end(key)
                 return backend
         data = build_head(self.graph, cut) if side == "head" else build_tail(self.graph, cut)
-        backend = create_backend(self.backend, data, threads=self.threads)
+        backend = self._load(data)
         _check_boundary(side, cut, backend)
         logger.debug("built %s of cut %d (%d bytes)", side, cut.index, len(data))
         evicted: list[Backend] = []

@@ -156,6 +156,7 @@ async def _serve(settings: ServerSettings) -> None:
         threads=settings.threads,
         cache_size=settings.cache_size,
         max_model_bytes=settings.max_model_bytes,
+        replicas=max(1, settings.workers),  # one interpreter per compute thread: they run at once
     )
     try:
         server = EdgeServer(

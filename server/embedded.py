@@ -47,7 +47,9 @@ class BackgroundServer:
         **server_options: Any,
     ) -> BackgroundServer:
         """A server of ``paths`` on loopback; ``server_options`` go to :class:`EdgeServer`."""
-        repository = ModelRepository.from_files(paths, backend=backend, threads=threads)
+        repository = ModelRepository.from_files(
+            paths, backend=backend, threads=threads, replicas=max(1, workers)
+        )
         dataplane = DataPlane(repository, max_inflight=max_inflight)
         return cls(EdgeServer(dataplane, port=port, workers=workers, **server_options))
 

@@ -52,6 +52,7 @@ class ModelRepository:
         threads: int = 1,
         cache_size: int = 16,
         max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+        replicas: int = 1,
     ) -> ModelRepository:
         """Every model file in ``directory`` that passes :func:`check_model_file`; the others are
         skipped with one log line each. Refuses to start with none."""
@@ -66,7 +67,9 @@ class ModelRepository:
                 check_model_file(path, root, max_model_bytes)
                 if path.stem in models:
                     raise ConfigError(f"{path.name}: another file already serves the name {path.stem!r}")
-                models[path.stem] = _load(path, backend=backend, threads=threads, cache_size=cache_size)
+                models[path.stem] = _load(
+                    path, backend=backend, threads=threads, cache_size=cache_size, replicas=replicas
+                )
             except EdgeError as err:
                 logger.warning("skipping %s: %s", path.name, err)
                 skipped.append(f"{path.name} ({err})")
@@ -79,11 +82,19 @@ class ModelRepository:
 
     @classmethod
     def from_files(
-        cls, paths: list[Path], *, backend: str = DEFAULT_BACKEND, threads: int = 1, cache_size: int = 16
+        cls,
+        paths: list[Path],
+        *,
+        backend: str = DEFAULT_BACKEND,
+        threads: int = 1,
+        cache_size: int = 16,
+        replicas: int = 1,
     ) -> ModelRepository:
         return cls(
             {
-                Path(path).stem: _load(Path(path), backend=backend, threads=threads, cache_size=cache_size)
+                Path(path).stem: _load(
+                    Path(path), backend=backend, threads=threads, cache_size=cache_size, replicas=replicas
+                )
                 for path in paths
             }
         )
@@ -130,9 +141,9 @@ def check_model_file(path: Path, root: Path, max_bytes: int) -> None:
         raise ModelFormatError("not a TFLite flatbuffer (no TFL3 identifier in its header)")
 
 
-def _load(path: Path, *, backend: str, threads: int, cache_size: int) -> ServedModel:
+def _load(path: Path, *, backend: str, threads: int, cache_size: int, replicas: int = 1) -> ServedModel:
     graph = ModelGraph.from_file(path)
-    runner = ModelRunner(graph, backend=backend, threads=threads, cache_size=cache_size)
+    runner = ModelRunner(graph, backend=backend, threads=threads, cache_size=cache_size, replicas=replicas)
     try:
         runner.warm(0)  # load the whole model now: a broken file fails at start, not mid-request
     except BaseException:

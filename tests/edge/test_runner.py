@@ -57,3 +57,36 @@ def test_a_half_whose_quantization_changed_is_refused(graphs: dict[str, ModelGra
     with pytest.raises(ModelMismatchError, match=name.replace(";", ".").split("/")[0]):
         _check_boundary("head", cut, changed)
     _check_boundary("head", cut, create_backend("litert", build_head(graph, cut)))  # the real one passes
+
+
+def test_replicas_let_threads_run_one_half_at_once_with_identical_outputs(
+    graphs: dict[str, ModelGraph],
+) -> None:
+    import threading
+
+    from edge.backends.pool import ReplicaPool
+
+    graph = graphs["mobilenetv2_035"]
+    x = seeded_inputs(graph, 3)
+    with ModelRunner(graph) as single:
+        expected = single.run_head(24, x).cut
+    with ModelRunner(graph, replicas=2) as runner:
+        runner.run_head(24, x)
+        (pool,) = runner._halves.values()
+        assert isinstance(pool, ReplicaPool)
+        results: list[dict[str, np.ndarray]] = []
+        start = threading.Barrier(4)
+
+        def work() -> None:
+            start.wait(timeout=10)
+            for _ in range(20):
+                results.append(runner.run_head(24, x).cut)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(results) == 80
+        assert all(np.array_equal(r[k], v) for r in results for k, v in expected.items())
+        assert pool._count == 2  # four threads, two interpreters: never more than the size
