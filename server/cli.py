@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         "'authorization: Bearer TOKEN'. Certificates and tokens are read again on SIGHUP",
     )
     p.add_argument(
+        "--watch",
+        dest="watch_s",
+        type=non_negative_float,
+        metavar="S",
+        help="look at the model directory every S seconds; 0: only at start and on SIGHUP "
+        f"(default: {_default('watch_s'):g})",
+    )
+    p.add_argument(
         "--metrics-port",
         type=listen_port,
         metavar="PORT",
@@ -180,16 +188,37 @@ async def _serve(settings: ServerSettings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, security.reload)
+        dataplane = server.dataplane
+
+        reloads: set[asyncio.Task[object]] = set()  # kept until done, as asyncio asks
+
+        def reload() -> None:
+            security.reload()
+            task = loop.create_task(asyncio.to_thread(dataplane.refresh))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        watcher = asyncio.create_task(_watch(dataplane, settings.watch_s, stop))
         watchdog = asyncio.create_task(_watchdog(stop))
         await stop.wait()
         notify("STOPPING=1")
         watchdog.cancel()
+        watcher.cancel()
         await server.stop(settings.grace_s)
         if http is not None:
             http.shutdown()
     finally:
         repository.close()
+
+
+async def _watch(dataplane: DataPlane, every_s: float, stop: asyncio.Event) -> None:
+    while every_s > 0 and not stop.is_set():
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(dataplane.refresh)
+        except Exception:  # the watch must go on; what failed is logged
+            logger.exception("looking at the model directory failed")
 
 
 async def _watchdog(stop: asyncio.Event) -> None:

@@ -99,7 +99,8 @@ class DataPlane:
         self._profile_lock = threading.Lock()
         self._stop_profiling = threading.Event()
         self._profiles: dict[str, np.ndarray] = {}
-        # What each (model, cut) takes and gives; at most models x (N + 1) entries.
+        # What each (model bytes, cut) takes and gives; at most served models x (N + 1) entries once
+        # refresh() has dropped the ones of models no longer served.
         self._routes: dict[tuple[str, int | None], _Route] = {}
 
     # -- health and metadata ----------------------------------------------------------
@@ -223,7 +224,7 @@ class DataPlane:
     def tail_profile(self, model: ServedModel) -> np.ndarray:
         """Median tail latency (ms) of ``model`` at every cut 0..N on this server; measured on first use."""
         with self._profile_lock:
-            profile = self._profiles.get(model.name)
+            profile = self._profiles.get(model.graph.sha256)
             if profile is None:
                 logger.info("profiling the tails of %s (%d cuts)", model.name, model.graph.num_operators + 1)
                 try:
@@ -234,7 +235,7 @@ class DataPlane:
                     raise ServerStoppingError(
                         "the server is shutting down; the profile was not finished"
                     ) from err
-                profile = self._profiles[model.name] = np.asarray(values, dtype=np.float32)
+                profile = self._profiles[model.graph.sha256] = np.asarray(values, dtype=np.float32)
             return profile
 
     def _profile_response(self, prepared: PreparedRequest, started: int) -> InferResponse:
@@ -257,6 +258,17 @@ class DataPlane:
             },
         )
 
+    def refresh(self) -> list[str]:
+        """Have the repository look at its directory again, and forget what only old models used."""
+        changed = self.repository.refresh()
+        if changed:
+            served = {m.graph.sha256 for m in self.repository}
+            with self._profile_lock:
+                self._profiles = {k: v for k, v in self._profiles.items() if k in served}
+            self._routes = {k: v for k, v in self._routes.items() if k[0] in served}
+            logger.info("models changed: %s", ", ".join(changed))
+        return changed
+
     def begin_shutdown(self) -> None:
         """Refuse new work; requests already running finish, and a profile being measured stops."""
         with self._lock:
@@ -266,7 +278,7 @@ class DataPlane:
     # -- internals --------------------------------------------------------------------
 
     def _route(self, model: ServedModel, split_point: int | None) -> _Route:
-        key = (model.name, split_point)
+        key = (model.graph.sha256, split_point)
         route = self._routes.get(key)
         if route is None:
             graph = model.graph

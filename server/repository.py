@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,33 @@ class ServedModel:
     runner: ModelRunner
 
 
+@dataclass(frozen=True, slots=True)
+class _Stamp:
+    """What a model file was when it was loaded: a changed stamp means a changed file."""
+
+    path: Path
+    mtime_ns: int
+    size: int
+
+
 class ModelRepository:
-    """Named models, loaded up front so the first request does not pay for parsing."""
+    """Named models, loaded up front so the first request does not pay for parsing.
+
+    A repository made from a directory can :meth:`refresh` itself: a model copied in is loaded,
+    a removed one stops being served, and a replaced one is loaded beside the old and swapped in
+    whole; requests already holding the old one finish on it, and it is closed at the next refresh.
+    """
 
     def __init__(self, models: dict[str, ServedModel]) -> None:
         self._models = models
+        self._stamps: dict[str, _Stamp] = {}
+        self._failed: dict[Path, tuple[int, int]] = {}
+        """Files that failed to load, by (mtime, size): not tried, nor logged, again until they change."""
+        self._retired: list[ServedModel] = []
+        self._root: Path | None = None
+        self._options: dict[str, int | str] = {}
+        # Guards the swap of _models (readers take the dict as it is: each swap is one assignment).
+        self._lock = threading.Lock()
 
     @classmethod
     def from_directory(
@@ -59,26 +82,98 @@ class ModelRepository:
         root = Path(directory)
         if not root.is_dir():
             raise ConfigError(f"model directory {root} does not exist or is not a directory")
-        candidates = sorted(p for p in root.iterdir() if p.suffix.lower() == MODEL_SUFFIX)
-        models: dict[str, ServedModel] = {}
-        skipped: list[str] = []
-        for path in candidates:
-            try:
-                check_model_file(path, root, max_model_bytes)
-                if path.stem in models:
-                    raise ConfigError(f"{path.name}: another file already serves the name {path.stem!r}")
-                models[path.stem] = _load(
-                    path, backend=backend, threads=threads, cache_size=cache_size, replicas=replicas
-                )
-            except EdgeError as err:
-                logger.warning("skipping %s: %s", path.name, err)
-                skipped.append(f"{path.name} ({err})")
-        if not models:
+        repository = cls({})
+        repository._root = root
+        repository._options = {
+            "backend": backend,
+            "threads": threads,
+            "cache_size": cache_size,
+            "replicas": replicas,
+            "max_model_bytes": max_model_bytes,
+        }
+        skipped = repository._scan()
+        if not repository._models:
             found = (
                 f"; skipped {'; '.join(skipped[:3])}" + (" …" if len(skipped) > 3 else "") if skipped else ""
             )
             raise ConfigError(f"model directory {root} holds no servable .tflite file{found}")
-        return cls(models)
+        return repository
+
+    def refresh(self) -> list[str]:
+        """Look at the directory again; returns the names added, replaced or removed."""
+        if self._root is None:
+            return []
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for model in retired:
+            model.runner.close()
+        before = dict(self._stamps)
+        self._scan()
+        return sorted(n for n in set(before) | set(self._stamps) if before.get(n) != self._stamps.get(n))
+
+    def _scan(self) -> list[str]:
+        assert self._root is not None
+        root, options = self._root, self._options
+        try:
+            candidates = sorted(p for p in root.iterdir() if p.suffix.lower() == MODEL_SUFFIX)
+        except OSError as err:
+            logger.error("cannot list %s: %s", root, err.strerror or err)
+            return []
+        models = dict(self._models)
+        stamps: dict[str, _Stamp] = {}
+        skipped: list[str] = []
+        retired: list[ServedModel] = []
+        failed: dict[Path, tuple[int, int]] = {}
+        for path in candidates:
+            name = path.stem
+            try:
+                seen = path.lstat()
+                if self._failed.get(path) == (seen.st_mtime_ns, seen.st_size):
+                    failed[path] = self._failed[path]
+                    if name in self._stamps and name in models:
+                        stamps[name] = self._stamps[name]
+                    continue
+            except OSError:
+                pass
+            try:
+                if name in stamps:
+                    raise ConfigError(f"{path.name}: another file already serves the name {name!r}")
+                check_model_file(path, root, int(options["max_model_bytes"]))
+                info = path.stat()
+                stamp = _Stamp(path, info.st_mtime_ns, info.st_size)
+                if self._stamps.get(name) == stamp and name in models:
+                    stamps[name] = stamp
+                    continue
+                loaded = _load(
+                    path,
+                    backend=str(options["backend"]),
+                    threads=int(options["threads"]),
+                    cache_size=int(options["cache_size"]),
+                    replicas=int(options["replicas"]),
+                )
+            except EdgeError as err:
+                logger.warning("skipping %s: %s", path.name, err)
+                skipped.append(f"{path.name} ({err})")
+                try:
+                    seen = path.lstat()
+                    failed[path] = (seen.st_mtime_ns, seen.st_size)
+                except OSError:
+                    pass
+                if name in self._stamps and name in models:
+                    stamps[name] = self._stamps[name]  # a bad replacement: keep serving what was there
+                continue
+            if name in models:
+                retired.append(models[name])
+                logger.info("replaced %s", name)
+            models[name] = loaded
+            stamps[name] = stamp
+        for name in [n for n in models if n not in stamps]:
+            retired.append(models.pop(name))
+            logger.info("stopped serving %s: its file is gone", name)
+        with self._lock:
+            self._models, self._stamps, self._failed = models, stamps, failed
+            self._retired.extend(retired)
+        return skipped
 
     @classmethod
     def from_files(
@@ -113,7 +208,10 @@ class ModelRepository:
         return len(self._models)
 
     def close(self) -> None:
-        for model in self._models.values():
+        with self._lock:
+            models, self._models = list(self._models.values()) + self._retired, {}
+            self._retired = []
+        for model in models:
             model.runner.close()
 
 

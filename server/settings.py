@@ -75,6 +75,13 @@ class ServerSettings(BaseModel):
         strict=False,
         description="File of 'DEVICE_ID TOKEN' lines: requests need 'authorization: Bearer TOKEN' metadata.",
     )
+    watch_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=3600.0,
+        description="Look at the model directory this often (0: only at start and on SIGHUP): models copied "
+        "in are served, removed ones stop, replaced ones are swapped in.",
+    )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port (on host)."
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge import models
-from edge.errors import ConfigError
+from edge.errors import ConfigError, ModelNotFoundError
 from server.repository import ModelRepository
 
 GOOD = models.model_path("digits_tiny").read_bytes()
@@ -64,3 +64,74 @@ def test_nothing_servable_is_one_error_naming_why(tmp_path: Path) -> None:
         ConfigError, match=r"holds no servable \.tflite file; skipped bad\.tflite \(not a TFLite"
     ):
         _served(tmp_path)
+
+
+def test_a_refresh_serves_added_models_swaps_replaced_ones_and_drops_removed_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edge.graph import ModelGraph
+    from edge.preprocess import random_inputs
+
+    resnet = models.model_path("digits_resnet").read_bytes()
+    (tmp_path / "a.tflite").write_bytes(GOOD)
+    repository = ModelRepository.from_directory(tmp_path)
+    try:
+        old = repository.get("a")
+        assert repository.refresh() == []
+        (tmp_path / "b.tflite").write_bytes(resnet)
+        assert repository.refresh() == ["b"]
+        assert repository.get("b").graph.sha256 == ModelGraph(resnet).sha256
+        (tmp_path / "a.tflite").write_bytes(resnet)  # replaced: another model under the same name
+        assert repository.refresh() == ["a"]
+        assert repository.get("a").graph.sha256 == ModelGraph(resnet).sha256
+        # A request that took the old model before the swap finishes on it.
+        x = random_inputs(old.graph, seed=0)
+        assert old.runner.run(x)
+        (tmp_path / "b.tflite").unlink()
+        (tmp_path / "c.tflite").write_bytes(b"garbage" * 20)
+        assert repository.refresh() == ["b"]
+        with pytest.raises(ModelNotFoundError):
+            repository.get("b")
+        # A bad replacement keeps the model that was there, and a bad file is said once, not at every look.
+        (tmp_path / "a.tflite").write_bytes(b"not a model either" * 10)
+        assert repository.refresh() == []
+        assert repository.get("a").graph.sha256 == ModelGraph(resnet).sha256
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="server.repository"):
+            for _ in range(3):
+                repository.refresh()
+        assert not caplog.records
+    finally:
+        repository.close()
+
+
+def test_edge_server_watches_its_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from edge.transport import TailClient
+    from helpers import free_port, wait_for_port
+
+    (tmp_path / "a.tflite").write_bytes(GOOD)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--models", str(tmp_path), "--host", "127.0.0.1", "--port", str(port),
+         "--watch", "0.2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, proc)
+        with TailClient(f"127.0.0.1:{port}", timeout_s=5.0) as client:
+            (tmp_path / "b.tflite").write_bytes(models.model_path("digits_resnet").read_bytes())
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    client.model_metadata("b")
+                    break
+                except Exception:
+                    time.sleep(0.1)
+            assert client.model_metadata("b").name == "b"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
