@@ -286,8 +286,9 @@ def test_sigterm_drains_and_exits_zero(
     daemon_factory: Callable[..., DaemonProcess],
     reference: Callable[[int], list[dict[str, object]]],
 ) -> None:
-    # An edge server that accepts connections and never answers: every request waits for its
-    # deadline and then finishes locally, so the queue is still full when SIGTERM arrives.
+    # An edge server that accepts connections and never answers: the first request waits for its
+    # deadline, the circuit opens, and the rest finish locally; 200 messages keep the queue full
+    # when SIGTERM arrives.
     profile = tmp_path / "slow.toml"
     profile.write_text(GENERIC.read_text().replace("timeout_s = 2.0", "timeout_s = 0.25"))
     with socket.socket() as silent:
@@ -295,7 +296,7 @@ def test_sigterm_drains_and_exits_zero(
         silent.listen(64)
         daemon = daemon_factory([f"127.0.0.1:{silent.getsockname()[1]}"], profile=profile)
         daemon.start()
-        sent = {f"queued-{n}": n for n in range(12)}
+        sent = {f"queued-{n}": n for n in range(200)}
         probe.publish_many([(TOPIC, digit_json(i, message_id)) for message_id, i in sent.items()])
         wait_until(lambda: len(probe.results) >= 1, 30, "the first result")
         assert daemon.terminate() == 0
