@@ -78,3 +78,26 @@ def test_metrics_count_what_the_server_did(tmp_path: Path, graphs: dict) -> None
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_the_shipped_dashboard_and_scrape_config_name_metrics_that_exist() -> None:
+    """Every metric the Grafana dashboard queries is one the server or the daemon exports."""
+    import json
+
+    from edge.daemon.metrics import DaemonMetrics
+    from helpers import REPO
+    from server.metrics import ServerMetrics
+
+    exported = set()
+    for registry in (ServerMetrics().registry, DaemonMetrics().registry):
+        for family in registry.collect():
+            exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket"}
+    dashboard = json.loads((REPO / "firmware_config" / "monitoring" / "grafana-dashboard.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b(edge_[a-z0-9_]+)", target["expr"])
+    }
+    assert queried and queried <= exported, queried - exported
+    assert "edge-server" in (REPO / "firmware_config" / "monitoring" / "prometheus.yml").read_text()
