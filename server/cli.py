@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {_default('watch_s'):g})",
     )
     p.add_argument(
+        "--model-control",
+        action="store_true",
+        help="allow RepositoryModelLoad/Unload (OIP repository extension); RepositoryIndex is always served",
+    )
+    p.add_argument(
         "--metrics-port",
         type=listen_port,
         metavar="PORT",
@@ -168,7 +173,7 @@ async def _serve(settings: ServerSettings) -> None:
     )
     try:
         server = EdgeServer(
-            DataPlane(repository, max_inflight=settings.max_inflight),
+            DataPlane(repository, max_inflight=settings.max_inflight, model_control=settings.model_control),
             host=settings.host,
             port=settings.port,
             workers=settings.workers,

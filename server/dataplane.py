@@ -51,7 +51,7 @@ from edge.wire import (
     THREADS,
 )
 
-from .errors import ServerOverloadedError, ServerStoppingError
+from .errors import ControlDisabledError, ServerOverloadedError, ServerStoppingError
 from .repository import ModelRepository, ServedModel
 
 __all__ = ["DEFAULT_MAX_INFLIGHT", "SERVER_NAME", "DataPlane", "PreparedRequest"]
@@ -88,8 +88,15 @@ class PreparedRequest:
 class DataPlane:
     """Validates and runs inference requests against a model repository."""
 
-    def __init__(self, repository: ModelRepository, *, max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        model_control: bool = False,
+    ) -> None:
         self.repository = repository
+        self.model_control = model_control
         self.max_inflight = max_inflight
         # Guards _inflight and _stopping: admission is decided under it, work runs outside it.
         self._lock = threading.Lock()
@@ -257,6 +264,29 @@ class DataPlane:
                 MODEL_SHA256: prepared.model.graph.sha256,
             },
         )
+
+    def repository_index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) of every model the repository knows."""
+        return [
+            (name, MODEL_VERSION if state == "READY" else "", state, reason)
+            for name, state, reason in self.repository.index()
+            if state == "READY" or not ready_only
+        ]
+
+    def load(self, name: str) -> None:
+        self._control()
+        self.repository.load(name)
+        self.refresh()
+
+    def unload(self, name: str) -> None:
+        self._control()
+        self.repository.unload(name)
+
+    def _control(self) -> None:
+        if not self.model_control:
+            raise ControlDisabledError(
+                "loading and unloading models is off; start edge-server with --model-control"
+            )
 
     def refresh(self) -> list[str]:
         """Have the repository look at its directory again, and forget what only old models used."""

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from edge.errors import EdgeError
 
-__all__ = ["ListenError", "ServerError", "ServerOverloadedError", "ServerStoppingError"]
+__all__ = [
+    "ControlDisabledError",
+    "ListenError",
+    "ServerError",
+    "ServerOverloadedError",
+    "ServerStoppingError",
+]
 
 
 class ServerError(EdgeError):
@@ -21,3 +27,7 @@ class ServerStoppingError(ServerError):
 
 class ListenError(ServerError):
     """The server cannot listen on the address it was given (in use, unknown, not this machine's)."""
+
+
+class ControlDisabledError(ServerError):
+    """A request to load or unload a model on a server started without ``--model-control``."""

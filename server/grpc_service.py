@@ -34,7 +34,7 @@ from edge.errors import (
 from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
 
 from .dataplane import DataPlane
-from .errors import ListenError, ServerOverloadedError, ServerStoppingError
+from .errors import ControlDisabledError, ListenError, ServerOverloadedError, ServerStoppingError
 from .metrics import ServerMetrics
 from .settings import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -59,6 +59,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (BackendRunError, grpc.StatusCode.INVALID_ARGUMENT),  # a kernel refused the caller's values
     (ServerOverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ServerStoppingError, grpc.StatusCode.UNAVAILABLE),
+    (ControlDisabledError, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelFormatError, grpc.StatusCode.INTERNAL),
     (UnsupportedModelError, grpc.StatusCode.INTERNAL),
     (ConfigError, grpc.StatusCode.INTERNAL),
@@ -118,6 +119,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         return await _guard(context, self._metadata(request))
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await _guard(context, self._index(request))
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await _guard(context, self._control(request, load=True))
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await _guard(context, self._control(request, load=False))
+
+    async def _index(self, request: Any) -> Any:
+        if isinstance(request, Unparsed):
+            raise TensorFormatError(request.describe())
+        reply = pb.RepositoryIndexResponse()
+        for name, version, state, reason in self.dataplane.repository_index(bool(request.ready)):
+            reply.models.add(name=name, version=version, state=state, reason=reason)
+        return reply
+
+    async def _control(self, request: Any, *, load: bool) -> Any:
+        if isinstance(request, Unparsed):
+            raise TensorFormatError(request.describe())
+        if load:
+            await asyncio.to_thread(
+                self.dataplane.load, request.model_name
+            )  # loading takes milliseconds to seconds
+            return pb.RepositoryModelLoadResponse()
+        self.dataplane.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         return await _guard(context, self._infer(request))

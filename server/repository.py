@@ -61,6 +61,8 @@ class ModelRepository:
         self._failed: dict[Path, tuple[int, int]] = {}
         """Files that failed to load, by (mtime, size): not tried, nor logged, again until they change."""
         self._retired: list[ServedModel] = []
+        self._unloaded: set[str] = set()
+        """Names unloaded on request: not loaded again by a scan until loaded on request."""
         self._root: Path | None = None
         self._options: dict[str, int | str] = {}
         # Guards the swap of _models (readers take the dict as it is: each swap is one assignment).
@@ -111,6 +113,35 @@ class ModelRepository:
         self._scan()
         return sorted(n for n in set(before) | set(self._stamps) if before.get(n) != self._stamps.get(n))
 
+    def index(self) -> list[tuple[str, str, str]]:
+        """(name, state, reason) of every model this repository knows: READY when served,
+        UNAVAILABLE when unloaded or when its file failed to load."""
+        rows = [(m.name, "READY", "") for m in self]
+        rows += [(name, "UNAVAILABLE", "unloaded") for name in sorted(self._unloaded)]
+        rows += [(path.stem, "UNAVAILABLE", "the file failed to load") for path in sorted(self._failed)]
+        return sorted(rows)
+
+    def unload(self, name: str) -> None:
+        """Stop serving ``name``; requests already holding it finish on it."""
+        with self._lock:
+            if name not in self._models:
+                raise ModelNotFoundError(f"model {echo(name)} is not served here")
+            models = dict(self._models)
+            self._retired.append(models.pop(name))
+            self._models = models
+            self._unloaded.add(name)
+        logger.info("unloaded %s", name)
+
+    def load(self, name: str) -> None:
+        """Serve ``name`` from its file (again, after an unload, or newly copied in)."""
+        if self._root is None:
+            raise ConfigError("this repository was made from files, not a directory: nothing to load from")
+        with self._lock:
+            self._unloaded.discard(name)
+        self._scan()
+        if name not in self._models:
+            raise ModelNotFoundError(f"no loadable {echo(name)}.tflite in the model directory")
+
     def _scan(self) -> list[str]:
         assert self._root is not None
         root, options = self._root, self._options
@@ -126,6 +157,8 @@ class ModelRepository:
         failed: dict[Path, tuple[int, int]] = {}
         for path in candidates:
             name = path.stem
+            if name in self._unloaded:
+                continue
             try:
                 seen = path.lstat()
                 if self._failed.get(path) == (seen.st_mtime_ns, seen.st_size):
@@ -167,7 +200,9 @@ class ModelRepository:
                 logger.info("replaced %s", name)
             models[name] = loaded
             stamps[name] = stamp
-        for name in [n for n in models if n not in stamps]:
+        for name in [
+            n for n in models if n not in stamps and n not in self._unloaded and self._root is not None
+        ]:
             retired.append(models.pop(name))
             logger.info("stopped serving %s: its file is gone", name)
         with self._lock:

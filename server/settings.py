@@ -82,6 +82,11 @@ class ServerSettings(BaseModel):
         description="Look at the model directory this often (0: only at start and on SIGHUP): models copied "
         "in are served, removed ones stop, replaced ones are swapped in.",
     )
+    model_control: bool = Field(
+        default=False,
+        description="Allow RepositoryModelLoad and RepositoryModelUnload (with --auth-tokens, only to callers "
+        "with a token).",
+    )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port (on host)."
     )

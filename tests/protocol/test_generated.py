@@ -83,6 +83,23 @@ FIELD_NUMBERS = {
     ("ModelInferResponse.InferOutputTensor", "contents"): 5,
     ("ModelStreamInferResponse", "error_message"): 1,
     ("ModelStreamInferResponse", "infer_response"): 2,
+    ("RepositoryIndexRequest", "repository_name"): 1,
+    ("RepositoryIndexRequest", "ready"): 2,
+    ("RepositoryIndexResponse", "models"): 1,
+    ("RepositoryIndexResponse.ModelIndex", "name"): 1,
+    ("RepositoryIndexResponse.ModelIndex", "version"): 2,
+    ("RepositoryIndexResponse.ModelIndex", "state"): 3,
+    ("RepositoryIndexResponse.ModelIndex", "reason"): 4,
+    ("ModelRepositoryParameter", "bool_param"): 1,
+    ("ModelRepositoryParameter", "int64_param"): 2,
+    ("ModelRepositoryParameter", "string_param"): 3,
+    ("ModelRepositoryParameter", "bytes_param"): 4,
+    ("RepositoryModelLoadRequest", "repository_name"): 1,
+    ("RepositoryModelLoadRequest", "model_name"): 2,
+    ("RepositoryModelLoadRequest", "parameters"): 3,
+    ("RepositoryModelUnloadRequest", "repository_name"): 1,
+    ("RepositoryModelUnloadRequest", "model_name"): 2,
+    ("RepositoryModelUnloadRequest", "parameters"): 3,
 }
 
 # rpc -> (request, response, client streaming, server streaming)
@@ -94,6 +111,9 @@ METHODS = {
     "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse", False, False),
     "ModelInfer": ("ModelInferRequest", "ModelInferResponse", False, False),
     "ModelStreamInfer": ("ModelInferRequest", "ModelStreamInferResponse", True, True),
+    "RepositoryIndex": ("RepositoryIndexRequest", "RepositoryIndexResponse", False, False),
+    "RepositoryModelLoad": ("RepositoryModelLoadRequest", "RepositoryModelLoadResponse", False, False),
+    "RepositoryModelUnload": ("RepositoryModelUnloadRequest", "RepositoryModelUnloadResponse", False, False),
 }
 
 
