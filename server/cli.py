@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from edge import __version__
-from edge.argtypes import Parser, at_least, listen_port, non_negative_float, non_negative_int, positive_int
+from edge.argtypes import (
+    Parser,
+    at_least,
+    listen_port,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from edge.backends import BACKENDS
 from edge.cli.pipes import quiet_closed_stdout
 from edge.cpu_latency import add_cpu_latency_arg, cpu_latency_hold
@@ -88,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-message-bytes",
         type=positive_int,
         help=f"largest gRPC message accepted or sent (default: {_default('max_message_bytes')})",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        dest="idle_timeout_s",
+        type=positive_float,
+        metavar="S",
+        help=f"close a connection with no call for S seconds (default: {_default('idle_timeout_s'):g})",
     )
     p.add_argument(
         "--grace",
@@ -178,6 +193,7 @@ async def _serve(settings: ServerSettings) -> None:
             port=settings.port,
             workers=settings.workers,
             max_message_bytes=settings.max_message_bytes,
+            idle_timeout_s=settings.idle_timeout_s,
             credentials=security.credentials(),
             interceptors=security.interceptors(),
             metrics=metrics,

@@ -36,7 +36,7 @@ from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
 from .dataplane import DataPlane
 from .errors import ControlDisabledError, ListenError, ServerOverloadedError, ServerStoppingError
 from .metrics import ServerMetrics
-from .settings import DEFAULT_MAX_MESSAGE_BYTES
+from .settings import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -271,6 +271,7 @@ class EdgeServer:
         port: int = 0,
         workers: int = 0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         servicer: InferenceServicer | None = None,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
@@ -280,6 +281,7 @@ class EdgeServer:
         self.host = host
         self.requested_port = port
         self.max_message_bytes = max_message_bytes
+        self.idle_timeout_s = idle_timeout_s
         self.servicer = (
             servicer
             if servicer is not None
@@ -303,6 +305,9 @@ class EdgeServer:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # A connection with no call for this long is closed, so idle ones cannot hold file
+            # descriptors for ever; a device reconnects by itself on its next request.
+            ("grpc.max_connection_idle_ms", int(self.idle_timeout_s * 1000)),
         ]
         server = grpc.aio.server(options=options, interceptors=self.interceptors)
         add_tolerant_servicer(self.servicer, server)

@@ -21,9 +21,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "ServerSettings", "load_settings"]
+__all__ = ["DEFAULT_IDLE_TIMEOUT_S", "DEFAULT_MAX_MESSAGE_BYTES", "ServerSettings", "load_settings"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_IDLE_TIMEOUT_S = 300.0
 
 
 class ServerSettings(BaseModel):
@@ -59,6 +60,12 @@ class ServerSettings(BaseModel):
         ge=4096,
         le=2**31 - 1,
         description="Largest gRPC message received or sent.",
+    )
+    idle_timeout_s: float = Field(
+        default=DEFAULT_IDLE_TIMEOUT_S,
+        gt=0.0,
+        le=86400.0,
+        description="A connection with no call for this long is closed (a device reconnects by itself).",
     )
     grace_s: float = Field(
         default=5.0, ge=0.0, le=3600.0, description="Seconds in-flight requests get at shutdown."

@@ -128,3 +128,30 @@ def test_shutdown_stops_a_profile_being_measured() -> None:
         assert time.monotonic() - stopped_at < 2.0
     finally:
         repository.close()
+
+
+def test_an_idle_connection_is_closed_and_the_device_reconnects_by_itself(graph: ModelGraph) -> None:
+    """Idle connections cannot pile up: the server closes one with no call for idle_timeout_s."""
+    import grpc
+
+    from server.dataplane import DataPlane
+    from server.grpc_service import EdgeServer
+    from server.repository import ModelRepository
+
+    dataplane = DataPlane(ModelRepository.from_files([models.model_path(MODEL)]))
+    with BackgroundServer(EdgeServer(dataplane, idle_timeout_s=0.5)) as server:
+        channel = grpc.insecure_channel(server.address)
+        states: list[grpc.ChannelConnectivity] = []
+        channel.subscribe(states.append, try_to_connect=True)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            deadline = time.monotonic() + 10
+            while states[-1] is grpc.ChannelConnectivity.READY and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert grpc.ChannelConnectivity.READY in states
+            assert states[-1] is not grpc.ChannelConnectivity.READY, "the idle connection stayed open"
+        finally:
+            channel.close()
+        with TailClient(server.address) as client:  # and a device just connects again
+            x = seeded_inputs(graph, 0)
+            assert client.infer(MODEL, x).outputs
