@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {_default('max_inflight')})",
     )
     p.add_argument(
+        "--max-inflight-bytes",
+        type=positive_int,
+        help="tensor bytes admitted at once, waiting or computing, before RESOURCE_EXHAUSTED "
+        f"(default: {_default('max_inflight_bytes')})",
+    )
+    p.add_argument(
         "--cache-size",
         type=at_least(2),
         help=f"tails kept loaded per model, LRU (default: {_default('cache_size')})",
@@ -188,7 +194,12 @@ async def _serve(settings: ServerSettings) -> None:
     )
     try:
         server = EdgeServer(
-            DataPlane(repository, max_inflight=settings.max_inflight, model_control=settings.model_control),
+            DataPlane(
+                repository,
+                max_inflight=settings.max_inflight,
+                max_inflight_bytes=settings.max_inflight_bytes,
+                model_control=settings.model_control,
+            ),
             host=settings.host,
             port=settings.port,
             workers=settings.workers,

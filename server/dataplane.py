@@ -54,7 +54,13 @@ from edge.wire import (
 from .errors import ControlDisabledError, ServerOverloadedError, ServerStoppingError
 from .repository import ModelRepository, ServedModel
 
-__all__ = ["DEFAULT_MAX_INFLIGHT", "SERVER_NAME", "DataPlane", "PreparedRequest"]
+__all__ = [
+    "DEFAULT_MAX_INFLIGHT",
+    "DEFAULT_MAX_INFLIGHT_BYTES",
+    "SERVER_NAME",
+    "DataPlane",
+    "PreparedRequest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +69,7 @@ PLATFORM = "tflite"
 MODEL_VERSION = "1"
 
 DEFAULT_MAX_INFLIGHT = 64
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 MAX_NAME_CHARS = 256
 """The longest model name, version, request id, tensor name or string parameter a request may carry."""
 MAX_PARAMETERS = 64
@@ -93,10 +100,13 @@ class DataPlane:
         repository: ModelRepository,
         *,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         model_control: bool = False,
     ) -> None:
         self.repository = repository
         self.model_control = model_control
+        self.max_inflight_bytes = max_inflight_bytes
+        self._inflight_bytes = 0
         self.max_inflight = max_inflight
         # Guards _inflight and _stopping: admission is decided under it, work runs outside it.
         self._lock = threading.Lock()
@@ -147,12 +157,14 @@ class DataPlane:
             return self.execute(prepared)
 
     @contextlib.contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Hold one of the ``max_inflight`` places while a request waits for compute and runs.
+    def admitted(self, nbytes: int = 0) -> Iterator[None]:
+        """Hold one of the ``max_inflight`` places, and ``nbytes`` of the ``max_inflight_bytes``,
+        while a request waits for compute and runs.
 
-        Raises ServerOverloadedError when every place is taken, ServerStoppingError while draining.
-        The transport takes the place before it queues the request for a compute thread, so the
-        limit counts waiting requests too.
+        Raises ServerOverloadedError when every place (or the bytes) is taken, ServerStoppingError
+        while draining. The transport takes the place before it queues the request for a compute
+        thread, so the limits count waiting requests too. One request alone is always admitted,
+        whatever its size (the message limit bounds that).
         """
         with self._lock:
             if self._stopping:
@@ -161,12 +173,19 @@ class DataPlane:
                 raise ServerOverloadedError(
                     f"{self._inflight} requests in flight, the limit is {self.max_inflight}"
                 )
+            if self._inflight and self._inflight_bytes + nbytes > self.max_inflight_bytes:
+                raise ServerOverloadedError(
+                    f"{self._inflight_bytes:,} bytes in flight; {nbytes:,} more would pass the limit of "
+                    f"{self.max_inflight_bytes:,}"
+                )
             self._inflight += 1
+            self._inflight_bytes += nbytes
         try:
             yield
         finally:
             with self._lock:
                 self._inflight -= 1
+                self._inflight_bytes -= nbytes
 
     @property
     def inflight(self) -> int:

@@ -31,3 +31,7 @@ class ListenError(ServerError):
 
 class ControlDisabledError(ServerError):
     """A request to load or unload a model on a server started without ``--model-control``."""
+
+
+class DeadlineExpiredError(ServerError):
+    """The caller's deadline passed while the request waited: it is dropped before compute."""

@@ -34,7 +34,13 @@ from edge.errors import (
 from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
 
 from .dataplane import DataPlane
-from .errors import ControlDisabledError, ListenError, ServerOverloadedError, ServerStoppingError
+from .errors import (
+    ControlDisabledError,
+    DeadlineExpiredError,
+    ListenError,
+    ServerOverloadedError,
+    ServerStoppingError,
+)
 from .metrics import ServerMetrics
 from .settings import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_MESSAGE_BYTES
 
@@ -59,6 +65,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (BackendRunError, grpc.StatusCode.INVALID_ARGUMENT),  # a kernel refused the caller's values
     (ServerOverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ServerStoppingError, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ControlDisabledError, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelFormatError, grpc.StatusCode.INTERNAL),
     (UnsupportedModelError, grpc.StatusCode.INTERNAL),
@@ -149,7 +156,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return await _guard(context, self._infer(request))
+        return await _guard(context, self._infer(request, context))
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -206,12 +213,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         meta = self.dataplane.model_metadata(request.name, request.version)
         return converters.model_metadata_to_pb(meta)
 
-    async def _infer(self, message: Any) -> Any:
+    async def _infer(self, message: Any, context: grpc.aio.ServicerContext | None = None) -> Any:
         if self.metrics is None:
-            return await self._run(message)
+            return await self._run(message, context)
         received = time.perf_counter_ns()
         try:
-            reply = await self._run(message)
+            reply = await self._run(message, context)
         except Exception as err:
             model = getattr(message, "model_name", "")
             served = model if self.dataplane.model_ready(model) else "(unknown)"
@@ -233,13 +240,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         return reply
 
-    async def _run(self, message: Any) -> Any:
+    async def _run(self, message: Any, context: grpc.aio.ServicerContext | None) -> Any:
         if isinstance(message, Unparsed):
             raise TensorFormatError(message.describe())
         received = time.perf_counter_ns()
         request = converters.infer_request_from_pb(message)
         prepared = self.dataplane.prepare(request, received)
-        with self.dataplane.admitted(), self._counted():
+        nbytes = sum(len(b) for b in message.raw_input_contents)
+        with self.dataplane.admitted(nbytes), self._counted():
             if prepared.profile:
                 # Profiling takes seconds: on a thread of its own, so neither the event loop nor the
                 # compute threads wait for it.
@@ -248,8 +256,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response = self.dataplane.execute(prepared)
             elif self.executor is None:
                 await asyncio.sleep(0)  # the other arrived requests take their places before this computes
+                _check_deadline(context)
                 response = self.dataplane.execute(prepared)
             else:
+                _check_deadline(context)
                 loop = asyncio.get_running_loop()
                 response = await loop.run_in_executor(self.executor, self.dataplane.execute, prepared)
         return converters.infer_response_to_pb(response)
@@ -404,6 +414,15 @@ def add_tolerant_servicer(servicer: InferenceServicer, server: grpc.aio.Server) 
 async def _refuse_unparsed(context: grpc.aio.ServicerContext, request: Any) -> None:
     if isinstance(request, Unparsed):
         await _abort(context, TensorFormatError(request.describe()))
+
+
+def _check_deadline(context: grpc.aio.ServicerContext | None) -> None:
+    """A request whose caller has stopped waiting is not computed: its answer would go nowhere."""
+    if context is None:
+        return
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExpiredError("the request's deadline passed before it could be computed")
 
 
 def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:

@@ -51,6 +51,12 @@ class ServerSettings(BaseModel):
         le=100_000,
         description="Requests admitted at once, waiting or running; the next gets RESOURCE_EXHAUSTED.",
     )
+    max_inflight_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        le=2**40,
+        description="Tensor bytes admitted at once, waiting or computing; past it, RESOURCE_EXHAUSTED.",
+    )
     cache_size: int = Field(default=16, ge=2, le=4096, description="Tails kept loaded per model (LRU).")
     max_model_bytes: int = Field(
         default=1024**3, ge=1024, le=2**40, description="Largest model file loaded; a larger one is skipped."

@@ -155,3 +155,63 @@ def test_an_idle_connection_is_closed_and_the_device_reconnects_by_itself(graph:
         with TailClient(server.address) as client:  # and a device just connects again
             x = seeded_inputs(graph, 0)
             assert client.infer(MODEL, x).outputs
+
+
+def test_bytes_in_flight_are_bounded() -> None:
+    from server.dataplane import DataPlane
+    from server.errors import ServerOverloadedError
+    from server.repository import ModelRepository
+
+    repository = ModelRepository.from_files([models.model_path("digits_tiny")])
+    dataplane = DataPlane(repository, max_inflight_bytes=150_000)
+    try:
+        with dataplane.admitted(200_000):  # one request alone is always admitted
+            with pytest.raises(ServerOverloadedError, match="bytes in flight"):
+                with dataplane.admitted(1):
+                    pass
+        with dataplane.admitted(100_000):
+            with dataplane.admitted(50_000):
+                with pytest.raises(ServerOverloadedError):
+                    with dataplane.admitted(1):
+                        pass
+        with dataplane.admitted(150_000):  # everything was released
+            pass
+    finally:
+        repository.close()
+
+
+def test_requests_whose_deadline_passed_while_queued_are_not_computed(graph: ModelGraph) -> None:
+    """Twelve devices with 30 ms deadlines against one event loop computing ~1 ms each, many times:
+    the server drops what its callers have given up on (counted in its metrics) instead of computing it."""
+    from server.dataplane import DataPlane
+    from server.grpc_service import EdgeServer
+    from server.metrics import ServerMetrics
+    from server.repository import ModelRepository
+
+    metrics = ServerMetrics()
+    dataplane = DataPlane(ModelRepository.from_files([models.model_path(MODEL)]), max_inflight=1000)
+    x = seeded_inputs(graph, 1)
+    with BackgroundServer(EdgeServer(dataplane, metrics=metrics)) as server:
+        start = threading.Barrier(12)
+
+        def device() -> None:
+            with TailClient(server.address, timeout_s=0.03, streaming=False) as client:
+                start.wait(timeout=30)
+                for _ in range(30):
+                    try:
+                        client.infer(MODEL, x)
+                    except RemoteError:
+                        pass
+
+        threads = [threading.Thread(target=device) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    dropped = sum(
+        s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == "edge_requests_total" and s.labels.get("status") == "DEADLINE_EXCEEDED"
+    )
+    assert dropped > 0
