@@ -36,6 +36,16 @@ from edge.runner import ModelRunner
 from helpers import free_port
 
 TOPIC = "sensors/s1/digits"
+EDGE_SERVER = '[[edge.servers]]\naddress = "localhost:8001"\n'
+
+
+def local_profile() -> str:
+    """The generic-x86 profile without its edge server: the daemon runs every message itself."""
+    text = GENERIC.read_text()
+    assert EDGE_SERVER in text
+    return text.replace(EDGE_SERVER, "")
+
+
 DEVICE_CLIENT_ID = "edge-generic-x86"
 
 
@@ -323,7 +333,7 @@ def test_stats_and_home_assistant_discovery(
     text = text.replace(
         "[home_assistant]\nenabled = false", '[home_assistant]\nenabled = true\nname = "Test box"'
     )
-    text = text.replace('[[edge.servers]]\naddress = "localhost:8001"\n', "")  # no edge server: all local
+    text = text.replace(EDGE_SERVER, "")  # no edge server: all local
     profile.write_text(text)
     daemon = daemon_factory([], profile=profile)
     daemon.start()
@@ -409,7 +419,7 @@ def test_poison_messages_each_get_an_error_and_do_not_stall_the_daemon(
 ) -> None:
     """100 of every kind of message that once escaped the error path, then a good one."""
     profile = tmp_path / "local.toml"  # no edge server: all local
-    profile.write_text(GENERIC.read_text().replace('[[edge.servers]]\naddress = "localhost:8001"\n', ""))
+    profile.write_text(local_profile())
     daemon = daemon_factory([], profile=profile)
     daemon.start()
     sample = models.digits_sample()
@@ -453,7 +463,7 @@ def test_a_reused_id_with_another_payload_is_an_error_and_2d_json_is_taken(
     reference: Callable[[int], list[dict[str, object]]],
 ) -> None:
     profile = tmp_path / "local.toml"  # no edge server: all local
-    profile.write_text(GENERIC.read_text().replace('[[edge.servers]]\naddress = "localhost:8001"\n', ""))
+    profile.write_text(local_profile())
     daemon = daemon_factory([], profile=profile)
     daemon.start()
     sample = models.digits_sample()
@@ -478,7 +488,7 @@ def test_a_burst_of_2000_against_the_shipped_broker_config_is_answered_whole(
     """Past a stock mosquitto's max_queued_messages (1,000), at full speed, while the daemon is online."""
     assert "max_queued_messages 100000" in broker.config.read_text()
     profile = tmp_path / "local.toml"  # no edge server: all local, the fastest the daemon goes
-    text = GENERIC.read_text().replace('[[edge.servers]]\naddress = "localhost:8001"\n', "")
+    text = local_profile()
     profile.write_text(text.replace("[stats]\ninterval_s = 30.0", "[stats]\ninterval_s = 0.5"))
     daemon = daemon_factory([], profile=profile)
     daemon.start()
@@ -497,7 +507,7 @@ def test_a_shared_subscription_splits_the_messages_between_daemons(
     tmp_path: Path, broker: Broker, probe: Probe, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:
     """Two daemons on $share/pool/...: every message answered once, by one of them, and both work."""
-    base = GENERIC.read_text().replace('[[edge.servers]]\naddress = "localhost:8001"\n', "")
+    base = local_profile()
     watchers = []
     for name in ("pool-a", "pool-b"):
         text = base.replace('device_id = "generic-x86"', f'device_id = "{name}"')
@@ -530,7 +540,7 @@ def test_daemon_metrics_are_scraped_over_http(
     from prometheus_client.parser import text_string_to_metric_families
 
     profile = tmp_path / "metrics.toml"
-    text = GENERIC.read_text().replace('[[edge.servers]]\naddress = "localhost:8001"\n', "")
+    text = local_profile()
     profile.write_text(text + "\n[metrics]\nenabled = true\nport = 0\n")
     daemon = daemon_factory([], profile=profile)
     daemon.start()
