@@ -71,7 +71,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--split-at",
         default=None,
-        metavar="K|TENSOR",
+        metavar="K|TENSOR|auto",
         help="the cut: an index 0..N, a tensor name (cut right after it), or auto; default: the middle cut",
     )
     p.add_argument(
