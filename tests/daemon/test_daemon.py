@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -560,3 +561,36 @@ def test_daemon_metrics_are_scraped_over_http(
     assert values[("edge_daemon_results_total", (("where", "local"),))] == 5
     assert values[("edge_daemon_cut", ())] == 17
     assert values[("edge_daemon_e2e_seconds_count", ())] == 5
+
+
+def test_the_watchdog_rule_no_progress_while_messages_wait(tmp_path: Path, broker: Broker) -> None:
+    """White-box, with a real broker connection: messages waiting and none answered for
+    limits.stall_s makes the daemon unhealthy (no more WATCHDOG=1); an answer makes it healthy."""
+    from edge.daemon import load, open_device, resolve
+    from edge.daemon.ledger import Source
+    from edge.daemon.mqtt import build_client
+    from edge.daemon.service import Daemon, _Inbound
+
+    path = tmp_path / "stall.toml"
+    path.write_text(local_profile() + "\n[limits]\nstall_s = 0.2\n")
+    resolved = resolve(load(path), path)
+    client = build_client(resolved.profile, source=str(path))
+    daemon = Daemon(resolved, open_device(resolved), client)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        daemon._ready.set()
+        assert daemon._healthy()
+        sensor = resolved.profile.sensors[0]
+        item = _Inbound(Source(0, 1), sensor, TOPIC, digit_json(0, "w").encode(), False, {})
+        daemon._last_progress = time.monotonic()
+        daemon._queue.put(item)
+        assert daemon._healthy()  # waiting, but not for long yet
+        time.sleep(0.3)
+        assert not daemon._healthy()
+        daemon._process(daemon._queue.get())
+        assert daemon._healthy()
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        daemon.device.close()
