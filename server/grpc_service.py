@@ -137,16 +137,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await _guard(context, self._control(request, load=False))
 
     async def _index(self, request: Any) -> Any:
-        if isinstance(request, Unparsed):
-            raise TensorFormatError(request.describe())
         reply = pb.RepositoryIndexResponse()
-        for name, version, state, reason in self.dataplane.repository_index(bool(request.ready)):
+        for name, version, state, reason in self.dataplane.repository_index(bool(_parsed(request).ready)):
             reply.models.add(name=name, version=version, state=state, reason=reason)
         return reply
 
     async def _control(self, request: Any, *, load: bool) -> Any:
-        if isinstance(request, Unparsed):
-            raise TensorFormatError(request.describe())
+        request = _parsed(request)
         if load:
             await asyncio.to_thread(
                 self.dataplane.load, request.model_name
@@ -168,9 +165,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             async for request in request_iterator:
                 self._idle_streams.discard(task)
                 try:
-                    if isinstance(request, Unparsed):  # the framing held: answer, and keep the stream
-                        raise TensorFormatError(request.describe())
-                    response = await self._infer(request)
+                    response = await self._infer(request)  # an Unparsed one is answered, and the stream kept
                 except Exception as err:  # one bad request must not end the stream
                     yield converters.stream_error_to_pb(_log(err).name, _describe(err))
                 else:
@@ -208,8 +203,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             task.cancel()
 
     async def _metadata(self, request: Any) -> Any:
-        if isinstance(request, Unparsed):
-            raise TensorFormatError(request.describe())
+        request = _parsed(request)
         meta = self.dataplane.model_metadata(request.name, request.version)
         return converters.model_metadata_to_pb(meta)
 
@@ -241,10 +235,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return reply
 
     async def _run(self, message: Any, context: grpc.aio.ServicerContext | None) -> Any:
-        if isinstance(message, Unparsed):
-            raise TensorFormatError(message.describe())
         received = time.perf_counter_ns()
-        request = converters.infer_request_from_pb(message)
+        request = converters.infer_request_from_pb(_parsed(message))
         prepared = self.dataplane.prepare(request, received)
         nbytes = sum(len(b) for b in message.raw_input_contents)
         with self.dataplane.admitted(nbytes), self._counted():
@@ -411,9 +403,18 @@ def add_tolerant_servicer(servicer: InferenceServicer, server: grpc.aio.Server) 
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _Registrar(server))
 
 
-async def _refuse_unparsed(context: grpc.aio.ServicerContext, request: Any) -> None:
+def _parsed(request: Any) -> Any:
+    """``request``, or the INVALID_ARGUMENT its bytes earn when they did not parse."""
     if isinstance(request, Unparsed):
-        await _abort(context, TensorFormatError(request.describe()))
+        raise TensorFormatError(request.describe())
+    return request
+
+
+async def _refuse_unparsed(context: grpc.aio.ServicerContext, request: Any) -> None:
+    try:
+        _parsed(request)
+    except TensorFormatError as err:
+        await _abort(context, err)
 
 
 def _check_deadline(context: grpc.aio.ServicerContext | None) -> None:
