@@ -117,6 +117,7 @@ def _measure(
     (by 20-40% here). So the calls take turns, a block at a time, and each measured run
     follows an idle ``gap_s``. Each call keeps the smallest of its ``passes`` medians.
     """
+    stop = stop if stop is not None else threading.Event()
     keys = list(calls)
     blocks = [keys[i : i + block] for i in range(0, len(keys), block)] * passes
     best = dict.fromkeys(keys, float("inf"))
@@ -133,10 +134,8 @@ def _measure(
                 calls[k]()
         for _ in range(runs):
             for k in group:
-                if stop is not None and stop.wait(gap_s):
+                if stop.wait(gap_s):  # the idle gap, cut short by a stop
                     raise ProfileCancelledError("profiling was stopped")
-                if stop is None:
-                    time.sleep(gap_s)
                 started = time.perf_counter()
                 calls[k]()
                 samples[k].append((time.perf_counter() - started) * 1000.0)
@@ -215,6 +214,16 @@ def interpolate(anchors: Mapping[int, float], weights: Sequence[float]) -> list[
     return out
 
 
+def _spread(
+    runner: ModelRunner, anchors: Mapping[int, float], activations: Callable[[], Mapping[str, np.ndarray]]
+) -> list[float]:
+    """Every cut's value from the measured ``anchors``, spread by per-operator weights; the operators
+    are timed only when some cut was not measured."""
+    n = runner.graph.num_operators
+    weights = operator_costs(runner, activations()) if len(anchors) < n + 1 else [1.0] * n
+    return interpolate(anchors, weights)
+
+
 def profile_heads(
     runner: ModelRunner,
     feeds: Mapping[str, np.ndarray] | None = None,
@@ -246,9 +255,7 @@ def profile_heads(
         block=max(1, runner.cache_size // 2),
         progress=f"profiling {len(calls)} heads" if progress else None,
     )
-    anchors = {0: 0.0, **measured}
-    weights = operator_costs(runner, runner.activations(feeds)) if len(anchors) < n + 1 else [1.0] * n
-    head = interpolate(anchors, weights)
+    head = _spread(runner, {0: 0.0, **measured}, lambda: runner.activations(feeds))
     logger.info(
         "profiled %d of %d heads of %s (the rest spread by operator): whole model %.3f ms",
         len(calls),
@@ -314,8 +321,7 @@ def profile_tails(
     anchors: dict[int, float] = {n: 0.0, **measured, **dict.fromkeys(failed, math.inf)}
     # A cut with no tail outputs (the model's outputs all computed already) costs nothing to finish.
     anchors.update({k: 0.0 for k in range(n) if not graph.cut(k).tail_outputs})
-    weights = operator_costs(runner, activations) if len(anchors) < n + 1 else [1.0] * n
-    tail = interpolate(anchors, weights)
+    tail = _spread(runner, anchors, lambda: activations)
     logger.info(
         "profiled %d of %d tails of %s (the rest spread by operator): whole model %.3f ms",
         len(calls),
