@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from edge.errors import ConfigError
+from edge import prometheus
 
 __all__ = ["ServerMetrics", "serve_metrics"]
 
@@ -19,19 +19,11 @@ logger = logging.getLogger(__name__)
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-def _prometheus() -> Any:
-    try:
-        import prometheus_client
-    except ImportError as err:
-        raise ConfigError("--metrics-port needs prometheus-client: pip install 'edge-coop[server]'") from err
-    return prometheus_client
-
-
 class ServerMetrics:
     """The server's metrics, in a registry of their own."""
 
     def __init__(self) -> None:
-        prom = _prometheus()
+        prom = prometheus.load("--metrics-port", "server")
         self.registry = prom.CollectorRegistry()
         self.requests = prom.Counter(
             "edge_requests",
@@ -93,10 +85,4 @@ class ServerMetrics:
 
 def serve_metrics(metrics: ServerMetrics, host: str, port: int) -> Any:
     """Serve ``/metrics`` over HTTP on a thread; returns the HTTP server (``shutdown()`` stops it)."""
-    prom = _prometheus()
-    try:
-        server, _thread = prom.start_http_server(port, addr=host, registry=metrics.registry)
-    except OSError as err:
-        raise ConfigError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}") from err
-    logger.info("metrics on http://%s:%d/metrics", host, server.server_port)
-    return server
+    return prometheus.serve(metrics.registry, host, port)

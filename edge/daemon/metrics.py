@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .. import prometheus
 from ..cooperative import InferenceResult
-from ..errors import ConfigError
 
 __all__ = ["DaemonMetrics"]
 
@@ -23,11 +23,7 @@ class DaemonMetrics:
     """The daemon's metrics in a registry of their own, served over HTTP by :meth:`serve`."""
 
     def __init__(self) -> None:
-        try:
-            import prometheus_client as prom
-        except ImportError as err:
-            raise ConfigError("[metrics] needs prometheus-client: pip install 'edge-coop[daemon]'") from err
-        self._prom = prom
+        prom = prometheus.load("[metrics]", "daemon")
         self.registry = prom.CollectorRegistry()
         r = self.registry
         self.messages = prom.Counter(
@@ -70,13 +66,8 @@ class DaemonMetrics:
         self.bandwidth.set(mbit_per_s or 0.0)
 
     def serve(self, host: str, port: int) -> int:
-        try:
-            self._http, _thread = self._prom.start_http_server(port, addr=host, registry=self.registry)
-        except OSError as err:
-            raise ConfigError(f"metrics: cannot listen on {host}:{port}: {err.strerror or err}") from err
-        bound = int(self._http.server_port)
-        logger.info("metrics on http://%s:%d/metrics", host, bound)
-        return bound
+        self._http = prometheus.serve(self.registry, host, port)
+        return int(self._http.server_port)
 
     def close(self) -> None:
         if self._http is not None:
