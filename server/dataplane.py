@@ -295,7 +295,7 @@ class DataPlane:
     def load(self, name: str) -> None:
         self._control()
         self.repository.load(name)
-        self.refresh()
+        self._forget_unserved()
 
     def unload(self, name: str) -> None:
         self._control()
@@ -311,12 +311,16 @@ class DataPlane:
         """Have the repository look at its directory again, and forget what only old models used."""
         changed = self.repository.refresh()
         if changed:
-            served = {m.graph.sha256 for m in self.repository}
-            with self._profile_lock:
-                self._profiles = {k: v for k, v in self._profiles.items() if k in served}
-            self._routes = {k: v for k, v in self._routes.items() if k[0] in served}
+            self._forget_unserved()
             logger.info("models changed: %s", ", ".join(changed))
         return changed
+
+    def _forget_unserved(self) -> None:
+        """Drop the profiles and routes of model bytes no longer served."""
+        served = {m.graph.sha256 for m in self.repository}
+        with self._profile_lock:
+            self._profiles = {k: v for k, v in self._profiles.items() if k in served}
+        self._routes = {k: v for k, v in self._routes.items() if k[0] in served}
 
     def begin_shutdown(self) -> None:
         """Refuse new work; requests already running finish, and a profile being measured stops."""

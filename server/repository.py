@@ -47,6 +47,17 @@ class _Stamp:
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class _LoadOptions:
+    """How a directory's models are loaded, for every scan."""
+
+    backend: str
+    threads: int
+    cache_size: int
+    replicas: int
+    max_model_bytes: int
+
+
 class ModelRepository:
     """Named models, loaded up front so the first request does not pay for parsing.
 
@@ -64,7 +75,7 @@ class ModelRepository:
         self._unloaded: set[str] = set()
         """Names unloaded on request: not loaded again by a scan until loaded on request."""
         self._root: Path | None = None
-        self._options: dict[str, int | str] = {}
+        self._options: _LoadOptions | None = None
         # Guards the swap of _models (readers take the dict as it is: each swap is one assignment).
         self._lock = threading.Lock()
 
@@ -86,13 +97,7 @@ class ModelRepository:
             raise ConfigError(f"model directory {root} does not exist or is not a directory")
         repository = cls({})
         repository._root = root
-        repository._options = {
-            "backend": backend,
-            "threads": threads,
-            "cache_size": cache_size,
-            "replicas": replicas,
-            "max_model_bytes": max_model_bytes,
-        }
+        repository._options = _LoadOptions(backend, threads, cache_size, replicas, max_model_bytes)
         skipped = repository._scan()
         if not repository._models:
             found = (
@@ -133,7 +138,8 @@ class ModelRepository:
         logger.info("unloaded %s", name)
 
     def load(self, name: str) -> None:
-        """Serve ``name`` from its file (again, after an unload, or newly copied in)."""
+        """Serve ``name`` from its file (again, after an unload, or newly copied in); other changes in
+        the directory are taken too, as a :meth:`refresh` would."""
         if self._root is None:
             raise ConfigError("this repository was made from files, not a directory: nothing to load from")
         with self._lock:
@@ -143,7 +149,7 @@ class ModelRepository:
             raise ModelNotFoundError(f"no loadable {echo(name)}.tflite in the model directory")
 
     def _scan(self) -> list[str]:
-        assert self._root is not None
+        assert self._root is not None and self._options is not None
         root, options = self._root, self._options
         try:
             candidates = sorted(p for p in root.iterdir() if p.suffix.lower() == MODEL_SUFFIX)
@@ -171,7 +177,7 @@ class ModelRepository:
             try:
                 if name in stamps:
                     raise ConfigError(f"{path.name}: another file already serves the name {name!r}")
-                check_model_file(path, root, int(options["max_model_bytes"]))
+                check_model_file(path, root, options.max_model_bytes)
                 info = path.stat()
                 stamp = _Stamp(path, info.st_mtime_ns, info.st_size)
                 if self._stamps.get(name) == stamp and name in models:
@@ -179,10 +185,10 @@ class ModelRepository:
                     continue
                 loaded = _load(
                     path,
-                    backend=str(options["backend"]),
-                    threads=int(options["threads"]),
-                    cache_size=int(options["cache_size"]),
-                    replicas=int(options["replicas"]),
+                    backend=options.backend,
+                    threads=options.threads,
+                    cache_size=options.cache_size,
+                    replicas=options.replicas,
                 )
             except EdgeError as err:
                 logger.warning("skipping %s: %s", path.name, err)
@@ -200,9 +206,7 @@ class ModelRepository:
                 logger.info("replaced %s", name)
             models[name] = loaded
             stamps[name] = stamp
-        for name in [
-            n for n in models if n not in stamps and n not in self._unloaded and self._root is not None
-        ]:
+        for name in [n for n in models if n not in stamps]:
             retired.append(models.pop(name))
             logger.info("stopped serving %s: its file is gone", name)
         with self._lock:
