@@ -184,6 +184,19 @@ async def _serve(settings: ServerSettings) -> None:
     check_listen(settings.host, settings.port)  # in milliseconds, before the models take seconds to load
     security = security_from(settings)
     metrics = ServerMetrics() if settings.metrics_port is not None else None
+    # The metrics endpoint binds before anything else starts: a port in use fails with nothing to undo.
+    http = None
+    if metrics is not None and settings.metrics_port is not None:
+        http = serve_metrics(metrics, settings.host, settings.metrics_port)
+        print(f"edge-server: metrics on http://{settings.host}:{http.server_port}/metrics", flush=True)
+    try:
+        await _serve_models(settings, security, metrics)
+    finally:
+        if http is not None:
+            http.shutdown()
+
+
+async def _serve_models(settings: ServerSettings, security: Security, metrics: ServerMetrics | None) -> None:
     repository = ModelRepository.from_directory(
         settings.models,
         backend=settings.backend,
@@ -210,10 +223,6 @@ async def _serve(settings: ServerSettings) -> None:
             metrics=metrics,
         )
         await server.start()
-        http = None
-        if metrics is not None and settings.metrics_port is not None:
-            http = serve_metrics(metrics, settings.host, settings.metrics_port)
-            print(f"edge-server: metrics on http://{settings.host}:{http.server_port}/metrics", flush=True)
         print(f"edge-server: serving {', '.join(m.name for m in repository)} on {server.address}", flush=True)
         notify("READY=1")
         stop = asyncio.Event()
@@ -238,8 +247,6 @@ async def _serve(settings: ServerSettings) -> None:
         watchdog.cancel()
         watcher.cancel()
         await server.stop(settings.grace_s)
-        if http is not None:
-            http.shutdown()
     finally:
         repository.close()
 

@@ -272,3 +272,18 @@ def test_check_loads_the_backend(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["run", "--config", str(path), "--check"]) == (0 if installed else 2)
     if not installed:
         assert f"{path}: runtime.backend: backend 'tflite-runtime' needs" in capsys.readouterr().err
+
+
+def test_a_metrics_port_in_use_stops_the_daemon_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        path = tmp_path / "p.toml"
+        path.write_text(MINIMAL + f"[metrics]\nenabled = true\nport = {taken.getsockname()[1]}\n")
+        assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot serve metrics on 127.0.0.1:" in err, err

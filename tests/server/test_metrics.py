@@ -101,3 +101,21 @@ def test_the_shipped_dashboard_and_scrape_config_name_metrics_that_exist() -> No
     }
     assert queried and queried <= exported, queried - exported
     assert "edge-server" in (REPO / "firmware_config" / "monitoring" / "prometheus.yml").read_text()
+
+
+def test_a_metrics_port_in_use_is_one_error_and_exit_2(tmp_path: Path) -> None:
+    import socket
+
+    (tmp_path / f"{MODEL}.tflite").write_bytes(models.model_path(MODEL).read_bytes())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run(
+            [sys.executable, "-m", "server", "--models", str(tmp_path), "--host", "127.0.0.1",
+             "--port", str(free_port()), "--metrics-port", str(taken.getsockname()[1])],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("edge-server: error:")]
+    assert len(errors) == 1 and "cannot serve metrics on 127.0.0.1:" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
