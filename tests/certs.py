@@ -34,6 +34,13 @@ def _write(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticC
     return Pair(cert_path, key_path)
 
 
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
 class CA:
     """A certificate authority in ``directory``: ``ca.pem``, and ``issue()`` for leaf certificates."""
 
@@ -56,7 +63,10 @@ class CA:
         self.pem = directory / f"{name.replace(' ', '-')}.pem"
         self.pem.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common: str, *, server: bool) -> Pair:
+    def issue(
+        self, common: str, *, server: bool, names: tuple[str, ...] = ("localhost", "127.0.0.1")
+    ) -> Pair:
+        """A leaf certificate; a server's names (DNS names or IP addresses) go in its SAN."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         builder = (
@@ -76,9 +86,7 @@ class CA:
         )
         if server:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
+                x509.SubjectAlternativeName([_san(name) for name in names]),
                 critical=False,
             )
         return _write(self.directory, common, builder.sign(self.key, hashes.SHA256()), key)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the tests need and run them all: the suite on LiteRT, then the split
-# equivalence tests again on tflite-runtime in a venv of its own (it needs numpy < 2).
+# equivalence tests and the tflite-runtime device profile in a venv of its own (it needs numpy < 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,8 +25,9 @@ echo "== lint and types"
 echo "== test suite (backend: litert)"
 "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
 
-echo "== split equivalence on tflite-runtime (numpy < 2, own venv)"
+echo "== on tflite-runtime (numpy < 2, own venv): split equivalence, and the profiles that name it"
 VENV=.venv-tflite-runtime
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,tflite-runtime]'
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/edge/test_equivalence.py --backends tflite-runtime
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,tflite-runtime,daemon]'
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/edge/test_equivalence.py \
+    tests/daemon/test_shipped_profiles.py --backends tflite-runtime

@@ -109,13 +109,15 @@ def apply_overrides(
         except ConfigError as err:
             raise ConfigError(f"--broker {broker}: {err}") from err
     if servers:
-        first = profile.edge.servers[0] if profile.edge.servers else None
-        tls = first.tls if first is not None else None
-        token_file = first.token_file if first is not None else None
+        # The i-th address replaces the i-th server and keeps its TLS, token and transport; one
+        # beyond the profile's list is set up like its first server.
+        kept = profile.edge.servers
         replaced = []
-        for address in servers:
+        for i, address in enumerate(servers):
+            like = kept[i] if i < len(kept) else (kept[0] if kept else None)
+            settings = like.model_dump(exclude={"address"}, exclude_none=True) if like is not None else {}
             try:
-                replaced.append(EdgeServerConfig(address=address, tls=tls, token_file=token_file))
+                replaced.append(EdgeServerConfig(address=address, **settings))
             except ValidationError as err:
                 raise ConfigError(f"--server {address}: {err.errors()[0]['msg']}") from err
         data["edge"]["servers"] = replaced

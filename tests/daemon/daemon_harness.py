@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,19 @@ MOSQUITTO = shutil.which("mosquitto") or (
 )
 GENERIC = REPO / "firmware_config" / "generic-x86.toml"
 SHIPPED_BROKER = REPO / "firmware_config" / "mosquitto" / "edge.conf"
+SHIPPED_BROKER_TLS = REPO / "firmware_config" / "mosquitto" / "edge-tls.conf"
+
+
+@dataclass(frozen=True)
+class BrokerTLS:
+    """What the shipped TLS listener (edge-tls.conf) needs: the files it names, and whether it asks
+    every client for a certificate."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    passwords: Path
+    require_certificate: bool = False
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
@@ -55,9 +69,12 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: flo
 
 class Broker:
     """A mosquitto process with the shipped config (firmware_config/mosquitto/edge.conf) on a free
-    loopback port, persistent across restarts (sessions, queued QoS 1)."""
+    loopback port, persistent across restarts (sessions, queued QoS 1).
 
-    def __init__(self, workdir: Path) -> None:
+    With ``tls``, the shipped TLS listener (edge-tls.conf) too, on another free port (``tls_port``).
+    """
+
+    def __init__(self, workdir: Path, tls: BrokerTLS | None = None) -> None:
         if MOSQUITTO is None:
             pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
         self.binary: str = MOSQUITTO
@@ -75,6 +92,24 @@ class Broker:
             elif line.startswith("persistence_location"):
                 line = f"persistence_location {workdir}/"
             lines.append(line)
+        self.tls_port: int | None = None
+        if tls is not None:
+            self.tls_port = free_port()
+            files = {
+                "cafile": tls.ca,
+                "certfile": tls.cert,
+                "keyfile": tls.key,
+                "password_file": tls.passwords,
+            }
+            for line in SHIPPED_BROKER_TLS.read_text().splitlines():
+                key = line.split(" ", 1)[0]
+                if line.startswith("listener 8883"):
+                    line = f"listener {self.tls_port} 127.0.0.1"
+                elif key in files:
+                    line = f"{key} {files[key]}"
+                elif key == "require_certificate":
+                    line = f"require_certificate {str(tls.require_certificate).lower()}"
+                lines.append(line)
         lines += [
             # Run as root, mosquitto would switch to the 'mosquitto' user and lose write access here.
             f"user {getpass.getuser()}",
@@ -91,6 +126,8 @@ class Broker:
             [self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_for_port(self.port, self.proc, timeout=10, log=self.log)
+        if self.tls_port is not None:
+            wait_for_port(self.tls_port, self.proc, timeout=10, log=self.log)
 
     def stop(self) -> None:
         """SIGTERM: mosquitto writes its persistence file on the way out."""
@@ -104,12 +141,19 @@ class Broker:
 
 
 class ServerProcess:
-    """A real ``edge-server`` serving digits_resnet, restartable on the same port."""
+    """A real ``edge-server`` serving digits_resnet (or ``served``), restartable on the same port.
 
-    def __init__(self, workdir: Path) -> None:
+    ``options`` are more ``edge-server`` flags, such as TLS.
+    """
+
+    def __init__(
+        self, workdir: Path, served: tuple[str, ...] = ("digits_resnet",), options: tuple[str, ...] = ()
+    ) -> None:
         self.models = workdir / "models"
         self.models.mkdir(parents=True, exist_ok=True)
-        shutil.copy(models.model_path("digits_resnet"), self.models / "digits_resnet.tflite")
+        for name in served:
+            shutil.copy(models.model_path(name), self.models / f"{name}.tflite")
+        self.options = options
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = workdir / "edge-server.log"
@@ -128,6 +172,7 @@ class ServerProcess:
                     "127.0.0.1",
                     "--port",
                     str(self.port),
+                    *self.options,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -141,9 +186,10 @@ class ServerProcess:
 
 
 class DaemonProcess:
-    """``python -m edge run --config PROFILE --broker ... --server ...`` as a subprocess."""
+    """``python -m edge run --config PROFILE --broker ... --server ...`` as a subprocess; with
+    ``broker`` None and no ``servers``, the profile's own."""
 
-    def __init__(self, workdir: Path, profile: Path, broker: str, servers: list[str]) -> None:
+    def __init__(self, workdir: Path, profile: Path, broker: str | None, servers: list[str]) -> None:
         self.profile = profile
         self.broker = broker
         self.servers = servers
@@ -160,9 +206,9 @@ class DaemonProcess:
             "run",
             "--config",
             str(self.profile),
-            "--broker",
-            self.broker,
         ]
+        if self.broker is not None:
+            command += ["--broker", self.broker]
         for server in self.servers:
             command += ["--server", server]
         with self.log.open("ab") as log:

@@ -188,6 +188,21 @@ def test_overrides_replace_broker_and_servers_and_keep_the_rest() -> None:
         apply_overrides(profile, servers=["10.1.1.1:0"])
 
 
+def test_each_server_override_keeps_its_own_servers_tls() -> None:
+    """jetson-orin-nano checks each server's certificate against its own name: the i-th --server
+    keeps the i-th server's settings, and one past the list is set up like the first."""
+    profile = load(REPO / "firmware_config" / "jetson-orin-nano.toml")
+    names = [s.tls.server_name for s in profile.edge.servers if s.tls is not None]
+    assert names == ["edge-1.factory.example", "edge-2.factory.example"]
+    changed = apply_overrides(profile, servers=["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])
+    assert [s.address for s in changed.edge.servers] == ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    assert [s.tls for s in changed.edge.servers] == [
+        *[s.tls for s in profile.edge.servers],
+        profile.edge.servers[0].tls,
+    ]
+    assert [s.streaming for s in changed.edge.servers] == [True, True, True]
+
+
 def test_password_is_kept_through_overrides_and_hidden_by_check(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -120,6 +120,20 @@ def test_too_many_or_too_long_parameters_are_refused(channel: grpc.Channel) -> N
     assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
 
 
+def test_an_input_name_past_the_tensor_name_bound_is_refused_short(channel: grpc.Channel) -> None:
+    """Graph tensor names may be long (mobilenetv2_035's reach 402 characters), but not unbounded."""
+    from server.dataplane import MAX_TENSOR_NAME_CHARS
+
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="n" * (MAX_TENSOR_NAME_CHARS + 1), datatype="INT8", shape=[1])
+    request.raw_input_contents.append(b"\0")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"longer than {MAX_TENSOR_NAME_CHARS}" in err.value.details() and len(err.value.details()) < 400
+
+
 def test_typed_contents_for_a_wrong_input_are_refused_without_converting_them(graphs: dict) -> None:
     """2 M int64 values (16 MB once converted) for an input that does not exist: refused on the
     names alone, before any value is converted."""
