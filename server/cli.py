@@ -32,7 +32,7 @@ from .grpc_service import EdgeServer, check_listen
 from .metrics import ServerMetrics, serve_metrics
 from .repository import ModelRepository
 from .security import Security
-from .settings import ServerSettings, load_settings
+from .settings import ServerSettings, default_workers, load_settings
 
 __all__ = ["main"]
 
@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=non_negative_int,
-        help="compute threads; 0 computes on the event loop: the least overhead per request, one at a "
-        f"time; N > 0 computes on N threads (default: {_default('workers')})",
+        help="compute threads (default: one per core this process may use, here "
+        f"{default_workers()}); a lone request on a short route computes on the event loop; 0 computes "
+        "everything there, one request at a time",
     )
     p.add_argument(
         "--max-inflight",

@@ -1,0 +1,190 @@
+"""Compute off the event loop, at the default worker count: a real ``edge-server`` process.
+
+Covered:
+- the default ``workers`` is one per core the server may run on (its CPU affinity);
+- with one request computing on every core, each taking about 28 ms (tests/model_builder.py's
+  slow_conv_model), health checks and model metadata answer in under 5 ms (the median of 30),
+  and every flooding request gets the whole model's outputs;
+- with one compute thread held by a long request, unary requests whose deadline passes while
+  they wait for it are dropped before compute (DEADLINE_EXCEEDED at the caller, and counted as
+  such in the server's metrics), and the server keeps serving.
+
+The model takes ~28 ms a request, so a loop that computed would hold a health check for that
+long; checked by hand with ``--workers 0``: the median health check took 87 ms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from model_builder import slow_conv_model
+
+from edge.errors import RemoteError
+from edge.graph import ModelGraph
+from edge.protocol import pb, pb_grpc
+from edge.runner import ModelRunner
+from edge.transport import TailClient
+from helpers import free_port, seeded_inputs, wait_for_port
+from server.settings import default_workers
+
+MODEL = "slow"
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slow") / f"{MODEL}.tflite"
+    path.write_bytes(slow_conv_model())
+    return path
+
+
+@contextlib.contextmanager
+def _server(tmp: Path, model: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    log = tmp / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--models", str(model.parent), "--host", "127.0.0.1",
+             "--port", str(port), *flags],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for_port(port, proc, log=log)
+        yield proc, f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_default_worker_count_is_the_cores_the_server_may_use() -> None:
+    import os
+
+    assert default_workers() == len(os.sched_getaffinity(0))
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", "from server.settings import *; print(default_workers())"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert pinned.stdout.strip() == "1"
+
+
+def test_health_and_metadata_answer_promptly_while_every_core_computes(
+    tmp_path: Path, slow_model: Path
+) -> None:
+    graph = ModelGraph.from_file(slow_model)
+    x = seeded_inputs(graph, 0)
+    with ModelRunner(graph) as runner:
+        expected = runner.run(x)
+    with _server(tmp_path, slow_model) as (proc, address):  # the default workers
+        stop = threading.Event()
+        outcomes: list[bool] = []
+
+        def flood() -> None:
+            with TailClient(address, timeout_s=30.0) as client:
+                while not stop.is_set():
+                    result = client.infer(MODEL, x)
+                    outcomes.append(all(np.array_equal(result.outputs[k], v) for k, v in expected.items()))
+
+        floods = [threading.Thread(target=flood) for _ in range(default_workers())]
+        for t in floods:
+            t.start()
+        channel = grpc.insecure_channel(address)
+        try:
+            health = health_pb2_grpc.HealthStub(channel)
+            inference = pb_grpc.GRPCInferenceServiceStub(channel)
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10)  # connected
+            while len(outcomes) < 2 * len(floods):  # every flood is computing, its route known
+                time.sleep(0.01)
+            checks, metadata = [], []
+            for _ in range(30):
+                # Off the requests' rhythm; spinning, not sleeping, so that the waking of this
+                # client's own idle core is not counted as the server's time.
+                spin_until = time.perf_counter() + 0.013
+                while time.perf_counter() < spin_until:
+                    pass
+                started = time.perf_counter()
+                assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+                checks.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                assert inference.ModelMetadata(pb.ModelMetadataRequest(name=MODEL), timeout=10).name == MODEL
+                metadata.append(time.perf_counter() - started)
+            done_during = len(outcomes)
+        finally:
+            stop.set()
+            for t in floods:
+                t.join(timeout=60)
+            channel.close()
+        assert all(outcomes) and done_during > 2 * len(floods) + 10, done_during
+        assert statistics.median(checks) < 0.005, sorted(checks)
+        assert statistics.median(metadata) < 0.005, sorted(metadata)
+        assert proc.poll() is None
+
+
+def test_requests_past_their_deadline_are_dropped_before_compute(tmp_path: Path, slow_model: Path) -> None:
+    """One compute thread, held by a stream of long requests; short-deadline requests queue behind it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    graph = ModelGraph.from_file(slow_model)
+    x = seeded_inputs(graph, 1)
+    metrics_port = free_port()
+    with _server(tmp_path, slow_model, "--workers", "1", "--metrics-port", str(metrics_port)) as (
+        proc,
+        address,
+    ):
+        with TailClient(address, timeout_s=30.0, streaming=False) as warm:
+            warm.infer(MODEL, x)  # the route is built and timed: later requests go to the thread
+        stop = threading.Event()
+
+        def hold() -> None:
+            with TailClient(address, timeout_s=30.0) as client:
+                while not stop.is_set():
+                    client.infer(MODEL, x)
+
+        holders = [threading.Thread(target=hold) for _ in range(2)]
+        for t in holders:
+            t.start()
+        outcomes: list[str] = []
+        try:
+            time.sleep(0.2)
+            with TailClient(address, timeout_s=0.01, streaming=False) as hurried:
+                for _ in range(10):
+                    try:
+                        hurried.infer(MODEL, x)
+                        outcomes.append("OK")
+                    except RemoteError as err:
+                        outcomes.append(err.status)
+                    time.sleep(0.03)
+        finally:
+            stop.set()
+            for t in holders:
+                t.join(timeout=60)
+        assert set(outcomes) <= {"OK", "DEADLINE_EXCEEDED"} and "DEADLINE_EXCEEDED" in outcomes, outcomes
+        # The server saw them run out, and said so: the requests were answered without compute.
+        deadline = time.monotonic() + 10
+        dropped = 0.0
+        while time.monotonic() < deadline and dropped == 0:
+            import urllib.request
+
+            text = (
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            )
+            dropped = sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "edge_requests_total" and sample.labels.get("status") == "DEADLINE_EXCEEDED"
+            )
+            time.sleep(0.1)
+        assert dropped >= 1, text
+        with TailClient(address, timeout_s=30.0) as after:
+            assert after.infer(MODEL, x).outputs
+        assert proc.poll() is None
