@@ -16,6 +16,7 @@ previous one is answered, for ``--seconds``. Reported, from one run:
 
     python bench/fleet.py --devices 8 --server-cores 1 --device-cores 0 -- --workers 0
     python bench/fleet.py --devices 8 --server-cores 0,1 --device-cores 0,1 --json
+    python bench/fleet.py --devices 8 --echo     # grpcio's floor: a server that computes nothing
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ async def devices(address: str, model: str, k: int, count: int, warmup: float, s
             while (item := await queue.get()) is not None:
                 yield item
 
-        request = {"model_name": model, "inputs": inputs, "parameters": {"split_point": k}}
+        name = models.resolve(model).stem  # the server serves it under its file stem
+        request = {"model_name": name, "inputs": inputs, "parameters": {"split_point": k}}
         queue.put_nowait(request)
         try:
             async for _result, error in client.stream_infer(requests()):
@@ -149,6 +151,11 @@ def main() -> int:
     p.add_argument("--device-cores", type=cores, default={0})
     p.add_argument("--port", type=int, default=0, help="0: a free one")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--echo",
+        action="store_true",
+        help="drive bench/grpc_echo.py instead: grpcio's own floor, nothing computed",
+    )
     p.add_argument("--devices-only", metavar="ADDRESS", help=argparse.SUPPRESS)
     p.add_argument("server_args", nargs="*", help="edge-server flags, after --")
     args = p.parse_args()
@@ -168,11 +175,16 @@ def main() -> int:
             port = s.getsockname()[1]
     work = Path(tempfile.mkdtemp())
     path = models.resolve(args.model)
-    shutil.copy(path, work / f"{args.model}.tflite")
+    shutil.copy(path, work / f"{path.stem}.tflite")
     pin = ",".join(str(c) for c in sorted(args.server_cores))
+    command = (
+        [sys.executable, str(REPO / "bench" / "grpc_echo.py"), "--port", str(port), "--model", str(path)]
+        if args.echo
+        else [sys.executable, "-m", "server", "--models", str(work), "--host", "127.0.0.1", "--port", str(port),
+              *args.server_args]
+    )  # fmt: skip
     server = subprocess.Popen(
-        ["taskset", "-c", pin, sys.executable, "-m", "server", "--models", str(work), "--host", "127.0.0.1",
-         "--port", str(port), *args.server_args],
+        ["taskset", "-c", pin, *command],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
     )  # fmt: skip
     try:
@@ -216,11 +228,12 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     rps = measured["answers"] / measured["elapsed"]
     result = {
-        "model": args.model,
+        "model": models.resolve(args.model).stem,
         "cut": args.cut,
         "devices": args.devices,
         "server_cores": sorted(args.server_cores),
         "device_cores": sorted(args.device_cores),
+        "server": "grpc_echo" if args.echo else "edge-server",
         "server_args": args.server_args,
         "server_rps": round(rps, 1),
         "raw_rps": round(raw, 1),

@@ -10,7 +10,8 @@ few kilobytes through at line rate.
 * When the recent samples span different sizes, a robust line fit (Theil-Sen: the median of
   pairwise slopes) gives bandwidth and rtt separately.
 * When they all have one size, the rtt comes from ping probes and the bandwidth from
-  ``bytes / (transfer - rtt)``, the median over the window.
+  ``bytes / (transfer - rtt)``, the median over the window, when most of them took measurable
+  time beyond the rtt (else the few that did are noise).
 * Samples older than ``max_age_s`` are dropped, so the estimate follows the link; the last
   bandwidth is remembered while only probes arrive.
 * When every payload is too small to time (a fast link), the largest one gives a lower bound.
@@ -155,7 +156,9 @@ class LinkEstimator:
                 return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), "fit", self._offset_ms)
         rtt = probe_rtt if probe_rtt is not None else 0.0
         rates = [b / (ms - rtt) for b, ms in fresh if ms - rtt >= max(_MIN_PAYLOAD_MS, 0.1 * ms)]
-        if rates:
+        # Only when most payloads took measurable time: where most vanish in the noise, the few
+        # that pass are the delayed ones, and their rate would be the noise's, not the link's.
+        if rates and 2 * len(rates) > len(fresh):
             self._bytes_per_ms, self._offset_ms = statistics.median(rates), 0.0
             return LinkEstimate(rtt, self._bytes_per_ms, len(fresh), "probe")
         if probe_rtt is None and fresh:

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {_default('max_inflight')})",
     )
     p.add_argument(
+        "--max-inflight-per-device",
+        type=positive_int,
+        help="requests one device (its token's id, else its address) may have admitted at once "
+        f"(default: {_default('max_inflight_per_device')})",
+    )
+    p.add_argument(
         "--max-inflight-bytes",
         type=positive_int,
         help="tensor bytes admitted at once, waiting or computing, before RESOURCE_EXHAUSTED "
@@ -103,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-message-bytes",
         type=positive_int,
         help=f"largest gRPC message accepted or sent (default: {_default('max_message_bytes')})",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        help=f"connections open at once; one past it is closed as it opens (default: {_default('max_connections')})",
     )
     p.add_argument(
         "--idle-timeout",
@@ -219,9 +230,12 @@ async def _serve_models(settings: ServerSettings, security: Security, metrics: S
             workers=settings.workers,
             max_message_bytes=settings.max_message_bytes,
             idle_timeout_s=settings.idle_timeout_s,
+            max_connections=settings.max_connections,
             credentials=security.credentials(),
             interceptors=security.interceptors(),
             metrics=metrics,
+            max_inflight_per_device=settings.max_inflight_per_device,
+            identify=security.identify,
         )
         await server.start()
         print(f"edge-server: serving {', '.join(m.name for m in repository)} on {server.address}", flush=True)

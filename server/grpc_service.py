@@ -11,7 +11,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -43,8 +43,15 @@ from .errors import (
     ServerOverloadedError,
     ServerStoppingError,
 )
+from .fairness import DeviceLimit, FairTurns, peer_host
 from .metrics import ServerMetrics
-from .settings import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_MESSAGE_BYTES
+from .settings import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_INFLIGHT_PER_DEVICE,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_STREAMS_PER_CONNECTION,
+)
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -113,13 +120,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """
 
     def __init__(
-        self, dataplane: DataPlane, *, workers: int = 0, metrics: ServerMetrics | None = None
+        self,
+        dataplane: DataPlane,
+        *,
+        workers: int = 0,
+        metrics: ServerMetrics | None = None,
+        max_inflight_per_device: int = DEFAULT_MAX_INFLIGHT_PER_DEVICE,
+        identify: Callable[[grpc.aio.ServicerContext], str] | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
         self.executor = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-infer") if workers > 0 else None
         )
+        # Compute turns go to devices in round robin, as many at once as there are compute threads.
+        self._turns = FairTurns(max(1, workers))
+        self._per_device = DeviceLimit(max_inflight_per_device)
+        self._identify = identify if identify is not None else peer_host
         self._compute_us: dict[tuple[str, int | None], int] = {}
         # Streams waiting for their next request; a stopping server ends them at once.
         self._idle_streams: set[asyncio.Task[Any]] = set()
@@ -171,19 +188,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return await _guard(context, self._infer(request, context))
+        return await _guard(context, self._infer(request, self._identify(context), context))
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         task = asyncio.current_task()
         assert task is not None
+        device = self._identify(context)
         self._idle_streams.add(task)
         try:
             async for request in request_iterator:
                 self._idle_streams.discard(task)
                 try:
-                    response = await self._infer(request)  # an Unparsed one is answered, and the stream kept
+                    response = await self._infer(
+                        request, device
+                    )  # an Unparsed one is answered, and the stream kept
                 except Exception as err:  # one bad request must not end the stream
                     yield converters.stream_error_to_pb(_log(err).name, _describe(err))
                 else:
@@ -225,12 +245,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         meta = self.dataplane.model_metadata(request.name, request.version)
         return converters.model_metadata_to_pb(meta)
 
-    async def _infer(self, message: Any, context: grpc.aio.ServicerContext | None = None) -> Any:
+    async def _infer(self, message: Any, device: str, context: grpc.aio.ServicerContext | None = None) -> Any:
         if self.metrics is None:
-            return await self._run(message, context)
+            return await self._run(message, device, context)
         received = time.perf_counter_ns()
         try:
-            reply = await self._run(message, context)
+            reply = await self._run(message, device, context)
         except (Exception, asyncio.CancelledError) as err:
             model = getattr(message, "model_name", "")
             served = model if self.dataplane.model_ready(model) else "(unknown)"
@@ -259,12 +279,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         return reply
 
-    async def _run(self, message: Any, context: grpc.aio.ServicerContext | None) -> Any:
+    async def _run(self, message: Any, device: str, context: grpc.aio.ServicerContext | None) -> Any:
         received = time.perf_counter_ns()
         request = converters.infer_request_from_pb(_parsed(message))
         prepared = self.dataplane.prepare(request, received)
         nbytes = sum(len(b) for b in message.raw_input_contents)
-        with self.dataplane.admitted(nbytes), self._counted():
+        with self._per_device.held(device), self.dataplane.admitted(nbytes), self._counted():
             if prepared.profile:
                 # Profiling takes seconds: on a thread of its own, so neither the event loop nor the
                 # compute threads wait for it.
@@ -275,16 +295,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await asyncio.sleep(0)  # the other arrived requests take their places before this computes
                 deadline = _deadline(context)
                 route = (prepared.model.graph.sha256, prepared.split_point)
-                last_us = self._compute_us.get(route)
-                if self.executor is None or (
-                    last_us is not None and last_us * self.dataplane.inflight <= INLINE_BUDGET_US
-                ):
-                    response = _execute_before(self.dataplane, prepared, deadline)
-                else:
-                    loop = asyncio.get_running_loop()
-                    response = await loop.run_in_executor(
-                        self.executor, _execute_before, self.dataplane, prepared, deadline
-                    )
+                async with self._turns.turn(device):
+                    last_us = self._compute_us.get(route)
+                    if self.executor is None or (
+                        last_us is not None and last_us * self.dataplane.inflight <= INLINE_BUDGET_US
+                    ):
+                        response = _execute_before(self.dataplane, prepared, deadline)
+                    else:
+                        loop = asyncio.get_running_loop()
+                        response = await loop.run_in_executor(
+                            self.executor, _execute_before, self.dataplane, prepared, deadline
+                        )
                 if len(self._compute_us) >= ROUTE_TIMES:
                     self._compute_us.clear()
                 self._compute_us[route] = int(response.parameters[COMPUTE_US])
@@ -308,20 +329,30 @@ class EdgeServer:
         workers: int = 0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
         servicer: InferenceServicer | None = None,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         metrics: ServerMetrics | None = None,
+        max_inflight_per_device: int = DEFAULT_MAX_INFLIGHT_PER_DEVICE,
+        identify: Callable[[grpc.aio.ServicerContext], str] | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.host = host
         self.requested_port = port
         self.max_message_bytes = max_message_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
         self.servicer = (
             servicer
             if servicer is not None
-            else InferenceServicer(dataplane, workers=workers, metrics=metrics)
+            else InferenceServicer(
+                dataplane,
+                workers=workers,
+                metrics=metrics,
+                max_inflight_per_device=max_inflight_per_device,
+                identify=identify,
+            )
         )
         self.credentials = credentials
         self.interceptors = tuple(interceptors)
@@ -344,6 +375,10 @@ class EdgeServer:
             # A connection with no call for this long is closed, so idle ones cannot hold file
             # descriptors for ever; a device reconnects by itself on its next request.
             ("grpc.max_connection_idle_ms", int(self.idle_timeout_s * 1000)),
+            # Connections, and streams on each, are bounded: past the first, a new connection is
+            # closed as it opens, so they cannot take every file descriptor.
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
         ]
         server = grpc.aio.server(options=options, interceptors=self.interceptors)
         add_tolerant_servicer(self.servicer, server)

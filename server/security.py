@@ -23,6 +23,7 @@ import grpc
 from edge.errors import ConfigError
 
 from .errors import ServerError
+from .fairness import peer_host
 
 __all__ = ["OPEN_METHODS", "Security", "TokenInterceptor", "read_tokens"]
 
@@ -119,6 +120,15 @@ class Security:
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [TokenInterceptor(self)] if self.tokens_file is not None else []
 
+    def identify(self, context: grpc.aio.ServicerContext) -> str:
+        """The device a call comes from: its token's DEVICE_ID, else its address."""
+        if self.tokens_file is not None:
+            token = bearer_token(context.invocation_metadata())
+            device = self.device_for(token) if token else None
+            if device is not None:
+                return f"device {device}"
+        return peer_host(context)
+
     def device_for(self, token: str) -> str | None:
         with self._lock:
             tokens = self._tokens
@@ -160,6 +170,14 @@ class Security:
             return self._config
 
 
+def bearer_token(metadata: Any) -> str:
+    """The token of an ``authorization: Bearer TOKEN`` entry; "" without one."""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :].strip()
+    return ""
+
+
 class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses with UNAUTHENTICATED every call but :data:`OPEN_METHODS` without a valid bearer token."""
 
@@ -174,10 +192,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if method in OPEN_METHODS:
             return await continuation(details)
-        token = ""
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                token = value[len("Bearer ") :].strip()
+        token = bearer_token(details.invocation_metadata)
         if token and self.security.device_for(token) is not None:
             return await continuation(details)
         why = "no bearer token" if not token else "an unknown bearer token"

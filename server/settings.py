@@ -24,7 +24,10 @@ else:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_S",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_INFLIGHT_PER_DEVICE",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_STREAMS_PER_CONNECTION",
     "ServerSettings",
     "default_workers",
     "load_settings",
@@ -32,6 +35,9 @@ __all__ = [
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+DEFAULT_MAX_INFLIGHT_PER_DEVICE = 16
+DEFAULT_MAX_CONNECTIONS = 4096
+MAX_STREAMS_PER_CONNECTION = 128
 
 
 def default_workers() -> int:
@@ -66,6 +72,13 @@ class ServerSettings(BaseModel):
         le=100_000,
         description="Requests admitted at once, waiting or running; the next gets RESOURCE_EXHAUSTED.",
     )
+    max_inflight_per_device: int = Field(
+        default=DEFAULT_MAX_INFLIGHT_PER_DEVICE,
+        ge=1,
+        le=100_000,
+        description="Requests one device may have admitted at once; past it, RESOURCE_EXHAUSTED. A device is "
+        "its token's DEVICE_ID with --auth-tokens, else its address. Compute turns go to devices in round robin.",
+    )
     max_inflight_bytes: int = Field(
         default=256 * 1024 * 1024,
         ge=1024,
@@ -81,6 +94,13 @@ class ServerSettings(BaseModel):
         ge=4096,
         le=2**31 - 1,
         description="Largest gRPC message received or sent.",
+    )
+    max_connections: int = Field(
+        default=DEFAULT_MAX_CONNECTIONS,
+        ge=1,
+        le=1_000_000,
+        description="Connections open at once; one past it is closed as it opens (the device sees UNAVAILABLE "
+        "and finishes locally). Keep it under the file limit (LimitNOFILE in the shipped unit: 65,536).",
     )
     idle_timeout_s: float = Field(
         default=DEFAULT_IDLE_TIMEOUT_S,

@@ -18,8 +18,8 @@ echo "== installing edge-coop with the test extras"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[dev,daemon]'
 
 echo "== lint and types"
-"$PYTHON" -m ruff check edge server tests tools
-"$PYTHON" -m ruff format --check edge server tests tools
+"$PYTHON" -m ruff check edge server tests tools bench
+"$PYTHON" -m ruff format --check edge server tests tools bench
 "$PYTHON" -m mypy edge server
 
 echo "== test suite (backend: litert)"

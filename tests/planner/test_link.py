@@ -88,6 +88,20 @@ def test_payloads_too_small_to_time_give_a_lower_bound():
     assert e.rtt_ms == 5.0
 
 
+def test_one_delayed_payload_among_untimeable_ones_is_not_the_link():
+    """A fast link, payloads of one size (as a cap on bytes sent gives), one of four held up by a
+    scheduling hiccup: that one alone clears the timing floor, and must not set the bandwidth
+    (it once gave 0.99 Mbit/s on loopback, and the planner kept the device alone)."""
+    est = LinkEstimator(clock=Clock())
+    for _ in range(4):
+        est.observe_rtt(0.54)
+    for ms in (0.55, 0.56, 8.8, 0.55):
+        est.observe_transfer(1_024, ms)
+    e = est.estimate()
+    assert e.method == "bound", e
+    assert e.transfer_ms(1_024) <= 0.5
+
+
 def test_stale_samples_expire_and_bandwidth_is_remembered():
     clock = Clock()
     est = LinkEstimator(max_age_s=30.0, clock=clock)

@@ -178,3 +178,41 @@ def test_bytes_in_flight_are_bounded() -> None:
             pass
     finally:
         repository.close()
+
+
+def test_connections_past_the_limit_are_closed_and_the_others_keep_serving() -> None:
+    """1,100 idle connections once took every file descriptor; now the one past --max-connections
+    is closed as it opens, and the connections already open still answer."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from server.dataplane import DataPlane
+    from server.grpc_service import EdgeServer
+    from server.repository import ModelRepository
+
+    dataplane = DataPlane(ModelRepository.from_files([models.model_path("digits_tiny")]))
+    with BackgroundServer(EdgeServer(dataplane, max_connections=3)) as server:
+        # A subchannel pool of its own per channel: one connection each.
+        channels = [
+            grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(5)
+        ]
+        try:
+            outcomes = []
+            for channel in channels:
+                try:
+                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+                    outcomes.append("OK")
+                except grpc.RpcError as err:
+                    outcomes.append(err.code().name)
+            assert outcomes == ["OK", "OK", "OK", "UNAVAILABLE", "UNAVAILABLE"], outcomes
+            for channel in channels[:3]:
+                assert (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(health_pb2.HealthCheckRequest(), timeout=3)
+                    .status
+                    == 1
+                )
+        finally:
+            for channel in channels:
+                channel.close()

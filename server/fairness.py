@@ -1,0 +1,113 @@
+"""Compute turns shared fairly between devices: one device's backlog never queues another's request.
+
+:class:`FairTurns` is a semaphore whose waiters queue per device, and a freed turn goes to the
+devices in round robin: a device that has sent 50 requests waits its turn like one that sent
+one. :class:`DeviceLimit` bounds what one device may have in flight at once. Both run on the
+event loop only (no locks), and hold nothing for a device with nothing in flight. A device is
+its token's DEVICE_ID when the server checks tokens, else its address (:func:`peer_host`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from .errors import ServerOverloadedError
+
+__all__ = ["DeviceLimit", "FairTurns", "peer_host"]
+
+
+class FairTurns:
+    """At most ``capacity`` turns held at once; waiters are served device by device, in turn."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self.held = 0
+        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    @contextlib.asynccontextmanager
+    async def turn(self, device: str) -> AsyncIterator[None]:
+        await self._acquire(device)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, device: str) -> None:
+        if self.held < self.capacity and not self._waiting:
+            self.held += 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(device, deque()).append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release()  # the turn was handed over as the caller went away: pass it on
+            else:
+                queue = self._waiting.get(device)
+                if queue is not None:
+                    with contextlib.suppress(ValueError):
+                        queue.remove(future)
+                    if not queue:
+                        del self._waiting[device]
+            raise
+
+    def _release(self) -> None:
+        """Hand the turn to the longest-waiting device's oldest request, or free it."""
+        while self._waiting:
+            device, queue = next(iter(self._waiting.items()))
+            future = queue.popleft()
+            if queue:
+                self._waiting.move_to_end(device)  # its next request waits for the others' turns
+            else:
+                del self._waiting[device]
+            if not future.done():
+                future.set_result(None)  # the turn passes to it: held stays the same
+                return
+        self.held -= 1
+
+
+class DeviceLimit:
+    """At most ``per_device`` requests in flight for one device; past it, ServerOverloadedError."""
+
+    def __init__(self, per_device: int) -> None:
+        self.per_device = per_device
+        self._inflight: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def held(self, device: str) -> Iterator[None]:
+        count = self._inflight.get(device, 0)
+        if count >= self.per_device:
+            raise ServerOverloadedError(
+                f"this device has {count} requests in flight, the limit per device is {self.per_device}"
+            )
+        self._inflight[device] = count + 1
+        try:
+            yield
+        finally:
+            left = self._inflight[device] - 1
+            if left:
+                self._inflight[device] = left
+            else:
+                del self._inflight[device]
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+
+def peer_host(context: Any) -> str:
+    """A device without a token is known by its address: ``ipv4:10.0.0.7:51234`` is ``10.0.0.7``."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    host = rest.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else rest
+    return host[:80] or "unknown"

@@ -1,0 +1,166 @@
+"""Fairness between devices: compute turns in round robin, and a bound per device.
+
+Covered:
+- FairTurns: with one turn held and a device's 10 requests waiting, another device's request
+  is served second, not eleventh; turns go round the devices in order; a waiter that is
+  cancelled leaves its place, and a turn handed to one is passed on;
+- DeviceLimit: the (n+1)-th request of one device is refused, another device's is not, and
+  nothing is kept for a device once its requests end;
+- through a real server with bearer tokens: a device flooding with more concurrent requests than
+  ``--max-inflight-per-device`` gets RESOURCE_EXHAUSTED for the excess, while another device's
+  requests all succeed with the whole model's outputs;
+- peer_host: the address part of gRPC's peer strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from model_builder import slow_conv_model
+
+from edge.errors import RemoteError
+from edge.graph import ModelGraph
+from edge.runner import ModelRunner
+from edge.transport import TailClient
+from helpers import seeded_inputs
+from server.dataplane import DataPlane
+from server.embedded import BackgroundServer
+from server.errors import ServerOverloadedError
+from server.fairness import DeviceLimit, FairTurns, peer_host
+from server.grpc_service import EdgeServer
+from server.repository import ModelRepository
+from server.security import Security
+
+
+def test_a_device_behind_a_backlog_is_served_next() -> None:
+    async def scenario() -> list[str]:
+        turns = FairTurns(1)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def request(device: str, n: int) -> None:
+            async with turns.turn(device):
+                order.append(f"{device}{n}")
+                if not order[1:]:
+                    await release.wait()  # the first holds the turn until everyone queued
+
+        tasks = [asyncio.create_task(request("flood", 0))]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(request("flood", n)) for n in range(1, 10)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(request("calm", 0)), asyncio.create_task(request("third", 0))]
+        await asyncio.sleep(0)
+        assert turns.waiting == 11 and turns.held == 1
+        release.set()
+        await asyncio.gather(*tasks)
+        assert turns.held == 0 and turns.waiting == 0
+        return order
+
+    order = asyncio.run(scenario())
+    assert order[:5] == ["flood0", "flood1", "calm0", "third0", "flood2"], order
+    assert sorted(order) == sorted([f"flood{n}" for n in range(10)] + ["calm0", "third0"])
+
+
+def test_a_cancelled_waiter_leaves_and_its_turn_passes_on() -> None:
+    async def scenario() -> None:
+        turns = FairTurns(1)
+        hold = asyncio.Event()
+        served: list[str] = []
+
+        async def request(device: str) -> None:
+            async with turns.turn(device):
+                served.append(device)
+                if device == "a":
+                    await hold.wait()
+
+        first = asyncio.create_task(request("a"))
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(request("b"))
+        later = asyncio.create_task(request("c"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert turns.waiting == 1
+        hold.set()
+        await asyncio.gather(first, later)
+        assert gone.cancelled() and served == ["a", "c"] and turns.held == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_limit_per_device_refuses_only_that_device() -> None:
+    limit = DeviceLimit(2)
+    with limit.held("a"), limit.held("a"):
+        with pytest.raises(ServerOverloadedError, match="limit per device is 2"):
+            with limit.held("a"):
+                pass
+        with limit.held("b"):
+            assert len(limit) == 2
+    assert len(limit) == 0
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv4:10.0.0.7:51234", "10.0.0.7"),
+        ("ipv6:[::1]:5000", "[::1]"),
+        ("unix:/run/x.sock", "/run/x.sock"),
+        ("", "unknown"),
+    ],
+)
+def test_peer_host(peer: str, host: str) -> None:
+    class Context:
+        def peer(self) -> str:
+            return peer
+
+    assert peer_host(Context()) == host
+
+
+def test_a_flooding_device_is_refused_past_its_share_and_another_is_served(tmp_path: Path) -> None:
+    model = tmp_path / "slow.tflite"
+    model.write_bytes(slow_conv_model())
+    graph = ModelGraph.from_file(model)
+    x = seeded_inputs(graph, 0)
+    with ModelRunner(graph) as runner:
+        expected = runner.run(x)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("flood flood-token-0123456789\ncalm calm-token-0123456789\n")
+    security = Security(tokens=tokens)
+    dataplane = DataPlane(ModelRepository.from_files([model], replicas=2), max_inflight=64)
+    server = EdgeServer(
+        dataplane,
+        workers=2,
+        interceptors=security.interceptors(),
+        identify=security.identify,
+        max_inflight_per_device=3,
+    )
+    outcomes: dict[str, list[str]] = {"flood": [], "calm": []}
+    lock = threading.Lock()
+    with BackgroundServer(server) as running:
+        barrier = threading.Barrier(9)
+
+        def device(name: str, requests: int) -> None:
+            with TailClient(running.address, timeout_s=60.0, token=f"{name}-token-0123456789") as client:
+                barrier.wait(timeout=30)
+                for _ in range(requests):
+                    try:
+                        result = client.infer("slow", x)
+                        same = all(np.array_equal(result.outputs[k], v) for k, v in expected.items())
+                        outcome = "OK" if same else "WRONG"
+                    except RemoteError as err:
+                        outcome = err.status
+                    with lock:
+                        outcomes[name].append(outcome)
+
+        threads = [threading.Thread(target=device, args=("flood", 4)) for _ in range(8)]
+        threads.append(threading.Thread(target=device, args=("calm", 4)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert outcomes["calm"] == ["OK"] * 4, outcomes
+    assert set(outcomes["flood"]) == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
