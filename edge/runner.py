@@ -11,7 +11,7 @@ import functools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from .backends import DEFAULT_BACKEND, Backend, TensorSpec, create_backend
 from .backends.pool import ReplicaPool
-from .errors import ModelMismatchError
+from .errors import BackendError, ModelMismatchError
 from .graph import Cut, ModelGraph, TensorInfo
 from .partition import build_head, build_tail, extract_subgraph
 
@@ -61,7 +61,9 @@ class ModelRunner:
         self._whole: Backend | None = None
         # Guards _whole and _halves (the dict only: halves are built outside it, without I/O).
         self._lock = threading.Lock()
-        self._halves: OrderedDict[tuple[str, int], Backend] = OrderedDict()
+        self._halves: OrderedDict[tuple[str, int, int], Backend] = OrderedDict()
+        self._unbatchable: set[int] = set()
+        """Cuts whose tail does not batch (an input or output without a leading dimension of 1)."""
 
     # -- whole model ------------------------------------------------------------------
 
@@ -96,6 +98,35 @@ class ModelRunner:
         if k == 0:
             return self.run(cut_tensors)
         return self._half("tail", cut).run(cut_tensors)
+
+    def run_tail_batch(self, k: int, batch: Sequence[Mapping[str, np.ndarray]]) -> list[Tensors]:
+        """The tail of cut ``k`` on several requests' cut tensors at once: stacked along the leading
+        dimension, run once, and split again. Each gets exactly what :meth:`run_tail` gives it
+        alone (tests/edge/test_batching.py checks every cut of the shipped models). A tail that
+        does not batch runs them one by one."""
+        cut = self.graph.cut(k)
+        if not cut.tail_outputs:
+            return [{} for _ in batch]
+        if not self.batches(k, len(batch)):
+            return [self.run_tail(k, feeds) for feeds in batch]
+        backend = self._half("tail", cut, len(batch))
+        stacked = {t.name: np.concatenate([feeds[t.name] for feeds in batch]) for t in cut.tensors}
+        produced = backend.run(stacked)
+        return [{name: array[i : i + 1] for name, array in produced.items()} for i in range(len(batch))]
+
+    def batches(self, k: int, size: int) -> bool:
+        """Whether the tail of cut ``k`` runs ``size`` requests at once (building it if need be)."""
+        if size == 1:
+            return True
+        if k in self._unbatchable:
+            return False
+        try:
+            self._half("tail", self.graph.cut(k), size)
+        except BackendError as err:
+            logger.info("the tail of cut %d does not batch (%s); its requests run one by one", k, err)
+            self._unbatchable.add(k)
+            return False
+        return True
 
     def activations(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
         """Every tensor that crosses any cut, as the model computes it from ``inputs``, in one run.
@@ -145,24 +176,27 @@ class ModelRunner:
     ) -> None:
         self.close()
 
-    def _load(self, data: bytes) -> Backend:
-        first = create_backend(self.backend, data, threads=self.threads)
+    def _load(self, data: bytes, batch: int = 1) -> Backend:
+        make = functools.partial(create_backend, self.backend, data, threads=self.threads, batch=batch)
+        first = make()
         if self.replicas == 1:
             return first
-        return ReplicaPool(
-            first, functools.partial(create_backend, self.backend, data, threads=self.threads), self.replicas
-        )
+        return ReplicaPool(first, make, self.replicas)
 
-    def _half(self, side: str, cut: Cut) -> Backend:
-        key = (side, cut.index)
+    def _half(self, side: str, cut: Cut, batch: int = 1) -> Backend:
+        key = (side, cut.index, batch)
         with self._lock:
             backend = self._halves.get(key)
             if backend is not None:
                 self._halves.move_to_end(key)
                 return backend
-        data = build_head(self.graph, cut) if side == "head" else build_tail(self.graph, cut)
-        backend = self._load(data)
-        _check_boundary(side, cut, backend)
+        if side == "head":
+            data = build_head(self.graph, cut)
+        else:
+            data = self.graph.data if cut.index == 0 else build_tail(self.graph, cut)
+        backend = self._load(data, batch)
+        if batch == 1:
+            _check_boundary(side, cut, backend)
         logger.debug("built %s of cut %d (%d bytes)", side, cut.index, len(data))
         evicted: list[Backend] = []
         with self._lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "BACKEND",
+    "BATCH_SIZE",
     "COMPUTE_US",
     "ENCODING",
     "EXTENSIONS",
@@ -36,6 +37,8 @@ COMPUTE_US = "compute_us"
 """int64: microseconds the server computed."""
 QUEUE_US = "queue_us"
 """int64: microseconds between the request's arrival and the start of its compute."""
+BATCH_SIZE = "batch_size"
+"""int64, when the server ran the request in a batch: how many requests it ran with (compute_us is the batch's)."""
 PROFILE_RUNS = "profile_runs"
 BACKEND = "backend"
 THREADS = "threads"

@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {_default('max_inflight_per_device')})",
     )
     p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        help="run up to N requests for the same model and cut as one batch, each with its own outputs "
+        f"(default: {_default('max_batch')}: off)",
+    )
+    p.add_argument(
+        "--max-batch-delay-us",
+        type=non_negative_int,
+        metavar="US",
+        help=f"how long a batch waits for more requests (default: {_default('max_batch_delay_us')})",
+    )
+    p.add_argument(
         "--max-inflight-bytes",
         type=positive_int,
         help="tensor bytes admitted at once, waiting or computing, before RESOURCE_EXHAUSTED "
@@ -236,6 +248,8 @@ async def _serve_models(settings: ServerSettings, security: Security, metrics: S
             metrics=metrics,
             max_inflight_per_device=settings.max_inflight_per_device,
             identify=security.identify,
+            max_batch=settings.max_batch,
+            max_batch_delay_us=settings.max_batch_delay_us,
         )
         await server.start()
         print(f"edge-server: serving {', '.join(m.name for m in repository)} on {server.address}", flush=True)

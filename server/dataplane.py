@@ -39,6 +39,7 @@ from edge.graph import TensorInfo
 from edge.profiler import ProfileCancelledError, profile_tails
 from edge.wire import (
     BACKEND,
+    BATCH_SIZE,
     COMPUTE_US,
     EXTENSIONS,
     MODEL_SHA256,
@@ -234,21 +235,22 @@ class DataPlane:
             results = runner.run(prepared.feeds)
         else:
             results = runner.run_tail(prepared.split_point, prepared.feeds)
+        return _response(prepared, results, started, time.perf_counter_ns())
+
+    def execute_batch(self, batch: Sequence[PreparedRequest]) -> list[InferResponse]:
+        """Run requests for one model and cut (admitted, neither pings nor profiles) as one batch.
+
+        Each gets exactly the outputs it would get alone; ``compute_us`` is the batch's, ``queue_us``
+        each request's own wait, and ``batch_size`` says how many ran together.
+        """
+        first = batch[0]
+        runner, k = first.model.runner, first.split_point or 0
+        if not runner.batches(k, len(batch)):  # one alone, or a tail that does not batch
+            return [self.execute(p) for p in batch]
+        started = time.perf_counter_ns()
+        results = runner.run_tail_batch(k, [p.feeds for p in batch])
         finished = time.perf_counter_ns()
-        request = prepared.request
-        params: dict[str, bool | int | float | str] = {
-            COMPUTE_US: (finished - started) // 1000,
-            QUEUE_US: (started - prepared.received_ns) // 1000,
-        }
-        if prepared.split_point is not None:
-            params[SPLIT_POINT] = prepared.split_point
-        return InferResponse(
-            model_name=request.model_name,
-            model_version=MODEL_VERSION,
-            id=request.id,
-            outputs=tuple(encode(t.name, results[t.name]) for t in prepared.outputs),
-            parameters=params,
-        )
+        return [_response(p, r, started, finished, len(batch)) for p, r in zip(batch, results, strict=True)]
 
     def tail_profile(self, model: ServedModel) -> np.ndarray:
         """Median tail latency (ms) of ``model`` at every cut 0..N on this server; measured on first use."""
@@ -392,6 +394,27 @@ class _Route:
                 return None
             feeds[name] = array
         return feeds
+
+
+def _response(
+    prepared: PreparedRequest, results: Mapping[str, np.ndarray], started: int, finished: int, batch: int = 1
+) -> InferResponse:
+    request = prepared.request
+    params: dict[str, bool | int | float | str] = {
+        COMPUTE_US: (finished - started) // 1000,
+        QUEUE_US: (started - prepared.received_ns) // 1000,
+    }
+    if prepared.split_point is not None:
+        params[SPLIT_POINT] = prepared.split_point
+    if batch > 1:
+        params[BATCH_SIZE] = batch
+    return InferResponse(
+        model_name=request.model_name,
+        model_version=MODEL_VERSION,
+        id=request.id,
+        outputs=tuple(encode(t.name, results[t.name]) for t in prepared.outputs),
+        parameters=params,
+    )
 
 
 def _check_bounds(request: InferRequest) -> None:

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -47,6 +48,7 @@ from .fairness import DeviceLimit, FairTurns, peer_host
 from .metrics import ServerMetrics
 from .settings import (
     DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_BATCH_DELAY_US,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_INFLIGHT_PER_DEVICE,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -127,9 +129,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metrics: ServerMetrics | None = None,
         max_inflight_per_device: int = DEFAULT_MAX_INFLIGHT_PER_DEVICE,
         identify: Callable[[grpc.aio.ServicerContext], str] | None = None,
+        max_batch: int = 1,
+        max_batch_delay_us: int = DEFAULT_MAX_BATCH_DELAY_US,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
+        self.max_batch = max_batch
+        self.batch_delay_s = max_batch_delay_us / 1e6
+        # The batch gathering for each (model sha256, cut), and the tasks that will run them.
+        self._batches: dict[tuple[str, int | None], _Batch] = {}
+        self._batch_tasks: set[asyncio.Task[None]] = set()
         self.executor = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-infer") if workers > 0 else None
         )
@@ -295,6 +304,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await asyncio.sleep(0)  # the other arrived requests take their places before this computes
                 deadline = _deadline(context)
                 route = (prepared.model.graph.sha256, prepared.split_point)
+                if self.max_batch > 1:
+                    return converters.infer_response_to_pb(
+                        await self._batched(route, prepared, device, deadline)
+                    )
                 async with self._turns.turn(device):
                     last_us = self._compute_us.get(route)
                     if self.executor is None or (
@@ -310,6 +323,72 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     self._compute_us.clear()
                 self._compute_us[route] = int(response.parameters[COMPUTE_US])
         return converters.infer_response_to_pb(response)
+
+    async def _batched(
+        self, route: tuple[str, int | None], prepared: PreparedRequest, device: str, deadline: float | None
+    ) -> InferResponse:
+        """Join the batch gathering for ``route`` (or start one), and wait for this request's answer."""
+        batch = self._batches.get(route)
+        if batch is None or len(batch.items) >= self.max_batch:
+            batch = self._batches[route] = _Batch()
+            task = asyncio.create_task(self._run_batch(route, batch, device))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+        answer: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
+        batch.items.append((prepared, deadline, answer))
+        if len(batch.items) >= self.max_batch:
+            batch.full.set()
+        return await answer
+
+    async def _run_batch(self, route: tuple[str, int | None], batch: _Batch, device: str) -> None:
+        """Gather for up to the batch delay (or until full), then run what is still wanted as one batch."""
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(batch.full.wait(), self.batch_delay_s)
+        finally:
+            if self._batches.get(route) is batch:
+                del self._batches[route]
+        now = time.monotonic()
+        live: list[tuple[PreparedRequest, asyncio.Future[InferResponse]]] = []
+        for prepared, deadline, answer in batch.items:
+            if answer.done():  # its caller went away
+                continue
+            if deadline is not None and now >= deadline:
+                answer.set_exception(
+                    DeadlineExpiredError("the request's deadline passed before it could be computed")
+                )
+            else:
+                live.append((prepared, answer))
+        if not live:
+            return
+        requests = [prepared for prepared, _ in live]
+        try:
+            async with self._turns.turn(device):
+                if self.executor is None:
+                    responses = self.dataplane.execute_batch(requests)
+                else:
+                    loop = asyncio.get_running_loop()
+                    responses = await loop.run_in_executor(
+                        self.executor, self.dataplane.execute_batch, requests
+                    )
+        except Exception as err:
+            for _, answer in live:
+                if not answer.done():
+                    answer.set_exception(err)
+            return
+        for (_, answer), response in zip(live, responses, strict=True):
+            if not answer.done():
+                answer.set_result(response)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Requests for one route, gathered to run together."""
+
+    items: list[tuple[PreparedRequest, float | None, asyncio.Future[InferResponse]]] = field(
+        default_factory=list
+    )
+    full: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class EdgeServer:
@@ -336,6 +415,8 @@ class EdgeServer:
         metrics: ServerMetrics | None = None,
         max_inflight_per_device: int = DEFAULT_MAX_INFLIGHT_PER_DEVICE,
         identify: Callable[[grpc.aio.ServicerContext], str] | None = None,
+        max_batch: int = 1,
+        max_batch_delay_us: int = DEFAULT_MAX_BATCH_DELAY_US,
     ) -> None:
         self.dataplane = dataplane
         self.host = host
@@ -352,6 +433,8 @@ class EdgeServer:
                 metrics=metrics,
                 max_inflight_per_device=max_inflight_per_device,
                 identify=identify,
+                max_batch=max_batch,
+                max_batch_delay_us=max_batch_delay_us,
             )
         )
         self.credentials = credentials

@@ -24,6 +24,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_S",
+    "DEFAULT_MAX_BATCH_DELAY_US",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_INFLIGHT_PER_DEVICE",
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -37,6 +38,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 DEFAULT_MAX_INFLIGHT_PER_DEVICE = 16
 DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_MAX_BATCH_DELAY_US = 500
 MAX_STREAMS_PER_CONNECTION = 128
 
 
@@ -78,6 +80,19 @@ class ServerSettings(BaseModel):
         le=100_000,
         description="Requests one device may have admitted at once; past it, RESOURCE_EXHAUSTED. A device is "
         "its token's DEVICE_ID with --auth-tokens, else its address. Compute turns go to devices in round robin.",
+    )
+    max_batch: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Requests for the same model and cut run as one batch, up to this many (1: off). "
+        "Each gets exactly its own outputs. Off by default: on a CPU at one thread it did not pay.",
+    )
+    max_batch_delay_us: int = Field(
+        default=DEFAULT_MAX_BATCH_DELAY_US,
+        ge=0,
+        le=1_000_000,
+        description="How long a batch waits for more requests before it runs (with max_batch > 1).",
     )
     max_inflight_bytes: int = Field(
         default=256 * 1024 * 1024,

@@ -16,9 +16,10 @@ BACKENDS: dict[str, type[Backend]] = {
 DEFAULT_BACKEND = LiteRTBackend.key
 
 
-def create_backend(key: str, model: bytes, *, threads: int = 1) -> Backend:
-    """Load ``model`` (.tflite bytes) on the backend named ``key``."""
+def create_backend(key: str, model: bytes, *, threads: int = 1, batch: int = 1) -> Backend:
+    """Load ``model`` (.tflite bytes) on the backend named ``key``; ``batch`` > 1 resizes every
+    input's leading dimension to it (BackendError if the model does not batch)."""
     cls = BACKENDS.get(key)
     if cls is None:
         raise BackendUnavailableError(f"unknown backend {key!r}; choose one of: {', '.join(BACKENDS)}")
-    return cls(model, threads=threads)  # type: ignore[call-arg]
+    return cls(model, threads=threads, batch=batch)  # type: ignore[call-arg]

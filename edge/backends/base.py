@@ -62,13 +62,15 @@ class Backend(ABC):
 class InterpreterBackend(Backend):
     """A backend built on a TFLite-style ``Interpreter`` class (LiteRT and tflite-runtime share one API)."""
 
-    def __init__(self, model: bytes, *, threads: int = 1) -> None:
+    def __init__(self, model: bytes, *, threads: int = 1, batch: int = 1) -> None:
         if threads < 1:
             raise BackendError(f"threads must be at least 1, not {threads}")
         self.threads = threads
         try:
             with _quiet_native_info():
                 self._interpreter = self._load(model, threads)
+                if batch > 1:
+                    _resize_batch(self._interpreter, batch)
                 self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise BackendError(f"{self.key} could not load the model: {err}") from err
@@ -77,6 +79,10 @@ class InterpreterBackend(Backend):
         self._input_index = {d["name"]: d["index"] for d in self._interpreter.get_input_details()}
         self._output_index = [(d["name"], d["index"]) for d in self._interpreter.get_output_details()]
         self._specs = {s.name: s for s in self.inputs}
+        if batch > 1 and any(s.shape[:1] != (batch,) for s in self.outputs):
+            raise BackendError(
+                f"the model does not batch: its outputs are {[list(s.shape) for s in self.outputs]}"
+            )
         # Guards the interpreter: its input and output tensors are shared between set, invoke and get.
         self._lock = threading.Lock()
 
@@ -113,6 +119,15 @@ class InterpreterBackend(Backend):
                     f"input {name!r} must be {spec.dtype.name}{list(spec.shape)}, "
                     f"got {array.dtype.name}{list(array.shape)}"
                 )
+
+
+def _resize_batch(interpreter: Any, batch: int) -> None:
+    """Every input's leading dimension (1) becomes ``batch``; a model whose inputs are not [1, ...] does not batch."""
+    for detail in interpreter.get_input_details():
+        shape = [int(d) for d in detail["shape"]]
+        if not shape or shape[0] != 1:
+            raise BackendError(f"the model does not batch: input {detail['name']!r} has shape {shape}")
+        interpreter.resize_tensor_input(detail["index"], [batch, *shape[1:]], strict=False)
 
 
 # The native runtime prints this to fd 2 for every interpreter it creates.

@@ -28,11 +28,11 @@ def test_the_cache_evicts_the_least_recently_used_half(graphs: dict[str, ModelGr
         runner.run_head(5, x)
         runner.run_head(3, x)  # 3 is now the most recent
         runner.run_head(7, x)  # evicts 5
-        assert list(runner._halves) == [("head", 3), ("head", 7)]
+        assert list(runner._halves) == [("head", 3, 1), ("head", 7, 1)]
         again = runner.run_head(3, x).cut  # 3 is the most recent again, 7 the least
         assert all(np.array_equal(first[k], again[k]) for k in first)
         rebuilt = runner.run_head(5, x).cut  # rebuilt, evicting 7
-        assert list(runner._halves) == [("head", 3), ("head", 5)]
+        assert list(runner._halves) == [("head", 3, 1), ("head", 5, 1)]
         with ModelRunner(graph) as fresh:
             expected = fresh.run_head(5, x).cut
         assert all(np.array_equal(rebuilt[k], expected[k]) for k in expected)
