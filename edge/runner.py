@@ -62,6 +62,10 @@ class ModelRunner:
         # Guards _whole and _halves (the dict only: halves are built outside it, without I/O).
         self._lock = threading.Lock()
         self._halves: OrderedDict[tuple[str, int, int], Backend] = OrderedDict()
+        self.half_hits = 0
+        """Halves found loaded (a tail-cache hit)."""
+        self.half_loads = 0
+        """Halves built and loaded (a miss)."""
         self._unbatchable: set[int] = set()
         """Cuts whose tail does not batch (an input or output without a leading dimension of 1)."""
 
@@ -189,7 +193,9 @@ class ModelRunner:
             backend = self._halves.get(key)
             if backend is not None:
                 self._halves.move_to_end(key)
+                self.half_hits += 1
                 return backend
+            self.half_loads += 1
         if side == "head":
             data = build_head(self.graph, cut)
         else:

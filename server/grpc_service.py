@@ -145,6 +145,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Compute turns go to devices in round robin, as many at once as there are compute threads.
         self._turns = FairTurns(max(1, workers))
         self._per_device = DeviceLimit(max_inflight_per_device)
+        if metrics is not None:
+            metrics.watch(
+                lambda: self._turns.waiting, lambda: [(m.name, m.runner) for m in self.dataplane.repository]
+            )
         self._identify = identify if identify is not None else peer_host
         self._compute_us: dict[tuple[str, int | None], int] = {}
         # Streams waiting for their next request; a stopping server ends them at once.
@@ -285,6 +289,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             total_s=(time.perf_counter_ns() - received) / 1e9,
             bytes_in=sum(len(b) for b in message.raw_input_contents),
             bytes_out=sum(len(b) for b in reply.raw_output_contents),
+            batch=params["batch_size"].int64_param if "batch_size" in params else 1,
         )
         return reply
 

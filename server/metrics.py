@@ -1,13 +1,15 @@
 """What an operator can scrape from ``edge-server`` (``--metrics-port``), with prometheus-client.
 
-Requests by model, cut and status; histograms of queue, compute and total time; requests in
-flight; bytes in and out. Labels are bounded: models are the served ones, cuts at most N + 1
+Requests by model, cut and status; histograms of queue, compute and total time and of batch
+sizes; requests in flight and waiting for a compute turn; bytes in and out; tail-cache hits and
+loads per model. Labels are bounded: models are the served ones, cuts at most N + 1
 per model, statuses the gRPC codes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from edge import prometheus
@@ -62,6 +64,26 @@ class ServerMetrics:
             "edge_sent_bytes", "Tensor bytes sent.", ["model"], registry=self.registry
         )
 
+        self.batch_size = prom.Histogram(
+            "edge_batch_size",
+            "Requests computed together (1: alone).",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self._prom = prom
+
+    def watch(self, waiting: Callable[[], int], runners: Callable[[], Iterable[tuple[str, Any]]]) -> None:
+        """Export what is read at scrape time: requests waiting for a compute turn, and each served
+        model's tail-cache hits and loads (``runners`` gives (model name, ModelRunner) pairs)."""
+        gauge = self._prom.Gauge(
+            "edge_compute_waiting",
+            "Requests admitted and waiting for a compute turn.",
+            registry=self.registry,
+        )
+        gauge.set_function(waiting)
+        self.registry.register(_TailCache(runners))
+
     def answered(
         self,
         model: str,
@@ -73,14 +95,34 @@ class ServerMetrics:
         total_s: float = 0.0,
         bytes_in: int = 0,
         bytes_out: int = 0,
+        batch: int = 1,
     ) -> None:
         self.requests.labels(model, cut, status).inc()
         if status == "OK":
+            self.batch_size.labels(model).observe(batch)
             self.queue.labels(model).observe(queue_s)
             self.compute.labels(model, cut).observe(compute_s)
             self.total.labels(model).observe(total_s)
             self.bytes_in.labels(model).inc(bytes_in)
             self.bytes_out.labels(model).inc(bytes_out)
+
+
+class _TailCache:
+    """A collector: halves found loaded and halves loaded, per served model, read at scrape time."""
+
+    def __init__(self, runners: Callable[[], Iterable[tuple[str, Any]]]) -> None:
+        self.runners = runners
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        hits = CounterMetricFamily("edge_tail_cache_hits", "Model halves found loaded.", labels=["model"])
+        loads = CounterMetricFamily("edge_tail_loads", "Model halves built and loaded.", labels=["model"])
+        for name, runner in self.runners():
+            hits.add_metric([name], runner.half_hits)
+            loads.add_metric([name], runner.half_loads)
+        yield hits
+        yield loads
 
 
 def serve_metrics(metrics: ServerMetrics, host: str, port: int) -> Any:

@@ -74,6 +74,12 @@ def test_metrics_count_what_the_server_did(tmp_path: Path, graphs: dict) -> None
         assert samples[("edge_received_bytes_total", (("model", MODEL),))] == 5 * sent
         assert samples[("edge_sent_bytes_total", (("model", MODEL),))] == 5 * 10
         assert samples[("edge_requests_in_flight", ())] == 0
+        assert samples[("edge_compute_waiting", ())] == 0
+        assert samples[("edge_batch_size_count", (("model", MODEL),))] == 5
+        assert samples[("edge_batch_size_sum", (("model", MODEL),))] == 5  # each alone
+        # The tail of cut 8 was loaded once, then found loaded four times.
+        assert samples[("edge_tail_loads_total", (("model", MODEL),))] == 1
+        assert samples[("edge_tail_cache_hits_total", (("model", MODEL),))] == 4
     finally:
         proc.terminate()
         proc.wait(timeout=30)
