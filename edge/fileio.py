@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["stage", "umask_mode"]
+__all__ = ["stage", "umask_mode", "write_atomic"]
 
 
 def umask_mode(mode: int = 0o666) -> int:
@@ -31,3 +31,14 @@ def stage(directory: Path, name: str, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (staged beside it, then renamed), creating its directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stage(path.parent, path.name, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

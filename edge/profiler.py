@@ -32,7 +32,7 @@ import numpy as np
 
 from .backends import create_backend
 from .errors import EdgeError
-from .fileio import stage
+from .fileio import write_atomic
 from .graph import ModelGraph
 from .partition import extract_subgraph
 from .preprocess import random_inputs
@@ -378,10 +378,4 @@ def _read(path: Path, sha256: str, backend: str, threads: int, cuts: int) -> Hea
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stage(path.parent, path.name, text.encode())
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode())

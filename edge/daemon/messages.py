@@ -14,42 +14,28 @@ import numpy as np
 from .. import __version__
 from ..cooperative import InferenceResult
 from ..graph import TensorInfo
+from ..outputs import dequantize, is_distribution, probabilities
 from .config import DeviceProfile
 
 __all__ = ["dequantize", "discovery", "error", "ha_status_topic", "result", "stats", "top_k"]
 
 
-def dequantize(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
-    """Integer outputs to real values with the tensor's scale and zero point; others unchanged."""
-    quant = tensor.quantization
-    if quant is None or quant[0] == 0.0 or not np.issubdtype(array.dtype, np.integer):
-        return np.asarray(array, dtype=np.float64)
-    scale, zero_point = quant
-    return (array.astype(np.float64) - zero_point) * scale
-
-
 def top_k(values: np.ndarray, k: int, labels: Sequence[str] | None) -> list[dict[str, Any]]:
     """The ``k`` most likely classes, each with its ``probability``.
 
-    When ``values`` already form a distribution (a softmax output: every value in [0, 1], summing
-    to 1 within the output's quantization), they are the probabilities. Otherwise they are
-    logits: each entry also carries its ``logit``, and the probability is their softmax.
+    When ``values`` already form a distribution (a softmax output), they are the probabilities.
+    Otherwise they are logits: each entry also carries its ``logit``, and the probability is
+    their softmax.
     """
     order = np.argsort(-values, kind="stable")[:k]
-    distribution = (
-        values.size > 0 and values.min() >= 0.0 and values.max() <= 1.0 and abs(values.sum() - 1.0) <= 0.02
-    )
-    if distribution:
-        probabilities = values
-    else:
-        shifted = np.exp(values - values.max())
-        probabilities = shifted / shifted.sum()
+    distribution = is_distribution(values)
+    chances = probabilities(values)
     entries = []
     for i in order:
         entry: dict[str, Any] = {"index": int(i), "label": labels[i] if labels else str(int(i))}
         if not distribution:
             entry["logit"] = float(values[i])
-        entry["probability"] = float(probabilities[i])
+        entry["probability"] = float(chances[i])
         entries.append(entry)
     return entries
 

@@ -1,0 +1,322 @@
+"""Answer on the device what it is sure of, and escalate the rest: a cascade of a small model and the big one.
+
+The small model runs first, on the device. When its confidence, computed on its dequantized
+outputs by one of :data:`RULES`, is at or above the threshold, its answer is final. Otherwise
+the request takes the big model's cooperative path (head here, tail on the edge server, or all
+here when no server answers), whose outputs are bit-identical to the big model's.
+
+A :class:`Calibration` (``edge calibrate``) runs both models on labelled data, sweeps the
+threshold over every confidence seen, and records, for each, the share answered on the
+device, the cascade's accuracy, the big model's accuracy alone and the bytes sent per request;
+then it picks the threshold that meets a target (an accuracy loss, or a local share).
+
+Rules (each higher when the model is surer):
+
+- ``maxprob``: the largest probability;
+- ``margin``: the largest probability minus the second;
+- ``entropy``: 1 - H(p) / log(C), the entropy of the C probabilities turned into [0, 1].
+
+Outputs that already form a distribution (a softmax output) are the probabilities; other
+outputs are logits, and the probabilities are their softmax.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .cooperative import CooperativeRunner, InferenceResult
+from .errors import ConfigError, EdgeError
+from .fileio import write_atomic
+from .graph import ModelGraph, TensorInfo
+from .outputs import dequantize, probabilities
+from .runner import ModelRunner
+
+__all__ = [
+    "CALIBRATION_FORMAT",
+    "RULES",
+    "Calibration",
+    "Cascade",
+    "CascadeResult",
+    "CurvePoint",
+    "ModelRef",
+    "choose",
+    "confidence",
+    "sweep",
+]
+
+Rule = Literal["maxprob", "margin", "entropy"]
+RULES: tuple[Rule, ...] = ("maxprob", "margin", "entropy")
+CALIBRATION_FORMAT = "edge-cascade-calibration/1"
+AnsweredBy = Literal["device-small", "server", "device-big"]
+
+
+def confidence(values: np.ndarray, rule: Rule) -> float:
+    """How sure a classifier is of its top class, from its real-valued outputs; see the module doc."""
+    p = probabilities(np.asarray(values, dtype=np.float64).reshape(-1))
+    if p.size == 0:
+        raise EdgeError("a classifier output with no classes has no confidence")
+    if rule == "maxprob":
+        return float(p.max())
+    if rule == "margin":
+        if p.size == 1:
+            return float(p[0])
+        top = np.partition(p, -2)[-2:]
+        return float(top[1] - top[0])
+    if rule == "entropy":
+        if p.size == 1:
+            return 1.0
+        nonzero = p[p > 0]
+        return float(1.0 - (-(nonzero * np.log(nonzero)).sum()) / math.log(p.size))
+    raise EdgeError(f"unknown confidence rule {rule!r}; choose one of: {', '.join(RULES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class CurvePoint:
+    """The cascade at one threshold, measured on labelled data."""
+
+    threshold: float
+    local_share: float
+    accuracy: float
+    reference_accuracy: float
+    loss_pp: float
+    """The big model's accuracy alone minus the cascade's, in percentage points."""
+    bytes_per_request: float
+
+
+def sweep(
+    confidences: Sequence[float],
+    small_correct: Sequence[bool],
+    big_correct: Sequence[bool],
+    escalated_bytes: float,
+) -> list[CurvePoint]:
+    """The cascade at every threshold that changes it: each confidence seen (the requests at or above
+    it answered on the device), and +inf (everything escalated); ascending thresholds."""
+    conf = np.asarray(confidences, dtype=np.float64)
+    small = np.asarray(small_correct, dtype=bool)
+    big = np.asarray(big_correct, dtype=bool)
+    if not (conf.size == small.size == big.size) or conf.size == 0:
+        raise EdgeError("a sweep needs one confidence and two outcomes per sample, and at least one sample")
+    reference = float(big.mean())
+    points = []
+    for threshold in [*np.unique(conf).tolist(), math.inf]:
+        local = conf >= threshold
+        correct = np.where(local, small, big)
+        share = float(local.mean())
+        accuracy = float(correct.mean())
+        points.append(
+            CurvePoint(
+                threshold=float(threshold),
+                local_share=share,
+                accuracy=accuracy,
+                reference_accuracy=reference,
+                loss_pp=round((reference - accuracy) * 100.0, 10),
+                bytes_per_request=(1.0 - share) * escalated_bytes,
+            )
+        )
+    return points
+
+
+def choose(
+    curve: Sequence[CurvePoint], *, max_loss_pp: float | None = None, local_share: float | None = None
+) -> CurvePoint:
+    """The point that meets the target.
+
+    ``max_loss_pp``: the largest local share whose loss is at most that (ties: the higher
+    threshold). ``local_share``: the least loss among the points answering at least that share
+    on the device; of those, the one closest to the share asked for (the highest threshold:
+    the least exposed to confident mistakes on other data). With neither, a loss of at most 0.5 pp.
+    """
+    if max_loss_pp is not None and local_share is not None:
+        raise EdgeError("give a largest accuracy loss or a local share, not both")
+    if local_share is not None:
+        meeting = [p for p in curve if p.local_share >= local_share]
+        if not meeting:
+            raise EdgeError(f"no threshold answers {local_share:.0%} of requests on the device")
+        return min(meeting, key=lambda p: (p.loss_pp, p.local_share, -p.threshold))
+    bound = 0.5 if max_loss_pp is None else max_loss_pp
+    meeting = [p for p in curve if p.loss_pp <= bound + 1e-9]
+    if not meeting:  # the all-escalated point has no loss: only a negative bound fails
+        raise EdgeError(f"no threshold loses at most {bound:g} percentage points")
+    return max(meeting, key=lambda p: (p.local_share, p.threshold))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """A model as a calibration names it: where it was found, and the bytes it must have."""
+
+    path: str
+    sha256: str
+
+    def load(self, role: str) -> ModelGraph:
+        from . import models
+
+        try:
+            graph = ModelGraph.from_file(models.resolve(self.path))
+        except EdgeError as err:
+            raise ConfigError(f"the calibration's {role} model {self.path}: {err}") from err
+        if graph.sha256 != self.sha256:
+            raise ConfigError(
+                f"the calibration's {role} model {self.path} has changed (sha256 {graph.sha256[:12]}, "
+                f"calibrated on {self.sha256[:12]}): calibrate again"
+            )
+        return graph
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """What ``edge calibrate`` measured and chose; ``edge cascade eval`` and ``--cascade`` use it."""
+
+    rule: Rule
+    threshold: float
+    big: ModelRef
+    small: ModelRef
+    split_point: int
+    """The big model's cut escalated requests are sent at (its bytes count in ``bytes_per_request``)."""
+    chosen: CurvePoint
+    curve: tuple[CurvePoint, ...]
+    data: str = ""
+    samples: int = 0
+    target: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        body["format"] = CALIBRATION_FORMAT
+        body["threshold"] = _finite(self.threshold)
+        body["chosen"]["threshold"] = _finite(self.chosen.threshold)
+        for point in body["curve"]:
+            point["threshold"] = _finite(point["threshold"])
+        return json.dumps(body, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<calibration>") -> Calibration:
+        try:
+            body = json.loads(text)
+            if body.get("format") != CALIBRATION_FORMAT:
+                raise ValueError(
+                    f"not a calibration file (format {body.get('format')!r}, not {CALIBRATION_FORMAT!r})"
+                )
+            rule = body["rule"]
+            if rule not in RULES:
+                raise ValueError(f"unknown rule {rule!r}")
+            return cls(
+                rule=rule,
+                threshold=_unfinite(body["threshold"]),
+                big=ModelRef(**body["big"]),
+                small=ModelRef(**body["small"]),
+                split_point=int(body["split_point"]),
+                chosen=_point(body["chosen"]),
+                curve=tuple(_point(p) for p in body["curve"]),
+                data=str(body.get("data", "")),
+                samples=int(body.get("samples", 0)),
+                target={str(k): float(v) for k, v in body.get("target", {}).items()},
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"{source}: not a usable calibration: {err}") from err
+
+    def save(self, path: Path) -> None:
+        try:
+            write_atomic(path, (self.to_json() + "\n").encode())
+        except OSError as err:
+            raise EdgeError(f"cannot write {path}: {err.strerror or err}") from err
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read: {getattr(err, 'strerror', None) or err}") from err
+        return cls.from_json(text, str(path))
+
+
+def _finite(value: float) -> float | str:
+    return "inf" if math.isinf(value) else value
+
+
+def _unfinite(value: Any) -> float:
+    return math.inf if value == "inf" else float(value)
+
+
+def _point(body: Mapping[str, Any]) -> CurvePoint:
+    return CurvePoint(**{**body, "threshold": _unfinite(body["threshold"])})
+
+
+@dataclass(slots=True)
+class CascadeResult:
+    """One request's answer, and which stage gave it."""
+
+    outputs: dict[str, np.ndarray]
+    output_info: tuple[TensorInfo, ...]
+    """The answering model's outputs (their quantization turns ``outputs`` into real values)."""
+    answered_by: AnsweredBy
+    confidence: float
+    threshold: float
+    inference: InferenceResult | None = None
+    """The big model's cooperative run, when the request was escalated."""
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.inference.bytes_sent if self.inference is not None else 0
+
+
+class Cascade:
+    """The router: ``small`` answers when sure enough, ``big`` (a cooperative runner) otherwise."""
+
+    def __init__(self, small: ModelRunner, big: CooperativeRunner, *, rule: Rule, threshold: float) -> None:
+        check_pair(small.graph, big.runner.graph)
+        if rule not in RULES:
+            raise EdgeError(f"unknown confidence rule {rule!r}; choose one of: {', '.join(RULES)}")
+        self.small = small
+        self.big = big
+        self.rule: Rule = rule
+        self.threshold = threshold
+        self._output = small.graph.outputs[0]
+
+    @classmethod
+    def from_calibration(
+        cls, calibration: Calibration, small: ModelRunner, big: CooperativeRunner
+    ) -> Cascade:
+        return cls(small, big, rule=calibration.rule, threshold=calibration.threshold)
+
+    def small_confidence(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        outputs = self.small.run(self.small_inputs(inputs))
+        return outputs, confidence(dequantize(outputs[self._output.name], self._output), self.rule)
+
+    def small_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            t.name: inputs[b.name]
+            for t, b in zip(self.small.graph.inputs, self.big.runner.graph.inputs, strict=True)
+        }
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> CascadeResult:
+        outputs, sure = self.small_confidence(inputs)
+        if sure >= self.threshold:
+            return CascadeResult(outputs, self.small.graph.outputs, "device-small", sure, self.threshold)
+        result = self.big.infer(inputs)
+        by: AnsweredBy = "server" if result.offloaded else "device-big"
+        return CascadeResult(result.outputs, self.big.runner.graph.outputs, by, sure, self.threshold, result)
+
+    def close(self) -> None:
+        self.small.close()
+        self.big.close()
+
+
+def check_pair(small: ModelGraph, big: ModelGraph) -> None:
+    """The small model must take what the big one takes (same inputs), and be a one-output classifier."""
+    if len(small.outputs) != 1:
+        raise EdgeError(f"the small model must have one (classifier) output, not {len(small.outputs)}")
+    if len(small.inputs) != len(big.inputs):
+        raise EdgeError(f"the small model takes {len(small.inputs)} inputs, the big one {len(big.inputs)}")
+    for s, b in zip(small.inputs, big.inputs, strict=True):
+        if s.shape != b.shape or s.dtype != b.dtype or s.quantization != b.quantization:
+            raise EdgeError(
+                f"the small model's input {s.name!r} ({s.dtype.name}{list(s.shape)}, quantization {s.quantization}) "
+                f"differs from the big model's {b.name!r} ({b.dtype.name}{list(b.shape)}, {b.quantization}): "
+                "the cascade gives both the same tensor"
+            )

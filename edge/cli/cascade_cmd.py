@@ -1,0 +1,302 @@
+"""``edge calibrate`` and ``edge cascade eval``: the cascade's threshold, chosen on labelled data and checked on other data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..argtypes import non_negative_float, positive_float
+from ..cascade import RULES, Calibration, Cascade, ModelRef, check_pair, choose, confidence, sweep
+from ..errors import EdgeError, TensorFormatError
+from ..graph import ModelGraph
+from ..outputs import dequantize
+from ..preprocess import coerce_input
+from ..runner import ModelRunner
+from .common import MODEL_HELP, add_backend_args, add_server_args, load_graph, open_runner
+
+__all__ = ["register"]
+
+T = TypeVar("T")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="choose the cascade's threshold on labelled data",
+        description="Run the small model and the big one on labelled data (FILE.npz with x and y), sweep the "
+        "threshold on the small model's confidence, and write the one that meets the target to CAL.json: the "
+        "share of requests answered on the device, the cascade's accuracy, the big model's alone, and the bytes "
+        "sent per request, for every threshold.",
+    )
+    p.add_argument("--model", required=True, help=f"the big model: {MODEL_HELP}")
+    p.add_argument("--small", required=True, help="the small model, run first on the device (same input)")
+    p.add_argument(
+        "--data", required=True, type=Path, metavar="FILE.npz", help="x (inputs) and y (integer labels)"
+    )
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--max-loss",
+        type=non_negative_float,
+        metavar="PP",
+        help="the largest accuracy loss against the big model alone, in percentage points (default: 0.5)",
+    )
+    target.add_argument(
+        "--local-share", type=_share, metavar="S", help="answer at least this share (0..1) on the device"
+    )
+    p.add_argument(
+        "--rule", choices=RULES, default="maxprob", help="the confidence rule (default: %(default)s)"
+    )
+    p.add_argument(
+        "--split-at",
+        default=None,
+        metavar="K|TENSOR",
+        help="the big model's cut escalated requests are sent at (default: the middle cut)",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, metavar="CAL.json", help="where to write the calibration"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="plot accuracy against local share (needs matplotlib)"
+    )
+    add_backend_args(p)
+    p.set_defaults(func=calibrate)
+
+    c = sub.add_parser("cascade", help="run a calibrated cascade", description="Run a calibrated cascade.")
+    csub = c.add_subparsers(dest="cascade_command", metavar="COMMAND", required=True)
+    e = csub.add_parser(
+        "eval",
+        help="measure a calibrated cascade on labelled data",
+        description="Run the calibrated router on labelled data: the small model on this device, escalating to "
+        "the big model's cooperative path (the calibration's cut; the edge server with --server, else all here). "
+        "Prints the fields calibrate prints, measured.",
+    )
+    e.add_argument(
+        "--cascade", required=True, type=Path, metavar="CAL.json", help="a file written by edge calibrate"
+    )
+    e.add_argument(
+        "--data", required=True, type=Path, metavar="FILE.npz", help="x (inputs) and y (integer labels)"
+    )
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_backend_args(e)
+    add_server_args(e)
+    e.set_defaults(func=evaluate)
+
+
+def _share(text: str) -> float:
+    value = positive_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"a share is between 0 and 1, not {text}")
+    return value
+
+
+def load_dataset(path: Path, graph: ModelGraph) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """(one feed per sample for ``graph``'s single input, the integer labels) from an .npz with x and y."""
+    if len(graph.inputs) != 1:
+        raise TensorFormatError(f"a dataset feeds one input; the model has {len(graph.inputs)}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data.files or "y" not in data.files:
+                raise TensorFormatError(
+                    f"{path}: needs arrays x and y, has {', '.join(data.files) or 'none'}"
+                )
+            x, y = data["x"], data["y"]
+    except (OSError, ValueError) as err:
+        raise TensorFormatError(f"{path}: not a readable .npz file: {err}") from err
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise TensorFormatError(
+            f"{path}: y must be a vector of integer labels, not {y.dtype.name}{list(y.shape)}"
+        )
+    if len(x) != len(y) or len(y) == 0:
+        raise TensorFormatError(
+            f"{path}: x has {len(x)} samples and y {len(y)}; they must match, and not be empty"
+        )
+    tensor = graph.inputs[0]
+    return [{tensor.name: coerce_input(x[i], tensor)} for i in range(len(y))], y.astype(np.int64)
+
+
+def _label(outputs: dict[str, np.ndarray], graph: ModelGraph) -> tuple[int, np.ndarray]:
+    tensor = graph.outputs[0]
+    values = dequantize(outputs[tensor.name], tensor).reshape(-1)
+    return int(np.argmax(values)), values
+
+
+def _progress(items: Iterable[T], total: int, what: str, quiet: bool) -> Iterator[T]:
+    if quiet or total < 50:
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import track
+
+    yield from track(items, total=total, description=what, transient=True, console=Console(stderr=True))
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    big, small = load_graph(args.model), load_graph(args.small)
+    check_pair(small, big)
+    split_point = big.num_operators // 2 if args.split_at is None else big.resolve_cut(args.split_at)
+    feeds, labels = load_dataset(args.data, big)
+    confidences, small_correct, big_correct = [], [], []
+    with (
+        ModelRunner(small, backend=args.backend, threads=args.threads) as s,
+        ModelRunner(big, backend=args.backend, threads=args.threads) as b,
+    ):
+        pairs = zip(feeds, labels, strict=True)
+        for x, y in _progress(pairs, len(labels), "calibrating", args.json):
+            label, values = _label(s.run({small.inputs[0].name: x[big.inputs[0].name]}), small)
+            confidences.append(confidence(values, args.rule))
+            small_correct.append(label == y)
+            big_correct.append(_label(b.run(x), big)[0] == y)
+    curve = sweep(confidences, small_correct, big_correct, float(big.cut(split_point).nbytes))
+    target = (
+        {"local_share": args.local_share}
+        if args.local_share is not None
+        else {"max_loss_pp": 0.5 if args.max_loss is None else args.max_loss}
+    )
+    chosen = choose(curve, max_loss_pp=target.get("max_loss_pp"), local_share=target.get("local_share"))
+    calibration = Calibration(
+        rule=args.rule,
+        threshold=chosen.threshold,
+        big=ModelRef(str(big.source), big.sha256),
+        small=ModelRef(str(small.source), small.sha256),
+        split_point=split_point,
+        chosen=chosen,
+        curve=tuple(curve),
+        data=str(args.data),
+        samples=len(labels),
+        target=target,
+    )
+    calibration.save(args.out)
+    if args.plot is not None:
+        _plot(calibration, args.plot)
+    report = _report(calibration.rule, chosen.threshold, chosen.local_share, chosen.accuracy,
+                     chosen.reference_accuracy, chosen.bytes_per_request, curve)  # fmt: skip
+    _print(report, args.json, f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    calibration = Calibration.load(args.cascade)
+    big, small = calibration.big.load("big"), calibration.small.load("small")
+    feeds, labels = load_dataset(args.data, big)
+    if args.split_at is None:
+        args.split_at = str(calibration.split_point)
+    device = open_runner(args, big, local=not args.server)
+    small_runner = ModelRunner(small, backend=args.backend, threads=args.threads)
+    cascade = Cascade.from_calibration(calibration, small_runner, device)
+    correct, local, escalated, sent, fallbacks = 0, 0, 0, 0, 0
+    reference = ModelRunner(big, backend=args.backend, threads=args.threads)
+    confidences, small_correct, big_correct = [], [], []
+    try:
+        for x, y in _progress(zip(feeds, labels, strict=True), len(labels), "evaluating", args.json):
+            result = cascade.infer(x)
+            label = int(
+                np.argmax(dequantize(result.outputs[result.output_info[0].name], result.output_info[0]))
+            )
+            correct += label == y
+            local += result.answered_by == "device-small"
+            escalated += result.answered_by != "device-small"
+            sent += result.bytes_sent
+            fallbacks += result.inference is not None and result.inference.fallback
+            # For the curve: both models on every sample, here (the big one bit-identical to its cooperative run).
+            small_label, values = _label(
+                small_runner.run({small.inputs[0].name: x[big.inputs[0].name]}), small
+            )
+            confidences.append(confidence(values, calibration.rule))
+            small_correct.append(small_label == y)
+            big_correct.append(_label(reference.run(x), big)[0] == y)
+    finally:
+        cascade.close()
+        reference.close()
+    n = len(labels)
+    curve = sweep(confidences, small_correct, big_correct, float(big.cut(calibration.split_point).nbytes))
+    report = _report(calibration.rule, calibration.threshold, local / n, correct / n,
+                     float(np.mean(big_correct)), sent / n, curve)  # fmt: skip
+    report["escalated"] = escalated
+    report["fallbacks"] = fallbacks
+    _print(report, args.json, f"{n} samples from {args.data}; {escalated} escalated, {fallbacks} fell back")
+    return 0
+
+
+def _report(
+    rule: str,
+    threshold: float,
+    share: float,
+    accuracy: float,
+    reference: float,
+    nbytes: float,
+    curve: list[Any],
+) -> dict[str, Any]:
+    return {
+        "threshold": "inf" if math.isinf(threshold) else threshold,
+        "rule": rule,
+        "local_share": share,
+        "accuracy": accuracy,
+        "reference_accuracy": reference,
+        "loss_pp": round((reference - accuracy) * 100.0, 6),
+        "bytes_per_request": nbytes,
+        "curve": [
+            {
+                "threshold": "inf" if math.isinf(p.threshold) else p.threshold,
+                "local_share": p.local_share,
+                "accuracy": p.accuracy,
+                "loss_pp": p.loss_pp,
+                "bytes_per_request": p.bytes_per_request,
+            }
+            for p in curve
+        ],
+    }
+
+
+def _print(report: dict[str, Any], as_json: bool, footer: str) -> None:
+    if as_json:
+        print(json.dumps(report))
+        return
+    threshold = report["threshold"]
+    print(
+        f"threshold {threshold if isinstance(threshold, str) else f'{threshold:.4f}'} ({report['rule']}): "
+        f"{report['local_share']:.1%} answered on the device, accuracy {report['accuracy']:.2%} against "
+        f"{report['reference_accuracy']:.2%} for the big model alone ({report['loss_pp']:+.2f} pp lost), "
+        f"{report['bytes_per_request']:,.0f} bytes per request"
+    )
+    print(footer, file=sys.stderr)
+
+
+def _plot(calibration: Calibration, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise EdgeError("--plot needs matplotlib: pip install 'edge-coop[plot]'") from err
+    shares = [p.local_share * 100 for p in calibration.curve]
+    accuracies = [p.accuracy * 100 for p in calibration.curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(shares, accuracies, marker=".", label=f"cascade ({calibration.rule})")
+    ax.axhline(
+        calibration.chosen.reference_accuracy * 100, color="grey", linestyle="--", label="big model alone"
+    )
+    ax.plot([calibration.chosen.local_share * 100], [calibration.chosen.accuracy * 100], "o", color="red",
+            label=f"chosen: threshold {calibration.threshold:.3f}")  # fmt: skip
+    ax.set_xlabel("answered on the device (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(
+        f"{Path(calibration.small.path).stem} → {Path(calibration.big.path).stem}, {calibration.samples} samples"
+    )
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as err:
+        raise EdgeError(f"cannot write {path}: {err.strerror or err}") from err
+    finally:
+        plt.close(fig)
