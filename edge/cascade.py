@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .cooperative import CooperativeRunner, InferenceResult
+from .cooperative import CooperativeRunner, InferenceResult, StageTimings
 from .errors import ConfigError, EdgeError
 from .fileio import write_atomic
 from .graph import ModelGraph, TensorInfo
@@ -257,12 +258,17 @@ class CascadeResult:
     answered_by: AnsweredBy
     confidence: float
     threshold: float
-    inference: InferenceResult | None = None
-    """The big model's cooperative run, when the request was escalated."""
+    inference: InferenceResult
+    """How it was computed: the big model's cooperative run when escalated; for a local answer,
+    the small model's run (split_point its N, nothing sent)."""
+
+    @property
+    def escalated(self) -> bool:
+        return self.answered_by != "device-small"
 
     @property
     def bytes_sent(self) -> int:
-        return self.inference.bytes_sent if self.inference is not None else 0
+        return self.inference.bytes_sent
 
 
 class Cascade:
@@ -294,11 +300,18 @@ class Cascade:
             for t, b in zip(self.small.graph.inputs, self.big.runner.graph.inputs, strict=True)
         }
 
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> CascadeResult:
+    def infer(self, inputs: Mapping[str, np.ndarray], *, request_id: str = "") -> CascadeResult:
+        started = time.perf_counter()
         outputs, sure = self.small_confidence(inputs)
         if sure >= self.threshold:
-            return CascadeResult(outputs, self.small.graph.outputs, "device-small", sure, self.threshold)
-        result = self.big.infer(inputs)
+            ms = (time.perf_counter() - started) * 1000.0
+            local = InferenceResult(
+                outputs, self.small.graph.num_operators, False, StageTimings(head_ms=ms, e2e_ms=ms)
+            )
+            return CascadeResult(
+                outputs, self.small.graph.outputs, "device-small", sure, self.threshold, local
+            )
+        result = self.big.infer(inputs, request_id=request_id)
         by: AnsweredBy = "server" if result.offloaded else "device-big"
         return CascadeResult(result.outputs, self.big.runner.graph.outputs, by, sure, self.threshold, result)
 

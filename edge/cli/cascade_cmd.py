@@ -201,10 +201,10 @@ def evaluate(args: argparse.Namespace) -> int:
                 np.argmax(dequantize(result.outputs[result.output_info[0].name], result.output_info[0]))
             )
             correct += label == y
-            local += result.answered_by == "device-small"
-            escalated += result.answered_by != "device-small"
+            local += not result.escalated
+            escalated += result.escalated
             sent += result.bytes_sent
-            fallbacks += result.inference is not None and result.inference.fallback
+            fallbacks += result.inference.fallback
             # For the curve: both models on every sample, here (the big one bit-identical to its cooperative run).
             small_label, values = _label(
                 small_runner.run({small.inputs[0].name: x[big.inputs[0].name]}), small

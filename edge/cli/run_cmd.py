@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with cpu_latency_hold(profile.runtime.cpu_latency_us):
         device = daemon.open_device(resolved)
-        service = daemon.Daemon(resolved, device, client)
+        service = daemon.Daemon(resolved, device, client, cascade=daemon.open_cascade(resolved, device))
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             logger.info("received %s; draining", signal.Signals(signum).name)
@@ -98,6 +98,13 @@ def _describe(resolved: ResolvedProfile) -> dict[str, Any]:
             "inputs": [t.describe() for t in graph.inputs],
             "outputs": [t.describe() for t in graph.outputs],
             "cut": resolved.cut if resolved.cut is not None else "auto",
+            "cascade": None
+            if resolved.cascade is None
+            else {
+                "small_model_sha256": resolved.cascade.small.sha256,
+                "rule": resolved.cascade.rule,
+                "threshold": resolved.cascade.threshold,
+            },
             "client_id": profile.client_id,
             "broker": profile.mqtt.address,
             "edge_servers": [s.address for s in profile.edge.servers],

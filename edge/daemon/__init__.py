@@ -9,7 +9,7 @@ acknowledges each message once its result is confirmed (:mod:`.ledger`).
 from __future__ import annotations
 
 from .config import DeviceProfile
-from .device import ResolvedProfile, open_device, preflight, resolve
+from .device import ResolvedProfile, open_cascade, open_device, preflight, resolve
 from .profiles import apply_overrides, available, find, load
 from .service import Daemon
 
@@ -21,6 +21,7 @@ __all__ = [
     "available",
     "find",
     "load",
+    "open_cascade",
     "open_device",
     "preflight",
     "resolve",

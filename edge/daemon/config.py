@@ -92,6 +92,37 @@ class ModelConfig(_Strict):
     )
 
 
+class CascadeConfig(_Strict):
+    """A small model answers first on the device; what it is unsure of takes the model's cooperative path."""
+
+    calibration: Path | None = Field(
+        default=None,
+        strict=False,
+        description="A file written by 'edge calibrate' (relative to the profile): the small model, rule and "
+        "threshold. Its big model must be this profile's model.",
+    )
+    small: str | None = Field(
+        default=None, description="Without a calibration: the small model (a .tflite file or a shipped name)."
+    )
+    rule: Literal["maxprob", "margin", "entropy"] = Field(
+        default="maxprob", description="Without a calibration: the confidence rule."
+    )
+    threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Without a calibration: answer locally at this confidence or above.",
+    )
+
+    @model_validator(mode="after")
+    def _source(self) -> CascadeConfig:
+        if self.calibration is not None and (self.small is not None or self.threshold is not None):
+            raise ValueError("give a calibration, or small and threshold, not both")
+        if self.calibration is None and (self.small is None or self.threshold is None):
+            raise ValueError("give a calibration file, or both small and threshold")
+        return self
+
+
 class FixedSplitConfig(_Strict):
     type: Literal["fixed"] = Field(description="Always cut the model at the same place.")
     k: int | str = Field(
@@ -460,6 +491,9 @@ class DeviceProfile(_Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="The device's interpreter.")
     model: ModelConfig = Field(description="The model to run.")
     split: SplitConfig = Field(description="Where to cut the model: type = 'fixed' (with k) or 'auto'.")
+    cascade: CascadeConfig | None = Field(
+        default=None, description="Answer on the device what a small model is sure of; escalate the rest."
+    )
     edge: EdgeConfig = Field(default_factory=EdgeConfig, description="The edge servers that run the tail.")
     mqtt: MqttConfig = Field(description="The broker.")
     sensors: list[SensorConfig] = Field(min_length=1, description="Topics to read sensor messages from.")

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import models
 from ..backends import create_backend
+from ..cascade import Calibration, Cascade, Rule, check_pair
 from ..cooperative import CooperativeRunner
 from ..errors import ConfigError, EdgeError
 from ..graph import ModelGraph
@@ -25,7 +26,7 @@ from ..transport import FailoverClient, TailClient, TailTransport
 from ..transport.client import read_token
 from .config import DeviceProfile, FixedSplitConfig
 
-__all__ = ["ResolvedProfile", "open_device", "preflight", "resolve"]
+__all__ = ["CascadePlan", "ResolvedProfile", "open_cascade", "open_device", "preflight", "resolve"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,16 @@ class ResolvedProfile:
     model_name: str
     cut: int | None
     """The fixed cut, or None when the planner chooses."""
+    cascade: CascadePlan | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CascadePlan:
+    """The profile's cascade, resolved: the small model, its rule and threshold."""
+
+    small: ModelGraph
+    rule: Rule
+    threshold: float
 
 
 def resolve(profile: DeviceProfile, source: Path) -> ResolvedProfile:
@@ -58,8 +69,52 @@ def resolve(profile: DeviceProfile, source: Path) -> ResolvedProfile:
         except EdgeError as err:
             raise ConfigError(f"{source}: split.k: {err}") from err
     return ResolvedProfile(
-        profile=profile, source=source, model_path=model_path, graph=graph, model_name=name, cut=cut
+        profile=profile,
+        source=source,
+        model_path=model_path,
+        graph=graph,
+        model_name=name,
+        cut=cut,
+        cascade=_resolve_cascade(profile, graph, source),
     )
+
+
+def _resolve_cascade(profile: DeviceProfile, graph: ModelGraph, source: Path) -> CascadePlan | None:
+    config = profile.cascade
+    if config is None:
+        return None
+    if config.calibration is not None:
+        path = config.calibration if config.calibration.is_absolute() else source.parent / config.calibration
+        try:
+            calibration = Calibration.load(path)
+            if calibration.big.sha256 != graph.sha256:
+                raise ConfigError(
+                    f"it was calibrated for another big model (sha256 {calibration.big.sha256[:12]}, the profile's "
+                    f"model is {graph.sha256[:12]})"
+                )
+            small = calibration.small.load("small")
+        except EdgeError as err:
+            raise ConfigError(f"{source}: cascade.calibration: {err}") from err
+        plan = CascadePlan(small, calibration.rule, calibration.threshold)
+    else:
+        assert config.small is not None and config.threshold is not None  # the config's validator
+        small = ModelGraph.from_file(_resolve_model(config.small, source, key="cascade.small"))
+        plan = CascadePlan(small, config.rule, config.threshold)
+    try:
+        check_pair(plan.small, graph)
+    except EdgeError as err:
+        raise ConfigError(f"{source}: cascade: {err}") from err
+    return plan
+
+
+def open_cascade(resolved: ResolvedProfile, device: CooperativeRunner) -> Cascade | None:
+    """The profile's cascade around ``device``, or None without one."""
+    plan = resolved.cascade
+    if plan is None:
+        return None
+    runtime = resolved.profile.runtime
+    small = ModelRunner(plan.small, backend=runtime.backend, threads=runtime.threads)
+    return Cascade(small, device, rule=plan.rule, threshold=plan.threshold)
 
 
 def preflight(resolved: ResolvedProfile) -> None:
@@ -144,14 +199,14 @@ def _client(profile: DeviceProfile, source: Path) -> TailTransport | None:
     return FailoverClient(clients, retry_after_s=edge.retry_after_s)
 
 
-def _resolve_model(spec: str, source: Path) -> Path:
+def _resolve_model(spec: str, source: Path, key: str = "model.path") -> Path:
     relative = Path(spec).expanduser()
     if not relative.is_absolute() and (source.parent / relative).is_file():
         return source.parent / relative
     try:
         return models.resolve(relative)
     except EdgeError as err:
-        raise ConfigError(f"{source}: model.path: {err}") from err
+        raise ConfigError(f"{source}: {key}: {err}") from err
 
 
 def _check_labels(profile: DeviceProfile, graph: ModelGraph, source: Path) -> None:

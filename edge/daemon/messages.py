@@ -6,12 +6,13 @@ Pure functions from values to dicts; the daemon serialises and publishes them.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .. import __version__
+from ..cascade import CascadeResult
 from ..cooperative import InferenceResult
 from ..graph import TensorInfo
 from ..outputs import dequantize, is_distribution, probabilities
@@ -48,8 +49,13 @@ def result(
     model_name: str,
     outputs: Sequence[TensorInfo],
     inference: InferenceResult,
+    cascade: CascadeResult | None = None,
 ) -> dict[str, Any]:
-    """One message's answer: top-k (one-output models) or every output, plus how it was computed."""
+    """One message's answer: top-k (one-output models) or every output, plus how it was computed.
+
+    With a cascade, ``outputs`` are the answering model's, and the document says which stage
+    answered (``answered_by``), the small model's ``confidence`` and the ``threshold`` in force;
+    ``cut`` is null when the small model answered."""
     body: dict[str, Any] = {
         "id": message_id,
         "topic": topic,
@@ -71,8 +77,14 @@ def result(
             }
             for t in outputs
         }
+    if cascade is not None:
+        body.update(
+            answered_by=cascade.answered_by,
+            confidence=round(cascade.confidence, 6),
+            threshold=cascade.threshold,
+        )
     body.update(
-        cut=inference.split_point,
+        cut=None if cascade is not None and not cascade.escalated else inference.split_point,
         fallback=inference.fallback,
         fallback_reason=inference.fallback_reason,
         bytes_sent=inference.bytes_sent,
@@ -104,8 +116,12 @@ def stats(
     uptime_s: float,
     p50_ms: float,
     behind: int = 0,
+    answered_by: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Counters since start, the queue's depth now, and the median end-to-end latency of recent results.
+
+    ``answered_by`` counts results by the stage that gave them (with a cascade: the local share
+    is ``device-small`` over all, the escalation rate the rest).
 
     ``behind`` counts the messages that arrived to a full queue: the broker held the rest of the
     burst for this session meanwhile, up to its own limit (mosquitto's max_queued_messages)."""
@@ -117,6 +133,7 @@ def stats(
         "duplicates": duplicates,
         "queue_depth": queue_depth,
         "behind": behind,
+        "answered_by": dict(answered_by or {}),
         "uptime_s": round(uptime_s, 1),
         "p50_ms": p50_ms,
         "ts": round(time.time(), 3),

@@ -48,17 +48,26 @@ class DaemonMetrics:
         )
         self.queue_depth = prom.Gauge("edge_daemon_queue_depth", "Messages held, waiting.", registry=r)
         self.behind = prom.Counter("edge_daemon_behind", "Messages that arrived to a full queue.", registry=r)
+        self.answered_by = prom.Counter(
+            "edge_daemon_answered",
+            "Results by the stage that gave them (device-small: the cascade's small model; server; device-big).",
+            ["by"],
+            registry=r,
+        )
         self.rtt = prom.Gauge("edge_daemon_link_rtt_ms", "The link's round trip, as estimated.", registry=r)
         self.bandwidth = prom.Gauge(
             "edge_daemon_link_mbit_per_s", "The link's bandwidth, as estimated (0: unknown).", registry=r
         )
         self._http: Any = None
 
-    def result(self, inference: InferenceResult) -> None:
+    def result(self, inference: InferenceResult, *, answered_by: str = "") -> None:
         self.messages.labels("result").inc()
         self.where.labels("offloaded" if inference.offloaded else "local").inc()
         self.fallbacks.inc(int(inference.fallback))
-        self.cut.set(inference.split_point)
+        if answered_by:
+            self.answered_by.labels(answered_by).inc()
+        if answered_by != "device-small":  # the small model's answer says nothing of the cut
+            self.cut.set(inference.split_point)
         self.latency.observe(inference.timings.e2e_ms / 1000.0)
 
     def link(self, rtt_ms: float, mbit_per_s: float | None) -> None:

@@ -21,15 +21,17 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from ..cascade import AnsweredBy, Cascade, CascadeResult
 from ..cooperative import CooperativeRunner
 from ..errors import EdgeError
 from ..stats import summary
@@ -63,10 +65,19 @@ class _Inbound:
 class Daemon:
     """Runs one profile until :meth:`stop`; :meth:`run` returns the exit status."""
 
-    def __init__(self, resolved: ResolvedProfile, device: CooperativeRunner, client: paho.Client) -> None:
+    def __init__(
+        self,
+        resolved: ResolvedProfile,
+        device: CooperativeRunner,
+        client: paho.Client,
+        *,
+        cascade: Cascade | None = None,
+    ) -> None:
         self.plan = resolved
         self.profile = resolved.profile
         self.device = device
+        self.cascade = cascade
+        self.answered_by: Counter[str] = Counter()
         self.client = client
         self.ledger = AckLedger(self.profile.queue.answered_ids)
         self._queue: queue.Queue[_Inbound] = queue.Queue(maxsize=self.profile.queue.max_messages)
@@ -173,7 +184,10 @@ class Daemon:
                 logger.warning("could not publish offline: %s", err)
         self.client.disconnect()
         self.client.loop_stop()
-        self.device.close()
+        if self.cascade is not None:
+            self.cascade.close()  # and the device with it
+        else:
+            self.device.close()
         logger.info(
             "stopped: %d processed (%d drained at shutdown), %d errors", self.processed, drained, self.errors
         )
@@ -249,7 +263,8 @@ class Daemon:
         body: dict[str, Any] | None = None
         if decoded is not None:
             try:
-                result = self.device.infer(decoded.feeds, request_id=message_id)
+                routed = self._infer(decoded.feeds, message_id)
+                result = routed.inference
             except EdgeError as err:
                 problem = str(err)
             except Exception as err:  # a backend's own errors become an error result too
@@ -261,13 +276,15 @@ class Daemon:
                     topic=item.topic,
                     profile=self.profile,
                     model_name=self.plan.model_name,
-                    outputs=self.plan.graph.outputs,
+                    outputs=routed.output_info,
                     inference=result,
+                    cascade=routed if self.cascade is not None else None,
                 )
+                self.answered_by[routed.answered_by] += 1
                 self.processed += 1
                 self.fallbacks += int(result.fallback)
                 if self.metrics is not None:
-                    self.metrics.result(result)
+                    self.metrics.result(result, answered_by=routed.answered_by)
                     self.metrics.queue_depth.set(self._queue.qsize())
                     link = getattr(self.device.policy, "estimator", None)
                     if link is not None:
@@ -278,6 +295,14 @@ class Daemon:
             self._refuse(item, given_id, str(problem), message_id=message_id)
             return
         self._publish(self.profile.topic("results"), body, sources=[item.source], message_id=message_id)
+
+    def _infer(self, feeds: Mapping[str, np.ndarray], message_id: str) -> CascadeResult:
+        """Through the cascade when the profile has one; else the model's cooperative path."""
+        if self.cascade is not None:
+            return self.cascade.infer(feeds, request_id=message_id)
+        result = self.device.infer(feeds, request_id=message_id)
+        by: AnsweredBy = "server" if result.offloaded else "device-big"
+        return CascadeResult(result.outputs, self.plan.graph.outputs, by, 1.0, 0.0, result)
 
     def _refuse(
         self, item: _Inbound, given_id: str | None, problem: str, *, message_id: str | None = None
@@ -305,6 +330,7 @@ class Daemon:
             uptime_s=time.monotonic() - self._started,
             behind=self.behind,
             p50_ms=summary(list(self._latencies))["p50"],
+            answered_by=dict(self.answered_by),
         )
 
     # -- MQTT -------------------------------------------------------------------------

@@ -59,7 +59,9 @@ def test_the_sweep_and_the_choice() -> None:
     assert at[math.inf].local_share == 0.0 and at[math.inf].bytes_per_request == 1000.0
     assert choose(curve).threshold == 0.8  # the most answered locally at no more than 0.5 pp lost
     assert choose(curve, max_loss_pp=20.0).threshold == 0.6
-    assert choose(curve, local_share=0.5).threshold == 0.9  # least loss, then closest to the share asked (3 of 6)
+    assert (
+        choose(curve, local_share=0.5).threshold == 0.9
+    )  # least loss, then closest to the share asked (3 of 6)
     assert choose(curve, local_share=0.6).threshold == 0.8
     with pytest.raises(EdgeError, match="answers 200%"):
         choose(curve, local_share=2.0)

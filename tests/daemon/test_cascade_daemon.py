@@ -1,0 +1,134 @@
+"""The daemon with a ``[cascade]``: digits_tiny answers what it is sure of, digits_resnet the rest.
+
+Covered: a real broker, edge server and daemon; 30 held-out digits; every result says which stage
+answered (``answered_by``), with ``confidence`` and ``threshold``; a local answer's top-3 is
+digits_tiny's and an escalated one's digits_resnet's (from each model run here); the stats count
+both stages. The profile's [cascade] checks: a calibration or small + threshold (not both, not
+neither), a calibration made for another big model, and a small model taking other inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from daemon.daemon_harness import GENERIC, Broker, DaemonProcess, Probe, ServerProcess, wait_until
+
+from edge import models
+from edge.cascade import Calibration, ModelRef, sweep
+from edge.daemon import load, resolve
+from edge.daemon.messages import top_k
+from edge.errors import ConfigError
+from edge.graph import ModelGraph
+from edge.outputs import dequantize
+from edge.runner import ModelRunner
+
+TOPIC = "sensors/s1/digits"
+
+
+def _top3(name: str, i: int) -> list[dict[str, object]]:
+    graph = ModelGraph.from_file(models.model_path(name))
+    with ModelRunner(graph) as runner:
+        out = runner.run({graph.inputs[0].name: models.digits_sample().x[i : i + 1]})[graph.outputs[0].name]
+    labels = [str(k) for k in range(10)]
+    return top_k(dequantize(out, graph.outputs[0]).reshape(-1), 3, labels)
+
+
+def test_the_daemon_answers_through_the_cascade(
+    tmp_path: Path,
+    broker: Broker,
+    edge_server: ServerProcess,
+    probe: Probe,
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    profile = tmp_path / "cascade.toml"
+    text = GENERIC.read_text().replace("interval_s = 30.0", "interval_s = 1.0")
+    profile.write_text(text + '\n[cascade]\nsmall = "digits_tiny"\nthreshold = 0.9\n')
+    daemon = daemon_factory([edge_server.address], profile)
+    daemon.start()
+    sent = {}
+    for i in range(30):
+        message_id = f"c-{i}"
+        probe.publish(TOPIC, json.dumps({"id": message_id, "data": models.digits_sample().x[i].tolist()}))
+        sent[message_id] = i
+    answered = probe.wait_answered(set(sent), timeout=60)
+    stages = {}
+    for message_id, i in sent.items():
+        doc = answered[message_id][0]
+        assert doc["threshold"] == 0.9
+        stages[message_id] = doc["answered_by"]
+        if doc["answered_by"] == "device-small":
+            assert doc["confidence"] >= 0.9 and doc["cut"] is None and doc["bytes_sent"] == 0
+            assert doc["top_k"] == _top3("digits_tiny", i), message_id
+        else:
+            assert doc["answered_by"] == "server" and doc["confidence"] < 0.9 and doc["bytes_sent"] > 0, doc
+            assert doc["top_k"] == _top3("digits_resnet", i), message_id
+    assert set(stages.values()) == {"device-small", "server"}, stages
+    wait_until(lambda: any(s.get("answered_by") for s in probe.stats), 60, "a stats message with answered_by")
+    last = [s for s in probe.stats if s.get("answered_by")][-1]
+    assert set(last["answered_by"]) <= {"device-small", "server"}
+
+
+BASE = """
+device_id = "c"
+[model]
+path = "digits_resnet"
+[split]
+type = "fixed"
+k = 8
+[mqtt]
+host = "localhost"
+[[sensors]]
+topic = "s/+"
+format = "json"
+"""
+
+
+@pytest.mark.parametrize(
+    ("section", "needle"),
+    [
+        ('[cascade]\nsmall = "digits_tiny"\n', "both small and threshold"),
+        ('[cascade]\nthreshold = 0.5\ncalibration = "cal.json"\n', "not both"),
+        ('[cascade]\nsmall = "mobilenetv2_035"\nthreshold = 0.5\n', "differs from the big model"),
+        ('[cascade]\ncalibration = "other.json"\n', "calibrated for another big model"),
+    ],
+)
+def test_a_bad_cascade_section_is_one_clear_error(tmp_path: Path, section: str, needle: str) -> None:
+    tiny = ModelGraph.from_file(models.model_path("digits_tiny"))
+    curve = sweep([0.9], [True], [True], 1.0)
+    Calibration(
+        rule="maxprob",
+        threshold=0.9,
+        big=ModelRef("digits_resnet_f32", "1" * 64),
+        small=ModelRef("digits_tiny", tiny.sha256),
+        split_point=8,
+        chosen=curve[0],
+        curve=tuple(curve),
+    ).save(tmp_path / "other.json")
+    path = tmp_path / "p.toml"
+    path.write_text(BASE + section)
+    with pytest.raises(ConfigError, match=needle):
+        resolve(load(path), path)
+
+
+def test_a_calibration_file_sets_the_cascade(tmp_path: Path) -> None:
+    big = ModelGraph.from_file(models.model_path("digits_resnet"))
+    tiny = ModelGraph.from_file(models.model_path("digits_tiny"))
+    curve = sweep([0.9, 0.3], [True, False], [True, True], 2048.0)
+    Calibration(
+        rule="entropy",
+        threshold=0.9,
+        big=ModelRef("digits_resnet", big.sha256),
+        small=ModelRef("digits_tiny", tiny.sha256),
+        split_point=8,
+        chosen=curve[1],
+        curve=tuple(curve),
+    ).save(tmp_path / "cal.json")
+    path = tmp_path / "p.toml"
+    path.write_text(BASE + '[cascade]\ncalibration = "cal.json"\n')
+    plan = resolve(load(path), path).cascade
+    assert plan is not None and plan.rule == "entropy" and plan.threshold == 0.9
+    assert plan.small.sha256 == tiny.sha256 and np.isfinite(plan.threshold)
