@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cascade import Calibration, Cascade
 from ..errors import EdgeError
+from ..runner import ModelRunner
 from .common import add_device_args, add_server_args, load_graph, load_inputs, open_runner
 
 __all__ = ["register"]
@@ -33,6 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", metavar="FILE.npz", help="write the outputs here, keyed by output tensor name")
     p.add_argument("--local", action="store_true", help="run the whole model on this device; no network")
+    p.add_argument(
+        "--cascade",
+        type=Path,
+        metavar="CAL.json",
+        help="first run the calibration's small model here, and answer with it when it is sure enough "
+        "(a file from edge calibrate for MODEL)",
+    )
     p.set_defaults(func=run)
 
 
@@ -40,9 +49,24 @@ def run(args: argparse.Namespace) -> int:
     graph = load_graph(args.model)
     feeds = load_inputs(graph, args.input)
     output = _output_path(args.output) if args.output else None
+    calibration = Calibration.load(args.cascade) if args.cascade else None
+    if calibration is not None and calibration.big.sha256 != graph.sha256:
+        raise EdgeError(f"{args.cascade} was calibrated for another model than {args.model}")
+    small = calibration.small.load("small") if calibration is not None else None
     device = open_runner(args, graph, local=args.local)
+    routed = None
     try:
-        result = device.infer(feeds)
+        if calibration is not None and small is not None:
+            cascade = Cascade.from_calibration(
+                calibration, ModelRunner(small, backend=args.backend, threads=args.threads), device
+            )
+            try:
+                routed = cascade.infer(feeds)
+            finally:
+                cascade.close()
+            result = routed.inference
+        else:
+            result = device.infer(feeds)
     finally:
         device.close()
     if output is not None:
@@ -51,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
                 np.savez(fh, **result.outputs)  # type: ignore[arg-type]  # numpy's stub
         except OSError as err:
             raise EdgeError(f"cannot write {output}: {err.strerror or err}") from err
+    if routed is not None:
+        print(
+            f"answered by {routed.answered_by}: confidence {routed.confidence:.4f} "
+            f"({'at or above' if not routed.escalated else 'below'} the threshold {routed.threshold:.4f})"
+        )
     t = result.timings
     where = "local" if not result.offloaded and not result.fallback else f"cut {result.split_point}"
     print(

@@ -28,6 +28,7 @@ from edge.cli import main
 from edge.cooperative import CooperativeRunner
 from edge.errors import ConfigError, EdgeError
 from edge.graph import ModelGraph
+from edge.outputs import dequantize
 from edge.runner import ModelRunner
 from edge.transport import TailClient
 
@@ -170,3 +171,40 @@ def test_local_answers_are_the_small_models_and_escalated_ones_the_big_models(
         finally:
             cascade.close()
     assert seen == {"device-small", "server"}
+
+
+def test_edge_infer_with_a_cascade_answers_with_the_stage_that_was_sure(
+    tmp_path: Path, server_process: tuple[subprocess.Popen[bytes], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One held-out digit digits_tiny is sure of, and one it is not: the outputs written are the model's
+    that answered, and the line says which."""
+    big = ModelGraph.from_file(models.model_path("digits_resnet"))
+    small = ModelGraph.from_file(models.model_path("digits_tiny"))
+    sample = models.digits_sample()
+    with ModelRunner(small) as s:
+        out = small.outputs[0]
+        conf = [
+            confidence(
+                dequantize(s.run({small.inputs[0].name: sample.x[i : i + 1]})[out.name], out), "maxprob"
+            )
+            for i in range(200)
+        ]
+    threshold = float(np.median(conf))
+    sure, unsure = int(np.argmax(conf)), int(np.argmin(conf))
+    curve = sweep(conf, [True] * 200, [True] * 200, 2048.0)
+    cal = tmp_path / "cal.json"
+    Calibration(rule="maxprob", threshold=threshold, big=ModelRef("digits_resnet", big.sha256),
+                small=ModelRef("digits_tiny", small.sha256), split_point=8, chosen=curve[0],
+                curve=tuple(curve)).save(cal)  # fmt: skip
+    _, address = server_process
+    for i, stage, graph in ((sure, "device-small", small), (unsure, "server", big)):
+        np.save(tmp_path / "x.npy", sample.x[i])
+        out = tmp_path / f"y{i}.npz"
+        argv = ["infer", "--model", "digits_resnet", "--input", str(tmp_path / "x.npy"), "--cascade", str(cal),
+                "--server", address, "--split-at", "8", "--output", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        assert f"answered by {stage}" in capsys.readouterr().out
+        with ModelRunner(graph) as runner, np.load(out) as written:
+            want = runner.run({graph.inputs[0].name: sample.x[i : i + 1]})
+            assert set(written.files) == set(want)
+            assert all(np.array_equal(written[k], v) for k, v in want.items())
