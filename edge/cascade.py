@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +49,7 @@ __all__ = [
     "ModelRef",
     "choose",
     "confidence",
+    "relaxed_threshold",
     "sweep",
 ]
 
@@ -271,10 +272,38 @@ class CascadeResult:
         return self.inference.bytes_sent
 
 
-class Cascade:
-    """The router: ``small`` answers when sure enough, ``big`` (a cooperative runner) otherwise."""
+def relaxed_threshold(curve: Sequence[CurvePoint], chosen: CurvePoint, max_extra_loss_pp: float) -> float:
+    """The lowest threshold on ``curve`` whose loss is at most ``max_extra_loss_pp`` above the chosen
+    point's: what the router may go down to while escalating is in trouble."""
+    bound = chosen.loss_pp + max_extra_loss_pp + 1e-9
+    allowed = [p.threshold for p in curve if p.loss_pp <= bound and p.threshold <= chosen.threshold]
+    return min(allowed, default=chosen.threshold)
 
-    def __init__(self, small: ModelRunner, big: CooperativeRunner, *, rule: Rule, threshold: float) -> None:
+
+class Cascade:
+    """The router: ``small`` answers when sure enough, ``big`` (a cooperative runner) otherwise.
+
+    Adaptive: with a ``relaxed`` threshold (below ``threshold``; see :func:`relaxed_threshold`),
+    an escalation that went badly (it fell back to the device: the server unreachable, refusing
+    for overload or past its deadline; or it took longer than ``deadline_ms``) puts the router
+    under pressure. It then answers locally down to ``relaxed``, and goes back to ``threshold``
+    after ``recover_after`` escalations in a row went well, or ``hold_s`` after the last bad one
+    (when so few escalate that none comes to say the trouble is over).
+    """
+
+    def __init__(
+        self,
+        small: ModelRunner,
+        big: CooperativeRunner,
+        *,
+        rule: Rule,
+        threshold: float,
+        relaxed: float | None = None,
+        deadline_ms: float | None = None,
+        recover_after: int = 5,
+        hold_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         check_pair(small.graph, big.runner.graph)
         if rule not in RULES:
             raise EdgeError(f"unknown confidence rule {rule!r}; choose one of: {', '.join(RULES)}")
@@ -282,13 +311,59 @@ class Cascade:
         self.big = big
         self.rule: Rule = rule
         self.threshold = threshold
+        self.relaxed = min(relaxed, threshold) if relaxed is not None else threshold
+        self.deadline_ms = deadline_ms
+        self.recover_after = max(1, recover_after)
+        self.hold_s = hold_s
+        self._clock = clock
+        self._pressed_at: float | None = None
+        self._good = 0
         self._output = small.graph.outputs[0]
+
+    @property
+    def pressed(self) -> bool:
+        """Under pressure: escalating went badly lately."""
+        if self._pressed_at is not None and self._clock() - self._pressed_at >= self.hold_s:
+            self._pressed_at, self._good = None, 0
+        return self._pressed_at is not None
+
+    @property
+    def in_force(self) -> float:
+        """The threshold the next request is held to."""
+        return self.relaxed if self.pressed else self.threshold
 
     @classmethod
     def from_calibration(
-        cls, calibration: Calibration, small: ModelRunner, big: CooperativeRunner
+        cls,
+        calibration: Calibration,
+        small: ModelRunner,
+        big: CooperativeRunner,
+        *,
+        max_extra_loss_pp: float | None = None,
+        deadline_ms: float | None = None,
     ) -> Cascade:
-        return cls(small, big, rule=calibration.rule, threshold=calibration.threshold)
+        relaxed = (
+            relaxed_threshold(calibration.curve, calibration.chosen, max_extra_loss_pp)
+            if max_extra_loss_pp is not None
+            else None
+        )
+        return cls(
+            small,
+            big,
+            rule=calibration.rule,
+            threshold=calibration.threshold,
+            relaxed=relaxed,
+            deadline_ms=deadline_ms,
+        )
+
+    def _observe(self, result: InferenceResult) -> None:
+        bad = result.fallback or (self.deadline_ms is not None and result.timings.e2e_ms > self.deadline_ms)
+        if bad:
+            self._pressed_at, self._good = self._clock(), 0
+        elif self.pressed:
+            self._good += 1
+            if self._good >= self.recover_after:
+                self._pressed_at, self._good = None, 0
 
     def small_confidence(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         outputs = self.small.run(self.small_inputs(inputs))
@@ -302,18 +377,18 @@ class Cascade:
 
     def infer(self, inputs: Mapping[str, np.ndarray], *, request_id: str = "") -> CascadeResult:
         started = time.perf_counter()
+        threshold = self.in_force
         outputs, sure = self.small_confidence(inputs)
-        if sure >= self.threshold:
+        if sure >= threshold:
             ms = (time.perf_counter() - started) * 1000.0
             local = InferenceResult(
                 outputs, self.small.graph.num_operators, False, StageTimings(head_ms=ms, e2e_ms=ms)
             )
-            return CascadeResult(
-                outputs, self.small.graph.outputs, "device-small", sure, self.threshold, local
-            )
+            return CascadeResult(outputs, self.small.graph.outputs, "device-small", sure, threshold, local)
         result = self.big.infer(inputs, request_id=request_id)
+        self._observe(result)
         by: AnsweredBy = "server" if result.offloaded else "device-big"
-        return CascadeResult(result.outputs, self.big.runner.graph.outputs, by, sure, self.threshold, result)
+        return CascadeResult(result.outputs, self.big.runner.graph.outputs, by, sure, threshold, result)
 
     def close(self) -> None:
         self.small.close()

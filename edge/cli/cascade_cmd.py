@@ -85,6 +85,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data", required=True, type=Path, metavar="FILE.npz", help="x (inputs) and y (integer labels)"
     )
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument(
+        "--max-extra-loss",
+        type=non_negative_float,
+        metavar="PP",
+        help="adaptive: while escalating goes badly, answer locally down to the threshold losing at most PP "
+        "more (by the calibration's curve)",
+    )
+    e.add_argument(
+        "--escalation-deadline-ms",
+        type=positive_float,
+        metavar="MS",
+        help="adaptive: an escalation slower than this counts as going badly",
+    )
     add_backend_args(e)
     add_server_args(e)
     e.set_defaults(func=evaluate)
@@ -190,7 +203,14 @@ def evaluate(args: argparse.Namespace) -> int:
         args.split_at = str(calibration.split_point)
     device = open_runner(args, big, local=not args.server)
     small_runner = ModelRunner(small, backend=args.backend, threads=args.threads)
-    cascade = Cascade.from_calibration(calibration, small_runner, device)
+    cascade = Cascade.from_calibration(
+        calibration,
+        small_runner,
+        device,
+        max_extra_loss_pp=args.max_extra_loss,
+        deadline_ms=args.escalation_deadline_ms,
+    )
+    relaxed_answers = 0
     correct, local, escalated, sent, fallbacks = 0, 0, 0, 0, 0
     reference = ModelRunner(big, backend=args.backend, threads=args.threads)
     confidences, small_correct, big_correct = [], [], []
@@ -202,6 +222,7 @@ def evaluate(args: argparse.Namespace) -> int:
             )
             correct += label == y
             local += not result.escalated
+            relaxed_answers += not result.escalated and result.confidence < calibration.threshold
             escalated += result.escalated
             sent += result.bytes_sent
             fallbacks += result.inference.fallback
@@ -221,6 +242,7 @@ def evaluate(args: argparse.Namespace) -> int:
                      float(np.mean(big_correct)), sent / n, curve)  # fmt: skip
     report["escalated"] = escalated
     report["fallbacks"] = fallbacks
+    report["relaxed_answers"] = relaxed_answers
     _print(report, args.json, f"{n} samples from {args.data}; {escalated} escalated, {fallbacks} fell back")
     return 0
 

@@ -113,6 +113,21 @@ class CascadeConfig(_Strict):
         le=1.0,
         description="Without a calibration: answer locally at this confidence or above.",
     )
+    max_extra_loss_pp: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        description="With a calibration: while escalating goes badly (the server unreachable or refusing, or "
+        "past deadline_ms), accept local answers down to the threshold whose calibrated accuracy loss is at "
+        "most this many percentage points above the chosen one's; back to the calibrated threshold once "
+        "escalations go well again.",
+    )
+    deadline_ms: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=600_000.0,
+        description="An escalation slower than this counts as going badly.",
+    )
 
     @model_validator(mode="after")
     def _source(self) -> CascadeConfig:
@@ -120,6 +135,8 @@ class CascadeConfig(_Strict):
             raise ValueError("give a calibration, or small and threshold, not both")
         if self.calibration is None and (self.small is None or self.threshold is None):
             raise ValueError("give a calibration file, or both small and threshold")
+        if self.max_extra_loss_pp is not None and self.calibration is None:
+            raise ValueError("max_extra_loss_pp reads the calibration's curve: give a calibration file")
         return self
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import models
 from ..backends import create_backend
-from ..cascade import Calibration, Cascade, Rule, check_pair
+from ..cascade import Calibration, Cascade, Rule, check_pair, relaxed_threshold
 from ..cooperative import CooperativeRunner
 from ..errors import ConfigError, EdgeError
 from ..graph import ModelGraph
@@ -53,6 +53,9 @@ class CascadePlan:
     small: ModelGraph
     rule: Rule
     threshold: float
+    relaxed: float | None = None
+    """The lowest threshold allowed while escalating goes badly (None: never relaxed)."""
+    deadline_ms: float | None = None
 
 
 def resolve(profile: DeviceProfile, source: Path) -> ResolvedProfile:
@@ -95,11 +98,16 @@ def _resolve_cascade(profile: DeviceProfile, graph: ModelGraph, source: Path) ->
             small = calibration.small.load("small")
         except EdgeError as err:
             raise ConfigError(f"{source}: cascade.calibration: {err}") from err
-        plan = CascadePlan(small, calibration.rule, calibration.threshold)
+        relaxed = (
+            relaxed_threshold(calibration.curve, calibration.chosen, config.max_extra_loss_pp)
+            if config.max_extra_loss_pp is not None
+            else None
+        )
+        plan = CascadePlan(small, calibration.rule, calibration.threshold, relaxed, config.deadline_ms)
     else:
         assert config.small is not None and config.threshold is not None  # the config's validator
         small = ModelGraph.from_file(_resolve_model(config.small, source, key="cascade.small"))
-        plan = CascadePlan(small, config.rule, config.threshold)
+        plan = CascadePlan(small, config.rule, config.threshold, None, config.deadline_ms)
     try:
         check_pair(plan.small, graph)
     except EdgeError as err:
@@ -114,7 +122,14 @@ def open_cascade(resolved: ResolvedProfile, device: CooperativeRunner) -> Cascad
         return None
     runtime = resolved.profile.runtime
     small = ModelRunner(plan.small, backend=runtime.backend, threads=runtime.threads)
-    return Cascade(small, device, rule=plan.rule, threshold=plan.threshold)
+    return Cascade(
+        small,
+        device,
+        rule=plan.rule,
+        threshold=plan.threshold,
+        relaxed=plan.relaxed,
+        deadline_ms=plan.deadline_ms,
+    )
 
 
 def preflight(resolved: ResolvedProfile) -> None:

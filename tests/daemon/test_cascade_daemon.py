@@ -94,6 +94,7 @@ format = "json"
         ('[cascade]\nthreshold = 0.5\ncalibration = "cal.json"\n', "not both"),
         ('[cascade]\nsmall = "mobilenetv2_035"\nthreshold = 0.5\n', "differs from the big model"),
         ('[cascade]\ncalibration = "other.json"\n', "calibrated for another big model"),
+        ('[cascade]\nsmall = "digits_tiny"\nthreshold = 0.5\nmax_extra_loss_pp = 1\n', "give a calibration file"),
     ],
 )
 def test_a_bad_cascade_section_is_one_clear_error(tmp_path: Path, section: str, needle: str) -> None:
@@ -128,7 +129,8 @@ def test_a_calibration_file_sets_the_cascade(tmp_path: Path) -> None:
         curve=tuple(curve),
     ).save(tmp_path / "cal.json")
     path = tmp_path / "p.toml"
-    path.write_text(BASE + '[cascade]\ncalibration = "cal.json"\n')
+    path.write_text(BASE + '[cascade]\ncalibration = "cal.json"\nmax_extra_loss_pp = 60\ndeadline_ms = 40\n')
     plan = resolve(load(path), path).cascade
     assert plan is not None and plan.rule == "entropy" and plan.threshold == 0.9
+    assert plan.relaxed == 0.3 and plan.deadline_ms == 40  # one mistake in two is 50 pp: within 60
     assert plan.small.sha256 == tiny.sha256 and np.isfinite(plan.threshold)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,59 @@ def test_edge_infer_with_a_cascade_answers_with_the_stage_that_was_sure(
             want = runner.run({graph.inputs[0].name: sample.x[i : i + 1]})
             assert set(written.files) == set(want)
             assert all(np.array_equal(written[k], v) for k, v in want.items())
+
+
+def test_the_threshold_relaxes_while_escalating_fails_and_returns_after() -> None:
+    """Calibrated threshold 0.99 (most held-out digits escalate), relaxed 0.5. The server stops: the
+    first escalation falls back to the device, and the router then answers locally down to 0.5
+    (flagged by the threshold in force); the server comes back on its port, the hold expires, and
+    the calibrated threshold is in force again, escalating to the server."""
+    from helpers import free_port
+    from server.embedded import BackgroundServer
+
+    big = ModelGraph.from_file(models.model_path("digits_resnet"))
+    small = ModelGraph.from_file(models.model_path("digits_tiny"))
+    sample = models.digits_sample()
+    now = [0.0]
+    port = free_port()
+    paths = [models.model_path("digits_resnet")]
+    server = BackgroundServer.from_files(paths, port=port).__enter__()
+    device = CooperativeRunner(ModelRunner(big), TailClient(f"127.0.0.1:{port}", timeout_s=2.0),
+                               model_name="digits_resnet", policy=8, retry_after_s=0.0)  # fmt: skip
+    cascade = Cascade(ModelRunner(small), device, rule="maxprob", threshold=0.99, relaxed=0.5, hold_s=5.0,
+                      clock=lambda: now[0])  # fmt: skip
+
+    def run(i: int):  # type: ignore[no-untyped-def]
+        return cascade.infer({big.inputs[0].name: sample.x[i : i + 1]})
+
+    try:
+        first = [run(i) for i in range(40)]
+        assert {r.threshold for r in first} == {0.99} and any(r.answered_by == "server" for r in first)
+        server.__exit__(None, None, None)
+        results = [run(i) for i in range(40)]
+        failed = next(k for k, r in enumerate(results) if r.escalated)
+        assert results[failed].answered_by == "device-big" and results[failed].inference.fallback
+        after = results[failed + 1 :]
+        assert after and {r.threshold for r in after} == {0.5} and cascade.pressed
+        assert all(r.answered_by == "device-small" for r in after if r.confidence >= 0.5)
+        server = BackgroundServer.from_files(paths, port=port).__enter__()
+        deadline = time.monotonic() + 30
+        while not device.circuit.available() and time.monotonic() < deadline:  # the device sees it back
+            time.sleep(0.05)
+        now[0] += 5.0  # the hold expires
+        back = [run(i) for i in range(40)]
+        assert {r.threshold for r in back} == {0.99} and not cascade.pressed
+        assert any(r.answered_by == "server" for r in back), [r.answered_by for r in back]
+    finally:
+        cascade.close()
+        server.__exit__(None, None, None)
+
+
+def test_the_relaxed_threshold_is_bounded_by_the_curve() -> None:
+    curve = sweep([0.99, 0.95, 0.9, 0.8, 0.6, 0.5], [True] * 4 + [False] * 2, [True] * 6, 1000.0)
+    chosen = choose(curve)  # 0.8, no loss
+    from edge.cascade import relaxed_threshold
+
+    assert relaxed_threshold(curve, chosen, 0.0) == 0.8
+    assert relaxed_threshold(curve, chosen, 20.0) == 0.6  # one more mistake in six: 16.7 pp
+    assert relaxed_threshold(curve, chosen, 50.0) == 0.5
