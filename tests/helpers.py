@@ -21,7 +21,7 @@ from edge.protocol import pb_grpc
 REPO = Path(__file__).resolve().parents[1]
 
 # What tools/build_models.py ships; a missing one fails at collection.
-SHIPPED = ["digits_resnet", "digits_resnet_f32", "digits_tiny", "mobilenetv2_035"]
+SHIPPED = ["digits_resnet", "digits_resnet_exit", "digits_resnet_f32", "digits_tiny", "mobilenetv2_035"]
 
 # The numpy type each OIP datatype must map to, written out independently of edge.codec.
 NUMPY_TYPES = {

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import flatbuffers
 import numpy as np
 
 # Must be set before TensorFlow is imported: quieter logs, and oneDNN's fused
@@ -56,6 +57,7 @@ SAMPLE_SIZE = 200
 CALIBRATION_SIZE = 300
 MOBILENET_CALIBRATION_SIZE = 20
 RESNET_EPOCHS = 20
+EXIT_EPOCHS = 40
 TINY_EPOCHS = 60
 BATCH_SIZE = 32
 
@@ -137,6 +139,87 @@ def build_resnet(batch_size: int | None = None) -> tf.keras.Model:
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = layers.Dense(10, name="logits")(x)
     return tf.keras.Model(inputs, outputs, name="digits_resnet")
+
+
+def build_resnet_exit(batch_size: int | None = None) -> tf.keras.Model:
+    """digits_resnet with an early exit (BranchyNet-style) after block2 and a 1x1 bottleneck, where one
+    int8 [1, 8, 8, 12] tensor (768 bytes, three quarters of the input) is live: pooled and classified there.
+    Outputs: the exit's logits, then the final logits."""
+    layers = tf.keras.layers
+    inputs = layers.Input((IMAGE_SIZE, IMAGE_SIZE, 1), batch_size=batch_size, name="image")
+    x = _conv_bn(inputs, 16, 3, 2, relu=True, name="stem")
+    x = _residual_block(x, 16, 1, "block1")
+    x = _residual_block(x, 32, 2, "block2")
+    x = _conv_bn(x, 12, 1, 1, relu=True, name="bottleneck")  # 8x8x12: the exit reads here
+    e = layers.GlobalAveragePooling2D(name="exit_pool")(x)
+    exit_logits = layers.Dense(10, name="exit_logits")(e)
+    x = _residual_block(x, 32, 1, "block3")
+    x = _residual_block(x, 64, 2, "block4")
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    logits = layers.Dense(10, name="logits")(x)
+    return tf.keras.Model(inputs, {"a_exit": exit_logits, "b_final": logits}, name="digits_resnet_exit")
+
+
+def train_exit(model: tf.keras.Model, data: Dataset, epochs: int) -> None:
+    """Both heads at once: the exit's loss and the final one's, weighted alike."""
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss={"a_exit": loss, "b_final": loss})
+    logger.info("training %s (%d params) for %d epochs", model.name, model.count_params(), epochs)
+    targets = {"a_exit": data.y_train, "b_final": data.y_train}
+    model.fit(data.x_train, targets, batch_size=BATCH_SIZE, epochs=epochs, shuffle=True, verbose=2)
+
+
+def exit_first(model_bytes: bytes, exit_output: int) -> bytes:
+    """The same graph with the operators that only the exit output needs moved as early as their
+    inputs allow, so that the exit is computed in the head of every cut after the point it reads.
+
+    The converter may schedule the exit branch last. Moving operators within a topological order
+    changes no operator, tensor or buffer: the outputs stay bit for bit what they were.
+    """
+    model = schema.ModelT.InitFromPackedBuf(model_bytes, 0)
+    subgraph = model.subgraphs[0]
+    ops = subgraph.operators
+    producer = {int(t): i for i, op in enumerate(ops) for t in op.outputs}
+
+    def ancestors(tensor: int) -> set[int]:
+        seen: set[int] = set()
+        stack = [producer[tensor]] if tensor in producer else []
+        while stack:
+            i = stack.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            stack += [producer[int(t)] for t in ops[i].inputs if int(t) in producer]
+        return seen
+
+    outputs = [int(t) for t in subgraph.outputs]
+    branch = ancestors(outputs[exit_output]) - set().union(*(ancestors(t) for j, t in enumerate(outputs) if j != exit_output))
+    order: list[int] = []
+    done: set[int] = set()
+
+    def ready(i: int) -> bool:
+        return all(int(t) not in producer or producer[int(t)] in done for t in ops[i].inputs)
+
+    pending = sorted(branch)
+    for i in range(len(ops)):
+        if i in branch:
+            continue
+        order.append(i)
+        done.add(i)
+        progress = True
+        while progress:
+            progress = False
+            for j in list(pending):
+                if ready(j):
+                    order.append(j)
+                    done.add(j)
+                    pending.remove(j)
+                    progress = True
+    order += pending
+    subgraph.operators = [ops[i] for i in order]
+    builder = flatbuffers.Builder(len(model_bytes) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def build_tiny(batch_size: int | None = None) -> tf.keras.Model:
@@ -368,10 +451,17 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO_ROOT / "edge" / "models",
         help="output directory (default: edge/models in the repo)",
     )
+    parser.add_argument(
+        "--only",
+        choices=["digits_resnet_exit"],
+        help="build only this model, and update its entry in the existing manifest (the others stay as they are)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.only:
+        return build_exit_only(out)
 
     seed_everything(SEED)
     data = load_dataset()
@@ -417,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     if resnet_q != tiny_q:
         logger.warning("digits_tiny input quantization %s differs from digits_resnet %s", tiny_q, resnet_q)
 
+    manifest["models"]["digits_resnet_exit"] = build_exit(out, data, calibration)
+
     # mobilenetv2_035: random weights, only for timing a realistically sized model.
     seed_everything(SEED + 3)
     mobilenet = build_mobilenet(1)
@@ -450,6 +542,56 @@ def main(argv: list[str] | None = None) -> int:
 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("wrote %s", out / "manifest.json")
+    _print_summary(manifest)
+    return 0
+
+
+def build_exit(out: Path, data: Dataset, calibration: np.ndarray) -> dict[str, Any]:
+    """digits_resnet_exit (int8): trained with both heads, exit operators scheduled early."""
+    model = _seeded(SEED + 4, build_resnet_exit)
+    train_exit(model, data, EXIT_EPOCHS)
+    model = batch_one(model, build_resnet_exit)
+    blob = to_int8_tflite(model, calibration)
+    interpreter = make_interpreter(blob)
+    names = [d["name"] for d in interpreter.get_output_details()]
+    # The signature orders outputs by key: a_exit first. Check it against the graph's own outputs.
+    exit_index = next((i for i, n in enumerate(names) if "a_exit" in n), 0)
+    blob = exit_first(blob, exit_index)
+    accuracies = evaluate_outputs(blob, data.x_test, data.y_test)
+    logger.info("digits_resnet_exit: held-out accuracy per output %s", accuracies)
+    _write(out / "digits_resnet_exit.tflite", blob)
+    entry = describe("digits_resnet_exit.tflite", blob, True, max(accuracies), len(data.y_test))
+    entry["held_out_accuracy_per_output"] = accuracies
+    return entry
+
+
+def evaluate_outputs(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> list[float]:
+    """Top-1 accuracy of every output of a classifier with several heads."""
+    interpreter = make_interpreter(model_bytes)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]
+    outs = interpreter.get_output_details()
+    scale, zero_point = inp["quantization"]
+    xq = quantize(x, scale, zero_point)
+    correct = [0] * len(outs)
+    for image, label in zip(xq, y, strict=True):
+        interpreter.set_tensor(inp["index"], image[np.newaxis])
+        interpreter.invoke()
+        for j, out in enumerate(outs):
+            correct[j] += int(np.argmax(interpreter.get_tensor(out["index"])[0]) == label)
+    return [c / len(y) for c in correct]
+
+
+def build_exit_only(out: Path) -> int:
+    seed_everything(SEED)
+    data = load_dataset()
+    rng = np.random.default_rng(SEED)
+    calibration = data.x_train[rng.choice(len(data.x_train), CALIBRATION_SIZE, replace=False)]
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["models"]["digits_resnet_exit"] = build_exit(out, data, calibration)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    logger.info("updated %s", manifest_path)
     _print_summary(manifest)
     return 0
 

@@ -94,7 +94,10 @@ format = "json"
         ('[cascade]\nthreshold = 0.5\ncalibration = "cal.json"\n', "not both"),
         ('[cascade]\nsmall = "mobilenetv2_035"\nthreshold = 0.5\n', "differs from the big model"),
         ('[cascade]\ncalibration = "other.json"\n', "calibrated for another big model"),
-        ('[cascade]\nsmall = "digits_tiny"\nthreshold = 0.5\nmax_extra_loss_pp = 1\n', "give a calibration file"),
+        (
+            '[cascade]\nsmall = "digits_tiny"\nthreshold = 0.5\nmax_extra_loss_pp = 1\n',
+            "give a calibration file",
+        ),
     ],
 )
 def test_a_bad_cascade_section_is_one_clear_error(tmp_path: Path, section: str, needle: str) -> None:

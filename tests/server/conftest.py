@@ -7,9 +7,10 @@ from collections.abc import Iterator
 import pytest
 
 from edge import models
+from helpers import SHIPPED
 from server.embedded import BackgroundServer
 
-SERVED = ["digits_resnet", "digits_resnet_f32", "digits_tiny", "mobilenetv2_035"]
+SERVED = SHIPPED
 
 
 @pytest.fixture(scope="module")

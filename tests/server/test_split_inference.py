@@ -1,7 +1,7 @@
 """Split inference through a real server: outputs equal the whole model's, and fallback keeps them so.
 
-Covered: every cut 0..N of every shipped model (digits_resnet, digits_tiny, digits_resnet_f32 and
-mobilenetv2_035), multi-tensor cuts included, and mobilenetv2_035's cut tensors named with up to 402
+Covered: every cut 0..N of every shipped model (helpers.SHIPPED: digits_resnet, digits_resnet_exit with
+its two outputs, digits_resnet_f32, digits_tiny and mobilenetv2_035), multi-tensor cuts included, and mobilenetv2_035's cut tensors named with up to 402
 characters. Inputs: a seeded random tensor spanning the input's range.
 """
 
@@ -23,13 +23,13 @@ from edge.graph import ModelGraph
 from edge.protocol import pb, pb_grpc
 from edge.runner import ModelRunner
 from edge.transport import TailClient
-from helpers import grpc_peer, seeded_inputs
+from helpers import SHIPPED, grpc_peer, seeded_inputs
 from server.embedded import BackgroundServer
 
 
 def _cases() -> list[tuple[str, int]]:
     cases = []
-    for name in ("digits_resnet", "digits_tiny", "digits_resnet_f32", "mobilenetv2_035"):
+    for name in SHIPPED:
         n = ModelGraph.from_file(models.model_path(name)).num_operators
         cases += [(name, k) for k in range(n + 1)]
     return cases
