@@ -193,7 +193,9 @@ def exit_first(model_bytes: bytes, exit_output: int) -> bytes:
         return seen
 
     outputs = [int(t) for t in subgraph.outputs]
-    branch = ancestors(outputs[exit_output]) - set().union(*(ancestors(t) for j, t in enumerate(outputs) if j != exit_output))
+    branch = ancestors(outputs[exit_output]) - set().union(
+        *(ancestors(t) for j, t in enumerate(outputs) if j != exit_output)
+    )
     order: list[int] = []
     done: set[int] = set()
 
