@@ -28,11 +28,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from .cooperative import CooperativeRunner, InferenceResult, StageTimings
+from .cooperative import CooperativeRunner, EarlyStop, FixedSplit, InferenceResult, StageTimings
 from .errors import ConfigError, EdgeError
 from .fileio import write_atomic
 from .graph import ModelGraph, TensorInfo
@@ -46,9 +46,14 @@ __all__ = [
     "Cascade",
     "CascadeResult",
     "CurvePoint",
+    "EarlyExit",
     "ModelRef",
+    "Pressure",
+    "Router",
     "choose",
     "confidence",
+    "exit_outputs",
+    "open_router",
     "relaxed_threshold",
     "sweep",
 ]
@@ -56,7 +61,13 @@ __all__ = [
 Rule = Literal["maxprob", "margin", "entropy"]
 RULES: tuple[Rule, ...] = ("maxprob", "margin", "entropy")
 CALIBRATION_FORMAT = "edge-cascade-calibration/1"
-AnsweredBy = Literal["device-small", "server", "device-big"]
+AnsweredBy = Literal["device-exit", "device-small", "server", "device-big"]
+
+
+def _rule(rule: str) -> Rule:
+    if rule not in RULES:
+        raise EdgeError(f"unknown confidence rule {rule!r}; choose one of: {', '.join(RULES)}")
+    return rule  # type: ignore[return-value]
 
 
 def confidence(values: np.ndarray, rule: Rule) -> float:
@@ -178,7 +189,8 @@ class Calibration:
     rule: Rule
     threshold: float
     big: ModelRef
-    small: ModelRef
+    small: ModelRef | None
+    """The small model run first (a cascade), or None for an early exit of ``big``."""
     split_point: int
     """The big model's cut escalated requests are sent at (its bytes count in ``bytes_per_request``)."""
     chosen: CurvePoint
@@ -186,6 +198,8 @@ class Calibration:
     data: str = ""
     samples: int = 0
     target: dict[str, float] = field(default_factory=dict)
+    exit_output: str | None = None
+    """The big model's early-exit output whose confidence decides (instead of a small model)."""
 
     def to_json(self) -> str:
         body = asdict(self)
@@ -211,16 +225,23 @@ class Calibration:
                 rule=rule,
                 threshold=_unfinite(body["threshold"]),
                 big=ModelRef(**body["big"]),
-                small=ModelRef(**body["small"]),
+                small=ModelRef(**body["small"]) if body.get("small") is not None else None,
                 split_point=int(body["split_point"]),
                 chosen=_point(body["chosen"]),
                 curve=tuple(_point(p) for p in body["curve"]),
                 data=str(body.get("data", "")),
                 samples=int(body.get("samples", 0)),
                 target={str(k): float(v) for k, v in body.get("target", {}).items()},
+                exit_output=body.get("exit_output"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ConfigError(f"{source}: not a usable calibration: {err}") from err
+
+    def relaxed(self, max_extra_loss_pp: float | None) -> float | None:
+        """The lowest threshold within ``max_extra_loss_pp`` of the chosen loss (None: no relaxing)."""
+        if max_extra_loss_pp is None:
+            return None
+        return relaxed_threshold(self.curve, self.chosen, max_extra_loss_pp)
 
     def save(self, path: Path) -> None:
         try:
@@ -265,7 +286,7 @@ class CascadeResult:
 
     @property
     def escalated(self) -> bool:
-        return self.answered_by != "device-small"
+        return self.answered_by not in ("device-small", "device-exit")
 
     @property
     def bytes_sent(self) -> int:
@@ -280,15 +301,61 @@ def relaxed_threshold(curve: Sequence[CurvePoint], chosen: CurvePoint, max_extra
     return min(allowed, default=chosen.threshold)
 
 
+class Pressure:
+    """The threshold in force, for a router that escalates: ``threshold``, or ``relaxed`` (below it;
+    see :func:`relaxed_threshold`) while escalating goes badly.
+
+    An escalation that fell back to the device (the server unreachable, refusing for overload or
+    past its deadline), or took longer than ``deadline_ms``, puts the router under pressure; it goes
+    back to ``threshold`` after ``recover_after`` escalations in a row went well, or ``hold_s``
+    after the last bad one (when so few escalate that none comes to say the trouble is over).
+    """
+
+    def __init__(
+        self,
+        threshold: float,
+        relaxed: float | None = None,
+        *,
+        deadline_ms: float | None = None,
+        recover_after: int = 5,
+        hold_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold = threshold
+        self.relaxed = min(relaxed, threshold) if relaxed is not None else threshold
+        self.deadline_ms = deadline_ms
+        self.recover_after = max(1, recover_after)
+        self.hold_s = hold_s
+        self._clock = clock
+        self._pressed_at: float | None = None
+        self._good = 0
+
+    @property
+    def pressed(self) -> bool:
+        if self._pressed_at is not None and self._clock() - self._pressed_at >= self.hold_s:
+            self._pressed_at, self._good = None, 0
+        return self._pressed_at is not None
+
+    @property
+    def in_force(self) -> float:
+        """The threshold the next request is held to."""
+        return self.relaxed if self.pressed else self.threshold
+
+    def observe(self, result: InferenceResult) -> None:
+        """An escalation's outcome."""
+        bad = result.fallback or (self.deadline_ms is not None and result.timings.e2e_ms > self.deadline_ms)
+        if bad:
+            self._pressed_at, self._good = self._clock(), 0
+        elif self.pressed:
+            self._good += 1
+            if self._good >= self.recover_after:
+                self._pressed_at, self._good = None, 0
+
+
 class Cascade:
     """The router: ``small`` answers when sure enough, ``big`` (a cooperative runner) otherwise.
 
-    Adaptive: with a ``relaxed`` threshold (below ``threshold``; see :func:`relaxed_threshold`),
-    an escalation that went badly (it fell back to the device: the server unreachable, refusing
-    for overload or past its deadline; or it took longer than ``deadline_ms``) puts the router
-    under pressure. It then answers locally down to ``relaxed``, and goes back to ``threshold``
-    after ``recover_after`` escalations in a row went well, or ``hold_s`` after the last bad one
-    (when so few escalate that none comes to say the trouble is over).
+    The threshold adapts as :class:`Pressure` says, when ``relaxed`` is given.
     """
 
     def __init__(
@@ -305,32 +372,26 @@ class Cascade:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         check_pair(small.graph, big.runner.graph)
-        if rule not in RULES:
-            raise EdgeError(f"unknown confidence rule {rule!r}; choose one of: {', '.join(RULES)}")
         self.small = small
         self.big = big
-        self.rule: Rule = rule
-        self.threshold = threshold
-        self.relaxed = min(relaxed, threshold) if relaxed is not None else threshold
-        self.deadline_ms = deadline_ms
-        self.recover_after = max(1, recover_after)
-        self.hold_s = hold_s
-        self._clock = clock
-        self._pressed_at: float | None = None
-        self._good = 0
+        self.rule: Rule = _rule(rule)
+        self.pressure = Pressure(
+            threshold,
+            relaxed,
+            deadline_ms=deadline_ms,
+            recover_after=recover_after,
+            hold_s=hold_s,
+            clock=clock,
+        )
         self._output = small.graph.outputs[0]
 
     @property
-    def pressed(self) -> bool:
-        """Under pressure: escalating went badly lately."""
-        if self._pressed_at is not None and self._clock() - self._pressed_at >= self.hold_s:
-            self._pressed_at, self._good = None, 0
-        return self._pressed_at is not None
+    def threshold(self) -> float:
+        return self.pressure.threshold
 
     @property
-    def in_force(self) -> float:
-        """The threshold the next request is held to."""
-        return self.relaxed if self.pressed else self.threshold
+    def pressed(self) -> bool:
+        return self.pressure.pressed
 
     @classmethod
     def from_calibration(
@@ -342,28 +403,14 @@ class Cascade:
         max_extra_loss_pp: float | None = None,
         deadline_ms: float | None = None,
     ) -> Cascade:
-        relaxed = (
-            relaxed_threshold(calibration.curve, calibration.chosen, max_extra_loss_pp)
-            if max_extra_loss_pp is not None
-            else None
-        )
         return cls(
             small,
             big,
             rule=calibration.rule,
             threshold=calibration.threshold,
-            relaxed=relaxed,
+            relaxed=calibration.relaxed(max_extra_loss_pp),
             deadline_ms=deadline_ms,
         )
-
-    def _observe(self, result: InferenceResult) -> None:
-        bad = result.fallback or (self.deadline_ms is not None and result.timings.e2e_ms > self.deadline_ms)
-        if bad:
-            self._pressed_at, self._good = self._clock(), 0
-        elif self.pressed:
-            self._good += 1
-            if self._good >= self.recover_after:
-                self._pressed_at, self._good = None, 0
 
     def small_confidence(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         outputs = self.small.run(self.small_inputs(inputs))
@@ -377,7 +424,7 @@ class Cascade:
 
     def infer(self, inputs: Mapping[str, np.ndarray], *, request_id: str = "") -> CascadeResult:
         started = time.perf_counter()
-        threshold = self.in_force
+        threshold = self.pressure.in_force
         outputs, sure = self.small_confidence(inputs)
         if sure >= threshold:
             ms = (time.perf_counter() - started) * 1000.0
@@ -386,7 +433,7 @@ class Cascade:
             )
             return CascadeResult(outputs, self.small.graph.outputs, "device-small", sure, threshold, local)
         result = self.big.infer(inputs, request_id=request_id)
-        self._observe(result)
+        self.pressure.observe(result)
         by: AnsweredBy = "server" if result.offloaded else "device-big"
         return CascadeResult(result.outputs, self.big.runner.graph.outputs, by, sure, threshold, result)
 
@@ -408,3 +455,144 @@ def check_pair(small: ModelGraph, big: ModelGraph) -> None:
                 f"differs from the big model's {b.name!r} ({b.dtype.name}{list(b.shape)}, {b.quantization}): "
                 "the cascade gives both the same tensor"
             )
+
+
+def exit_outputs(graph: ModelGraph) -> dict[str, int]:
+    """The model's early exits: outputs the head computes before the last cut, each with the first
+    cut whose head computes it (BranchyNet-style classifiers on the way)."""
+    found: dict[str, int] = {}
+    for k in range(1, graph.num_operators):
+        for tensor in graph.cut(k).head_outputs:
+            found.setdefault(tensor.name, k)
+    return found
+
+
+class EarlyExit:
+    """The router for a model with an early exit: the device runs the head, the exit included; when the
+    exit's confidence meets the threshold its answer stands and nothing is sent, else the cut goes on
+    to the server as usual (``device``'s cut must have the exit in its head). The threshold adapts
+    as :class:`Pressure` says, when ``relaxed`` is given."""
+
+    def __init__(
+        self,
+        device: CooperativeRunner,
+        exit_output: str,
+        *,
+        rule: Rule,
+        threshold: float,
+        relaxed: float | None = None,
+        deadline_ms: float | None = None,
+        recover_after: int = 5,
+        hold_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        graph = device.runner.graph
+        exits = exit_outputs(graph)
+        if exit_output not in exits:
+            known = ", ".join(exits) or "none"
+            raise EdgeError(f"{exit_output!r} is not an early exit of {graph.source} (its exits: {known})")
+        self.device = device
+        self.exit_output = exit_output
+        self.cut = exits[exit_output]
+        self.rule: Rule = _rule(rule)
+        self.pressure = Pressure(
+            threshold,
+            relaxed,
+            deadline_ms=deadline_ms,
+            recover_after=recover_after,
+            hold_s=hold_s,
+            clock=clock,
+        )
+        self._exit = graph.tensor_by_name[exit_output]
+        self._final = tuple(t for t in graph.outputs if t.name != exit_output)
+        _keep_the_exit_in_the_head(device, self.cut)
+
+    @classmethod
+    def from_calibration(
+        cls,
+        calibration: Calibration,
+        device: CooperativeRunner,
+        *,
+        max_extra_loss_pp: float | None = None,
+        deadline_ms: float | None = None,
+    ) -> EarlyExit:
+        assert calibration.exit_output is not None
+        return cls(
+            device,
+            calibration.exit_output,
+            rule=calibration.rule,
+            threshold=calibration.threshold,
+            relaxed=calibration.relaxed(max_extra_loss_pp),
+            deadline_ms=deadline_ms,
+        )
+
+    def exit_confidence(self, outputs: Mapping[str, np.ndarray]) -> float:
+        return confidence(dequantize(outputs[self.exit_output], self._exit), self.rule)
+
+    def infer(self, inputs: Mapping[str, np.ndarray], *, request_id: str = "") -> CascadeResult:
+        threshold = self.pressure.in_force
+        seen: list[float] = []
+
+        def stands(head_outputs: Mapping[str, np.ndarray]) -> bool:
+            seen.append(self.exit_confidence(head_outputs))
+            return seen[-1] >= threshold
+
+        result = self.device.infer(inputs, request_id=request_id, stop=EarlyStop(self.cut, stands))
+        sure = seen[-1] if seen else self.exit_confidence(result.outputs)
+        if result.exited:
+            answer = {self.exit_output: result.outputs[self.exit_output]}
+            return CascadeResult(answer, (self._exit,), "device-exit", sure, threshold, result)
+        self.pressure.observe(result)
+        by: AnsweredBy = "server" if result.offloaded else "device-big"
+        return CascadeResult(result.outputs, self._final, by, sure, threshold, result)
+
+    def close(self) -> None:
+        self.device.close()
+
+
+def _keep_the_exit_in_the_head(device: CooperativeRunner, cut: int) -> None:
+    """A fixed cut before the exit is refused; an automatic split only chooses cuts from the exit on."""
+    from .autosplit import AutoSplit
+
+    policy = device.policy
+    if isinstance(policy, FixedSplit) and policy.k < cut:
+        raise EdgeError(
+            f"cut {policy.k} comes before the early exit, which the head computes from cut {cut} on"
+        )
+    if isinstance(policy, AutoSplit):
+        policy.candidates = frozenset(k for k in policy.candidates if k >= cut)
+
+
+class Router(Protocol):
+    """A :class:`Cascade` or an :class:`EarlyExit`."""
+
+    def infer(self, inputs: Mapping[str, np.ndarray], *, request_id: str = "") -> CascadeResult: ...
+
+    def close(self) -> None: ...
+
+
+def open_router(
+    calibration: Calibration,
+    device: CooperativeRunner,
+    *,
+    backend: str,
+    threads: int,
+    max_extra_loss_pp: float | None = None,
+    deadline_ms: float | None = None,
+) -> Router:
+    """The router a calibration describes, around ``device`` (the big model's cooperative runner)."""
+    if calibration.big.sha256 != device.runner.graph.sha256:
+        raise ConfigError(
+            f"the calibration is for another model (sha256 {calibration.big.sha256[:12]}, this one is "
+            f"{device.runner.graph.sha256[:12]})"
+        )
+    if calibration.exit_output is not None:
+        return EarlyExit.from_calibration(
+            calibration, device, max_extra_loss_pp=max_extra_loss_pp, deadline_ms=deadline_ms
+        )
+    if calibration.small is None:
+        raise ConfigError("the calibration names neither a small model nor an early exit")
+    small = ModelRunner(calibration.small.load("small"), backend=backend, threads=threads)
+    return Cascade.from_calibration(
+        calibration, small, device, max_extra_loss_pp=max_extra_loss_pp, deadline_ms=deadline_ms
+    )

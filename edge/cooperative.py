@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
@@ -22,7 +22,7 @@ from .runner import ModelRunner
 from .transport.base import RETRYABLE, RemoteResult, TailTransport, ping
 from .transport.circuit import Circuit
 
-__all__ = ["CooperativeRunner", "FixedSplit", "InferenceResult", "SplitPolicy", "StageTimings"]
+__all__ = ["CooperativeRunner", "EarlyStop", "FixedSplit", "InferenceResult", "SplitPolicy", "StageTimings"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +62,21 @@ class InferenceResult:
     bytes_sent: int = 0
     fallback_reason: str | None = None
     remote: RemoteResult | None = field(default=None, repr=False)
+    exited: bool = False
+    """The head's early exit answered: ``outputs`` holds what the head computed, nothing was sent."""
 
     @property
     def offloaded(self) -> bool:
         return self.remote is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EarlyStop:
+    """An early exit the head computes from cut ``cut`` on; ``check`` (given the head's model
+    outputs) says whether its answer stands."""
+
+    cut: int
+    check: Callable[[Mapping[str, np.ndarray]], bool]
 
 
 class SplitPolicy(Protocol):
@@ -138,17 +149,25 @@ class CooperativeRunner:
         if circuit is not None:
             self.policy.bind(circuit)
 
-    def infer(self, inputs: Mapping[str, np.ndarray], *, request_id: str = "") -> InferenceResult:
+    def infer(
+        self, inputs: Mapping[str, np.ndarray], *, request_id: str = "", stop: EarlyStop | None = None
+    ) -> InferenceResult:
+        """One request. With ``stop``, the head's early exit is checked once the head has run (at a cut
+        of ``stop.cut`` or later; run here, the model is cut there): when it stands, the result holds
+        the head's outputs and nothing is sent. Otherwise the outputs are the whole model's."""
         self.check_inputs(inputs)
         k = self.policy.choose()
         n = self.graph.num_operators
         if self.client is None or k >= n:
-            result = self._local(inputs, n)
+            result = self._local(inputs, n, stop=stop)
         elif self.circuit is not None and not self.circuit.available():
-            result = self._local(inputs, n, fallback_reason=self.circuit.reason)
+            result = self._local(inputs, n, fallback_reason=self.circuit.reason, stop=stop)
         else:
-            result = self._cooperative(inputs, k, request_id)
-        self.policy.observe(result)
+            result = self._cooperative(
+                inputs, k, request_id, stop if stop is not None and k >= stop.cut else None
+            )
+        if not result.exited:
+            self.policy.observe(result)
         return result
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
@@ -187,11 +206,27 @@ class CooperativeRunner:
     # -- internals --------------------------------------------------------------------
 
     def _local(
-        self, inputs: Mapping[str, np.ndarray], n: int, *, fallback_reason: str | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        n: int,
+        *,
+        fallback_reason: str | None = None,
+        stop: EarlyStop | None = None,
     ) -> InferenceResult:
-        """The whole model here; a fallback when the server should have run the tail but is down."""
+        """The whole model here; a fallback when the server should have run the tail but is down.
+        With ``stop``, the head up to its cut first, and the rest only if the exit does not stand."""
         started = time.perf_counter()
-        outputs = self.runner.run(inputs)
+        if stop is not None and 0 < stop.cut < n:
+            head = self.runner.run_head(stop.cut, inputs)
+            if stop.check(head.outputs):
+                ms = (time.perf_counter() - started) * 1000.0
+                return InferenceResult(
+                    head.outputs, n, fallback_reason is not None, StageTimings(head_ms=ms, e2e_ms=ms),
+                    fallback_reason=fallback_reason, exited=True,
+                )  # fmt: skip
+            outputs = {**head.outputs, **self.runner.run_tail(stop.cut, head.cut)}
+        else:
+            outputs = self.runner.run(inputs)
         ms = (time.perf_counter() - started) * 1000.0
         return InferenceResult(
             outputs=self._ordered(outputs),
@@ -201,11 +236,17 @@ class CooperativeRunner:
             fallback_reason=fallback_reason,
         )
 
-    def _cooperative(self, inputs: Mapping[str, np.ndarray], k: int, request_id: str) -> InferenceResult:
+    def _cooperative(
+        self, inputs: Mapping[str, np.ndarray], k: int, request_id: str, stop: EarlyStop | None = None
+    ) -> InferenceResult:
         started = time.perf_counter()
         head = self.runner.run_head(k, inputs)
         head_done = time.perf_counter()
         head_ms = (head_done - started) * 1000.0
+        if stop is not None and stop.check(head.outputs):
+            return InferenceResult(
+                head.outputs, k, False, StageTimings(head_ms=head_ms, e2e_ms=head_ms), exited=True
+            )
         assert self.client is not None
         try:
             remote = self.client.infer(

@@ -38,7 +38,7 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
     """A real ``edge-server`` subprocess serving the digits models, on a free loopback port."""
     model_dir = tmp_path / "models"
     model_dir.mkdir()
-    for name in ("digits_resnet", "digits_tiny"):
+    for name in ("digits_resnet", "digits_resnet_exit", "digits_tiny"):
         (model_dir / f"{name}.tflite").write_bytes(models.model_path(name).read_bytes())
     port = free_port()
     log = (tmp_path / "server.log").open("wb")

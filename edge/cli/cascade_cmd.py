@@ -13,9 +13,19 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..argtypes import non_negative_float, positive_float
-from ..cascade import RULES, Calibration, Cascade, ModelRef, check_pair, choose, confidence, sweep
+from ..cascade import (
+    RULES,
+    Calibration,
+    ModelRef,
+    check_pair,
+    choose,
+    confidence,
+    exit_outputs,
+    open_router,
+    sweep,
+)
 from ..errors import EdgeError, TensorFormatError
-from ..graph import ModelGraph
+from ..graph import ModelGraph, TensorInfo
 from ..outputs import dequantize
 from ..preprocess import coerce_input
 from ..runner import ModelRunner
@@ -36,7 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sent per request, for every threshold.",
     )
     p.add_argument("--model", required=True, help=f"the big model: {MODEL_HELP}")
-    p.add_argument("--small", required=True, help="the small model, run first on the device (same input)")
+    stage = p.add_mutually_exclusive_group(required=True)
+    stage.add_argument("--small", help="the small model, run first on the device (same input)")
+    stage.add_argument(
+        "--exit",
+        dest="exit_output",
+        metavar="OUTPUT_NAME",
+        help="the big model's early-exit output (edge inspect lists them)",
+    )
     p.add_argument(
         "--data", required=True, type=Path, metavar="FILE.npz", help="x (inputs) and y (integer labels)"
     )
@@ -57,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--split-at",
         default=None,
         metavar="K|TENSOR",
-        help="the big model's cut escalated requests are sent at (default: the middle cut)",
+        help="the big model's cut escalated requests are sent at (default: the middle cut; with --exit, the "
+        "first cut whose head computes the exit)",
     )
     p.add_argument(
         "--out", required=True, type=Path, metavar="CAL.json", help="where to write the calibration"
@@ -135,8 +153,7 @@ def load_dataset(path: Path, graph: ModelGraph) -> tuple[list[dict[str, np.ndarr
     return [{tensor.name: coerce_input(x[i], tensor)} for i in range(len(y))], y.astype(np.int64)
 
 
-def _label(outputs: dict[str, np.ndarray], graph: ModelGraph) -> tuple[int, np.ndarray]:
-    tensor = graph.outputs[0]
+def _label(outputs: dict[str, np.ndarray], tensor: TensorInfo) -> tuple[int, np.ndarray]:
     values = dequantize(outputs[tensor.name], tensor).reshape(-1)
     return int(np.argmax(values)), values
 
@@ -151,22 +168,82 @@ def _progress(items: Iterable[T], total: int, what: str, quiet: bool) -> Iterato
     yield from track(items, total=total, description=what, transient=True, console=Console(stderr=True))
 
 
+class _Stages:
+    """Both stages on one sample, run here: the local stage's confidence and whether each is right."""
+
+    def __init__(
+        self,
+        big: ModelGraph,
+        small: ModelGraph | None,
+        exit_output: str | None,
+        rule: str,
+        backend: str,
+        threads: int,
+    ) -> None:
+        self.big, self.small, self.exit_output, self.rule = big, small, exit_output, rule
+        self.big_runner = ModelRunner(big, backend=backend, threads=threads)
+        self.small_runner = (
+            ModelRunner(small, backend=backend, threads=threads) if small is not None else None
+        )
+        if exit_output is not None:
+            exits = exit_outputs(big)
+            if exit_output not in exits:
+                raise EdgeError(
+                    f"{exit_output!r} is not an early exit of {big.source} (its exits: {', '.join(exits) or 'none'})"
+                )
+            finals = [t for t in big.outputs if t.name != exit_output]
+            if len(finals) != 1:
+                raise EdgeError(
+                    f"with an early exit the model needs one other (final) output, not {len(finals)}"
+                )
+            self.exit_info, self.final = big.tensor_by_name[exit_output], finals[0]
+            self.exit_cut = exits[exit_output]
+        else:
+            self.final = big.outputs[0]
+
+    def measure(self, x: dict[str, np.ndarray], y: int) -> tuple[float, bool, bool]:
+        whole = self.big_runner.run(x)
+        big_right = _label(whole, self.final)[0] == y
+        if self.exit_output is not None:
+            label, values = _label(whole, self.exit_info)
+        else:
+            assert self.small_runner is not None and self.small is not None
+            label, values = _label(
+                self.small_runner.run({self.small.inputs[0].name: x[self.big.inputs[0].name]}),
+                self.small.outputs[0],
+            )
+        return confidence(values, self.rule), label == y, big_right  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.big_runner.close()
+        if self.small_runner is not None:
+            self.small_runner.close()
+
+
 def calibrate(args: argparse.Namespace) -> int:
-    big, small = load_graph(args.model), load_graph(args.small)
-    check_pair(small, big)
-    split_point = big.num_operators // 2 if args.split_at is None else big.resolve_cut(args.split_at)
+    big = load_graph(args.model)
+    small = load_graph(args.small) if args.small else None
+    if small is not None:
+        check_pair(small, big)
+    stages = _Stages(big, small, args.exit_output, args.rule, args.backend, args.threads)
+    if args.split_at is not None:
+        split_point = big.resolve_cut(args.split_at)
+    else:
+        split_point = stages.exit_cut if args.exit_output else big.num_operators // 2
+    if args.exit_output and split_point < stages.exit_cut:
+        raise EdgeError(
+            f"--split-at {split_point} comes before the exit, which the head computes from cut {stages.exit_cut} on"
+        )
     feeds, labels = load_dataset(args.data, big)
     confidences, small_correct, big_correct = [], [], []
-    with (
-        ModelRunner(small, backend=args.backend, threads=args.threads) as s,
-        ModelRunner(big, backend=args.backend, threads=args.threads) as b,
-    ):
-        pairs = zip(feeds, labels, strict=True)
-        for x, y in _progress(pairs, len(labels), "calibrating", args.json):
-            label, values = _label(s.run({small.inputs[0].name: x[big.inputs[0].name]}), small)
-            confidences.append(confidence(values, args.rule))
-            small_correct.append(label == y)
-            big_correct.append(_label(b.run(x), big)[0] == y)
+    try:
+        for x, y in _progress(zip(feeds, labels, strict=True), len(labels), "calibrating", args.json):
+            sure, local_right, big_right = stages.measure(x, int(y))
+            confidences.append(sure)
+            small_correct.append(local_right)
+            big_correct.append(big_right)
+    finally:
+        stages.close()
     curve = sweep(confidences, small_correct, big_correct, float(big.cut(split_point).nbytes))
     target = (
         {"local_share": args.local_share}
@@ -178,13 +255,14 @@ def calibrate(args: argparse.Namespace) -> int:
         rule=args.rule,
         threshold=chosen.threshold,
         big=ModelRef(str(big.source), big.sha256),
-        small=ModelRef(str(small.source), small.sha256),
+        small=ModelRef(str(small.source), small.sha256) if small is not None else None,
         split_point=split_point,
         chosen=chosen,
         curve=tuple(curve),
         data=str(args.data),
         samples=len(labels),
         target=target,
+        exit_output=args.exit_output,
     )
     calibration.save(args.out)
     if args.plot is not None:
@@ -197,45 +275,41 @@ def calibrate(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     calibration = Calibration.load(args.cascade)
-    big, small = calibration.big.load("big"), calibration.small.load("small")
+    big = calibration.big.load("big")
+    small = calibration.small.load("small") if calibration.small is not None else None
     feeds, labels = load_dataset(args.data, big)
     if args.split_at is None:
         args.split_at = str(calibration.split_point)
     device = open_runner(args, big, local=not args.server)
-    small_runner = ModelRunner(small, backend=args.backend, threads=args.threads)
-    cascade = Cascade.from_calibration(
+    router = open_router(
         calibration,
-        small_runner,
         device,
+        backend=args.backend,
+        threads=args.threads,
         max_extra_loss_pp=args.max_extra_loss,
         deadline_ms=args.escalation_deadline_ms,
     )
+    stages = _Stages(big, small, calibration.exit_output, calibration.rule, args.backend, args.threads)
     relaxed_answers = 0
     correct, local, escalated, sent, fallbacks = 0, 0, 0, 0, 0
-    reference = ModelRunner(big, backend=args.backend, threads=args.threads)
     confidences, small_correct, big_correct = [], [], []
     try:
         for x, y in _progress(zip(feeds, labels, strict=True), len(labels), "evaluating", args.json):
-            result = cascade.infer(x)
-            label = int(
-                np.argmax(dequantize(result.outputs[result.output_info[0].name], result.output_info[0]))
-            )
-            correct += label == y
+            result = router.infer(x)
+            correct += _label(result.outputs, result.output_info[0])[0] == y
             local += not result.escalated
             relaxed_answers += not result.escalated and result.confidence < calibration.threshold
             escalated += result.escalated
             sent += result.bytes_sent
             fallbacks += result.inference.fallback
-            # For the curve: both models on every sample, here (the big one bit-identical to its cooperative run).
-            small_label, values = _label(
-                small_runner.run({small.inputs[0].name: x[big.inputs[0].name]}), small
-            )
-            confidences.append(confidence(values, calibration.rule))
-            small_correct.append(small_label == y)
-            big_correct.append(_label(reference.run(x), big)[0] == y)
+            # For the curve: both stages on every sample, here (the big model bit-identical to its cooperative run).
+            sure, local_right, big_right = stages.measure(x, int(y))
+            confidences.append(sure)
+            small_correct.append(local_right)
+            big_correct.append(big_right)
     finally:
-        cascade.close()
-        reference.close()
+        router.close()
+        stages.close()
     n = len(labels)
     curve = sweep(confidences, small_correct, big_correct, float(big.cut(calibration.split_point).nbytes))
     report = _report(calibration.rule, calibration.threshold, local / n, correct / n,
@@ -310,9 +384,12 @@ def _plot(calibration: Calibration, path: Path) -> None:
             label=f"chosen: threshold {calibration.threshold:.3f}")  # fmt: skip
     ax.set_xlabel("answered on the device (%)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(
-        f"{Path(calibration.small.path).stem} → {Path(calibration.big.path).stem}, {calibration.samples} samples"
+    first = (
+        f"{Path(calibration.small.path).stem} → "
+        if calibration.small is not None
+        else f"exit {calibration.exit_output} of "
     )
+    ax.set_title(f"{first}{Path(calibration.big.path).stem}, {calibration.samples} samples")
     ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()

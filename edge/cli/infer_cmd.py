@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cascade import Calibration, Cascade
+from ..cascade import Calibration, open_router
 from ..errors import EdgeError
-from ..runner import ModelRunner
 from .common import add_device_args, add_server_args, load_graph, load_inputs, open_runner
 
 __all__ = ["register"]
@@ -52,27 +51,27 @@ def run(args: argparse.Namespace) -> int:
     calibration = Calibration.load(args.cascade) if args.cascade else None
     if calibration is not None and calibration.big.sha256 != graph.sha256:
         raise EdgeError(f"{args.cascade} was calibrated for another model than {args.model}")
-    small = calibration.small.load("small") if calibration is not None else None
+    if calibration is not None and args.split_at is None:
+        args.split_at = str(calibration.split_point)
     device = open_runner(args, graph, local=args.local)
     routed = None
     try:
-        if calibration is not None and small is not None:
-            cascade = Cascade.from_calibration(
-                calibration, ModelRunner(small, backend=args.backend, threads=args.threads), device
-            )
+        if calibration is not None:
+            router = open_router(calibration, device, backend=args.backend, threads=args.threads)
             try:
-                routed = cascade.infer(feeds)
+                routed = router.infer(feeds)
             finally:
-                cascade.close()
+                router.close()
             result = routed.inference
         else:
             result = device.infer(feeds)
     finally:
         device.close()
+    written = routed.outputs if routed is not None else result.outputs
     if output is not None:
         try:
             with output.open("wb") as fh:  # a file object: np.savez would add .npz to a name by itself
-                np.savez(fh, **result.outputs)  # type: ignore[arg-type]  # numpy's stub
+                np.savez(fh, **written)  # type: ignore[arg-type]  # numpy's stub
         except OSError as err:
             raise EdgeError(f"cannot write {output}: {err.strerror or err}") from err
     if routed is not None:
@@ -88,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.fallback:
         print(f"fallback: the tail ran locally ({result.fallback_reason})", file=sys.stderr)
-    for name, array in result.outputs.items():
+    for name, array in written.items():
         line = f"  {name}  {array.dtype.name}{list(array.shape)}"
         if array.ndim <= 2 and array.size <= 1000 and array.size > 1:
             line += f"  argmax {int(np.argmax(array))}"

@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
+from ..cascade import exit_outputs
 from ..graph import ModelGraph, TensorInfo
 from .common import MODEL_HELP, load_graph
 from .pipes import output_console
@@ -34,6 +35,7 @@ def describe(graph: ModelGraph) -> dict[str, Any]:
         "operators": [{"index": op.index, "opcode": op.opcode} for op in graph.operators],
         "inputs": [t.describe() for t in graph.inputs],
         "outputs": [t.describe() for t in graph.outputs],
+        "exits": [{"output": name, "from_cut": k} for name, k in exit_outputs(graph).items()],
         "cuts": [
             {
                 "index": cut.index,
@@ -57,9 +59,13 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"{graph.num_operators} operators; cut K runs [0, K) on the device and [K, N) on the server"
     )
+    exits = exit_outputs(graph)
     for label, group in (("input ", graph.inputs), ("output", graph.outputs)):
         for t in group:
-            console.print(f"  {label} {t.name}  {t.dtype.name}{list(t.shape)}  {t.nbytes} B")
+            note = (
+                f"  early exit: computed in the head from cut {exits[t.name]} on" if t.name in exits else ""
+            )
+            console.print(f"  {label} {t.name}  {t.dtype.name}{list(t.shape)}  {t.nbytes} B{note}")
     table = Table(header_style="bold")
     table.add_column("K", justify="right")
     table.add_column("after operator")

@@ -101,7 +101,8 @@ def _describe(resolved: ResolvedProfile) -> dict[str, Any]:
             "cascade": None
             if resolved.cascade is None
             else {
-                "small_model_sha256": resolved.cascade.small.sha256,
+                "small_model_sha256": resolved.cascade.small.sha256 if resolved.cascade.small else None,
+                "exit": resolved.cascade.exit_output,
                 "rule": resolved.cascade.rule,
                 "threshold": resolved.cascade.threshold,
             },

@@ -104,6 +104,11 @@ class CascadeConfig(_Strict):
     small: str | None = Field(
         default=None, description="Without a calibration: the small model (a .tflite file or a shipped name)."
     )
+    exit: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="Without a calibration, instead of small: the model's early-exit output (edge inspect lists them).",
+    )
     rule: Literal["maxprob", "margin", "entropy"] = Field(
         default="maxprob", description="Without a calibration: the confidence rule."
     )
@@ -131,10 +136,16 @@ class CascadeConfig(_Strict):
 
     @model_validator(mode="after")
     def _source(self) -> CascadeConfig:
-        if self.calibration is not None and (self.small is not None or self.threshold is not None):
-            raise ValueError("give a calibration, or small and threshold, not both")
-        if self.calibration is None and (self.small is None or self.threshold is None):
-            raise ValueError("give a calibration file, or both small and threshold")
+        if self.calibration is not None and (
+            self.small is not None or self.exit is not None or self.threshold is not None
+        ):
+            raise ValueError("give a calibration, or small (or exit) and threshold, not both")
+        if self.small is not None and self.exit is not None:
+            raise ValueError("give a small model or an exit, not both")
+        if self.calibration is None and (
+            (self.small is None and self.exit is None) or self.threshold is None
+        ):
+            raise ValueError("give a calibration file, or both small (or exit) and threshold")
         if self.max_extra_loss_pp is not None and self.calibration is None:
             raise ValueError("max_extra_loss_pp reads the calibration's curve: give a calibration file")
         return self

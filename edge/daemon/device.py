@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import models
 from ..backends import create_backend
-from ..cascade import Calibration, Cascade, Rule, check_pair, relaxed_threshold
+from ..cascade import Calibration, Cascade, EarlyExit, Router, Rule, check_pair, exit_outputs
 from ..cooperative import CooperativeRunner
 from ..errors import ConfigError, EdgeError
 from ..graph import ModelGraph
@@ -50,12 +50,14 @@ class ResolvedProfile:
 class CascadePlan:
     """The profile's cascade, resolved: the small model, its rule and threshold."""
 
-    small: ModelGraph
+    small: ModelGraph | None
+    """The small model run first, or None for an early exit of the profile's model."""
     rule: Rule
     threshold: float
     relaxed: float | None = None
     """The lowest threshold allowed while escalating goes badly (None: never relaxed)."""
     deadline_ms: float | None = None
+    exit_output: str | None = None
 
 
 def resolve(profile: DeviceProfile, source: Path) -> ResolvedProfile:
@@ -95,31 +97,52 @@ def _resolve_cascade(profile: DeviceProfile, graph: ModelGraph, source: Path) ->
                     f"it was calibrated for another big model (sha256 {calibration.big.sha256[:12]}, the profile's "
                     f"model is {graph.sha256[:12]})"
                 )
-            small = calibration.small.load("small")
+            small = calibration.small.load("small") if calibration.small is not None else None
         except EdgeError as err:
             raise ConfigError(f"{source}: cascade.calibration: {err}") from err
-        relaxed = (
-            relaxed_threshold(calibration.curve, calibration.chosen, config.max_extra_loss_pp)
-            if config.max_extra_loss_pp is not None
+        relaxed = calibration.relaxed(config.max_extra_loss_pp)
+        plan = CascadePlan(
+            small,
+            calibration.rule,
+            calibration.threshold,
+            relaxed,
+            config.deadline_ms,
+            calibration.exit_output,
+        )
+    else:
+        assert config.threshold is not None  # the config's validator
+        small = (
+            ModelGraph.from_file(_resolve_model(config.small, source, key="cascade.small"))
+            if config.small is not None
             else None
         )
-        plan = CascadePlan(small, calibration.rule, calibration.threshold, relaxed, config.deadline_ms)
-    else:
-        assert config.small is not None and config.threshold is not None  # the config's validator
-        small = ModelGraph.from_file(_resolve_model(config.small, source, key="cascade.small"))
-        plan = CascadePlan(small, config.rule, config.threshold, None, config.deadline_ms)
+        plan = CascadePlan(small, config.rule, config.threshold, None, config.deadline_ms, config.exit)
     try:
-        check_pair(plan.small, graph)
+        if plan.small is not None:
+            check_pair(plan.small, graph)
+        elif plan.exit_output not in exit_outputs(graph):
+            exits = ", ".join(exit_outputs(graph)) or "none"
+            raise EdgeError(f"{plan.exit_output!r} is not an early exit of the model (its exits: {exits})")
     except EdgeError as err:
         raise ConfigError(f"{source}: cascade: {err}") from err
     return plan
 
 
-def open_cascade(resolved: ResolvedProfile, device: CooperativeRunner) -> Cascade | None:
-    """The profile's cascade around ``device``, or None without one."""
+def open_cascade(resolved: ResolvedProfile, device: CooperativeRunner) -> Router | None:
+    """The profile's cascade (or early exit) around ``device``, or None without one."""
     plan = resolved.cascade
     if plan is None:
         return None
+    if plan.exit_output is not None:
+        return EarlyExit(
+            device,
+            plan.exit_output,
+            rule=plan.rule,
+            threshold=plan.threshold,
+            relaxed=plan.relaxed,
+            deadline_ms=plan.deadline_ms,
+        )
+    assert plan.small is not None
     runtime = resolved.profile.runtime
     small = ModelRunner(plan.small, backend=runtime.backend, threads=runtime.threads)
     return Cascade(
@@ -228,11 +251,13 @@ def _check_labels(profile: DeviceProfile, graph: ModelGraph, source: Path) -> No
     labels = profile.model.labels
     if labels is None:
         return
-    if len(graph.outputs) != 1:
+    sizes = {math.prod(t.shape) for t in graph.outputs}
+    if len(sizes) != 1:
         raise ConfigError(
-            f"{source}: model.labels: the model has {len(graph.outputs)} outputs; labels need one"
+            f"{source}: model.labels: the model has {len(graph.outputs)} outputs of different sizes; labels need "
+            "one classifier output (or several of one size, as a model with early exits has)"
         )
-    classes = math.prod(graph.outputs[0].shape)
+    classes = sizes.pop()
     if len(labels) != classes:
         raise ConfigError(f"{source}: model.labels: {len(labels)} labels for {classes} output classes")
 

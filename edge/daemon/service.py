@@ -31,7 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ..cascade import AnsweredBy, Cascade, CascadeResult
+from ..cascade import AnsweredBy, CascadeResult, Router
 from ..cooperative import CooperativeRunner
 from ..errors import EdgeError
 from ..stats import summary
@@ -71,7 +71,7 @@ class Daemon:
         device: CooperativeRunner,
         client: paho.Client,
         *,
-        cascade: Cascade | None = None,
+        cascade: Router | None = None,
     ) -> None:
         self.plan = resolved
         self.profile = resolved.profile

@@ -239,7 +239,8 @@ class DaemonProcess:
 
     def kill(self) -> None:
         if self.proc is not None:
-            os.kill(self.proc.pid, signal.SIGCONT)  # in case a test froze it
+            if self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGCONT)  # in case a test froze it
             _stop(self.proc, signal.SIGKILL)
             self.proc = None
 

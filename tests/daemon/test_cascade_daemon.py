@@ -90,13 +90,21 @@ format = "json"
 @pytest.mark.parametrize(
     ("section", "needle"),
     [
-        ('[cascade]\nsmall = "digits_tiny"\n', "both small and threshold"),
+        ('[cascade]\nsmall = "digits_tiny"\n', r"both small \(or exit\) and threshold"),
         ('[cascade]\nthreshold = 0.5\ncalibration = "cal.json"\n', "not both"),
         ('[cascade]\nsmall = "mobilenetv2_035"\nthreshold = 0.5\n', "differs from the big model"),
         ('[cascade]\ncalibration = "other.json"\n', "calibrated for another big model"),
         (
             '[cascade]\nsmall = "digits_tiny"\nthreshold = 0.5\nmax_extra_loss_pp = 1\n',
             "give a calibration file",
+        ),
+        (
+            '[cascade]\nexit = "StatefulPartitionedCall_1:0"\nthreshold = 0.5\n',
+            "not an early exit of the model",
+        ),
+        (
+            '[cascade]\nexit = "e"\nsmall = "digits_tiny"\nthreshold = 0.5\n',
+            "a small model or an exit, not both",
         ),
     ],
 )
@@ -137,3 +145,45 @@ def test_a_calibration_file_sets_the_cascade(tmp_path: Path) -> None:
     assert plan is not None and plan.rule == "entropy" and plan.threshold == 0.9
     assert plan.relaxed == 0.3 and plan.deadline_ms == 40  # one mistake in two is 50 pp: within 60
     assert plan.small.sha256 == tiny.sha256 and np.isfinite(plan.threshold)
+
+
+def test_the_daemon_answers_from_the_early_exit(
+    tmp_path: Path, broker: Broker, probe: Probe, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """digits_resnet_exit at cut 11 with [cascade] exit: sure answers come from the exit, the rest from
+    the server, each equal to that output of the whole model run here."""
+    from edge.cascade import exit_outputs
+
+    graph = ModelGraph.from_file(models.model_path("digits_resnet_exit"))
+    (exit_name,) = exit_outputs(graph)
+    final = next(t for t in graph.outputs if t.name != exit_name)
+    server = ServerProcess(tmp_path / "server", served=("digits_resnet_exit",))
+    server.start()
+    try:
+        text = GENERIC.read_text().replace('path = "digits_resnet"', 'path = "digits_resnet_exit"')
+        text = text.replace("k = 8 ", "k = 11 ")
+        assert 'path = "digits_resnet_exit"' in text and "k = 11 " in text
+        profile = tmp_path / "exit.toml"
+        profile.write_text(text + f'\n[cascade]\nexit = "{exit_name}"\nthreshold = 0.97\n')
+        daemon = daemon_factory([server.address], profile)
+        daemon.start()
+        sent = {}
+        for i in range(30):
+            probe.publish(TOPIC, json.dumps({"id": f"e-{i}", "data": models.digits_sample().x[i].tolist()}))
+            sent[f"e-{i}"] = i
+        answered = probe.wait_answered(set(sent), timeout=60)
+        labels = [str(k) for k in range(10)]
+        with ModelRunner(graph) as whole:
+            stages = set()
+            for message_id, i in sent.items():
+                doc = answered[message_id][0]
+                stages.add(doc["answered_by"])
+                out = whole.run({graph.inputs[0].name: models.digits_sample().x[i : i + 1]})
+                tensor = graph.tensor_by_name[exit_name] if doc["answered_by"] == "device-exit" else final
+                assert doc["top_k"] == top_k(dequantize(out[tensor.name], tensor).reshape(-1), 3, labels), (
+                    message_id
+                )
+                assert (doc["bytes_sent"] == 0) == (doc["answered_by"] == "device-exit"), doc
+        assert stages == {"device-exit", "server"}, stages
+    finally:
+        server.kill()
