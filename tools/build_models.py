@@ -58,6 +58,8 @@ CALIBRATION_SIZE = 300
 MOBILENET_CALIBRATION_SIZE = 20
 RESNET_EPOCHS = 20
 EXIT_EPOCHS = 40
+STUDENT_EPOCHS = 60
+DISTILL_TEMPERATURE = 4.0
 TINY_EPOCHS = 60
 BATCH_SIZE = 32
 
@@ -455,15 +457,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["digits_resnet_exit"],
+        choices=["digits_resnet_exit", "digits_student"],
         help="build only this model, and update its entry in the existing manifest (the others stay as they are)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    if args.only:
+    if args.only == "digits_resnet_exit":
         return build_exit_only(out)
+    if args.only == "digits_student":
+        return build_student_only(out)
 
     seed_everything(SEED)
     data = load_dataset()
@@ -594,6 +598,133 @@ def build_exit_only(out: Path) -> int:
     manifest["models"]["digits_resnet_exit"] = build_exit(out, data, calibration)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("updated %s", manifest_path)
+    _print_summary(manifest)
+    return 0
+
+
+def soft_targets(teacher: bytes, x: np.ndarray, temperature: float) -> np.ndarray:
+    """The teacher's (a shipped .tflite's) output distribution on ``x``, softened by ``temperature``."""
+    interpreter = make_interpreter(teacher)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    xq = quantize(x, *inp["quantization"])
+    scale, zero_point = out["quantization"]
+    logits = []
+    for image in xq:
+        interpreter.set_tensor(inp["index"], image[np.newaxis])
+        interpreter.invoke()
+        logits.append((interpreter.get_tensor(out["index"])[0].astype(np.float32) - zero_point) * scale)
+    z = np.stack(logits) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def distill(
+    student: tf.keras.Model, data: Dataset, soft: np.ndarray, temperature: float, epochs: int
+) -> None:
+    """Hinton et al.'s knowledge distillation: KL to the teacher's softened outputs (scaled by T^2),
+    plus the cross-entropy on the true labels, weighted alike."""
+    x = tf.constant(data.x_train)
+    hard = tf.constant(data.y_train)
+    soft_t = tf.constant(soft)
+    optimizer = tf.keras.optimizers.Adam(1e-3)
+    ce = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    kl = tf.keras.losses.KLDivergence()
+    n = len(data.y_train)
+    rng = np.random.default_rng(SEED + 5)
+    logger.info(
+        "distilling %s (%d params) for %d epochs at T=%g",
+        student.name,
+        student.count_params(),
+        epochs,
+        temperature,
+    )
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for start in range(0, n, BATCH_SIZE):
+            idx = order[start : start + BATCH_SIZE]
+            with tf.GradientTape() as tape:
+                logits = student(tf.gather(x, idx), training=True)
+                loss = 0.5 * ce(tf.gather(hard, idx), logits) + 0.5 * temperature**2 * kl(
+                    tf.gather(soft_t, idx), tf.nn.softmax(logits / temperature)
+                )
+            grads = tape.gradient(loss, student.trainable_variables)
+            optimizer.apply_gradients(zip(grads, student.trainable_variables, strict=True))
+
+
+def build_student(batch_size: int | None = None) -> tf.keras.Model:
+    """digits_tiny's shape with a wider hidden layer: small enough for any device (about 4k parameters)."""
+    layers = tf.keras.layers
+    inputs = layers.Input((IMAGE_SIZE, IMAGE_SIZE, 1), batch_size=batch_size, name="image")
+    x = layers.AveragePooling2D(4, name="pool")(inputs)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(48, activation="relu", name="hidden")(x)
+    outputs = layers.Dense(10, name="logits")(x)
+    return tf.keras.Model(inputs, outputs, name="digits_student")
+
+
+def cascade_accuracy(
+    small: bytes, big: bytes, x: np.ndarray, y: np.ndarray, local_share: float
+) -> dict[str, float]:
+    """The cascade small -> big on held-out data at the max-probability threshold answering ``local_share``."""
+
+    def run(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+        interpreter = make_interpreter(blob)
+        interpreter.allocate_tensors()
+        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        xq = quantize(x, *inp["quantization"])
+        scale, zero_point = out["quantization"]
+        probs, labels = [], []
+        for image in xq:
+            interpreter.set_tensor(inp["index"], image[np.newaxis])
+            interpreter.invoke()
+            z = (interpreter.get_tensor(out["index"])[0].astype(np.float64) - zero_point) * scale
+            p = np.exp(z - z.max())
+            probs.append((p / p.sum()).max())
+            labels.append(int(np.argmax(z)))
+        return np.array(probs), np.array(labels)
+
+    conf, small_labels = run(small)
+    _, big_labels = run(big)
+    threshold = float(np.quantile(conf, 1.0 - local_share))
+    local = conf >= threshold
+    answer = np.where(local, small_labels, big_labels)
+    return {
+        "local_share": float(local.mean()),
+        "threshold": threshold,
+        "cascade_accuracy": float((answer == y).mean()),
+        "small_alone": float((small_labels == y).mean()),
+        "big_alone": float((big_labels == y).mean()),
+    }
+
+
+def build_student_only(out: Path) -> int:
+    """digits_student: distilled from the shipped digits_resnet (int8) on soft targets, quantized to int8."""
+    seed_everything(SEED)
+    data = load_dataset()
+    rng = np.random.default_rng(SEED)
+    calibration = data.x_train[rng.choice(len(data.x_train), CALIBRATION_SIZE, replace=False)]
+    teacher = (out / "digits_resnet.tflite").read_bytes()
+    soft = soft_targets(teacher, data.x_train, DISTILL_TEMPERATURE)
+    student = _seeded(SEED + 5, build_student)
+    distill(student, data, soft, DISTILL_TEMPERATURE, STUDENT_EPOCHS)
+    student = batch_one(student, build_student)
+    blob = to_int8_tflite(student, calibration)
+    accuracy = evaluate(blob, data.x_test, data.y_test)
+    tiny = (out / "digits_tiny.tflite").read_bytes()
+    report = {
+        "digits_student": cascade_accuracy(blob, teacher, data.x_test, data.y_test, 0.9),
+        "digits_tiny": cascade_accuracy(tiny, teacher, data.x_test, data.y_test, 0.9),
+    }
+    logger.info("digits_student: held-out accuracy %.4f; cascades at 90%% local: %s", accuracy, report)
+    _write(out / "digits_student.tflite", blob)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entry = describe("digits_student.tflite", blob, True, accuracy, len(data.y_test))
+    entry["distilled_from"] = {"teacher": "digits_resnet.tflite", "temperature": DISTILL_TEMPERATURE}
+    entry["cascade_at_90_percent_local"] = report
+    manifest["models"]["digits_student"] = entry
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     _print_summary(manifest)
     return 0
 
