@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from .. import models
 from ..argtypes import positive_int
+from ..cascade import Calibration, open_router
 from ..cooperative import CooperativeRunner
 from ..graph import ModelGraph
 from ..policy import make_policy
@@ -43,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the cut (default: the first that sends at most half the raw input)",
     )
     p.add_argument("-n", type=positive_int, default=None, help="how many samples (default: all)")
+    p.add_argument(
+        "--cascade",
+        type=Path,
+        metavar="CAL.json",
+        help="answer on the device what the calibration's small model (or early exit) is sure of; its big model "
+        "and cut replace --model and --split-at",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -61,8 +70,11 @@ def showcase_cut(graph: ModelGraph) -> tuple[int, str]:
 def run(args: argparse.Namespace) -> int:
     from server.embedded import BackgroundServer
 
-    graph = load_graph(args.model)
+    calibration = Calibration.load(args.cascade) if args.cascade else None
+    graph = calibration.big.load("big") if calibration is not None else load_graph(args.model)
     default_cut, why = showcase_cut(graph)
+    if calibration is not None:
+        default_cut, why = calibration.split_point, "the calibration's cut"
     sample = models.digits_sample()
     x, y = sample.x[: args.n], sample.y[: args.n]
     name = graph.inputs[0].name
@@ -75,29 +87,58 @@ def run(args: argparse.Namespace) -> int:
             model_name=Path(graph.source).stem,
             policy=make_policy(graph, args.split_at if args.split_at is not None else default_cut),
         )
+        router = (
+            open_router(calibration, device, backend=device.runner.backend, threads=device.runner.threads)
+            if calibration is not None
+            else None
+        )
+        small = (
+            ModelRunner(calibration.small.load("small"))
+            if calibration is not None and calibration.small is not None
+            else None
+        )
         console.print(
             f"edge-server on {server.address}; model {Path(graph.source).name}, {graph.num_operators} ops"
         )
         correct = identical = fallbacks = 0
+        answered_by: Counter[str] = Counter()
         stages: dict[str, list[float]] = {"head_ms": [], "transfer_ms": [], "tail_ms": [], "e2e_ms": []}
         bytes_sent: list[int] = []
-        split = None
+        split: int | None = default_cut if args.split_at is None else None
         for i in track(range(len(x)), description="split inference", console=console, transient=True):
             feeds = {name: x[i : i + 1]}
-            result = device.infer(feeds, request_id=str(i))
-            reference = local.run(feeds)
-            out = next(iter(result.outputs.values()))
-            correct += int(np.argmax(out)) == int(y[i])
-            identical += all(np.array_equal(result.outputs[k], v) for k, v in reference.items())
+            if router is not None:
+                routed = router.infer(feeds, request_id=str(i))
+                result, outputs, answer = routed.inference, routed.outputs, routed.output_info[0].name
+                answered_by[routed.answered_by] += 1
+                reference = (
+                    small.run({small.graph.inputs[0].name: feeds[name]})
+                    if small is not None and routed.answered_by == "device-small"
+                    else {k: v for k, v in local.run(feeds).items() if k in outputs}
+                )
+            else:
+                result = device.infer(feeds, request_id=str(i))
+                outputs, reference = result.outputs, local.run(feeds)
+                answer = next(iter(outputs))
+            correct += int(np.argmax(outputs[answer])) == int(y[i])
+            identical += set(outputs) == set(reference) and all(
+                np.array_equal(outputs[k], v) for k, v in reference.items()
+            )
             fallbacks += result.fallback
-            split = result.split_point
+            if router is None or routed.escalated:  # a local answer says nothing of the cut
+                split = result.split_point
             t = result.timings
             stages["head_ms"].append(t.head_ms)
             stages["transfer_ms"].append(t.transfer_ms + t.queue_ms)
             stages["tail_ms"].append(t.tail_ms)
             stages["e2e_ms"].append(t.e2e_ms)
             bytes_sent.append(result.bytes_sent)
-        device.close()
+        if router is not None:
+            router.close()
+        else:
+            device.close()
+        if small is not None:
+            small.close()
     n = len(x)
     input_bytes = sum(t.nbytes for t in graph.inputs)
     latency = {k: summary(v) for k, v in stages.items()}
@@ -114,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
         "input_bytes": input_bytes,
         "latency_ms": latency,
     }
+    if calibration is not None:
+        report["answered_by"] = dict(answered_by)
+        report["local_share"] = (n - answered_by["server"] - answered_by["device-big"]) / n if n else 0.0
+        report["mean_bytes_per_request"] = float(np.mean(bytes_sent)) if bytes_sent else 0.0
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -127,7 +172,14 @@ def run(args: argparse.Namespace) -> int:
     for tensor in cut.tensors:
         console.print(f"  {tensor.name}  {tensor.dtype.name}{list(tensor.shape)}", soft_wrap=True)
     console.print(f"accuracy {correct}/{n} = {correct / max(n, 1):.1%}")
-    console.print(f"outputs identical to the whole model's: {identical}/{n}")
+    if calibration is not None:
+        console.print(
+            f"answered on the device: {report['local_share']:.1%} ({dict(answered_by)}); "
+            f"mean bytes per request {report['mean_bytes_per_request']:,.0f}"
+        )
+        console.print(f"outputs identical to the answering model's: {identical}/{n}")
+    else:
+        console.print(f"outputs identical to the whole model's: {identical}/{n}")
     table = Table(title="latency per request (ms)")
     for column in ("stage", "p50", "p90", "p99"):
         table.add_column(column, justify="left" if column == "stage" else "right")

@@ -265,3 +265,32 @@ def test_the_relaxed_threshold_is_bounded_by_the_curve() -> None:
     assert relaxed_threshold(curve, chosen, 0.0) == 0.8
     assert relaxed_threshold(curve, chosen, 20.0) == 0.6  # one more mistake in six: 16.7 pp
     assert relaxed_threshold(curve, chosen, 50.0) == 0.5
+
+
+@pytest.mark.parametrize("stage", ["--small", "--exit"])
+def test_edge_demo_with_a_cascade(
+    stage: str, split: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo through a calibrated cascade (digits_tiny) or early exit: every output equals the answering
+    model's (exit, small or whole model), and both stages answer."""
+    from edge.cascade import exit_outputs
+
+    cal = tmp_path / "cal.json"
+    if stage == "--small":
+        argv = ["--model", "digits_resnet", "--small", "digits_tiny", "--split-at", "8"]
+        local = "device-small"
+    else:
+        (name,) = exit_outputs(ModelGraph.from_file(models.model_path("digits_resnet_exit")))
+        argv = ["--model", "digits_resnet_exit", "--exit", name]
+        local = "device-exit"
+    calibrate_on, _ = split
+    assert (
+        main(["calibrate", *argv, "--data", str(calibrate_on), "--local-share", "0.9", "--out", str(cal)])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["demo", "--cascade", str(cal), "-n", "60", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["identical_to_whole_model"] == 60 and report["fallbacks"] == 0
+    assert set(report["answered_by"]) == {local, "server"}, report["answered_by"]
+    assert report["local_share"] >= 0.75 and report["mean_bytes_per_request"] > 0
