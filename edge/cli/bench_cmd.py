@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
+from collections import Counter
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from rich.progress import track
 from rich.table import Table
 
 from ..argtypes import non_negative_int, positive_int
+from ..cascade import Calibration, Router, open_router
+from ..cooperative import CooperativeRunner, InferenceResult
 from ..preprocess import random_inputs
 from ..stats import summary
 from . import sweep
+from .cascade_cmd import load_dataset
 from .common import add_device_args, add_server_args, load_graph, open_runner
 from .pipes import output_console
 
@@ -40,20 +48,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random input")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--cascade",
+        type=Path,
+        metavar="CAL.json",
+        help="measure through a calibrated cascade or early exit (its big model and cut replace --model and "
+        "--split-at); the report adds the stage that answered",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        metavar="FILE.npz",
+        help="with --cascade: requests from this labelled data (x), in turn, instead of one random input",
+    )
     p.set_defaults(func=functools.partial(_run_one_cut, p))
     sweep.register(p.add_subparsers(dest="bench_mode", metavar="{sweep}", title="other modes"))
 
 
 def _run_one_cut(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if not args.model:
+    if not args.model and not args.cascade:
         parser.error("the following arguments are required: --model")
+    if args.data and not args.cascade:
+        parser.error("--data goes with --cascade")
     return run(args)
 
 
+class _Routed:
+    """A router that looks like a cooperative runner to :func:`measure`, counting who answered."""
+
+    def __init__(self, router: Router, device: CooperativeRunner) -> None:
+        self.router, self.client = router, device.client
+        self.answered_by: Counter[str] = Counter()
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> InferenceResult:
+        routed = self.router.infer(feeds)
+        self.answered_by[routed.answered_by] += 1
+        return routed.inference
+
+    def close(self) -> None:
+        self.router.close()
+
+
 def measure(device, feeds, n: int, warmup: int, *, progress: bool = False) -> dict[str, object]:
-    """Run ``warmup`` then ``n`` requests; per-stage summaries in milliseconds."""
+    """Run ``warmup`` then ``n`` requests (``feeds``, or each of a list of feeds in turn); per-stage
+    summaries in milliseconds."""
+    inputs = itertools.cycle(feeds if isinstance(feeds, list) else [feeds])
     for _ in range(warmup):
-        device.infer(feeds)
+        device.infer(next(inputs))
     stages: dict[str, list[float]] = {
         "e2e_ms": [],
         "head_ms": [],
@@ -67,17 +108,17 @@ def measure(device, feeds, n: int, warmup: int, *, progress: bool = False) -> di
     split_points = []
     requests = track(range(n), description="measuring", transient=True) if progress else range(n)
     for _ in requests:
-        result = device.infer(feeds)
+        result = device.infer(next(inputs))
         t = result.timings
         for key, value in t.as_dict().items():
             stages[key].append(value)
         overhead.append(t.e2e_ms - t.head_ms - t.tail_ms)
         fallbacks += result.fallback
-        bytes_sent = result.bytes_sent
+        bytes_sent += result.bytes_sent
         split_points.append(result.split_point)
     report: dict[str, object] = {key: summary(values) for key, values in stages.items()}
     report["overhead_ms"] = summary(overhead)
-    report["bytes_sent"] = bytes_sent
+    report["bytes_sent"] = round(bytes_sent / n, 1)  # per request, on average
     report["n"] = n
     report["fallbacks"] = fallbacks
     report["split_point"] = statistics.mode(split_points) if split_points else None
@@ -85,8 +126,14 @@ def measure(device, feeds, n: int, warmup: int, *, progress: bool = False) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    graph = load_graph(args.model)
-    feeds = random_inputs(graph, args.seed)
+    calibration = Calibration.load(args.cascade) if args.cascade else None
+    graph = calibration.big.load("big") if calibration is not None else load_graph(args.model)
+    if calibration is not None and args.split_at is None:
+        args.split_at = str(calibration.split_point)
+    feeds: object = random_inputs(graph, args.seed)
+    if args.data:
+        feeds = load_dataset(args.data, graph)[0]
+    routed = None
     with ExitStack() as stack:
         if not args.server:
             from server.embedded import BackgroundServer
@@ -94,8 +141,15 @@ def run(args: argparse.Namespace) -> int:
             server = stack.enter_context(BackgroundServer.from_files([Path(graph.source)]))
             args.server = server.address
         device = open_runner(args, graph)
-        stack.callback(device.close)
-        report = measure(device, feeds, args.n, args.warmup, progress=not args.json)
+        runner: Any = device
+        if calibration is not None:
+            router = open_router(calibration, device, backend=args.backend, threads=args.threads)
+            runner = routed = _Routed(router, device)
+        stack.callback(runner.close)
+        report = measure(runner, feeds, args.n, args.warmup, progress=not args.json)
+    if routed is not None:
+        report["answered_by"] = dict(routed.answered_by)
+        report["split_point"] = graph.resolve_cut(args.split_at)  # local answers ran another model
     client = device.client
     report.update(
         model=Path(graph.source).stem,

@@ -294,3 +294,37 @@ def test_edge_demo_with_a_cascade(
     assert report["identical_to_whole_model"] == 60 and report["fallbacks"] == 0
     assert set(report["answered_by"]) == {local, "server"}, report["answered_by"]
     assert report["local_share"] >= 0.75 and report["mean_bytes_per_request"] > 0
+
+
+def test_edge_bench_with_a_cascade(
+    split: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calibrate_on, evaluate_on = split
+    cal = tmp_path / "cal.json"
+    argv = ["calibrate", "--model", "digits_resnet", "--small", "digits_tiny", "--split-at", "8",
+            "--data", str(calibrate_on), "--local-share", "0.9", "--out", str(cal)]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "bench",
+                "--cascade",
+                str(cal),
+                "--data",
+                str(evaluate_on),
+                "-n",
+                "100",
+                "--warmup",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert (
+        set(report["answered_by"]) == {"device-small", "server"}
+        and sum(report["answered_by"].values()) == 100
+    )
+    assert report["split_point"] == 8 and 0 < report["bytes_sent"] < 2048 / 3
