@@ -29,6 +29,7 @@ from ..graph import ModelGraph, TensorInfo
 from ..outputs import dequantize
 from ..preprocess import coerce_input
 from ..runner import ModelRunner
+from ..stats import summary
 from .common import MODEL_HELP, add_backend_args, add_server_args, load_graph, open_runner
 
 __all__ = ["register"]
@@ -291,6 +292,7 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     stages = _Stages(big, small, calibration.exit_output, calibration.rule, args.backend, args.threads)
     relaxed_answers = 0
+    e2e: list[float] = []
     correct, local, escalated, sent, fallbacks = 0, 0, 0, 0, 0
     confidences, small_correct, big_correct = [], [], []
     try:
@@ -302,6 +304,7 @@ def evaluate(args: argparse.Namespace) -> int:
             escalated += result.escalated
             sent += result.bytes_sent
             fallbacks += result.inference.fallback
+            e2e.append(result.inference.timings.e2e_ms)
             # For the curve: both stages on every sample, here (the big model bit-identical to its cooperative run).
             sure, local_right, big_right = stages.measure(x, int(y))
             confidences.append(sure)
@@ -317,6 +320,8 @@ def evaluate(args: argparse.Namespace) -> int:
     report["escalated"] = escalated
     report["fallbacks"] = fallbacks
     report["relaxed_answers"] = relaxed_answers
+    report["e2e_ms"] = summary(e2e)
+    report["mean_e2e_ms"] = float(np.mean(e2e))
     _print(report, args.json, f"{n} samples from {args.data}; {escalated} escalated, {fallbacks} fell back")
     return 0
 

@@ -186,7 +186,9 @@ def _start_server(
 ) -> subprocess.Popen[str]:
     models = work / "models"
     models.mkdir()
-    (models / Path(graph.source).name).symlink_to(Path(graph.source).resolve())
+    shutil.copy(
+        Path(graph.source), models / Path(graph.source).name
+    )  # a link out of the directory is refused
     server = link.popen(
         link.server_ns,
         [sys.executable, "-m", "server", "--models", str(models), "--host", "127.0.0.1", "--port", str(SERVER_PORT),
