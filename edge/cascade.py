@@ -70,6 +70,10 @@ def _rule(rule: str) -> Rule:
     return rule  # type: ignore[return-value]
 
 
+def _pressure(threshold: float | Pressure) -> Pressure:
+    return threshold if isinstance(threshold, Pressure) else Pressure(threshold)
+
+
 def confidence(values: np.ndarray, rule: Rule) -> float:
     """How sure a classifier is of its top class, from its real-valued outputs; see the module doc."""
     p = probabilities(np.asarray(values, dtype=np.float64).reshape(-1))
@@ -237,6 +241,10 @@ class Calibration:
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ConfigError(f"{source}: not a usable calibration: {err}") from err
 
+    def pressure(self, max_extra_loss_pp: float | None = None, deadline_ms: float | None = None) -> Pressure:
+        """The calibrated threshold, relaxed within ``max_extra_loss_pp`` while escalating goes badly."""
+        return Pressure(self.threshold, self.relaxed(max_extra_loss_pp), deadline_ms=deadline_ms)
+
     def relaxed(self, max_extra_loss_pp: float | None) -> float | None:
         """The lowest threshold within ``max_extra_loss_pp`` of the chosen loss (None: no relaxing)."""
         if max_extra_loss_pp is None:
@@ -355,7 +363,7 @@ class Pressure:
 class Cascade:
     """The router: ``small`` answers when sure enough, ``big`` (a cooperative runner) otherwise.
 
-    The threshold adapts as :class:`Pressure` says, when ``relaxed`` is given.
+    ``threshold`` is a fixed threshold, or a :class:`Pressure` that adapts it.
     """
 
     def __init__(
@@ -364,25 +372,13 @@ class Cascade:
         big: CooperativeRunner,
         *,
         rule: Rule,
-        threshold: float,
-        relaxed: float | None = None,
-        deadline_ms: float | None = None,
-        recover_after: int = 5,
-        hold_s: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
+        threshold: float | Pressure,
     ) -> None:
         check_pair(small.graph, big.runner.graph)
         self.small = small
         self.big = big
         self.rule: Rule = _rule(rule)
-        self.pressure = Pressure(
-            threshold,
-            relaxed,
-            deadline_ms=deadline_ms,
-            recover_after=recover_after,
-            hold_s=hold_s,
-            clock=clock,
-        )
+        self.pressure = _pressure(threshold)
         self._output = small.graph.outputs[0]
 
     @property
@@ -403,14 +399,8 @@ class Cascade:
         max_extra_loss_pp: float | None = None,
         deadline_ms: float | None = None,
     ) -> Cascade:
-        return cls(
-            small,
-            big,
-            rule=calibration.rule,
-            threshold=calibration.threshold,
-            relaxed=calibration.relaxed(max_extra_loss_pp),
-            deadline_ms=deadline_ms,
-        )
+        pressure = calibration.pressure(max_extra_loss_pp, deadline_ms)
+        return cls(small, big, rule=calibration.rule, threshold=pressure)
 
     def small_confidence(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         outputs = self.small.run(self.small_inputs(inputs))
@@ -470,8 +460,8 @@ def exit_outputs(graph: ModelGraph) -> dict[str, int]:
 class EarlyExit:
     """The router for a model with an early exit: the device runs the head, the exit included; when the
     exit's confidence meets the threshold its answer stands and nothing is sent, else the cut goes on
-    to the server as usual (``device``'s cut must have the exit in its head). The threshold adapts
-    as :class:`Pressure` says, when ``relaxed`` is given."""
+    to the server as usual (``device``'s cut must have the exit in its head). ``threshold`` is a fixed
+    threshold, or a :class:`Pressure` that adapts it."""
 
     def __init__(
         self,
@@ -479,12 +469,7 @@ class EarlyExit:
         exit_output: str,
         *,
         rule: Rule,
-        threshold: float,
-        relaxed: float | None = None,
-        deadline_ms: float | None = None,
-        recover_after: int = 5,
-        hold_s: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
+        threshold: float | Pressure,
     ) -> None:
         graph = device.runner.graph
         exits = exit_outputs(graph)
@@ -495,14 +480,7 @@ class EarlyExit:
         self.exit_output = exit_output
         self.cut = exits[exit_output]
         self.rule: Rule = _rule(rule)
-        self.pressure = Pressure(
-            threshold,
-            relaxed,
-            deadline_ms=deadline_ms,
-            recover_after=recover_after,
-            hold_s=hold_s,
-            clock=clock,
-        )
+        self.pressure = _pressure(threshold)
         self._exit = graph.tensor_by_name[exit_output]
         self._final = tuple(t for t in graph.outputs if t.name != exit_output)
         _keep_the_exit_in_the_head(device, self.cut)
@@ -517,14 +495,8 @@ class EarlyExit:
         deadline_ms: float | None = None,
     ) -> EarlyExit:
         assert calibration.exit_output is not None
-        return cls(
-            device,
-            calibration.exit_output,
-            rule=calibration.rule,
-            threshold=calibration.threshold,
-            relaxed=calibration.relaxed(max_extra_loss_pp),
-            deadline_ms=deadline_ms,
-        )
+        pressure = calibration.pressure(max_extra_loss_pp, deadline_ms)
+        return cls(device, calibration.exit_output, rule=calibration.rule, threshold=pressure)
 
     def exit_confidence(self, outputs: Mapping[str, np.ndarray]) -> float:
         return confidence(dequantize(outputs[self.exit_output], self._exit), self.rule)

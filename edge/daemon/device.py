@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import models
 from ..backends import create_backend
-from ..cascade import Calibration, Cascade, EarlyExit, Router, Rule, check_pair, exit_outputs
+from ..cascade import Calibration, Cascade, EarlyExit, Pressure, Router, Rule, check_pair, exit_outputs
 from ..cooperative import CooperativeRunner
 from ..errors import ConfigError, EdgeError
 from ..graph import ModelGraph
@@ -133,26 +133,13 @@ def open_cascade(resolved: ResolvedProfile, device: CooperativeRunner) -> Router
     plan = resolved.cascade
     if plan is None:
         return None
+    pressure = Pressure(plan.threshold, plan.relaxed, deadline_ms=plan.deadline_ms)
     if plan.exit_output is not None:
-        return EarlyExit(
-            device,
-            plan.exit_output,
-            rule=plan.rule,
-            threshold=plan.threshold,
-            relaxed=plan.relaxed,
-            deadline_ms=plan.deadline_ms,
-        )
+        return EarlyExit(device, plan.exit_output, rule=plan.rule, threshold=pressure)
     assert plan.small is not None
     runtime = resolved.profile.runtime
     small = ModelRunner(plan.small, backend=runtime.backend, threads=runtime.threads)
-    return Cascade(
-        small,
-        device,
-        rule=plan.rule,
-        threshold=plan.threshold,
-        relaxed=plan.relaxed,
-        deadline_ms=plan.deadline_ms,
-    )
+    return Cascade(small, device, rule=plan.rule, threshold=pressure)
 
 
 def preflight(resolved: ResolvedProfile) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from edge import models
-from edge.cascade import Calibration, Cascade, ModelRef, choose, confidence, sweep
+from edge.cascade import Calibration, Cascade, ModelRef, Pressure, choose, confidence, sweep
 from edge.cli import main
 from edge.cooperative import CooperativeRunner
 from edge.errors import ConfigError, EdgeError
@@ -228,8 +228,8 @@ def test_the_threshold_relaxes_while_escalating_fails_and_returns_after() -> Non
     server = BackgroundServer.from_files(paths, port=port).__enter__()
     device = CooperativeRunner(ModelRunner(big), TailClient(f"127.0.0.1:{port}", timeout_s=2.0),
                                model_name="digits_resnet", policy=8, retry_after_s=0.0)  # fmt: skip
-    cascade = Cascade(ModelRunner(small), device, rule="maxprob", threshold=0.99, relaxed=0.5, hold_s=5.0,
-                      clock=lambda: now[0])  # fmt: skip
+    pressure = Pressure(0.99, 0.5, hold_s=5.0, clock=lambda: now[0])
+    cascade = Cascade(ModelRunner(small), device, rule="maxprob", threshold=pressure)
 
     def run(i: int):  # type: ignore[no-untyped-def]
         return cascade.infer({big.inputs[0].name: sample.x[i : i + 1]})
