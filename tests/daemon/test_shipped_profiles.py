@@ -13,8 +13,9 @@ the profile sets one, otherwise the address it dials. The broker's names no addr
 profile says ``verify_hostname = false``.
 
 The planner needs the device to be slower than the server to offload, and here both share one
-CPU: the device's head profile is measured here and cached 20 times slower, as the device
-would measure itself next to an edge server. Everything else is real. A message on every
+CPU: the device's head profile is measured here and cached 50 times slower, as the device
+would measure itself next to an edge server (a margin wide enough that a noisy link estimate
+on a loaded loopback does not tip the plan to the device). Everything else is real. A message on every
 sensor topic of the profile must get a cooperative result (sent to a server, no fallback) with
 the top-k of the whole model run locally; then the first server is killed, and the next
 message must be answered through the second server, still over TLS.
@@ -50,7 +51,7 @@ from edge.runner import ModelRunner
 from helpers import REPO
 
 PROFILES = sorted(path.stem for path in (REPO / "firmware_config").glob("*.toml"))
-SLOWER = 20.0
+SLOWER = 50.0
 PASSWORD = "correct horse battery staple"
 
 
@@ -236,7 +237,10 @@ def test_a_shipped_profile_gets_cooperative_results_over_tls(
             for message_id, top in wanted.items():
                 doc = answered[message_id][0]
                 assert "error" not in doc, doc
-                assert doc["fallback"] is False and doc["bytes_sent"] > 0, doc
+                link = [
+                    line for line in daemon.text().splitlines() if "edge.link" in line or "autosplit" in line
+                ]
+                assert doc["fallback"] is False and doc["bytes_sent"] > 0, (doc, link[-5:])
                 assert doc["cut"] < graph.num_operators, doc
                 assert doc["top_k"] == top, message_id
             return answered
