@@ -4,7 +4,7 @@ A :class:`WireTensor` is what travels: an Open Inference Protocol datatype strin
 little-endian row-major bytes, and per-tensor parameters. :func:`encode` and :func:`decode`
 (with :func:`decode_expected`, the server's fast path for a tensor it knows) are the one way
 every tensor passes. How the bytes are encoded is the tensor's ``edge_encoding`` parameter,
-an entry of :data:`ENCODINGS`; absent means ``raw``, the only one so far. This module imports
+an entry of :data:`ENCODINGS`; absent means ``raw`` (:mod:`edge.compression` adds zstd and lz4). This module imports
 neither protobuf nor grpc; ``edge.protocol.converters`` maps these objects to messages.
 """
 
@@ -27,6 +27,7 @@ __all__ = [
     "ENCODING",
     "ENCODINGS",
     "MAX_NDIM",
+    "Decoder",
     "Deferred",
     "InferRequest",
     "InferResponse",
@@ -40,6 +41,7 @@ __all__ = [
     "dtype_of",
     "element_count",
     "encode",
+    "register_encoding",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,13 +74,21 @@ MAX_NDIM = 32
 _NO_PARAMETERS: Mapping[str, ParameterValue] = MappingProxyType({})
 
 
-def _raw_bytes(data: bytes | memoryview) -> bytes | memoryview:
+def _raw_bytes(data: bytes | memoryview, expected: int) -> bytes | memoryview:
     return data
 
 
-#: Encodings by name: each turns the wire bytes into the raw little-endian bytes. A new encoding
-#: (a compressor, say) is one entry here and one in encode's choice.
-ENCODINGS: dict[str, Callable[[bytes | memoryview], bytes | memoryview]] = {"raw": _raw_bytes}
+Decoder: TypeAlias = Callable[[bytes | memoryview, int], bytes | memoryview]
+"""Wire bytes and the raw size they must decode to (decode no more than that) -> raw bytes."""
+
+#: Encodings by name: each turns the wire bytes into the raw little-endian bytes.
+#: :mod:`edge.compression` registers zstd and lz4 when their libraries are installed.
+ENCODINGS: dict[str, Decoder] = {"raw": _raw_bytes}
+
+
+def register_encoding(name: str, decoder: Decoder) -> None:
+    """Make ``decoder`` the way tensors whose ``edge_encoding`` is ``name`` are read."""
+    ENCODINGS[name] = decoder
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,8 +247,9 @@ def _encode_datatype(name: str, dtype: np.dtype) -> str:
         raise TensorFormatError(f"tensor {name!r}: {err}") from err
 
 
-def _payload(t: WireTensor) -> bytes | memoryview:
-    """``t``'s bytes as raw little-endian bytes, through its encoding."""
+def _payload(t: WireTensor, expected: int) -> bytes | memoryview:
+    """``t``'s bytes as raw little-endian bytes, through its encoding (which decodes at most
+    ``expected`` bytes)."""
     data = t.data
     if isinstance(data, Deferred):
         return data.load()
@@ -250,7 +261,7 @@ def _payload(t: WireTensor) -> bytes | memoryview:
         raise TensorFormatError(
             f"tensor {t.name!r}: unknown encoding {str(encoding)[:40]!r}; supported: {', '.join(ENCODINGS)}"
         )
-    return unpack(data)
+    return unpack(data, expected)
 
 
 def decode_expected(
@@ -280,7 +291,7 @@ def decode(t: WireTensor) -> np.ndarray:
     dtype = _lookup_dtype(t.datatype, t.name)
     count = element_count(t.name, t.shape)
     expected = count * dtype.itemsize
-    data = _payload(t)
+    data = _payload(t, expected)
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if expected != size:
         raise TensorFormatError(

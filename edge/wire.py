@@ -7,6 +7,7 @@ nothing, so the codec can use it without protobuf.
 from __future__ import annotations
 
 __all__ = [
+    "ACCEPT_ENCODING",
     "BACKEND",
     "BATCH_SIZE",
     "COMPUTE_US",
@@ -31,6 +32,8 @@ PROFILE = "profile"
 """bool, no inputs: answer with the server's median tail time per cut."""
 PING = "ping"
 """bool, no inputs: run nothing and answer at once (a probe of a request's fixed cost)."""
+ACCEPT_ENCODING = "edge_accept_encoding"
+"""string: a codec the device decodes; the server may compress large outputs with it."""
 
 # -- response parameters ----------------------------------------------------------------------
 COMPUTE_US = "compute_us"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge import __version__
+from edge import __version__, compression
 from edge.codec import (
     InferRequest,
     InferResponse,
@@ -38,6 +38,7 @@ from edge.errors import CutError, ModelMismatchError, ModelNotFoundError, Tensor
 from edge.graph import TensorInfo
 from edge.profiler import ProfileCancelledError, profile_tails
 from edge.wire import (
+    ACCEPT_ENCODING,
     BACKEND,
     BATCH_SIZE,
     COMPUTE_US,
@@ -72,6 +73,8 @@ MODEL_VERSION = "1"
 DEFAULT_MAX_INFLIGHT = 64
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 MAX_NAME_CHARS = 256
+COMPRESS_OUTPUTS_FROM = 64 * 1024
+"""Outputs this large or larger go compressed to a device that accepts a codec."""
 # Tensor names are the graph's own: converters join fused ops' names, and mobilenetv2_035's
 # run to 402 characters.
 MAX_TENSOR_NAME_CHARS = 4096
@@ -106,9 +109,12 @@ class DataPlane:
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         model_control: bool = False,
+        codecs: tuple[str, ...] | None = None,
     ) -> None:
         self.repository = repository
         self.model_control = model_control
+        self.codecs = compression.available() if codecs is None else codecs
+        """The lossless codecs advertised in ServerMetadata, and used for large outputs when asked."""
         self.max_inflight_bytes = max_inflight_bytes
         self._inflight_bytes = 0
         self.max_inflight = max_inflight
@@ -140,7 +146,11 @@ class DataPlane:
         return not self._stopping
 
     def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
-        return SERVER_NAME, __version__, EXTENSIONS
+        return (
+            SERVER_NAME,
+            __version__,
+            EXTENSIONS + tuple(compression.EXTENSION_PREFIX + c for c in self.codecs),
+        )
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
         graph = self._model(name, version).graph
@@ -235,7 +245,7 @@ class DataPlane:
             results = runner.run(prepared.feeds)
         else:
             results = runner.run_tail(prepared.split_point, prepared.feeds)
-        return _response(prepared, results, started, time.perf_counter_ns())
+        return _response(prepared, results, started, time.perf_counter_ns(), codecs=self.codecs)
 
     def execute_batch(self, batch: Sequence[PreparedRequest]) -> list[InferResponse]:
         """Run requests for one model and cut (admitted, neither pings nor profiles) as one batch.
@@ -250,7 +260,10 @@ class DataPlane:
         started = time.perf_counter_ns()
         results = runner.run_tail_batch(k, [p.feeds for p in batch])
         finished = time.perf_counter_ns()
-        return [_response(p, r, started, finished, len(batch)) for p, r in zip(batch, results, strict=True)]
+        return [
+            _response(p, r, started, finished, len(batch), codecs=self.codecs)
+            for p, r in zip(batch, results, strict=True)
+        ]
 
     def tail_profile(self, model: ServedModel) -> np.ndarray:
         """Median tail latency (ms) of ``model`` at every cut 0..N on this server; measured on first use."""
@@ -397,7 +410,13 @@ class _Route:
 
 
 def _response(
-    prepared: PreparedRequest, results: Mapping[str, np.ndarray], started: int, finished: int, batch: int = 1
+    prepared: PreparedRequest,
+    results: Mapping[str, np.ndarray],
+    started: int,
+    finished: int,
+    batch: int = 1,
+    *,
+    codecs: tuple[str, ...] = (),
 ) -> InferResponse:
     request = prepared.request
     params: dict[str, bool | int | float | str] = {
@@ -412,8 +431,22 @@ def _response(
         model_name=request.model_name,
         model_version=MODEL_VERSION,
         id=request.id,
-        outputs=tuple(encode(t.name, results[t.name]) for t in prepared.outputs),
+        outputs=_outputs(prepared, results, codecs),
         parameters=params,
+    )
+
+
+def _outputs(
+    prepared: PreparedRequest, results: Mapping[str, np.ndarray], codecs: tuple[str, ...]
+) -> tuple[WireTensor, ...]:
+    """The requested outputs; those of at least :data:`COMPRESS_OUTPUTS_FROM` bytes compressed with the
+    codec the request accepts, when this server offers it."""
+    tensors = tuple(encode(t.name, results[t.name]) for t in prepared.outputs)
+    accepted = prepared.request.parameters.get(ACCEPT_ENCODING)
+    if not isinstance(accepted, str) or accepted not in codecs:
+        return tensors
+    return tuple(
+        compression.compress(t, accepted) if t.nbytes >= COMPRESS_OUTPUTS_FROM else t for t in tensors
     )
 
 

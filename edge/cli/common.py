@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import models
+from .. import compression, models
 from ..argtypes import address, positive_float, positive_int
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..cooperative import CooperativeRunner
@@ -97,6 +97,13 @@ def add_address_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a bearer token (its first line) to send to the server",
     )
+    p.add_argument(
+        "--codec",
+        choices=["raw", *compression.CODECS],
+        default="raw",
+        help="compress the tensors sent, losslessly, when the server decodes the codec (it says so in its "
+        "metadata; else they go raw), and accept large outputs compressed (default: %(default)s)",
+    )
     p.add_argument("--tls-ca", type=Path, metavar="FILE", help="connect with TLS, trusting this CA (PEM)")
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="with --tls-ca: a client certificate (mTLS)")
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="the private key of --tls-cert")
@@ -118,7 +125,11 @@ def client_security(args: argparse.Namespace) -> dict[str, Any]:
     ca, cert, key = (getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
     tls = TLSOptions(ca_file=ca, cert_file=cert, key_file=key) if ca or cert or key else None
     token_file = getattr(args, "token_file", None)
-    return {"tls": tls, "token": read_token(token_file) if token_file else None}
+    return {
+        "tls": tls,
+        "token": read_token(token_file) if token_file else None,
+        "codec": getattr(args, "codec", "raw"),
+    }
 
 
 def load_graph(spec: str) -> ModelGraph:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from .. import compression
 from ..cascade import exit_outputs
+from ..codec import encode
+from ..errors import EdgeError
 from ..graph import ModelGraph, TensorInfo
-from .common import MODEL_HELP, load_graph
+from ..preprocess import random_inputs
+from ..runner import ModelRunner
+from .common import MODEL_HELP, load_graph, load_inputs
 from .pipes import output_console
 
 __all__ = ["describe", "register"]
@@ -25,12 +31,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    p.add_argument(
+        "--codec",
+        choices=compression.CODECS,
+        help="also show each cut's bytes compressed with this codec, on the activations of --sample",
+    )
+    p.add_argument(
+        "--sample",
+        type=Path,
+        metavar="FILE.npy",
+        help="with --codec: the input whose activations are compressed (default: a seeded random input, "
+        "which compresses worse than real data)",
+    )
     p.set_defaults(func=run)
 
 
-def describe(graph: ModelGraph) -> dict[str, Any]:
-    """The model and its cuts as JSON-friendly data."""
-    return {
+def compressed_sizes(graph: ModelGraph, codec: str, sample: Path | None) -> dict[int, int]:
+    """Each cut's bytes on the wire with ``codec``, on the activations the model computes from ``sample``."""
+    if sample is not None:
+        inputs = load_inputs(graph, [str(sample)])
+    else:
+        inputs = random_inputs(graph, 0)
+    with ModelRunner(graph) as runner:
+        activations = runner.activations(inputs)
+    sizes = {}
+    for cut in graph.cuts():
+        sizes[cut.index] = sum(
+            compression.compress(encode(t.name, activations[t.name]), codec).nbytes for t in cut.tensors
+        )
+    return sizes
+
+
+def describe(graph: ModelGraph, compressed: dict[int, int] | None = None) -> dict[str, Any]:
+    """The model and its cuts as JSON-friendly data (with ``compressed`` bytes per cut, if given)."""
+    body: dict[str, Any] = {
         "sha256": graph.sha256,
         "operators": [{"index": op.index, "opcode": op.opcode} for op in graph.operators],
         "inputs": [t.describe() for t in graph.inputs],
@@ -46,12 +80,19 @@ def describe(graph: ModelGraph) -> dict[str, Any]:
             for cut in graph.cuts()
         ],
     }
+    if compressed is not None:
+        for entry in body["cuts"]:
+            entry["compressed_bytes"] = compressed[int(entry["index"])]
+    return body
 
 
 def run(args: argparse.Namespace) -> int:
     graph = load_graph(args.model)
+    if args.sample is not None and args.codec is None:
+        raise EdgeError("--sample goes with --codec")
+    compressed = compressed_sizes(graph, args.codec, args.sample) if args.codec else None
     if args.json:
-        print(json.dumps(describe(graph), indent=2))
+        print(json.dumps(describe(graph, compressed), indent=2))
         return 0
     console = output_console()
     input_bytes = sum(t.nbytes for t in graph.inputs)
@@ -73,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     table.add_column("shape, dtype", no_wrap=True)
     table.add_column("bytes", justify="right", no_wrap=True)
     table.add_column("vs input", justify="right", no_wrap=True)
+    if compressed is not None:
+        table.add_column(args.codec, justify="right", no_wrap=True)
     cuts = graph.cuts()
     inner = cuts[1:-1] or cuts
     smallest = min(cut.nbytes for cut in inner)
@@ -99,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{tensor.dtype.name}{list(tensor.shape)}" if tensor is not None else "-",
                 f"{cut.nbytes:,}" if first else "",
                 ratio if first else "",
+                *([f"{compressed[cut.index]:,}" if first else ""] if compressed is not None else []),
                 style=style,
                 end_section=i == len(tensors) - 1 and len(tensors) > 1,
             )

@@ -221,6 +221,11 @@ class EdgeServerConfig(_Strict):
         strict=False,
         description="File whose first line is a bearer token for this server (edge-server --auth-tokens).",
     )
+    codec: Literal["raw", "zstd", "lz4"] = Field(
+        default="raw",
+        description="Compress the tensors sent to this server losslessly, when it decodes the codec (it says so "
+        "in its metadata; else they go raw). Needs the codecs extra.",
+    )
     streaming: bool = Field(
         default=True,
         description="Send tail requests on one long-lived ModelStreamInfer stream. False sends a unary "

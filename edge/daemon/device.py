@@ -211,11 +211,16 @@ def _client(profile: DeviceProfile, source: Path) -> TailTransport | None:
             token = read_token(server.token_file) if server.token_file is not None else None
             clients.append(
                 TailClient(
-                    server.address, timeout_s=edge.timeout_s, tls=tls, streaming=server.streaming, token=token
+                    server.address,
+                    timeout_s=edge.timeout_s,
+                    tls=tls,
+                    streaming=server.streaming,
+                    token=token,
+                    codec=server.codec,
                 )
             )
         except ConfigError as err:
-            key = "token_file" if "token file" in str(err) else "tls"
+            key = "token_file" if "token file" in str(err) else "codec" if "codec" in str(err) else "tls"
             raise ConfigError(f"{source}: edge.servers[{i}].{key}: {err}") from err
     if not clients:
         return None

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from .. import compression, wire
 from ..codec import InferRequest, ModelMetadata, ParameterValue, decode, encode
 from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb, pb_grpc
@@ -128,8 +129,17 @@ class TailClient:
         max_message_bytes: int = 64 * 1024 * 1024,
         streaming: bool = True,
         token: str | None = None,
+        codec: str = "raw",
     ) -> None:
         self.address = address
+        if codec != "raw" and codec not in compression.available():
+            raise ConfigError(
+                f"codec {codec!r} is not available here (pip install zstandard lz4); "
+                f"choose one of: raw, {', '.join(compression.available()) or '(none installed)'}"
+            )
+        self.codec = codec
+        """Lossless codec for the tensors sent, once the server says it decodes it (else raw)."""
+        self._server_codecs: tuple[str, ...] | None = None
         self._metadata: tuple[tuple[str, str], ...] | None = (
             (("authorization", f"Bearer {token}"),) if token else None
         )
@@ -161,11 +171,17 @@ class TailClient:
         timeout_s: float | None = None,
         request_id: str = "",
     ) -> RemoteResult:
-        """Send ``inputs`` to ``model``; raises RemoteError with the gRPC status name on failure."""
+        """Send ``inputs`` to ``model``; raises RemoteError with the gRPC status name on failure.
+
+        With a ``codec`` the server decodes, the tensors go compressed (each only if that makes it
+        smaller), and the server may compress large outputs too."""
         tensors = tuple(encode(name, array) for name, array in inputs.items())
-        request = InferRequest(
-            model_name=model, inputs=tensors, parameters=dict(parameters or {}), id=request_id
-        )
+        params = dict(parameters or {})
+        codec = self._codec()
+        if codec != "raw":
+            tensors = tuple(compression.compress(tensor, codec) for tensor in tensors)
+            params[wire.ACCEPT_ENCODING] = codec
+        request = InferRequest(model_name=model, inputs=tensors, parameters=params, id=request_id)
         message = converters.infer_request_to_pb(request)
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         lane = self._lane()
@@ -186,6 +202,20 @@ class TailClient:
             call_ms=call_ms,
             bytes_sent=sum(t.nbytes for t in tensors),
         )
+
+    def _codec(self) -> str:
+        """``codec`` if the server lists it among the codecs it decodes; raw otherwise (an older server)."""
+        if self.codec == "raw":
+            return "raw"
+        if self._server_codecs is None:
+            # A failure here is the request's failure too: RemoteError, and the caller falls back.
+            reply = self._unary_call("ServerMetadata", pb.ServerMetadataRequest(), None)
+            self._server_codecs = compression.offered(list(reply.extensions))
+            if self.codec not in self._server_codecs:
+                logger.warning(
+                    "edge server %s does not decode %s; sending raw tensors", self.address, self.codec
+                )
+        return self.codec if self.codec in self._server_codecs else "raw"
 
     def ready(self, timeout_s: float | None = None) -> bool:
         try:
