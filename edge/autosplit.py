@@ -12,6 +12,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .cooperative import InferenceResult
@@ -29,7 +30,7 @@ from .planner import (
     cut_costs,
     plan,
 )
-from .profiler import candidate_cuts, load_or_profile
+from .profiler import candidate_cuts, codec_profile, load_or_profile
 from .transport.base import RETRYABLE
 from .transport.circuit import Circuit
 
@@ -119,6 +120,10 @@ class AutoSplit:
         self._next_reprobe = clock() + reprobe_s
         self._last_bandwidth_probe = clock()
         self.candidates = frozenset(candidate_cuts(graph))
+        self.codec = "raw"
+        self.wire_ratio: dict[int, float] = {}
+        """Compressed over raw bytes per cut, with a codec; empty: raw."""
+        self.codec_ms: dict[int, float] = {}
         """The cuts the policy may choose (see :func:`edge.profiler.candidate_cuts`)."""
         self.last_plan: Plan | None = None
         self.replan()
@@ -157,7 +162,7 @@ class AutoSplit:
             reachable = True
         except RemoteError as err:
             logger.warning("edge server unreachable, starting with the device alone: %s", err)
-        return cls(
+        policy = cls(
             graph,
             head,
             tail,
@@ -167,6 +172,10 @@ class AutoSplit:
             max_bytes=max_bytes,
             **options,
         )
+        codec = getattr(client, "codec", "raw")
+        if codec != "raw":
+            policy.use_codec(codec, *codec_profile(runner, codec))
+        return policy
 
     # -- SplitPolicy ----------------------------------------------------------------------
 
@@ -214,6 +223,9 @@ class AutoSplit:
             self._live_head.setdefault(k, deque(maxlen=8)).append((now, t.head_ms))
         remote = result.remote
         if remote is not None and k < self.n:
+            raw = self.graph.cut(k).nbytes
+            if k in self.wire_ratio and raw:  # the ratio this cut's requests actually achieve
+                self.wire_ratio[k] = 0.7 * self.wire_ratio[k] + 0.3 * (result.bytes_sent / raw)
             received = sum(a.nbytes for a in remote.outputs.values())
             self.estimator.observe_transfer(result.bytes_sent + received, t.transfer_ms)
             self.queue_ms = 0.8 * self.queue_ms + 0.2 * t.queue_ms
@@ -224,14 +236,33 @@ class AutoSplit:
     # -- planning -------------------------------------------------------------------------
 
     def costs(self) -> list[CutCost]:
-        """Each cut's head and tail: its own recent median where it has run enough, else the profile."""
+        """Each cut's head and tail: its own recent median where it has run enough, else the profile.
+
+        With a codec, a cut sends its bytes times the codec's ratio there (profiled on real
+        activations, then the ratio its requests actually achieved), and its head pays the codec's
+        time."""
         profile_tail = self._tail if self._tail is not None else [0.0] * (self.n + 1)
         head, tail = [], []
         for k in range(self.n + 1):
             live_head, live_tail = self._live(self._live_head, k), self._live(self._live_tail, k)
             head.append(_median(live_head, 0.0) if len(live_head) >= self.min_live else self._head[k])
             tail.append(_median(live_tail, 0.0) if len(live_tail) >= self.min_live else profile_tail[k])
-        return cut_costs(self.graph, head, tail)
+            if k in self.wire_ratio and len(live_head) < self.min_live:
+                head[-1] += self.codec_ms.get(k, 0.0)  # a live head time includes the codec already
+        costs = cut_costs(self.graph, head, tail)
+        if not self.wire_ratio:
+            return costs
+        return [
+            replace(c, nbytes=round(c.nbytes * self.wire_ratio[c.index])) if c.index in self.wire_ratio else c
+            for c in costs
+        ]
+
+    def use_codec(self, codec: str, ratios: Sequence[float], codec_ms: Sequence[float]) -> None:
+        """Plan with ``codec``: each cut's bytes scaled by its ratio, its head charged the codec's time."""
+        self.codec = codec
+        self.wire_ratio = {k: float(r) for k, r in enumerate(ratios) if k < self.n}
+        self.codec_ms = {k: float(ms) for k, ms in enumerate(codec_ms) if k < self.n}
+        self.replan()
 
     def _live(self, samples: dict[int, deque[tuple[float, float]]], k: int) -> list[float]:
         oldest = self._clock() - self.live_max_age_s

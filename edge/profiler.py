@@ -43,6 +43,7 @@ __all__ = [
     "ProfileCancelledError",
     "cache_dir",
     "candidate_cuts",
+    "codec_profile",
     "interpolate",
     "load_or_profile",
     "operator_costs",
@@ -379,3 +380,29 @@ def _read(path: Path, sha256: str, backend: str, threads: int, cuts: int) -> Hea
 
 def _write(path: Path, text: str) -> None:
     write_atomic(path, text.encode())
+
+
+def codec_profile(runner: ModelRunner, codec: str, *, runs: int = 3) -> tuple[list[float], list[float]]:
+    """For every cut 0..N, on the activations of a seeded input: the share of its bytes ``codec`` leaves
+    (compressed over raw; 1.0 for a cut that sends nothing) and the median ms to compress and
+    decompress them, which the planner adds to the cut's cost."""
+    from . import compression
+    from .codec import decode, encode
+
+    graph = runner.graph
+    activations = runner.activations(random_inputs(graph, 0))
+    ratios, times = [], []
+    for cut in graph.cuts():
+        tensors = [encode(t.name, activations[t.name]) for t in cut.tensors]
+        raw = sum(t.nbytes for t in tensors)
+        samples = []
+        packed = tensors
+        for _ in range(runs):
+            started = time.perf_counter()
+            packed = [compression.compress(t, codec) for t in tensors]
+            for t in packed:
+                decode(t)
+            samples.append((time.perf_counter() - started) * 1000.0)
+        ratios.append(sum(t.nbytes for t in packed) / raw if raw else 1.0)
+        times.append(statistics.median(samples) if tensors else 0.0)
+    return ratios, times

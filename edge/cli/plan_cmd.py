@@ -144,7 +144,19 @@ def _report(
             "profile": str(profile_path(policy.graph.sha256, args.backend, args.threads)),
         },
         "num_operators": n,
-        "cuts": [{**p.as_dict(), "candidate": p.index in policy.candidates} for p in predictions],
+        "codec": policy.codec,
+        "cuts": [
+            {
+                **p.as_dict(),
+                "candidate": p.index in policy.candidates,
+                **(
+                    {"codec_ratio": round(policy.wire_ratio[p.index], 4)}
+                    if p.index in policy.wire_ratio
+                    else {}
+                ),
+            }
+            for p in predictions
+        ],
     }
 
 
@@ -199,5 +211,10 @@ def _print(
         f"{report['device_only_ms']:.3f} ms; server only (K=0) "
         f"{'-' if server_only is None else f'{server_only:.3f} ms'}"
     )
+    if report["codec"] != "raw":
+        console.print(
+            f"bytes are {report['codec']}-compressed, at each cut's ratio on the activations of a seeded input (corrected from "
+            "live traffic), and the head pays the codec's time"
+        )
     if report["note"]:
         console.print(f"note: {report['note']}")

@@ -188,3 +188,41 @@ def test_no_exploring_without_near_ties(graph):
     policy = AutoSplit(graph, head, tail, estimator=link_with(100.0, 1.0, graph), explore_every=2)
     run_device(policy, graph, {}, requests=20)
     assert not policy.explored
+
+
+def test_a_codec_scales_each_cuts_bytes_charges_its_time_and_learns_the_ratio(graph):
+    """Cut 8 sends 2,048 bytes raw; at a ratio of 0.25 and 1 Mbit/s the planner must count 512 bytes
+    there (and the codec's time on the head), then the ratio the requests actually achieved."""
+    head, tail = slow_device_profiles(graph)
+    policy = AutoSplit(graph, head, tail, estimator=link_with(1.0, 1.0, graph))
+    raw = {c.index: c for c in policy.costs()}
+    n = graph.num_operators
+    policy.use_codec("zstd", [0.25] * (n + 1), [0.5] * (n + 1))
+    costs = {c.index: c for c in policy.costs()}
+    assert policy.codec == "zstd"
+    assert costs[8].nbytes == round(raw[8].nbytes * 0.25) and costs[n].nbytes == raw[n].nbytes == 0
+    assert costs[8].head_ms == pytest.approx(raw[8].head_ms + 0.5)
+    result = remote_result(graph, 8, transfer_ms=5.0)
+    result.bytes_sent = graph.cut(8).nbytes // 2  # the live ratio is 0.5
+    policy.observe(result)
+    assert policy.wire_ratio[8] == pytest.approx(0.7 * 0.25 + 0.3 * 0.5)
+
+
+def test_connect_profiles_the_codec_on_real_activations(graphs) -> None:
+    from edge import models
+    from edge.runner import ModelRunner
+    from edge.transport import TailClient
+    from server.embedded import BackgroundServer
+
+    graph = graphs["digits_resnet"]
+    with BackgroundServer.from_files([models.model_path("digits_resnet")]) as server:
+        runner = ModelRunner(graph)
+        client = TailClient(server.address, timeout_s=10.0, codec="zstd")
+        try:
+            policy = AutoSplit.connect(runner, client, model_name="digits_resnet", progress=False)
+        finally:
+            client.close()
+            runner.close()
+    assert policy.codec == "zstd" and set(policy.wire_ratio) == set(range(graph.num_operators))
+    assert all(0 < r <= 1.0 for r in policy.wire_ratio.values())
+    assert sum(r < 0.9 for r in policy.wire_ratio.values()) > 5  # ReLU activations compress
