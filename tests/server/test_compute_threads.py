@@ -2,21 +2,20 @@
 
 Covered:
 - the default ``workers`` is one per core the server may run on (its CPU affinity);
-- with one request computing on every core, each taking about 28 ms (tests/model_builder.py's
-  slow_conv_model), health checks and model metadata answer in under 5 ms (the median of 30),
-  and every flooding request gets the whole model's outputs;
+- with one request computing on every core, each taking about 110 ms (tests/model_builder.py's
+  slow_conv_model), health checks and model metadata keep answering: at least 40 pairs in 1.5 s
+  (a loop that computed would answer about one pair per compute), and every flooding request
+  gets the whole model's outputs;
 - with one compute thread held by a long request, unary requests whose deadline passes while
   they wait for it are dropped before compute (DEADLINE_EXCEEDED at the caller, and counted as
   such in the server's metrics), and the server keeps serving.
 
-The model takes ~28 ms a request, so a loop that computed would hold a health check for that
-long; checked by hand with ``--workers 0``: the median health check took 87 ms.
+How long a health check takes under load is a benchmark (README, Serving a fleet), not a test.
 """
 
 from __future__ import annotations
 
 import contextlib
-import statistics
 import subprocess
 import sys
 import threading
@@ -77,19 +76,28 @@ def test_the_default_worker_count_is_the_cores_the_server_may_use() -> None:
     assert pinned.stdout.strip() == "1"
 
 
-def test_health_and_metadata_answer_promptly_while_every_core_computes(
-    tmp_path: Path, slow_model: Path
-) -> None:
-    graph = ModelGraph.from_file(slow_model)
+@pytest.fixture(scope="module")
+def slower_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 110 ms a request here: one computing on each core leaves the event loop nothing to wait for."""
+    path = tmp_path_factory.mktemp("slower") / f"{MODEL}.tflite"
+    path.write_bytes(slow_conv_model(size=48, channels=512))
+    return path
+
+
+def test_health_and_metadata_answer_while_every_core_computes(tmp_path: Path, slower_model: Path) -> None:
+    """Counted, not timed tightly: in WINDOW_S of every core computing ~110 ms requests, the loop
+    answers at least 40 health-and-metadata pairs. A loop that computed would answer one pair per
+    compute at best, about 14 (checked by hand with --workers 0: 9)."""
+    graph = ModelGraph.from_file(slower_model)
     x = seeded_inputs(graph, 0)
     with ModelRunner(graph) as runner:
         expected = runner.run(x)
-    with _server(tmp_path, slow_model) as (proc, address):  # the default workers
+    with _server(tmp_path, slower_model) as (proc, address):  # the default workers
         stop = threading.Event()
         outcomes: list[bool] = []
 
         def flood() -> None:
-            with TailClient(address, timeout_s=30.0) as client:
+            with TailClient(address, timeout_s=60.0) as client:
                 while not stop.is_set():
                     result = client.infer(MODEL, x)
                     outcomes.append(all(np.array_equal(result.outputs[k], v) for k, v in expected.items()))
@@ -102,31 +110,28 @@ def test_health_and_metadata_answer_promptly_while_every_core_computes(
             health = health_pb2_grpc.HealthStub(channel)
             inference = pb_grpc.GRPCInferenceServiceStub(channel)
             health.Check(health_pb2.HealthCheckRequest(), timeout=10)  # connected
-            while len(outcomes) < 2 * len(floods):  # every flood is computing, its route known
+            deadline = time.monotonic() + 60
+            while len(outcomes) < len(floods) and time.monotonic() < deadline:  # every route known
                 time.sleep(0.01)
-            checks, metadata = [], []
-            for _ in range(30):
-                # Off the requests' rhythm; spinning, not sleeping, so that the waking of this
-                # client's own idle core is not counted as the server's time.
-                spin_until = time.perf_counter() + 0.013
-                while time.perf_counter() < spin_until:
-                    pass
-                started = time.perf_counter()
+            computed_before = len(outcomes)
+            pairs = 0
+            window_ends = time.monotonic() + WINDOW_S
+            while time.monotonic() < window_ends:
                 assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
-                checks.append(time.perf_counter() - started)
-                started = time.perf_counter()
                 assert inference.ModelMetadata(pb.ModelMetadataRequest(name=MODEL), timeout=10).name == MODEL
-                metadata.append(time.perf_counter() - started)
-            done_during = len(outcomes)
+                pairs += 1
+            computed_during = len(outcomes) - computed_before
         finally:
             stop.set()
             for t in floods:
-                t.join(timeout=60)
+                t.join(timeout=120)
             channel.close()
-        assert all(outcomes) and done_during > 2 * len(floods) + 10, done_during
-        assert statistics.median(checks) < 0.005, sorted(checks)
-        assert statistics.median(metadata) < 0.005, sorted(metadata)
+        assert all(outcomes) and computed_during >= len(floods), computed_during  # the cores were busy
+        assert pairs >= 40, pairs
         assert proc.poll() is None
+
+
+WINDOW_S = 1.5
 
 
 def test_requests_past_their_deadline_are_dropped_before_compute(tmp_path: Path, slow_model: Path) -> None:
