@@ -74,12 +74,14 @@ MAX_NDIM = 32
 _NO_PARAMETERS: Mapping[str, ParameterValue] = MappingProxyType({})
 
 
-def _raw_bytes(data: bytes | memoryview, expected: int) -> bytes | memoryview:
+def _raw_bytes(t: WireTensor, expected: int) -> bytes | memoryview:
+    data = t.data
+    assert not isinstance(data, Deferred)
     return data
 
 
-Decoder: TypeAlias = Callable[[bytes | memoryview, int], bytes | memoryview]
-"""Wire bytes and the raw size they must decode to (decode no more than that) -> raw bytes."""
+Decoder: TypeAlias = "Callable[[WireTensor, int], bytes | memoryview]"
+"""A tensor as it came and the raw size it must decode to (decode no more than that) -> raw bytes."""
 
 #: Encodings by name: each turns the wire bytes into the raw little-endian bytes.
 #: :mod:`edge.compression` registers zstd and lz4 when their libraries are installed.
@@ -261,7 +263,7 @@ def _payload(t: WireTensor, expected: int) -> bytes | memoryview:
         raise TensorFormatError(
             f"tensor {t.name!r}: unknown encoding {str(encoding)[:40]!r}; supported: {', '.join(ENCODINGS)}"
         )
-    return unpack(data, expected)
+    return unpack(t, expected)
 
 
 def decode_expected(

@@ -16,11 +16,23 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .codec import ENCODINGS, WireTensor, register_encoding
+import numpy as np
+
+from .codec import ENCODINGS, Deferred, WireTensor, register_encoding
 from .errors import TensorFormatError
 from .wire import ENCODING
 
-__all__ = ["CODECS", "EXTENSION_PREFIX", "available", "compress", "extensions", "offered"]
+__all__ = [
+    "CODECS",
+    "EXTENSION_PREFIX",
+    "INT4_BASE",
+    "INT4_STEP",
+    "LOSSY",
+    "available",
+    "compress",
+    "extensions",
+    "offered",
+]
 
 EXTENSION_PREFIX = f"{ENCODING}:"
 """ServerMetadata lists each codec the server decodes as ``edge_encoding:NAME``."""
@@ -50,7 +62,8 @@ def _zstd_compress(data: bytes) -> bytes:
     return bytes(compressor.compress(data))
 
 
-def _zstd_decompress(data: bytes | memoryview, expected: int) -> bytes:
+def _zstd_decompress(t: WireTensor, expected: int) -> bytes:
+    data = _bytes_of(t)
     zstandard = _zstd()
     try:
         size = zstandard.frame_content_size(data)
@@ -65,7 +78,8 @@ def _lz4_compress(data: bytes) -> bytes:
     return bytes(_lz4().compress(data, store_size=True))
 
 
-def _lz4_decompress(data: bytes | memoryview, expected: int) -> bytes:
+def _lz4_decompress(t: WireTensor, expected: int) -> bytes:
+    data = _bytes_of(t)
     frame = _lz4()
     try:
         decompressor = frame.LZ4FrameDecompressor()
@@ -75,6 +89,85 @@ def _lz4_decompress(data: bytes | memoryview, expected: int) -> bytes:
     if len(out) > expected or not decompressor.eof:
         raise TensorFormatError(f"an lz4 frame that does not decode to exactly {expected:,} bytes")
     return bytes(out)
+
+
+def _bytes_of(t: WireTensor) -> bytes | memoryview:
+    data = t.data
+    if isinstance(data, Deferred):  # typed contents are never encoded
+        raise TensorFormatError(f"tensor {t.name!r}: an encoding applies to raw contents only")
+    return data
+
+
+# -- lossy: opt-in, and every result sent through one is flagged ------------------------------
+
+INT4_BASE = "edge_int4_base"
+INT4_STEP = "edge_int4_step"
+"""int64s on an int4 tensor: 4-bit code u stands for the int8 value base + step * u."""
+
+
+def _fp16_pack(t: WireTensor) -> WireTensor | None:
+    if t.datatype != "FP32" or not isinstance(t.data, bytes):
+        return None
+    half = np.frombuffer(t.data, dtype="<f4").astype("<f2")
+    return WireTensor(t.name, t.datatype, t.shape, half.tobytes(), {**t.parameters, ENCODING: "fp16"})
+
+
+def _fp16_unpack(t: WireTensor, expected: int) -> bytes:
+    data = _bytes_of(t)
+    if t.datatype != "FP32" or len(data) * 2 != expected:
+        raise TensorFormatError(f"tensor {t.name!r}: fp16 encodes FP32 tensors, two bytes an element")
+    return np.frombuffer(data, dtype="<f2").astype("<f4").tobytes()
+
+
+def _int4_grid(values: np.ndarray) -> tuple[int, int]:
+    """(base, step): 16 levels spanning the tensor's values, one of them exactly its most common
+    value (for an activation after a ReLU, its zero point, which most elements hold)."""
+    mode = int(np.bincount(values + 128, minlength=256).argmax()) - 128
+    below, above = mode - int(values.min()), int(values.max()) - mode
+    step = max(1, -(-(below + above) // 15))
+    while True:
+        levels_below = -(-below // step)
+        if step * (15 - levels_below) >= above:
+            return mode - step * levels_below, step
+        step += 1
+
+
+def _int4_pack(t: WireTensor) -> WireTensor | None:
+    if t.datatype != "INT8" or not isinstance(t.data, bytes) or not t.data:
+        return None
+    values = np.frombuffer(t.data, dtype=np.int8).astype(np.int16)
+    base, step = _int4_grid(values)
+    codes = np.clip(np.rint((values - base) / step), 0, 15).astype(np.uint8)
+    if codes.size % 2:
+        codes = np.append(codes, np.uint8(0))
+    packed = codes[0::2] | (codes[1::2] << 4)
+    params = {**t.parameters, ENCODING: "int4", INT4_BASE: base, INT4_STEP: step}
+    return WireTensor(t.name, t.datatype, t.shape, packed.tobytes(), params)
+
+
+def _int4_unpack(t: WireTensor, expected: int) -> bytes:
+    data = _bytes_of(t)
+    base, step = t.parameters.get(INT4_BASE), t.parameters.get(INT4_STEP)
+    if t.datatype != "INT8" or len(data) != (expected + 1) // 2:
+        raise TensorFormatError(f"tensor {t.name!r}: int4 encodes INT8 tensors, two elements a byte")
+    for name, value, low, high in ((INT4_BASE, base, -128 - 15 * 256, 127), (INT4_STEP, step, 1, 256)):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise TensorFormatError(f"tensor {t.name!r}: int4 needs an int {name} in {low}..{high}")
+    assert isinstance(base, int) and isinstance(step, int)
+    packed = np.frombuffer(data, dtype=np.uint8)
+    codes = np.empty(packed.size * 2, dtype=np.int32)
+    codes[0::2], codes[1::2] = packed & 0xF, packed >> 4
+    return np.clip(base + step * codes[:expected], -128, 127).astype(np.int8).tobytes()
+
+
+LOSSY = ("fp16", "int4")
+"""Opt-in codecs that change values: fp16 for FP32 tensors, int4 (two to a byte) for INT8 ones."""
+_LOSSY_PACKERS: dict[str, Callable[[WireTensor], WireTensor | None]] = {
+    "fp16": _fp16_pack,
+    "int4": _int4_pack,
+}
+register_encoding("fp16", _fp16_unpack)
+register_encoding("int4", _int4_unpack)
 
 
 def _loads(importer: Callable[[], Any]) -> bool:
@@ -95,8 +188,8 @@ if _loads(_lz4):
 
 
 def available() -> tuple[str, ...]:
-    """The codecs this process can encode and decode."""
-    return tuple(name for name in CODECS if name in _COMPRESSORS and name in ENCODINGS)
+    """The codecs this process can encode and decode: the lossless ones installed, then the lossy ones."""
+    return tuple(name for name in CODECS if name in _COMPRESSORS and name in ENCODINGS) + LOSSY
 
 
 def extensions() -> tuple[str, ...]:
@@ -113,6 +206,9 @@ def compress(tensor: WireTensor, codec: str) -> WireTensor:
     """``tensor`` encoded with ``codec``, or as it is when that does not make it smaller."""
     if codec == "raw":
         return tensor
+    if codec in _LOSSY_PACKERS:
+        lossy = _LOSSY_PACKERS[codec](tensor)
+        return lossy if lossy is not None else tensor
     pack = _COMPRESSORS.get(codec)
     if pack is None:
         raise TensorFormatError(

@@ -64,6 +64,8 @@ class InferenceResult:
     remote: RemoteResult | None = field(default=None, repr=False)
     exited: bool = False
     """The head's early exit answered: ``outputs`` holds what the head computed, nothing was sent."""
+    lossy: bool = False
+    """The cut went through a lossy codec: the outputs may differ from the whole model's."""
 
     @property
     def offloaded(self) -> bool:
@@ -281,6 +283,7 @@ class CooperativeRunner:
             timings=timings,
             bytes_sent=remote.bytes_sent,
             remote=remote,
+            lossy=remote.lossy,
         )
 
     def _fallback(

@@ -443,8 +443,8 @@ def _outputs(
     codec the request accepts, when this server offers it."""
     tensors = tuple(encode(t.name, results[t.name]) for t in prepared.outputs)
     accepted = prepared.request.parameters.get(ACCEPT_ENCODING)
-    if not isinstance(accepted, str) or accepted not in codecs:
-        return tensors
+    if not isinstance(accepted, str) or accepted not in codecs or accepted not in compression.CODECS:
+        return tensors  # outputs go back losslessly or raw, never through a lossy codec
     return tuple(
         compression.compress(t, accepted) if t.nbytes >= COMPRESS_OUTPUTS_FROM else t for t in tensors
     )

@@ -35,7 +35,7 @@ CODECS = ["zstd", "lz4"]
 
 
 def test_both_codecs_are_installed() -> None:
-    assert compression.available() == ("zstd", "lz4")
+    assert compression.available() == ("zstd", "lz4", "fp16", "int4")
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -160,7 +160,7 @@ def test_the_server_lists_its_codecs_and_compresses_large_outputs(server: Backgr
         meta = pb_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(
             pb.ServerMetadataRequest(), timeout=10
         )
-    assert compression.offered(list(meta.extensions)) == ("zstd", "lz4")
+    assert compression.offered(list(meta.extensions)) == ("zstd", "lz4", "fp16", "int4")
     path = tmp_path / "wide.tflite"
     path.write_bytes(slow_conv_model(size=16, channels=128))  # a float32 [1, 16, 16, 128] output: 128 KiB
     graph = ModelGraph.from_file(path)
@@ -248,3 +248,75 @@ def test_a_profile_server_takes_a_codec(tmp_path) -> None:
     path.write_text(path.read_text().replace('codec = "zstd"', 'codec = "brotli"'))
     with pytest.raises(ConfigError, match="codec"):
         load(path)
+
+
+def test_fp16_halves_float_tensors_and_leaves_others() -> None:
+    x = np.random.default_rng(3).standard_normal((4, 33)).astype(np.float32)
+    packed = compression.compress(encode("t", x), "fp16")
+    assert packed.parameters[ENCODING] == "fp16" and packed.nbytes == x.nbytes // 2
+    assert np.array_equal(decode(packed), x.astype(np.float16).astype(np.float32))
+    ints = encode("i", np.arange(10, dtype=np.int32))
+    assert compression.compress(ints, "fp16") is ints
+
+
+def test_int4_packs_two_to_a_byte_around_the_most_common_value() -> None:
+    rng = np.random.default_rng(4)
+    x = np.full(101, -128, dtype=np.int8)  # a ReLU output: mostly its zero point
+    x[::3] = rng.integers(-128, 128, 34).astype(np.int8)
+    packed = compression.compress(encode("t", x), "int4")
+    step = packed.parameters[compression.INT4_STEP]
+    assert packed.parameters[ENCODING] == "int4" and packed.nbytes == 51 and step == 17
+    out = decode(packed)
+    assert out.dtype == np.int8 and out.shape == x.shape
+    assert np.array_equal(out[x == -128], x[x == -128])  # the zero point survives exactly
+    assert np.abs(out.astype(int) - x.astype(int)).max() <= step // 2 + 1
+
+
+@pytest.mark.parametrize(
+    ("tensor", "needle"),
+    [
+        (
+            WireTensor(
+                "t",
+                "INT8",
+                (4,),
+                b"\x00",
+                {ENCODING: "int4", compression.INT4_BASE: 0, compression.INT4_STEP: 1},
+            ),
+            "two elements a byte",
+        ),
+        (WireTensor("t", "INT8", (4,), b"\x00\x00", {ENCODING: "int4"}), "needs an int"),
+        (
+            WireTensor(
+                "t",
+                "INT8",
+                (4,),
+                b"\x00\x00",
+                {ENCODING: "int4", compression.INT4_BASE: 0, compression.INT4_STEP: 0},
+            ),
+            "needs an int",
+        ),
+        (WireTensor("t", "INT32", (2,), b"\x00" * 4, {ENCODING: "fp16"}), "fp16 encodes FP32"),
+        (WireTensor("t", "FP32", (2,), b"\x00" * 6, {ENCODING: "fp16"}), "fp16 encodes FP32"),
+    ],
+)
+def test_bad_lossy_tensors_are_one_clear_error(tensor: WireTensor, needle: str) -> None:
+    with pytest.raises(TensorFormatError, match=needle):
+        decode(tensor)
+
+
+@pytest.mark.parametrize(("name", "codec"), [("digits_resnet_f32", "fp16"), ("digits_resnet", "int4")])
+def test_a_lossy_codec_is_flagged_and_close(name: str, codec: str, server: BackgroundServer, runners) -> None:
+    runner = runners[name]
+    sample = models.digits_sample()
+    x = {runner.graph.inputs[0].name: (sample.x_float if codec == "fp16" else sample.x)[:1]}
+    device = CooperativeRunner(ModelRunner(runner.graph), TailClient(server.address, timeout_s=10.0, codec=codec),
+                               model_name=name, policy=8)  # fmt: skip
+    try:
+        result = device.infer(x)
+    finally:
+        device.close()
+    assert result.offloaded and result.lossy and result.bytes_sent < runner.graph.cut(8).nbytes
+    want = runner.run(x)
+    (out,) = want
+    assert int(np.argmax(result.outputs[out])) == int(np.argmax(want[out]))  # a clear digit keeps its class

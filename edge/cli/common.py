@@ -99,10 +99,11 @@ def add_address_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--codec",
-        choices=["raw", *compression.CODECS],
+        choices=["raw", *compression.CODECS, *compression.LOSSY],
         default="raw",
-        help="compress the tensors sent, losslessly, when the server decodes the codec (it says so in its "
-        "metadata; else they go raw), and accept large outputs compressed (default: %(default)s)",
+        help="compress the tensors sent when the server decodes the codec (it says so in its metadata; else "
+        "they go raw): zstd or lz4 losslessly, accepting large outputs compressed too; or, lossy, fp16 "
+        "(float cuts) or int4 (int8 cuts), whose results are flagged (default: %(default)s)",
     )
     p.add_argument("--tls-ca", type=Path, metavar="FILE", help="connect with TLS, trusting this CA (PEM)")
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="with --tls-ca: a client certificate (mTLS)")

@@ -221,10 +221,11 @@ class EdgeServerConfig(_Strict):
         strict=False,
         description="File whose first line is a bearer token for this server (edge-server --auth-tokens).",
     )
-    codec: Literal["raw", "zstd", "lz4"] = Field(
+    codec: Literal["raw", "zstd", "lz4", "fp16", "int4"] = Field(
         default="raw",
-        description="Compress the tensors sent to this server losslessly, when it decodes the codec (it says so "
-        "in its metadata; else they go raw). Needs the codecs extra.",
+        description="Compress the tensors sent to this server, when it decodes the codec (it says so in its "
+        "metadata; else they go raw): zstd or lz4 losslessly (the codecs extra), or, opt-in and lossy, fp16 "
+        "(float cuts) or int4 (int8 cuts); results through a lossy codec carry lossy = true.",
     )
     streaming: bool = Field(
         default=True,

@@ -88,6 +88,7 @@ def result(
         fallback=inference.fallback,
         fallback_reason=inference.fallback_reason,
         bytes_sent=inference.bytes_sent,
+        **({"lossy": True} if inference.lossy else {}),
         timings=inference.timings.as_dict(),
         ts=round(time.time(), 3),
     )

@@ -33,6 +33,8 @@ class RemoteResult:
     call_ms: float
     """Wall time of the RPC on the device: transfer both ways, queueing and compute."""
     bytes_sent: int
+    lossy: bool = False
+    """The tensors went through a lossy codec (fp16, int4): the outputs may differ from the model's."""
 
     @property
     def compute_ms(self) -> float:

@@ -178,9 +178,13 @@ class TailClient:
         tensors = tuple(encode(name, array) for name, array in inputs.items())
         params = dict(parameters or {})
         codec = self._codec()
+        lossy = False
         if codec != "raw":
             tensors = tuple(compression.compress(tensor, codec) for tensor in tensors)
-            params[wire.ACCEPT_ENCODING] = codec
+            if codec in compression.CODECS:
+                params[wire.ACCEPT_ENCODING] = codec
+            else:
+                lossy = any(t.parameters.get(wire.ENCODING) == codec for t in tensors)
         request = InferRequest(model_name=model, inputs=tensors, parameters=params, id=request_id)
         message = converters.infer_request_to_pb(request)
         timeout = timeout_s if timeout_s is not None else self.timeout_s
@@ -201,6 +205,7 @@ class TailClient:
             parameters=response.parameters,
             call_ms=call_ms,
             bytes_sent=sum(t.nbytes for t in tensors),
+            lossy=lossy,
         )
 
     def _codec(self) -> str:
