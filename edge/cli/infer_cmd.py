@@ -88,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
     if result.fallback:
         print(f"fallback: the tail ran locally ({result.fallback_reason})", file=sys.stderr)
     if result.lossy:
-        print(f"lossy: the cut went {args.codec}-encoded; the outputs may differ from the model's", file=sys.stderr)
+        print(
+            f"lossy: the cut went {args.codec}-encoded; the outputs may differ from the model's",
+            file=sys.stderr,
+        )
     for name, array in written.items():
         line = f"  {name}  {array.dtype.name}{list(array.shape)}"
         if array.ndim <= 2 and array.size <= 1000 and array.size > 1:
