@@ -48,6 +48,13 @@ class FailoverClient:
         self._failed_at: dict[int, float] = {}
 
     @property
+    def codec(self) -> str:
+        """The codec every server in the pool is asked for, or raw when they differ (the planner then
+        plans with raw bytes)."""
+        codecs = {getattr(c, "codec", "raw") for c in self.clients}
+        return codecs.pop() if len(codecs) == 1 else "raw"
+
+    @property
     def address(self) -> str:
         return ",".join(c.address for c in self.clients)
 

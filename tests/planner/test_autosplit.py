@@ -226,3 +226,27 @@ def test_connect_profiles_the_codec_on_real_activations(graphs) -> None:
     assert policy.codec == "zstd" and set(policy.wire_ratio) == set(range(graph.num_operators))
     assert all(0 < r <= 1.0 for r in policy.wire_ratio.values())
     assert sum(r < 0.9 for r in policy.wire_ratio.values()) > 5  # ReLU activations compress
+
+
+def test_a_pool_of_servers_with_one_codec_plans_with_it(graphs) -> None:
+    from edge import models
+    from edge.runner import ModelRunner
+    from edge.transport import FailoverClient, TailClient
+    from server.embedded import BackgroundServer
+
+    graph = graphs["digits_resnet"]
+    with (
+        BackgroundServer.from_files([models.model_path("digits_resnet")]) as a,
+        BackgroundServer.from_files([models.model_path("digits_resnet")]) as b,
+    ):
+        runner = ModelRunner(graph)
+        pool = FailoverClient([TailClient(s.address, timeout_s=10.0, codec="lz4") for s in (a, b)])
+        mixed = FailoverClient([TailClient(a.address, codec="lz4"), TailClient(b.address, codec="zstd")])
+        try:
+            assert pool.codec == "lz4" and mixed.codec == "raw"
+            policy = AutoSplit.connect(runner, pool, model_name="digits_resnet", progress=False)
+        finally:
+            pool.close()
+            mixed.close()
+            runner.close()
+    assert policy.codec == "lz4" and policy.wire_ratio
