@@ -315,19 +315,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     )
                 async with self._turns.turn(device):
                     last_us = self._compute_us.get(route)
-                    if self.executor is None or (
-                        last_us is not None and last_us * self.dataplane.inflight <= INLINE_BUDGET_US
-                    ):
-                        response = _execute_before(self.dataplane, prepared, deadline)
-                    else:
-                        loop = asyncio.get_running_loop()
-                        response = await loop.run_in_executor(
-                            self.executor, _execute_before, self.dataplane, prepared, deadline
-                        )
+                    inline = last_us is not None and last_us * self.dataplane.inflight <= INLINE_BUDGET_US
+                    response = await self._compute(
+                        inline, _execute_before, self.dataplane, prepared, deadline
+                    )
                 if len(self._compute_us) >= ROUTE_TIMES:
                     self._compute_us.clear()
                 self._compute_us[route] = int(response.parameters[COMPUTE_US])
         return converters.infer_response_to_pb(response)
+
+    async def _compute(self, inline: bool, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` on the event loop when ``inline`` or there are no compute threads, else on one."""
+        if inline or self.executor is None:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
 
     async def _batched(
         self, route: tuple[str, int | None], prepared: PreparedRequest, device: str, deadline: float | None
@@ -353,15 +354,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             if self._batches.get(route) is batch:
                 del self._batches[route]
-        now = time.monotonic()
         live: list[tuple[PreparedRequest, asyncio.Future[InferResponse]]] = []
         for prepared, deadline, answer in batch.items:
             if answer.done():  # its caller went away
                 continue
-            if deadline is not None and now >= deadline:
-                answer.set_exception(
-                    DeadlineExpiredError("the request's deadline passed before it could be computed")
-                )
+            try:
+                _check_deadline(deadline)
+            except DeadlineExpiredError as err:
+                answer.set_exception(err)
             else:
                 live.append((prepared, answer))
         if not live:
@@ -369,13 +369,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         requests = [prepared for prepared, _ in live]
         try:
             async with self._turns.turn(device):
-                if self.executor is None:
-                    responses = self.dataplane.execute_batch(requests)
-                else:
-                    loop = asyncio.get_running_loop()
-                    responses = await loop.run_in_executor(
-                        self.executor, self.dataplane.execute_batch, requests
-                    )
+                responses = await self._compute(False, self.dataplane.execute_batch, requests)
         except Exception as err:
             for _, answer in live:
                 if not answer.done():
@@ -580,11 +574,16 @@ def _deadline(context: grpc.aio.ServicerContext | None) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _execute_before(dataplane: DataPlane, prepared: PreparedRequest, deadline: float | None) -> InferResponse:
-    """Compute ``prepared``, unless its caller's deadline passed while it waited: its answer would go
-    nowhere. Checked where it starts computing, on the loop or on a compute thread."""
+def _check_deadline(deadline: float | None) -> None:
+    """A request whose caller's deadline has passed is not computed: its answer would go nowhere."""
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExpiredError("the request's deadline passed before it could be computed")
+
+
+def _execute_before(dataplane: DataPlane, prepared: PreparedRequest, deadline: float | None) -> InferResponse:
+    """Compute ``prepared`` unless its deadline passed while it waited; checked where it starts
+    computing, on the loop or on a compute thread."""
+    _check_deadline(deadline)
     return dataplane.execute(prepared)
 
 
