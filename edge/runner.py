@@ -108,29 +108,35 @@ class ModelRunner:
         dimension, run once, and split again. Each gets exactly what :meth:`run_tail` gives it
         alone (tests/edge/test_batching.py checks every cut of the shipped models). A tail that
         does not batch runs them one by one."""
+        batched = self.try_tail_batch(k, batch)
+        return batched if batched is not None else [self.run_tail(k, feeds) for feeds in batch]
+
+    def try_tail_batch(self, k: int, batch: Sequence[Mapping[str, np.ndarray]]) -> list[Tensors] | None:
+        """:meth:`run_tail_batch`, or None when the tail of cut ``k`` does not take them at once."""
         cut = self.graph.cut(k)
         if not cut.tail_outputs:
             return [{} for _ in batch]
-        if not self.batches(k, len(batch)):
-            return [self.run_tail(k, feeds) for feeds in batch]
-        backend = self._half("tail", cut, len(batch))
+        backend = self._batched_tail(cut, len(batch))
+        if backend is None:
+            return None
         stacked = {t.name: np.concatenate([feeds[t.name] for feeds in batch]) for t in cut.tensors}
         produced = backend.run(stacked)
         return [{name: array[i : i + 1] for name, array in produced.items()} for i in range(len(batch))]
 
     def batches(self, k: int, size: int) -> bool:
         """Whether the tail of cut ``k`` runs ``size`` requests at once (building it if need be)."""
-        if size == 1:
-            return True
-        if k in self._unbatchable:
-            return False
+        return size == 1 or self._batched_tail(self.graph.cut(k), size) is not None
+
+    def _batched_tail(self, cut: Cut, size: int) -> Backend | None:
+        """The tail of ``cut`` for ``size`` requests at once; None when it does not batch."""
+        if size == 1 or cut.index in self._unbatchable:
+            return None
         try:
-            self._half("tail", self.graph.cut(k), size)
+            return self._half("tail", cut, size)
         except BackendError as err:
-            logger.info("the tail of cut %d does not batch (%s); its requests run one by one", k, err)
-            self._unbatchable.add(k)
-            return False
-        return True
+            logger.info("the tail of cut %d does not batch (%s); its requests run one by one", cut.index, err)
+            self._unbatchable.add(cut.index)
+            return None
 
     def activations(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
         """Every tensor that crosses any cut, as the model computes it from ``inputs``, in one run.

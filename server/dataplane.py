@@ -254,11 +254,10 @@ class DataPlane:
         each request's own wait, and ``batch_size`` says how many ran together.
         """
         first = batch[0]
-        runner, k = first.model.runner, first.split_point or 0
-        if not runner.batches(k, len(batch)):  # one alone, or a tail that does not batch
-            return [self.execute(p) for p in batch]
         started = time.perf_counter_ns()
-        results = runner.run_tail_batch(k, [p.feeds for p in batch])
+        results = first.model.runner.try_tail_batch(first.split_point or 0, [p.feeds for p in batch])
+        if results is None:  # one alone, or a tail that does not batch: each on its own
+            return [self.execute(p) for p in batch]
         finished = time.perf_counter_ns()
         return [
             _response(p, r, started, finished, len(batch), codecs=self.codecs)
