@@ -52,6 +52,8 @@ __all__ = [
     "Router",
     "choose",
     "confidence",
+    "escalated",
+    "exit_cut",
     "exit_outputs",
     "open_router",
     "relaxed_threshold",
@@ -245,6 +247,14 @@ class Calibration:
         """The calibrated threshold, relaxed within ``max_extra_loss_pp`` while escalating goes badly."""
         return Pressure(self.threshold, self.relaxed(max_extra_loss_pp), deadline_ms=deadline_ms)
 
+    def check_model(self, graph: ModelGraph) -> None:
+        """ConfigError unless ``graph`` is the big model this was calibrated for."""
+        if self.big.sha256 != graph.sha256:
+            raise ConfigError(
+                f"it was calibrated for another big model (sha256 {self.big.sha256[:12]}, this model is "
+                f"{graph.sha256[:12]})"
+            )
+
     def relaxed(self, max_extra_loss_pp: float | None) -> float | None:
         """The lowest threshold within ``max_extra_loss_pp`` of the chosen loss (None: no relaxing)."""
         if max_extra_loss_pp is None:
@@ -299,6 +309,14 @@ class CascadeResult:
     @property
     def bytes_sent(self) -> int:
         return self.inference.bytes_sent
+
+
+def escalated(
+    result: InferenceResult, output_info: tuple[TensorInfo, ...], sure: float, threshold: float
+) -> CascadeResult:
+    """The answer of the big model's cooperative path: by the server, or by the device when it ran there."""
+    by: AnsweredBy = "server" if result.offloaded else "device-big"
+    return CascadeResult(result.outputs, output_info, by, sure, threshold, result)
 
 
 def relaxed_threshold(curve: Sequence[CurvePoint], chosen: CurvePoint, max_extra_loss_pp: float) -> float:
@@ -424,8 +442,7 @@ class Cascade:
             return CascadeResult(outputs, self.small.graph.outputs, "device-small", sure, threshold, local)
         result = self.big.infer(inputs, request_id=request_id)
         self.pressure.observe(result)
-        by: AnsweredBy = "server" if result.offloaded else "device-big"
-        return CascadeResult(result.outputs, self.big.runner.graph.outputs, by, sure, threshold, result)
+        return escalated(result, self.big.runner.graph.outputs, sure, threshold)
 
     def close(self) -> None:
         self.small.close()
@@ -457,6 +474,17 @@ def exit_outputs(graph: ModelGraph) -> dict[str, int]:
     return found
 
 
+def exit_cut(graph: ModelGraph, exit_output: str) -> int:
+    """The first cut whose head computes ``exit_output``; EdgeError if it is not an early exit."""
+    exits = exit_outputs(graph)
+    if exit_output not in exits:
+        known = ", ".join(exits) or "none"
+        raise EdgeError(
+            f"{exit_output!r} is not an early exit of the model {graph.source} (its exits: {known})"
+        )
+    return exits[exit_output]
+
+
 class EarlyExit:
     """The router for a model with an early exit: the device runs the head, the exit included; when the
     exit's confidence meets the threshold its answer stands and nothing is sent, else the cut goes on
@@ -472,13 +500,9 @@ class EarlyExit:
         threshold: float | Pressure,
     ) -> None:
         graph = device.runner.graph
-        exits = exit_outputs(graph)
-        if exit_output not in exits:
-            known = ", ".join(exits) or "none"
-            raise EdgeError(f"{exit_output!r} is not an early exit of {graph.source} (its exits: {known})")
+        self.cut = exit_cut(graph, exit_output)
         self.device = device
         self.exit_output = exit_output
-        self.cut = exits[exit_output]
         self.rule: Rule = _rule(rule)
         self.pressure = _pressure(threshold)
         self._exit = graph.tensor_by_name[exit_output]
@@ -515,8 +539,7 @@ class EarlyExit:
             answer = {self.exit_output: result.outputs[self.exit_output]}
             return CascadeResult(answer, (self._exit,), "device-exit", sure, threshold, result)
         self.pressure.observe(result)
-        by: AnsweredBy = "server" if result.offloaded else "device-big"
-        return CascadeResult(result.outputs, self._final, by, sure, threshold, result)
+        return escalated(result, self._final, sure, threshold)
 
     def close(self) -> None:
         self.device.close()
@@ -553,11 +576,7 @@ def open_router(
     deadline_ms: float | None = None,
 ) -> Router:
     """The router a calibration describes, around ``device`` (the big model's cooperative runner)."""
-    if calibration.big.sha256 != device.runner.graph.sha256:
-        raise ConfigError(
-            f"the calibration is for another model (sha256 {calibration.big.sha256[:12]}, this one is "
-            f"{device.runner.graph.sha256[:12]})"
-        )
+    calibration.check_model(device.runner.graph)
     if calibration.exit_output is not None:
         return EarlyExit.from_calibration(
             calibration, device, max_extra_loss_pp=max_extra_loss_pp, deadline_ms=deadline_ms

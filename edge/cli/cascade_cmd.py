@@ -20,7 +20,7 @@ from ..cascade import (
     check_pair,
     choose,
     confidence,
-    exit_outputs,
+    exit_cut,
     open_router,
     sweep,
 )
@@ -182,25 +182,20 @@ class _Stages:
         threads: int,
     ) -> None:
         self.big, self.small, self.exit_output, self.rule = big, small, exit_output, rule
-        self.big_runner = ModelRunner(big, backend=backend, threads=threads)
-        self.small_runner = (
-            ModelRunner(small, backend=backend, threads=threads) if small is not None else None
-        )
         if exit_output is not None:
-            exits = exit_outputs(big)
-            if exit_output not in exits:
-                raise EdgeError(
-                    f"{exit_output!r} is not an early exit of {big.source} (its exits: {', '.join(exits) or 'none'})"
-                )
+            self.exit_cut = exit_cut(big, exit_output)
             finals = [t for t in big.outputs if t.name != exit_output]
             if len(finals) != 1:
                 raise EdgeError(
                     f"with an early exit the model needs one other (final) output, not {len(finals)}"
                 )
             self.exit_info, self.final = big.tensor_by_name[exit_output], finals[0]
-            self.exit_cut = exits[exit_output]
         else:
             self.final = big.outputs[0]
+        self.big_runner = ModelRunner(big, backend=backend, threads=threads)
+        self.small_runner = (
+            ModelRunner(small, backend=backend, threads=threads) if small is not None else None
+        )
 
     def measure(self, x: dict[str, np.ndarray], y: int) -> tuple[float, bool, bool]:
         whole = self.big_runner.run(x)

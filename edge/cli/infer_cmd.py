@@ -49,10 +49,13 @@ def run(args: argparse.Namespace) -> int:
     feeds = load_inputs(graph, args.input)
     output = _output_path(args.output) if args.output else None
     calibration = Calibration.load(args.cascade) if args.cascade else None
-    if calibration is not None and calibration.big.sha256 != graph.sha256:
-        raise EdgeError(f"{args.cascade} was calibrated for another model than {args.model}")
-    if calibration is not None and args.split_at is None:
-        args.split_at = str(calibration.split_point)
+    if calibration is not None:
+        try:
+            calibration.check_model(graph)  # before the device profiles anything for the wrong model
+        except EdgeError as err:
+            raise EdgeError(f"{args.cascade}: {err}") from err
+        if args.split_at is None:
+            args.split_at = str(calibration.split_point)
     device = open_runner(args, graph, local=args.local)
     routed = None
     try:

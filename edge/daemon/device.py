@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import models
 from ..backends import create_backend
-from ..cascade import Calibration, Cascade, EarlyExit, Pressure, Router, Rule, check_pair, exit_outputs
+from ..cascade import Calibration, Cascade, EarlyExit, Pressure, Router, Rule, check_pair, exit_cut
 from ..cooperative import CooperativeRunner
 from ..errors import ConfigError, EdgeError
 from ..graph import ModelGraph
@@ -92,11 +92,7 @@ def _resolve_cascade(profile: DeviceProfile, graph: ModelGraph, source: Path) ->
         path = config.calibration if config.calibration.is_absolute() else source.parent / config.calibration
         try:
             calibration = Calibration.load(path)
-            if calibration.big.sha256 != graph.sha256:
-                raise ConfigError(
-                    f"it was calibrated for another big model (sha256 {calibration.big.sha256[:12]}, the profile's "
-                    f"model is {graph.sha256[:12]})"
-                )
+            calibration.check_model(graph)
             small = calibration.small.load("small") if calibration.small is not None else None
         except EdgeError as err:
             raise ConfigError(f"{source}: cascade.calibration: {err}") from err
@@ -120,9 +116,9 @@ def _resolve_cascade(profile: DeviceProfile, graph: ModelGraph, source: Path) ->
     try:
         if plan.small is not None:
             check_pair(plan.small, graph)
-        elif plan.exit_output not in exit_outputs(graph):
-            exits = ", ".join(exit_outputs(graph)) or "none"
-            raise EdgeError(f"{plan.exit_output!r} is not an early exit of the model (its exits: {exits})")
+        else:
+            assert plan.exit_output is not None  # the config's validator
+            exit_cut(graph, plan.exit_output)
     except EdgeError as err:
         raise ConfigError(f"{source}: cascade: {err}") from err
     return plan

@@ -31,7 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ..cascade import AnsweredBy, CascadeResult, Router
+from ..cascade import CascadeResult, Router, escalated
 from ..cooperative import CooperativeRunner
 from ..errors import EdgeError
 from ..stats import summary
@@ -300,9 +300,7 @@ class Daemon:
         """Through the cascade when the profile has one; else the model's cooperative path."""
         if self.cascade is not None:
             return self.cascade.infer(feeds, request_id=message_id)
-        result = self.device.infer(feeds, request_id=message_id)
-        by: AnsweredBy = "server" if result.offloaded else "device-big"
-        return CascadeResult(result.outputs, self.plan.graph.outputs, by, 1.0, 0.0, result)
+        return escalated(self.device.infer(feeds, request_id=message_id), self.plan.graph.outputs, 1.0, 0.0)
 
     def _refuse(
         self, item: _Inbound, given_id: str | None, problem: str, *, message_id: str | None = None

@@ -328,3 +328,42 @@ def test_edge_bench_with_a_cascade(
         and sum(report["answered_by"].values()) == 100
     )
     assert report["split_point"] == 8 and 0 < report["bytes_sent"] < 2048 / 3
+
+
+def test_bad_cascade_inputs_are_one_clear_error_each(
+    split: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A calibration for another model, an output that is not an exit, a file that is not a calibration,
+    and data without labels: each exit status 2 and one line naming the problem."""
+    calibrate_on, _ = split
+    cal = tmp_path / "cal.json"
+    argv = [
+        "calibrate",
+        "--model",
+        "digits_resnet",
+        "--small",
+        "digits_tiny",
+        "--data",
+        str(calibrate_on),
+        "--out",
+        str(cal),
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    np.save(tmp_path / "x.npy", models.digits_sample().x[0])
+    unlabelled = tmp_path / "x.npz"
+    np.savez(unlabelled, x=models.digits_sample().x[:3])
+    not_json = tmp_path / "no.json"
+    not_json.write_text("{}")
+    cases = [
+        (["infer", "--model", "digits_resnet_f32", "--input", str(tmp_path / "x.npy"), "--cascade", str(cal)],
+         "calibrated for another big model"),
+        (["calibrate", "--model", "digits_resnet", "--exit", "nope", "--data", str(calibrate_on), "--out",
+          str(tmp_path / "e.json")], "is not an early exit"),
+        (["cascade", "eval", "--cascade", str(not_json), "--data", str(calibrate_on)], "not a usable calibration"),
+        (["cascade", "eval", "--cascade", str(cal), "--data", str(unlabelled)], "needs arrays x and y"),
+    ]  # fmt: skip
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (argv, err)
