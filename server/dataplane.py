@@ -73,12 +73,12 @@ MODEL_VERSION = "1"
 DEFAULT_MAX_INFLIGHT = 64
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 MAX_NAME_CHARS = 256
-COMPRESS_OUTPUTS_FROM = 64 * 1024
-"""Outputs this large or larger go compressed to a device that accepts a codec."""
-# Tensor names are the graph's own: converters join fused ops' names, and mobilenetv2_035's
-# run to 402 characters.
+"""The longest model name, version, request id or string parameter a request may carry."""
 MAX_TENSOR_NAME_CHARS = 4096
-"""The longest model name, version, request id, tensor name or string parameter a request may carry."""
+"""The longest tensor name: the graph's own, which converters make by joining fused ops' names
+(mobilenetv2_035's run to 402 characters)."""
+COMPRESS_OUTPUTS_FROM = 64 * 1024
+"""Outputs this large or larger go compressed to a device that accepts a lossless codec."""
 MAX_PARAMETERS = 64
 """The most request parameters, and requested outputs, a request may carry."""
 PROFILE_REPEATS = 9
@@ -114,7 +114,8 @@ class DataPlane:
         self.repository = repository
         self.model_control = model_control
         self.codecs = compression.available() if codecs is None else codecs
-        """The lossless codecs advertised in ServerMetadata, and used for large outputs when asked."""
+        """The codecs advertised in ServerMetadata as decoded here; the lossless ones among them also
+        compress large outputs when a request accepts one."""
         self.max_inflight_bytes = max_inflight_bytes
         self._inflight_bytes = 0
         self.max_inflight = max_inflight

@@ -288,7 +288,7 @@ def evaluate(args: argparse.Namespace) -> int:
     stages = _Stages(big, small, calibration.exit_output, calibration.rule, args.backend, args.threads)
     relaxed_answers = 0
     e2e: list[float] = []
-    correct, local, escalated, sent, fallbacks = 0, 0, 0, 0, 0
+    correct, local, sent, fallbacks = 0, 0, 0, 0
     confidences, small_correct, big_correct = [], [], []
     try:
         for x, y in _progress(zip(feeds, labels, strict=True), len(labels), "evaluating", args.json):
@@ -296,7 +296,6 @@ def evaluate(args: argparse.Namespace) -> int:
             correct += _label(result.outputs, result.output_info[0])[0] == y
             local += not result.escalated
             relaxed_answers += not result.escalated and result.confidence < calibration.threshold
-            escalated += result.escalated
             sent += result.bytes_sent
             fallbacks += result.inference.fallback
             e2e.append(result.inference.timings.e2e_ms)
@@ -309,6 +308,7 @@ def evaluate(args: argparse.Namespace) -> int:
         router.close()
         stages.close()
     n = len(labels)
+    escalated = n - local
     curve = sweep(confidences, small_correct, big_correct, float(big.cut(calibration.split_point).nbytes))
     report = _report(calibration.rule, calibration.threshold, local / n, correct / n,
                      float(np.mean(big_correct)), sent / n, curve)  # fmt: skip
