@@ -10,6 +10,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
@@ -18,11 +19,19 @@ import numpy as np
 
 from . import wire
 from .errors import RemoteError, TensorFormatError
-from .runner import ModelRunner
+from .runner import HeadResult, ModelRunner
 from .transport.base import RETRYABLE, RemoteResult, TailTransport, ping
 from .transport.circuit import Circuit
 
-__all__ = ["CooperativeRunner", "EarlyStop", "FixedSplit", "InferenceResult", "SplitPolicy", "StageTimings"]
+__all__ = [
+    "CooperativeRunner",
+    "EarlyStop",
+    "FixedSplit",
+    "InferenceResult",
+    "SplitPolicy",
+    "StageTimings",
+    "Ticket",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +88,24 @@ class EarlyStop:
 
     cut: int
     check: Callable[[Mapping[str, np.ndarray]], bool]
+
+
+@dataclass(slots=True)
+class Ticket:
+    """A submitted request: its result (``done``), or the call on its way and what the device
+    needs to finish it, or to run the tail itself if the call fails."""
+
+    done: InferenceResult | None = None
+    call: Future[RemoteResult] | None = None
+    cut: Mapping[str, np.ndarray] = field(default_factory=dict)
+    head_outputs: Mapping[str, np.ndarray] = field(default_factory=dict)
+    k: int = 0
+    started: float = 0.0
+    head_ms: float = 0.0
+
+    def ready(self) -> bool:
+        """Collecting it would not wait."""
+        return self.done is not None or (self.call is not None and self.call.done())
 
 
 class SplitPolicy(Protocol):
@@ -159,18 +186,92 @@ class CooperativeRunner:
         the head's outputs and nothing is sent. Otherwise the outputs are the whole model's."""
         self.check_inputs(inputs)
         k = self.policy.choose()
-        n = self.graph.num_operators
-        if self.client is None or k >= n:
-            result = self._local(inputs, n, stop=stop)
-        elif self.circuit is not None and not self.circuit.available():
-            result = self._local(inputs, n, fallback_reason=self.circuit.reason, stop=stop)
-        else:
+        result = self._alone(inputs, k, stop)
+        if result is None:
             result = self._cooperative(
                 inputs, k, request_id, stop if stop is not None and k >= stop.cut else None
             )
         if not result.exited:
             self.policy.observe(result)
         return result
+
+    def _alone(
+        self, inputs: Mapping[str, np.ndarray], k: int, stop: EarlyStop | None
+    ) -> InferenceResult | None:
+        """The result computed on the device alone, when cut ``k`` sends nothing or the server is
+        known to be down; None when the request should go to the server."""
+        n = self.graph.num_operators
+        if self.client is None or k >= n:
+            return self._local(inputs, n, stop=stop)
+        if self.circuit is not None and not self.circuit.available():
+            return self._local(inputs, n, fallback_reason=self.circuit.reason, stop=stop)
+        return None
+
+    def submit(
+        self, inputs: Mapping[str, np.ndarray], *, request_id: str = "", stop: EarlyStop | None = None
+    ) -> Ticket:
+        """:meth:`infer`, up to sending the cut: the head runs now, and the call to the server goes
+        on without waiting. :meth:`collect` the ticket for the result; meanwhile the next request's
+        head can run. A request the device answers alone is answered here already."""
+        self.check_inputs(inputs)
+        k = self.policy.choose()
+        alone = self._alone(inputs, k, stop)
+        if alone is not None:
+            if not alone.exited:
+                self.policy.observe(alone)
+            return Ticket(done=alone)
+        assert self.client is not None
+        started, head, head_ms, exited = self._head(
+            inputs, k, stop if stop is not None and k >= stop.cut else None
+        )
+        if exited is not None:
+            return Ticket(done=exited)
+        call = self.client.submit(
+            self.model_name,
+            head.cut,
+            parameters={wire.MODEL_SHA256: self._sha256, wire.SPLIT_POINT: k},
+            timeout_s=self.timeout_s,
+            request_id=request_id,
+        )
+        return Ticket(
+            call=call, cut=head.cut, head_outputs=head.outputs, k=k, started=started, head_ms=head_ms
+        )
+
+    def collect(self, ticket: Ticket) -> InferenceResult:
+        """The result of a submitted request: the server's answer, or the tail run here when the
+        call failed. Waits for the call (its own deadline bounds the wait)."""
+        if ticket.done is not None:
+            return ticket.done
+        assert ticket.call is not None
+        error = ticket.call.exception()
+        if error is None:
+            result = self._joined(
+                ticket.cut,
+                ticket.head_outputs,
+                ticket.k,
+                ticket.started,
+                ticket.head_ms,
+                ticket.call.result(),
+            )
+        elif isinstance(error, RemoteError):
+            result = self._fallback(
+                ticket.cut, ticket.head_outputs, ticket.k, ticket.started, ticket.head_ms, error
+            )
+        else:
+            raise error
+        ticket.done = result
+        self.policy.observe(result)
+        return result
+
+    def max_inflight(self) -> int | None:
+        """The requests the server lets this device keep in flight, if it says (None otherwise, or
+        when it cannot be asked now)."""
+        if self.client is None:
+            return None
+        try:
+            return self.client.max_inflight()
+        except RemoteError:
+            return None
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Every model input present, with the model's dtype and shape."""
@@ -241,14 +342,9 @@ class CooperativeRunner:
     def _cooperative(
         self, inputs: Mapping[str, np.ndarray], k: int, request_id: str, stop: EarlyStop | None = None
     ) -> InferenceResult:
-        started = time.perf_counter()
-        head = self.runner.run_head(k, inputs)
-        head_done = time.perf_counter()
-        head_ms = (head_done - started) * 1000.0
-        if stop is not None and stop.check(head.outputs):
-            return InferenceResult(
-                head.outputs, k, False, StageTimings(head_ms=head_ms, e2e_ms=head_ms), exited=True
-            )
+        started, head, head_ms, exited = self._head(inputs, k, stop)
+        if exited is not None:
+            return exited
         assert self.client is not None
         try:
             remote = self.client.infer(
@@ -260,12 +356,37 @@ class CooperativeRunner:
             )
         except RemoteError as err:
             return self._fallback(head.cut, head.outputs, k, started, head_ms, err)
-        outputs = {**head.outputs, **remote.outputs}
+        return self._joined(head.cut, head.outputs, k, started, head_ms, remote)
+
+    def _head(
+        self, inputs: Mapping[str, np.ndarray], k: int, stop: EarlyStop | None
+    ) -> tuple[float, HeadResult, float, InferenceResult | None]:
+        """Run the head of cut ``k``: when it started, what it computed, its milliseconds, and the
+        result when ``stop``'s exit stands (nothing is then sent)."""
+        started = time.perf_counter()
+        head = self.runner.run_head(k, inputs)
+        head_ms = (time.perf_counter() - started) * 1000.0
+        if stop is not None and stop.check(head.outputs):
+            timings = StageTimings(head_ms=head_ms, e2e_ms=head_ms)
+            return started, head, head_ms, InferenceResult(head.outputs, k, False, timings, exited=True)
+        return started, head, head_ms, None
+
+    def _joined(
+        self,
+        cut: Mapping[str, np.ndarray],
+        head_outputs: Mapping[str, np.ndarray],
+        k: int,
+        started: float,
+        head_ms: float,
+        remote: RemoteResult,
+    ) -> InferenceResult:
+        """The head's outputs and the server's, as one result (a fallback if the server left some out)."""
+        outputs = {**head_outputs, **remote.outputs}
         missing = [t.name for t in self.graph.outputs if t.name not in outputs]
         if missing:
             reason = f"server returned no {', '.join(missing)}"
             return self._fallback(
-                head.cut, head.outputs, k, started, head_ms, RemoteError(reason, status="INTERNAL")
+                cut, head_outputs, k, started, head_ms, RemoteError(reason, status="INTERNAL")
             )
         e2e_ms = (time.perf_counter() - started) * 1000.0
         timings = StageTimings(

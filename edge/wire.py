@@ -20,7 +20,9 @@ __all__ = [
     "PROFILE_RUNS",
     "QUEUE_US",
     "SPLIT_POINT",
+    "STREAM_WINDOW_PREFIX",
     "THREADS",
+    "stream_window",
 ]
 
 # -- request parameters -----------------------------------------------------------------------
@@ -56,3 +58,15 @@ PROFILE_OUTPUT = "tail_ms"
 
 EXTENSIONS = (SPLIT_POINT, MODEL_SHA256)
 """What ServerMetadata lists as extensions."""
+STREAM_WINDOW_PREFIX = "edge_stream_window:"
+"""ServerMetadata lists ``edge_stream_window:N``: the requests one stream may have in flight."""
+
+
+def stream_window(server_extensions: list[str] | tuple[str, ...]) -> int | None:
+    """The stream window a server's metadata names; None when it names none (it answers in turn)."""
+    for extension in server_extensions:
+        if extension.startswith(STREAM_WINDOW_PREFIX):
+            value = extension[len(STREAM_WINDOW_PREFIX) :]
+            if value.isdigit() and int(value) > 0:
+                return int(value)
+    return None

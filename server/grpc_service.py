@@ -34,9 +34,9 @@ from edge.errors import (
     UnsupportedModelError,
 )
 from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
-from edge.wire import COMPUTE_US
+from edge.wire import COMPUTE_US, STREAM_WINDOW_PREFIX
 
-from .dataplane import DataPlane, PreparedRequest
+from .dataplane import MAX_NAME_CHARS, DataPlane, PreparedRequest
 from .errors import (
     ControlDisabledError,
     DeadlineExpiredError,
@@ -151,8 +151,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         self._identify = identify if identify is not None else peer_host
         self._compute_us: dict[tuple[str, int | None], int] = {}
-        # Streams waiting for their next request; a stopping server ends them at once.
-        self._idle_streams: set[asyncio.Task[Any]] = set()
+        self.stream_window = max(1, max_inflight_per_device)
+        """Requests of one stream in flight at once; advertised in the server metadata."""
+        # The tasks reading each open stream; a stopping server stops them reading.
+        self._readers: set[asyncio.Task[None]] = set()
         self._closing = False
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
@@ -170,7 +172,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         await _refuse_unparsed(context, request)
         name, version, extensions = self.dataplane.server_metadata()
-        return pb.ServerMetadataResponse(name=name, version=version, extensions=list(extensions))
+        window = f"{STREAM_WINDOW_PREFIX}{self.stream_window}"
+        return pb.ServerMetadataResponse(name=name, version=version, extensions=[*extensions, window])
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         return await _guard(context, self._metadata(request))
@@ -206,30 +209,58 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        task = asyncio.current_task()
-        assert task is not None
+        """Answers a stream's requests as they complete, each with its request's ``id``.
+
+        Up to :attr:`stream_window` requests of one stream are in flight; past that the stream is
+        not read, so the device's writes wait (HTTP/2 flow control): it cannot make the server hold
+        more. One bad request gets an error answer, and the stream goes on.
+        """
         device = self._identify(context)
-        self._idle_streams.add(task)
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        window = asyncio.Semaphore(self.stream_window)
+        inflight: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any) -> None:
+            try:
+                response = await self._infer(request, device)  # an Unparsed one is answered too
+            except Exception as err:  # one bad request must not end the stream
+                reply = converters.stream_error_to_pb(_log(err).name, _describe(err), _request_id(request))
+            else:
+                reply = pb.ModelStreamInferResponse(infer_response=response)
+            finally:
+                window.release()
+            answers.put_nowait(reply)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(answer(request))
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
+                    if self._closing:
+                        break
+            except asyncio.CancelledError:
+                if not self._closing:
+                    raise
+                # Ended by close_streams: what was read is answered, then the stream ends with OK,
+                # so the device reconnects or finishes locally.
+            finally:
+                self._readers.discard(reader)
+                if inflight:
+                    await asyncio.wait(set(inflight))
+                answers.put_nowait(_END)
+
+        reader = asyncio.create_task(read())
+        self._readers.add(reader)
         try:
-            async for request in request_iterator:
-                self._idle_streams.discard(task)
-                try:
-                    response = await self._infer(
-                        request, device
-                    )  # an Unparsed one is answered, and the stream kept
-                except Exception as err:  # one bad request must not end the stream
-                    yield converters.stream_error_to_pb(_log(err).name, _describe(err))
-                else:
-                    yield pb.ModelStreamInferResponse(infer_response=response)
-                if self._closing:
-                    return
-                self._idle_streams.add(task)
-        except asyncio.CancelledError:
-            if not self._closing:
-                raise
-            # Ended by close_streams: finish with OK, so the device reconnects or finishes locally.
+            while (reply := await answers.get()) is not _END:
+                yield reply
         finally:
-            self._idle_streams.discard(task)
+            if not reader.done():
+                reader.cancel()
+            for task in list(inflight):
+                task.cancel()
 
     @contextlib.contextmanager
     def _counted(self) -> Iterator[None]:
@@ -248,9 +279,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.executor.shutdown(wait=True, cancel_futures=True)
 
     def close_streams(self) -> None:
-        """End every stream: idle ones now, busy ones after their current request."""
+        """End every stream once the requests it holds are answered; none is read further."""
         self._closing = True
-        for task in list(self._idle_streams):
+        for task in list(self._readers):
             task.cancel()
 
     async def _metadata(self, request: Any) -> Any:
@@ -552,6 +583,16 @@ def add_tolerant_servicer(servicer: InferenceServicer, server: grpc.aio.Server) 
     """Register ``servicer`` on ``server`` as the generated code does, but with request parsers that
     turn unparseable bytes into :class:`Unparsed` instead of failing the call."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _Registrar(server))
+
+
+_END = object()
+"""Ends a stream's queue of answers."""
+
+
+def _request_id(request: Any) -> str:
+    """The id a stream's error answer carries, so the device can match it; "" for an unreadable one."""
+    value = getattr(request, "id", "")
+    return value[:MAX_NAME_CHARS] if isinstance(value, str) else ""
 
 
 def _parsed(request: Any) -> Any:

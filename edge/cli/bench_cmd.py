@@ -7,8 +7,9 @@ import functools
 import itertools
 import json
 import statistics
+import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from rich.table import Table
 from ..argtypes import non_negative_int, positive_int
 from ..cascade import Calibration, Router, open_router
 from ..cooperative import CooperativeRunner, InferenceResult
+from ..pipeline import pipelined
 from ..preprocess import random_inputs
 from ..stats import summary
 from . import sweep
@@ -46,6 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--warmup", type=non_negative_int, default=20, help="unmeasured requests first (default: %(default)s)"
     )
+    p.add_argument(
+        "--inflight",
+        type=positive_int,
+        default=1,
+        metavar="W",
+        help="keep up to W requests in flight on one stream, so that the device runs the next head while "
+        "the server runs a tail; results stay in order (default: %(default)s, one at a time)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random input")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
@@ -70,6 +80,8 @@ def _run_one_cut(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         parser.error("the following arguments are required: --model")
     if args.data and not args.cascade:
         parser.error("--data goes with --cascade")
+    if args.inflight > 1 and args.cascade:
+        parser.error("--inflight goes without --cascade: a cascade answers one request at a time")
     return run(args)
 
 
@@ -89,12 +101,21 @@ class _Routed:
         self.router.close()
 
 
-def measure(device, feeds, n: int, warmup: int, *, progress: bool = False) -> dict[str, object]:
+def measure(
+    device, feeds, n: int, warmup: int, *, progress: bool = False, inflight: int = 1
+) -> dict[str, object]:
     """Run ``warmup`` then ``n`` requests (``feeds``, or each of a list of feeds in turn); per-stage
-    summaries in milliseconds."""
+    summaries in milliseconds, and ``throughput_rps`` over the ``n`` timed requests. With
+    ``inflight`` above 1 (a CooperativeRunner), up to that many are in flight at once."""
     inputs = itertools.cycle(feeds if isinstance(feeds, list) else [feeds])
-    for _ in range(warmup):
-        device.infer(next(inputs))
+
+    def results(count: int) -> Iterator[InferenceResult]:
+        if inflight > 1:
+            return pipelined(device, (next(inputs) for _ in range(count)), inflight)
+        return (device.infer(next(inputs)) for _ in range(count))
+
+    for _ in results(warmup):
+        pass
     stages: dict[str, list[float]] = {
         "e2e_ms": [],
         "head_ms": [],
@@ -106,9 +127,9 @@ def measure(device, feeds, n: int, warmup: int, *, progress: bool = False) -> di
     fallbacks = 0
     bytes_sent = 0
     split_points = []
-    requests = track(range(n), description="measuring", transient=True) if progress else range(n)
-    for _ in requests:
-        result = device.infer(next(inputs))
+    timed = results(n)
+    started = time.perf_counter()
+    for result in track(timed, total=n, description="measuring", transient=True) if progress else timed:
         t = result.timings
         for key, value in t.as_dict().items():
             stages[key].append(value)
@@ -116,10 +137,13 @@ def measure(device, feeds, n: int, warmup: int, *, progress: bool = False) -> di
         fallbacks += result.fallback
         bytes_sent += result.bytes_sent
         split_points.append(result.split_point)
+    elapsed = time.perf_counter() - started
     report: dict[str, object] = {key: summary(values) for key, values in stages.items()}
     report["overhead_ms"] = summary(overhead)
     report["bytes_sent"] = round(bytes_sent / n, 1)  # per request, on average
     report["n"] = n
+    report["inflight"] = inflight
+    report["throughput_rps"] = round(n / elapsed, 1) if elapsed > 0 else None
     report["fallbacks"] = fallbacks
     report["split_point"] = statistics.mode(split_points) if split_points else None
     return report
@@ -146,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             router = open_router(calibration, device, backend=args.backend, threads=args.threads)
             runner = routed = _Routed(router, device)
         stack.callback(runner.close)
-        report = measure(runner, feeds, args.n, args.warmup, progress=not args.json)
+        report = measure(runner, feeds, args.n, args.warmup, progress=not args.json, inflight=args.inflight)
     if routed is not None:
         report["answered_by"] = dict(routed.answered_by)
         report["split_point"] = graph.resolve_cut(args.split_at)  # local answers ran another model
@@ -176,6 +200,6 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(
         f"bytes sent {report['bytes_sent']:,} (input {report['input_bytes']:,}); fallbacks {report['fallbacks']}; "
-        "overhead = e2e - head - tail"
+        f"{report['throughput_rps']} requests/s with {args.inflight} in flight; overhead = e2e - head - tail"
     )
     return 0

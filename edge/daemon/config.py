@@ -15,6 +15,7 @@ from paho.mqtt.client import topic_matches_sub
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..pipeline import MAX_WINDOW
 from ..transport import TLSOptions
 from ..transport.address import check_host, normalize
 
@@ -460,6 +461,15 @@ class QueueConfig(_Strict):
         ge=0,
         le=3600,
         description="At shutdown, how long to wait for queued results to be confirmed.",
+    )
+    inflight: int = Field(
+        default=2,
+        ge=1,
+        le=MAX_WINDOW,
+        description="Messages in flight to the edge server at once during a burst: the next message's head runs "
+        "while earlier ones are on the wire or on the server. Results are still published in arrival order. "
+        "Capped by what the server allows one device; 1 answers one message at a time. A [cascade] answers one "
+        "at a time.",
     )
 
 

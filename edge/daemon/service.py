@@ -22,9 +22,9 @@ import queue
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ..cascade import CascadeResult, Router, escalated
-from ..cooperative import CooperativeRunner
+from ..cooperative import CooperativeRunner, Ticket
 from ..errors import EdgeError
 from ..stats import summary
 from ..systemd import notify, watchdog_interval
@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 _TICK_S = 0.2
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 @dataclass(frozen=True, slots=True)
 class _Inbound:
@@ -60,6 +63,21 @@ class _Inbound:
     payload: bytes
     dup: bool
     properties: Mapping[str, str]
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A message on its way to an answer: decoded (``feeds``), or with a ``problem`` already."""
+
+    item: _Inbound
+    given_id: str | None
+    message_id: str | None
+    problem: str | None = None
+    feeds: Mapping[str, np.ndarray] | None = None
+    ticket: Ticket | None = None
+    """Its request, in flight (pipelined)."""
+    routed: CascadeResult | None = None
+    failure: Exception | None = None
 
 
 class Daemon:
@@ -96,6 +114,10 @@ class Daemon:
         self._ready = threading.Event()
         self._started = time.monotonic()
         self._latencies: deque[float] = deque(maxlen=1000)
+        # Pipelining: messages started and not yet published, in arrival order, and their ids.
+        self._window = 1 if cascade is not None else self._pipeline_window(device)
+        self._held: deque[_Entry] = deque()
+        self._inflight_ids: set[str] = set()
         # Counters are written by the main thread only, except `duplicates` (both; an estimate).
         self.processed = 0
         self.errors = 0
@@ -107,6 +129,15 @@ class Daemon:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+
+    def _pipeline_window(self, device: CooperativeRunner) -> int:
+        wanted = self.profile.queue.inflight
+        if wanted <= 1 or device.client is None:
+            return 1
+        cap = device.max_inflight()
+        window = min(wanted, cap) if cap is not None else wanted
+        logger.info("up to %d messages in flight to the edge server at once", window)
+        return window
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -142,9 +173,10 @@ class Daemon:
         next_ping = next_stats = time.monotonic()
         while not self._stop.is_set():
             try:
-                item = self._queue.get(timeout=_TICK_S)
+                item = self._queue.get_nowait() if self._held else self._queue.get(timeout=_TICK_S)
             except queue.Empty:
-                pass
+                if self._held:  # nothing new to start: publish what is in flight
+                    self._finish_oldest()
             else:
                 self._process(item)
             now = time.monotonic()
@@ -167,6 +199,7 @@ class Daemon:
                 break
             self._process(item)
             drained += 1
+        self._drain()
         deadline = time.monotonic() + self.profile.queue.drain_timeout_s
         while self.ledger.pending() and time.monotonic() < deadline and self._connected.is_set():
             time.sleep(0.02)
@@ -216,18 +249,35 @@ class Daemon:
     # -- the work ---------------------------------------------------------------------
 
     def _process(self, item: _Inbound) -> None:
-        try:
-            self._answer(item)
-        except Exception as err:  # one message must never take the daemon down, nor stay unanswered
-            logger.exception("unexpected failure on a message from %s", item.topic)
-            try:
-                self._refuse(item, None, f"internal error: {type(err).__name__}: {str(err)[:200]}")
-            except Exception:
-                logger.exception("cannot publish the error document; the message stays unacknowledged")
-                self.ledger.release(item.source)
+        if self._window > 1:
+            self._start(item)
+            return
+        self._guarded(item, self._answer, item)
         self._last_progress = time.monotonic()
 
+    def _internal_error(self, item: _Inbound, err: Exception) -> None:
+        logger.error("unexpected failure on a message from %s", item.topic, exc_info=err)
+        try:
+            self._refuse(item, None, f"internal error: {type(err).__name__}: {str(err)[:200]}")
+        except Exception:
+            logger.exception("cannot publish the error document; the message stays unacknowledged")
+            self.ledger.release(item.source)
+
     def _answer(self, item: _Inbound) -> None:
+        """One message, start to end: its result or error document published."""
+        entry = self._prepare(item)
+        if entry is None:
+            return
+        if entry.feeds is not None:
+            try:
+                entry.routed = self._infer(entry.feeds, entry.message_id or "")
+            except Exception as err:
+                entry.failure = err
+        self._complete(entry)
+
+    def _prepare(self, item: _Inbound) -> _Entry | None:
+        """Decode ``item`` and check it against the ids answered already; None when it needs no answer
+        of its own (a redelivery of one answered, acknowledged here)."""
         problem: str | None = None
         decoded: payloads.Decoded | None = None
         given_id: str | None = item.properties.get("id") or None
@@ -242,59 +292,111 @@ class Daemon:
             except payloads.PayloadError as err:
                 problem, given_id = str(err), err.message_id
         message_id = given_id or payloads.fallback_id(item.topic, item.source.mid)
+        if message_id in self._inflight_ids:
+            self._drain()  # a second copy of a message in flight: answer the first, then judge this one
         digest = hashlib.blake2b(item.payload, digest_size=16).digest()
         # A fallback id is only unique while the message is in flight: trust it for redeliveries only.
         if (given_id is not None or item.dup) and self.ledger.answered(message_id):
             if self._digests.get(message_id, digest) != digest:
-                self._refuse(
-                    item, given_id, f"id {message_id[:64]!r} was answered already, for another payload"
-                )
-                return
+                problem = f"id {message_id[:64]!r} was answered already, for another payload"
+                return _Entry(item, given_id, None, problem=problem)
             self.duplicates += 1
             if self.metrics is not None:
                 self.metrics.messages.labels("duplicate").inc()
             logger.info("message %s was answered already; acknowledging the redelivery", message_id)
             self._ack(self.ledger.duplicate(message_id, item.source))
-            return
+            return None
         self._digests[message_id] = digest
         self._digests.move_to_end(message_id)
         while len(self._digests) > self.profile.queue.answered_ids:
             self._digests.popitem(last=False)
+        feeds = decoded.feeds if decoded is not None else None
+        return _Entry(item, given_id, message_id, problem=problem, feeds=feeds)
+
+    def _complete(self, entry: _Entry) -> None:
+        """Publish ``entry``'s result, or its error document."""
+        item, message_id, problem = entry.item, entry.message_id, entry.problem
         body: dict[str, Any] | None = None
-        if decoded is not None:
-            try:
-                routed = self._infer(decoded.feeds, message_id)
-                result = routed.inference
-            except EdgeError as err:
-                problem = str(err)
-            except Exception as err:  # a backend's own errors become an error result too
-                logger.exception("inference failed on message %s", message_id)
-                problem = f"inference failed: {err}"
-            else:
-                body = messages.result(
-                    message_id=message_id,
-                    topic=item.topic,
-                    profile=self.profile,
-                    model_name=self.plan.model_name,
-                    outputs=routed.output_info,
-                    inference=result,
-                    cascade=routed if self.cascade is not None else None,
-                )
-                self.answered_by[routed.answered_by] += 1
-                self.processed += 1
-                self.fallbacks += int(result.fallback)
-                if self.metrics is not None:
-                    self.metrics.result(result, answered_by=routed.answered_by)
-                    self.metrics.queue_depth.set(self._queue.qsize())
-                    link = getattr(self.device.policy, "estimator", None)
-                    if link is not None:
-                        estimate = link.estimate()
-                        self.metrics.link(estimate.rtt_ms, estimate.mbit_per_s)
-                self._latencies.append(result.timings.e2e_ms)
+        if isinstance(entry.failure, EdgeError):
+            problem = str(entry.failure)
+        elif entry.failure is not None:  # a backend's own errors become an error result too
+            logger.error("inference failed on message %s", message_id, exc_info=entry.failure)
+            problem = f"inference failed: {entry.failure}"
+        elif entry.routed is not None:
+            routed = entry.routed
+            result = routed.inference
+            body = messages.result(
+                message_id=message_id or "",
+                topic=item.topic,
+                profile=self.profile,
+                model_name=self.plan.model_name,
+                outputs=routed.output_info,
+                inference=result,
+                cascade=routed if self.cascade is not None else None,
+            )
+            self.answered_by[routed.answered_by] += 1
+            self.processed += 1
+            self.fallbacks += int(result.fallback)
+            if self.metrics is not None:
+                self.metrics.result(result, answered_by=routed.answered_by)
+                self.metrics.queue_depth.set(self._queue.qsize())
+                link = getattr(self.device.policy, "estimator", None)
+                if link is not None:
+                    estimate = link.estimate()
+                    self.metrics.link(estimate.rtt_ms, estimate.mbit_per_s)
+            self._latencies.append(result.timings.e2e_ms)
         if body is None:
-            self._refuse(item, given_id, str(problem), message_id=message_id)
+            self._refuse(item, entry.given_id, str(problem), message_id=message_id)
             return
         self._publish(self.profile.topic("results"), body, sources=[item.source], message_id=message_id)
+
+    # -- pipelined: several messages in flight, answered in arrival order ------------------
+
+    def _start(self, item: _Inbound) -> None:
+        """Prepare ``item`` and send it on its way; publish what is done at the front."""
+        entry = self._guarded(item, self._prepare, item)
+        if entry is None:
+            return
+        if entry.feeds is not None:
+            while self._waiting() >= self._window:
+                self._finish_oldest()
+            try:
+                entry.ticket = self.device.submit(entry.feeds, request_id=entry.message_id or "")
+            except Exception as err:
+                entry.failure = err
+            else:
+                self._inflight_ids.add(entry.message_id or "")
+        self._held.append(entry)
+        while self._held and (self._held[0].ticket is None or self._held[0].ticket.ready()):
+            self._finish_oldest()
+
+    def _waiting(self) -> int:
+        return sum(1 for e in self._held if e.ticket is not None)
+
+    def _finish_oldest(self) -> None:
+        entry = self._held.popleft()
+        if entry.ticket is not None:
+            self._inflight_ids.discard(entry.message_id or "")
+            try:
+                result = self.device.collect(entry.ticket)
+            except Exception as err:
+                entry.failure = err
+            else:
+                entry.routed = escalated(result, self.plan.graph.outputs, 1.0, 0.0)
+        self._guarded(entry.item, self._complete, entry)
+        self._last_progress = time.monotonic()
+
+    def _drain(self) -> None:
+        while self._held:
+            self._finish_oldest()
+
+    def _guarded(self, item: _Inbound, step: Callable[[T], R], arg: T) -> R | None:
+        """``step(arg)``; an unexpected failure answers ``item`` with an error document instead."""
+        try:
+            return step(arg)
+        except Exception as err:  # one message must never take the daemon down, nor stay unanswered
+            self._internal_error(item, err)
+            return None
 
     def _infer(self, feeds: Mapping[str, np.ndarray], message_id: str) -> CascadeResult:
         """Through the cascade when the profile has one; else the model's cooperative path."""

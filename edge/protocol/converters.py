@@ -329,10 +329,15 @@ def model_metadata_from_pb(msg: pb.ModelMetadataResponse) -> ModelMetadata:
 _STATUS_NAMES = frozenset(code.name for code in grpc.StatusCode)
 
 
-def stream_error_to_pb(status: str, message: str) -> pb.ModelStreamInferResponse:
+def stream_error_to_pb(status: str, message: str, request_id: str = "") -> pb.ModelStreamInferResponse:
     """A stream answer carrying an error. ``error_message`` has no status field, so it starts
-    with the gRPC status name, as in ``"INVALID_ARGUMENT: input 'x' must be INT8"``."""
-    return pb.ModelStreamInferResponse(error_message=f"{status}: {message}")
+    with the gRPC status name, as in ``"INVALID_ARGUMENT: input 'x' must be INT8"``. With the
+    request's ``request_id``, its ``infer_response`` carries just that id, so that a device with
+    several requests in flight knows which one failed."""
+    reply = pb.ModelStreamInferResponse(error_message=f"{status}: {message}")
+    if request_id:
+        reply.infer_response.id = request_id
+    return reply
 
 
 def stream_error_from_pb(error_message: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ the link prober and the planner are typed against it. Requests with a special me
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,6 +80,22 @@ class TailTransport(Protocol):
         timeout_s: float | None = None,
         request_id: str = "",
     ) -> RemoteResult: ...
+
+    def submit(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        parameters: Mapping[str, ParameterValue] | None = None,
+        timeout_s: float | None = None,
+        request_id: str = "",
+    ) -> Future[RemoteResult]:
+        """:meth:`infer` without waiting; the future holds the RemoteResult or the RemoteError."""
+        ...
+
+    def max_inflight(self) -> int | None:
+        """How many requests the server lets one device keep in flight, if it says."""
+        ...
 
     def ready(self, timeout_s: float | None = None) -> bool: ...
 

@@ -14,10 +14,12 @@ caller can decide to finish locally without importing grpc.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +34,7 @@ from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb, pb_grpc
 from .base import RemoteResult
 from .loops import finish_tasks, retire
+from .pipe import Pipe
 
 __all__ = ["TLSOptions", "TailClient", "read_token"]
 
@@ -140,6 +143,8 @@ class TailClient:
         self.codec = codec
         """Lossless codec for the tensors sent, once the server says it decodes it (else raw)."""
         self._server_codecs: tuple[str, ...] | None = None
+        self._server_extensions: tuple[str, ...] | None = None
+        self._pipe: Pipe | None = None
         self._metadata: tuple[tuple[str, str], ...] | None = (
             (("authorization", f"Bearer {token}"),) if token else None
         )
@@ -175,6 +180,41 @@ class TailClient:
 
         With a ``codec`` the server decodes, the tensors go compressed (each only if that makes it
         smaller), and the server may compress large outputs too."""
+        message, finish = self._request(model, inputs, parameters, request_id)
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
+        lane = self._lane()
+        started = time.perf_counter()
+        reply = self._run(lane, self._infer(lane, message, timeout), timeout)
+        return finish(reply, (time.perf_counter() - started) * 1000.0)
+
+    def submit(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        parameters: Mapping[str, ParameterValue] | None = None,
+        timeout_s: float | None = None,
+        request_id: str = "",
+    ) -> Future[RemoteResult]:
+        """:meth:`infer` without waiting: the request goes on the client's pipe (one stream with
+        several requests in flight), and the future holds its RemoteResult or RemoteError."""
+        message, finish = self._request(model, inputs, parameters, request_id)
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
+        return self._open_pipe().send(message, timeout, finish, request_id)
+
+    def max_inflight(self) -> int | None:
+        """The requests the server lets one stream hold (its metadata's stream window); None when it
+        names none. Raises RemoteError when the server cannot be asked."""
+        return wire.stream_window(self._extensions())
+
+    def _request(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        parameters: Mapping[str, ParameterValue] | None,
+        request_id: str,
+    ) -> tuple[Any, Callable[[Any, float], RemoteResult]]:
+        """The ModelInferRequest for ``inputs``, and what turns its answer into a RemoteResult."""
         tensors = tuple(encode(name, array) for name, array in inputs.items())
         params = dict(parameters or {})
         codec = self._codec()
@@ -186,27 +226,46 @@ class TailClient:
             else:
                 lossy = any(t.parameters.get(wire.ENCODING) == codec for t in tensors)
         request = InferRequest(model_name=model, inputs=tensors, parameters=params, id=request_id)
-        message = converters.infer_request_to_pb(request)
-        timeout = timeout_s if timeout_s is not None else self.timeout_s
-        lane = self._lane()
-        started = time.perf_counter()
-        reply = self._run(lane, self._infer(lane, message, timeout), timeout)
-        call_ms = (time.perf_counter() - started) * 1000.0
-        try:
-            response = converters.infer_response_from_pb(reply)
-            outputs = {t.name: decode(t) for t in response.outputs}
-        except EdgeError as err:
-            raise RemoteError(
-                f"INTERNAL: edge server {self.address} sent an answer that cannot be read: {err}",
-                status="INTERNAL",
-            ) from err
-        return RemoteResult(
-            outputs=outputs,
-            parameters=response.parameters,
-            call_ms=call_ms,
-            bytes_sent=sum(t.nbytes for t in tensors),
-            lossy=lossy,
-        )
+        bytes_sent = sum(t.nbytes for t in tensors)
+
+        def finish(reply: Any, call_ms: float) -> RemoteResult:
+            try:
+                response = converters.infer_response_from_pb(reply)
+                outputs = {t.name: decode(t) for t in response.outputs}
+            except EdgeError as err:
+                raise RemoteError(
+                    f"INTERNAL: edge server {self.address} sent an answer that cannot be read: {err}",
+                    status="INTERNAL",
+                ) from err
+            return RemoteResult(
+                outputs=outputs,
+                parameters=response.parameters,
+                call_ms=call_ms,
+                bytes_sent=bytes_sent,
+                lossy=lossy,
+            )
+
+        return converters.infer_request_to_pb(request), finish
+
+    def _extensions(self) -> tuple[str, ...]:
+        """The server's metadata extensions, asked once (a failure is the caller's RemoteError)."""
+        if self._server_extensions is None:
+            reply = self._unary_call("ServerMetadata", pb.ServerMetadataRequest(), None)
+            self._server_extensions = tuple(reply.extensions)
+        return self._server_extensions
+
+    def _open_pipe(self) -> Pipe:
+        with self._lock:
+            if self._closed:
+                raise RemoteError(f"CANCELLED: the client of {self.address} is closed", status="CANCELLED")
+            if self._pipe is None:
+                self._pipe = Pipe(
+                    self.address,
+                    functools.partial(_open_channel, self.address, self._credentials, self._options),
+                    metadata=self._metadata,
+                    streaming=self.streaming,
+                )
+            return self._pipe
 
     def _codec(self) -> str:
         """``codec`` if the server lists it among the codecs it decodes; raw otherwise (an older server)."""
@@ -214,8 +273,7 @@ class TailClient:
             return "raw"
         if self._server_codecs is None:
             # A failure here is the request's failure too: RemoteError, and the caller falls back.
-            reply = self._unary_call("ServerMetadata", pb.ServerMetadataRequest(), None)
-            self._server_codecs = compression.offered(list(reply.extensions))
+            self._server_codecs = compression.offered(self._extensions())
             if self.codec not in self._server_codecs:
                 logger.warning(
                     "edge server %s does not decode %s; sending raw tensors", self.address, self.codec
@@ -252,6 +310,9 @@ class TailClient:
                 return
             self._closed = True
             lanes, self._lanes = self._lanes, []
+            pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pipe.close()
         for lane in lanes:
             if lane.closed:
                 continue

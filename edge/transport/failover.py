@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
 import numpy as np
@@ -46,6 +47,7 @@ class FailoverClient:
         # Guards _failed_at only; never held during a call.
         self._lock = threading.Lock()
         self._failed_at: dict[int, float] = {}
+        self._retries = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-failover")
 
     @property
     def codec(self) -> str:
@@ -87,6 +89,70 @@ class FailoverClient:
         assert last is not None
         raise RemoteError("; ".join(errors), status=last.status) from last
 
+    def submit(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        parameters: Mapping[str, ParameterValue] | None = None,
+        timeout_s: float | None = None,
+        request_id: str = "",
+    ) -> Future[RemoteResult]:
+        """:meth:`infer` without waiting: the same order of servers, tried one after another until
+        one answers; the future holds its RemoteResult, or a RemoteError when none answered."""
+        outer: Future[RemoteResult] = Future()
+        order = self.order()
+        errors: list[str] = []
+
+        def attempt(position: int, last: RemoteError | None) -> None:
+            if position >= len(order):
+                assert last is not None
+                outer.set_exception(RemoteError("; ".join(errors), status=last.status))
+                return
+            index = order[position]
+            client = self.clients[index]
+
+            def failed(err: RemoteError) -> None:
+                self._mark(index, failed=True)
+                logger.info("edge server %s failed (%s); trying the next", client.address, err.status)
+                errors.append(f"{client.address}: {err}")
+                if position + 1 < len(order):
+                    # Off the answering client's loop: the next client may need to ask its server first.
+                    self._retries.submit(attempt, position + 1, err)
+                else:
+                    attempt(position + 1, err)
+
+            def done(future: Future[RemoteResult]) -> None:
+                err = future.exception()
+                if err is None:
+                    self._mark(index, failed=False)
+                    outer.set_result(future.result())
+                elif isinstance(err, RemoteError):
+                    failed(err)
+                else:
+                    outer.set_exception(err)
+
+            try:
+                inner = client.submit(
+                    model, inputs, parameters=parameters, timeout_s=timeout_s, request_id=request_id
+                )
+            except RemoteError as err:
+                failed(err)
+                return
+            inner.add_done_callback(done)
+
+        attempt(0, None)
+        return outer
+
+    def max_inflight(self) -> int | None:
+        """The first answering server's stream window (the servers of a pool are alike)."""
+        for index in self.order():
+            try:
+                return self.clients[index].max_inflight()
+            except RemoteError:
+                continue
+        return None
+
     def ready(self, timeout_s: float | None = None) -> bool:
         return any(c.ready(timeout_s) for c in self.clients)
 
@@ -112,6 +178,7 @@ class FailoverClient:
         raise last
 
     def close(self) -> None:
+        self._retries.shutdown(wait=True)
         for client in self.clients:
             client.close()
 

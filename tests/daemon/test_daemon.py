@@ -594,3 +594,39 @@ def test_the_watchdog_rule_no_progress_while_messages_wait(tmp_path: Path, broke
         client.loop_stop()
         client.disconnect()
         daemon.device.close()
+
+
+def test_a_pipelined_burst_is_answered_in_arrival_order_bit_for_bit(
+    tmp_path: Path,
+    broker: Broker,
+    edge_server: ServerProcess,
+    probe: Probe,
+    daemon_factory: Callable[..., DaemonProcess],
+    reference: Callable[[int], list[dict[str, object]]],
+) -> None:
+    """[queue] inflight = 4: messages overlap on one stream, and a malformed one among them is
+    answered in its turn; results come out in the order the messages went in."""
+    text = GENERIC.read_text()
+    assert "inflight = 2" in text
+    profile = tmp_path / "pipelined.toml"
+    profile.write_text(text.replace("inflight = 2", "inflight = 4"))
+    daemon = daemon_factory([edge_server.address], profile=profile)
+    daemon.start()
+    messages: list[tuple[str, bytes | str]] = []
+    sent: dict[str, int] = {}
+    for n in range(200):
+        if n % 50 == 25:
+            messages.append((TOPIC, json.dumps({"id": f"bad-{n}", "data": [1, 2, 3]})))
+            continue
+        sent[f"p-{n}"] = n % 200
+        messages.append((TOPIC, digit_json(n % 200, f"p-{n}")))
+    probe.publish_many(messages)
+    answered = probe.wait_answered(set(sent) | {f"bad-{n}" for n in range(25, 200, 50)}, timeout=120)
+    order = [doc["id"] for doc in probe.results]
+    assert order == list(sent)  # arrival order
+    for message_id, i in sent.items():
+        (doc,) = answered[message_id]
+        assert doc["top_k"] == reference(i), message_id
+        assert doc["cut"] == 8 and doc["fallback"] is False
+    assert len(probe.errors) == 4
+    assert "up to 4 messages in flight" in daemon.text()

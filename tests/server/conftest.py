@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from peers import unary_only_server  # noqa: F401 (a fixture for the tests here)
 
 from edge import models
 from helpers import SHIPPED

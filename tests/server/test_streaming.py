@@ -10,7 +10,6 @@ grace period; the client refuses to block inside a coroutine.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from peers import ForeignStream
 
 from edge import models
 from edge.cooperative import CooperativeRunner
@@ -26,7 +26,7 @@ from edge.errors import RemoteError
 from edge.graph import ModelGraph
 from edge.link import LinkEstimator, LinkProber
 from edge.preprocess import random_tensors
-from edge.protocol import SERVICE_NAME, converters, pb, pb_grpc
+from edge.protocol import pb_grpc
 from edge.runner import ModelRunner
 from edge.transport import TailClient
 from helpers import grpc_peer, seeded_inputs
@@ -86,44 +86,6 @@ def test_requests_share_one_stream(
             for name, expected in runner.run(feeds).items():
                 assert np.array_equal(result.outputs[name], expected)
     assert calls == [1, 0, 0]
-
-
-class _UnaryOnly(pb_grpc.GRPCInferenceServiceServicer):
-    """A real OIP server without ModelStreamInfer (as KServe's protocol defines it): the generated
-    base class answers UNIMPLEMENTED; ModelInfer is our own servicer's."""
-
-    def __init__(self, inner: InferenceServicer) -> None:
-        self.inner = inner
-
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return await self.inner.ModelInfer(request, context)
-
-
-@pytest.fixture
-def unary_only_server() -> Iterator[str]:
-    repository = ModelRepository.from_files([models.model_path(MODEL)])
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            _UnaryOnly(InferenceServicer(DataPlane(repository), workers=0)), server
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-        repository.close()
 
 
 def test_a_server_without_streaming_gets_unary_calls(
@@ -234,56 +196,13 @@ def test_link_probes_travel_like_tail_requests(
     assert calls == [1, 0, 0]
 
 
-class _ForeignStream:
-    """A real gRPC peer that streams as MLServer does: ModelStreamInfer answers with ModelInferResponse
-    messages, and ModelInfer answers with our data plane's results. ``version`` is the model version
-    it writes: "1" makes the bytes unreadable as ours, "" makes them parse with foreign fields."""
-
-    def __init__(self, dataplane: DataPlane, version: str) -> None:
-        self.dataplane = dataplane
-        self.version = version
-        self.streamed = 0
-
-    def _answer(self, request: Any) -> Any:
-        response = converters.infer_response_to_pb(
-            self.dataplane.infer(converters.infer_request_from_pb(request))
-        )
-        response.model_version = self.version
-        return response
-
-    def stream(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        for request in requests:
-            self.streamed += 1
-            yield self._answer(request)
-
-    def unary(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._answer(request)
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
-            {
-                "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-                    self.stream,
-                    request_deserializer=pb.ModelInferRequest.FromString,
-                    response_serializer=pb.ModelInferResponse.SerializeToString,
-                ),
-                "ModelInfer": grpc.unary_unary_rpc_method_handler(
-                    self.unary,
-                    request_deserializer=pb.ModelInferRequest.FromString,
-                    response_serializer=pb.ModelInferResponse.SerializeToString,
-                ),
-            },
-        )
-
-
 @pytest.mark.parametrize("version", ["1", ""], ids=["unreadable", "foreign-fields"])
 def test_a_peer_streaming_other_messages_gets_unary_calls_with_identical_outputs(
     graphs: dict[str, ModelGraph], version: str
 ) -> None:
     graph = graphs[MODEL]
     repository = ModelRepository.from_files([models.model_path(MODEL)])
-    peer = _ForeignStream(DataPlane(repository), version)
+    peer = ForeignStream(DataPlane(repository), version)
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((peer.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
