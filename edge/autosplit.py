@@ -7,6 +7,7 @@ the only part of the planner that talks to the network, through a
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 __all__ = ["AutoSplit"]
 
 logger = logging.getLogger(__name__)
+
+_MAX_SERVERS = 64
+"""Servers with a link estimate of their own; past it, all but the connect-time one are dropped."""
 
 
 class AutoSplit:
@@ -92,8 +96,13 @@ class AutoSplit:
         self.n = graph.num_operators
         self._head = [float(x) for x in head_ms]
         self._tail = [float(x) for x in tail_ms] if tail_ms is not None else None
-        self.estimator = estimator or LinkEstimator(clock=clock)
+        # One link estimate per server ("": the one measured at connect, which a server heard from
+        # for the first time starts from); a pool says which server a request goes to next.
+        self.estimators: dict[str, LinkEstimator] = {"": estimator or LinkEstimator(clock=clock)}
+        self.next_server: Callable[[], str] | None = None
         self.prober = prober
+        self.probers: dict[str, LinkProber] = {}
+        """A pool's servers, each with a prober of its own (probes that reach that server only)."""
         self.objective: Objective = objective
         self.deadline_ms = deadline_ms
         self.max_bytes = max_bytes
@@ -175,7 +184,41 @@ class AutoSplit:
         codec = getattr(client, "codec", "raw")
         if codec != "raw":
             policy.use_codec(codec, *codec_profile(runner, codec))
+        members = getattr(client, "clients", None)
+        if reachable and members is not None and len(members) > 1:
+            policy.next_server = getattr(client, "next_address", None)
+            # A pool: each server's own round trip, measured with probes sent to it alone.
+            for member in members:
+                own = LinkProber(member, model_name, graph, runner=runner, max_bytes=max_bytes)
+                policy.probers[member.address] = own
+                try:
+                    own.probe_rtt(policy.estimator_for(member.address), count=probes)
+                except RemoteError as err:
+                    logger.info("edge server %s did not answer its probes: %s", member.address, err)
         return policy
+
+    @property
+    def estimator(self) -> LinkEstimator:
+        """The link estimate of the server the next request goes to."""
+        if self.next_server is None:
+            return self.estimators[""]
+        return self.estimator_for(self.next_server())
+
+    def _prober(self) -> LinkProber:
+        """The prober of the server the next request goes to (the pool's own when it has none)."""
+        assert self.prober is not None
+        if self.next_server is None or not self.probers:
+            return self.prober
+        return self.probers.get(self.next_server(), self.prober)
+
+    def estimator_for(self, server: str) -> LinkEstimator:
+        """``server``'s own link estimate; a copy of the connect-time one until it has samples."""
+        link = self.estimators.get(server)
+        if link is None:
+            if len(self.estimators) > _MAX_SERVERS:
+                self.estimators = {"": self.estimators[""]}
+            link = self.estimators[server] = copy.deepcopy(self.estimators[""])
+        return link
 
     # -- SplitPolicy ----------------------------------------------------------------------
 
@@ -227,7 +270,8 @@ class AutoSplit:
             if k in self.wire_ratio and raw:  # the ratio this cut's requests actually achieve
                 self.wire_ratio[k] = 0.7 * self.wire_ratio[k] + 0.3 * (result.bytes_sent / raw)
             received = sum(a.nbytes for a in remote.outputs.values())
-            self.estimator.observe_transfer(result.bytes_sent + received, t.transfer_ms)
+            link = self.estimator_for(remote.server) if self.next_server is not None else self.estimator
+            link.observe_transfer(result.bytes_sent + received, t.transfer_ms)
             self.queue_ms = 0.8 * self.queue_ms + 0.2 * t.queue_ms
             if t.tail_ms > 0:
                 self._live_tail.setdefault(k, deque(maxlen=8)).append((now, t.tail_ms))
@@ -344,7 +388,7 @@ class AutoSplit:
         try:
             if self._tail is None:
                 self._tail = _server_tails(self.prober, self._head, progress=False)
-            self.prober.probe_rtt(self.estimator, count=2)
+            self._prober().probe_rtt(self.estimator, count=2)
         except EdgeError as err:
             logger.debug("edge server still unreachable: %s", err)
             return
@@ -357,15 +401,16 @@ class AutoSplit:
         assert self.prober is not None
         probed = False
         try:
-            if now - self.estimator.last_sample_at >= self.probe_interval_s:
-                self.prober.probe_rtt(self.estimator, count=1)
+            estimator, prober = self.estimator, self._prober()
+            if now - estimator.last_sample_at >= self.probe_interval_s:
+                prober.probe_rtt(estimator, count=1)
                 probed = True
             if (
                 self.hysteresis.current == self.n
                 and now - self._last_bandwidth_probe >= self.bandwidth_probe_s
             ):
                 self._last_bandwidth_probe = now
-                self.prober.probe_bandwidth(self.estimator, count=1)
+                prober.probe_bandwidth(estimator, count=1)
                 probed = True
         except EdgeError as err:
             self._lost(str(err))

@@ -11,6 +11,7 @@ __all__ = [
     "BACKEND",
     "BATCH_SIZE",
     "COMPUTE_US",
+    "CUT_MODEL_PREFIX",
     "ENCODING",
     "EXTENSIONS",
     "MODEL_SHA256",
@@ -58,6 +59,9 @@ PROFILE_OUTPUT = "tail_ms"
 
 EXTENSIONS = (SPLIT_POINT, MODEL_SHA256)
 """What ServerMetadata lists as extensions."""
+CUT_MODEL_PREFIX = "edge_cut_model:"
+"""ServerMetadata lists ``edge_cut_model:NAME@K`` when the server serves the tail of NAME's cut K
+under the name ``NAME@K`` (MLServer batches by model name); the device sends those tails there."""
 STREAM_WINDOW_PREFIX = "edge_stream_window:"
 """ServerMetadata lists ``edge_stream_window:N``: the requests one stream may have in flight."""
 

@@ -22,27 +22,16 @@ from grpc_reflection.v1alpha import reflection
 
 from edge.codec import InferResponse
 from edge.errors import (
-    BackendError,
-    BackendRunError,
-    ConfigError,
-    CutError,
     EdgeError,
-    ModelFormatError,
-    ModelMismatchError,
-    ModelNotFoundError,
     TensorFormatError,
-    UnsupportedModelError,
 )
 from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
 from edge.wire import COMPUTE_US, STREAM_WINDOW_PREFIX
 
 from .dataplane import MAX_NAME_CHARS, DataPlane, PreparedRequest
 from .errors import (
-    ControlDisabledError,
     DeadlineExpiredError,
     ListenError,
-    ServerOverloadedError,
-    ServerStoppingError,
 )
 from .fairness import DeviceLimit, FairTurns, peer_host
 from .metrics import ServerMetrics
@@ -54,6 +43,7 @@ from .settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_STREAMS_PER_CONNECTION,
 )
+from .status import STATUS_NAMES, status_name
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -67,32 +57,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-# Most specific class first: the first match wins.
-STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (ModelMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
-    (TensorFormatError, grpc.StatusCode.INVALID_ARGUMENT),
-    (CutError, grpc.StatusCode.INVALID_ARGUMENT),
-    (BackendRunError, grpc.StatusCode.INVALID_ARGUMENT),  # a kernel refused the caller's values
-    (ServerOverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ServerStoppingError, grpc.StatusCode.UNAVAILABLE),
-    (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (ControlDisabledError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ModelFormatError, grpc.StatusCode.INTERNAL),
-    (UnsupportedModelError, grpc.StatusCode.INTERNAL),
-    (ConfigError, grpc.StatusCode.INTERNAL),
-    (BackendError, grpc.StatusCode.INTERNAL),
-    (EdgeError, grpc.StatusCode.INVALID_ARGUMENT),
+STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = tuple(
+    (cls, grpc.StatusCode[name]) for cls, name in STATUS_NAMES
 )
+""":data:`server.status.STATUS_NAMES` as gRPC codes: the first match wins."""
 
 T = TypeVar("T")
 
 
 def status_for(err: BaseException) -> grpc.StatusCode:
-    for cls, code in STATUS_CODES:
-        if isinstance(err, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[status_name(err)]
 
 
 INLINE_BUDGET_US = 2000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import time
@@ -16,9 +17,14 @@ import numpy as np
 from edge import models
 from edge.graph import ModelGraph
 from edge.preprocess import random_inputs
+from edge.profiler import HeadProfile, load_or_profile, profile_path
 from edge.protocol import pb_grpc
+from edge.runner import ModelRunner
 
 REPO = Path(__file__).resolve().parents[1]
+
+MLSERVER = Path(os.environ.get("EDGE_MLSERVER", REPO / ".venv-mlserver" / "bin" / "mlserver"))
+"""MLServer's command, in the venv of its own tests/run.sh makes (MLServer 1.7.1 wants protobuf < 7)."""
 
 # What tools/build_models.py ships; a missing one fails at collection.
 SHIPPED = ["digits_resnet", "digits_resnet_exit", "digits_resnet_f32", "digits_tiny", "mobilenetv2_035"]
@@ -84,3 +90,19 @@ def grpc_peer(servicer: object) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         server.stop(0)
+
+
+def slow_device_profile(runner: ModelRunner, cache: Path, factor: float) -> None:
+    """Measure ``runner``'s head profile, and cache it ``factor`` times slower under ``cache``, where
+    the planner (EDGE_CACHE_DIR) finds it: a device slower than the server it shares a CPU with."""
+    measured = load_or_profile(runner, root=cache, progress=False, runs=5)
+    path = profile_path(measured.model_sha256, measured.backend, measured.threads, root=cache)
+    slow = HeadProfile(
+        measured.model_sha256,
+        measured.backend,
+        measured.threads,
+        tuple(ms * factor for ms in measured.head_ms),
+        measured.runs,
+        measured.warmup,
+    )
+    path.write_text(slow.to_json())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install what the tests need and run them all: the suite on LiteRT, then the split
-# equivalence tests and the tflite-runtime device profile in a venv of its own (it needs numpy < 2).
+# Install what the tests need and run them all: the suite on LiteRT (MLServer's runtime tests start
+# `mlserver` from a venv of its own), then the split equivalence tests and the tflite-runtime
+# device profile in a venv of its own (it needs numpy < 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,12 @@ fi
 
 echo "== installing edge-coop with the test extras"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[dev,daemon]'
+
+echo "== MLServer 1.7.1 in a venv of its own (it wants protobuf < 7), for tests/mlserver"
+ML_VENV=.venv-mlserver
+[ -x "$ML_VENV/bin/python" ] || "$PYTHON" -m venv "$ML_VENV"
+"$ML_VENV/bin/python" -m pip install -q --disable-pip-version-check -r firmware_config/server/mlserver/requirements.txt
+"$ML_VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
 
 echo "== lint and types"
 "$PYTHON" -m ruff check edge server tests tools bench

@@ -11,14 +11,34 @@ from .. import __version__
 from ..argtypes import Parser
 from ..cpu_latency import cpu_latency_hold
 from ..errors import EdgeError
-from . import bench_cmd, cascade_cmd, demo_cmd, infer_cmd, inspect_cmd, plan_cmd, run_cmd, split_cmd
+from . import (
+    bench_cmd,
+    cascade_cmd,
+    demo_cmd,
+    export_cmd,
+    infer_cmd,
+    inspect_cmd,
+    plan_cmd,
+    run_cmd,
+    split_cmd,
+)
 from .pipes import quiet_closed_stdout
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = [demo_cmd, inspect_cmd, split_cmd, infer_cmd, bench_cmd, plan_cmd, cascade_cmd, run_cmd]
+COMMANDS = [
+    demo_cmd,
+    inspect_cmd,
+    split_cmd,
+    infer_cmd,
+    bench_cmd,
+    plan_cmd,
+    cascade_cmd,
+    run_cmd,
+    export_cmd,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -128,7 +128,7 @@ def measure(
     bytes_sent = 0
     split_points = []
     timed = results(n)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for result in track(timed, total=n, description="measuring", transient=True) if progress else timed:
         t = result.timings
         for key, value in t.as_dict().items():
@@ -138,12 +138,15 @@ def measure(
         bytes_sent += result.bytes_sent
         split_points.append(result.split_point)
     elapsed = time.perf_counter() - started
+    cpu_ms = (time.process_time() - cpu_started) * 1000.0
     report: dict[str, object] = {key: summary(values) for key, values in stages.items()}
     report["overhead_ms"] = summary(overhead)
     report["bytes_sent"] = round(bytes_sent / n, 1)  # per request, on average
     report["n"] = n
     report["inflight"] = inflight
     report["throughput_rps"] = round(n / elapsed, 1) if elapsed > 0 else None
+    # This process's CPU per request, every thread (the head, gRPC, an in-process server if any).
+    report["device_cpu_ms"] = round(cpu_ms / n, 4)
     report["fallbacks"] = fallbacks
     report["split_point"] = statistics.mode(split_points) if split_points else None
     return report

@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+from .. import compression
 from ..errors import EdgeError
 
 __all__ = ["DEFAULT_MODEL", "register"]
@@ -72,6 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="device interpreter threads (default: %(default)s)")
     p.add_argument("--server-threads", type=int, default=1, help="server interpreter threads (default: 1)")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of each request, seconds")
+    p.add_argument(
+        "--codec",
+        choices=["raw", *compression.CODECS, *compression.LOSSY],
+        default="raw",
+        help="codec of the tensors the device sends, under auto and at every cut (default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="where JSON and PNG go")
     p.add_argument("--name", default="sweep", help="file stem of the outputs (default: %(default)s)")
     p.set_defaults(func=run)

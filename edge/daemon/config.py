@@ -233,6 +233,13 @@ class EdgeServerConfig(_Strict):
         description="Send tail requests on one long-lived ModelStreamInfer stream. False sends a unary "
         "ModelInfer call per request; the device also switches by itself when a server refuses streams.",
     )
+    balance: bool = Field(
+        default=False,
+        description="The address names several servers (a DNS name with several records, as a Kubernetes "
+        "headless Service gives, or a gRPC target such as dns:///NAME:PORT or ipv4:A:P,B:P): spread the requests "
+        "over them with gRPC's own round_robin balancing. Requests then go as unary calls (a stream stays on "
+        "one server).",
+    )
 
     @field_validator("address")
     @classmethod
@@ -253,7 +260,14 @@ class EdgeConfig(_Strict):
         default=5.0,
         ge=0,
         le=3600,
-        description="How long a server that failed is tried only after the others.",
+        description="How often a server that failed is probed (OIP ServerReady) until it is ready again; until "
+        "then it is tried only after the others.",
+    )
+    policy: Literal["failover", "round-robin", "least-loaded"] = Field(
+        default="failover",
+        description="Which of several servers gets a request: failover (the first healthy one, in order), "
+        "round-robin (the healthy ones in turn) or least-loaded (the least work ahead: this device's requests "
+        "in flight there times the time one takes, plus the queue time the server reports).",
     )
 
 

@@ -213,6 +213,7 @@ def _client(profile: DeviceProfile, source: Path) -> TailTransport | None:
                     streaming=server.streaming,
                     token=token,
                     codec=server.codec,
+                    balance=server.balance,
                 )
             )
         except ConfigError as err:
@@ -222,7 +223,7 @@ def _client(profile: DeviceProfile, source: Path) -> TailTransport | None:
         return None
     if len(clients) == 1:
         return clients[0]
-    return FailoverClient(clients, retry_after_s=edge.retry_after_s)
+    return FailoverClient(clients, policy=edge.policy, retry_after_s=edge.retry_after_s)
 
 
 def _resolve_model(spec: str, source: Path, key: str = "model.path") -> Path:

@@ -199,6 +199,7 @@ class Daemon:
                 break
             self._process(item)
             drained += 1
+        drained += len(self._held)
         self._drain()
         deadline = time.monotonic() + self.profile.queue.drain_timeout_s
         while self.ledger.pending() and time.monotonic() < deadline and self._connected.is_set():

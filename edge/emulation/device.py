@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     else:
         runner = ModelRunner(graph, threads=args.threads, cache_size=cache_size)
         label = ""
-    client = TailClient(args.server, timeout_s=args.timeout)
+    client = TailClient(args.server, timeout_s=args.timeout, codec=args.codec)
     client.wait_ready(timeout_s=30.0)
     feeds = random_tensors(graph.inputs, seed=args.seed)
     gap_s = args.gap_ms / 1000.0
@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "slowdown": args.slowdown,
         "device_emulation": f"time dilation x{args.slowdown:g}" if args.slowdown > 1.0 else "none",
         "threads": args.threads,
+        "codec": args.codec,
         "connect_s": round(connect_s, 3),
         "first_choice": first_choice,
         "trajectory": trajectory,
@@ -180,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of each request, seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codec", default="raw", help="codec of the tensors sent (raw, zstd, lz4, fp16, int4)")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"

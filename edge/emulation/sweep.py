@@ -139,7 +139,7 @@ def _run_scenario(
             "--server", f"{link.server_ip}:{PROXY_PORT}", "--slowdown", f"{scenario.slowdown:g}",
             "--threads", str(args.threads), "--adapt", str(args.adapt), "--requests", str(args.requests),
             "--pilots", str(args.pilots), "--prune", str(args.prune), "--timeout", str(args.timeout),
-            "--gap-ms", f"{args.gap_ms:g}",
+            "--gap-ms", f"{args.gap_ms:g}", "--codec", args.codec,
         ]  # fmt: skip
         if args.cuts:
             argv += ["--cuts", *map(str, args.cuts)]

@@ -204,7 +204,8 @@ def _tensors_from_pb(
             )
         out = []
         for tensor, data in zip(tensors, raw_contents, strict=True):
-            if tensor.HasField("contents"):
+            # An empty contents message is no contents (MLServer sets one on every raw output).
+            if tensor.HasField("contents") and tensor.contents.ListFields():
                 raise TensorFormatError(
                     f"{kind} {tensor.name!r} has typed contents while the message uses {raw_field}; use one or the other"
                 )

@@ -1,4 +1,5 @@
-"""Edge server addresses: ``HOST:PORT``, ``[IPV6]:PORT``, or a bare host on the default port."""
+"""Edge server addresses: ``HOST:PORT``, ``[IPV6]:PORT``, a bare host on the default port, or a gRPC
+target naming several (``dns:///NAME:PORT``, ``ipv4:A:P,B:P``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import re
 
 from ..errors import ConfigError
 
-__all__ = ["DEFAULT_PORT", "check_host", "check_port", "format_address", "normalize", "parse_address"]
+__all__ = [
+    "DEFAULT_PORT",
+    "check_host",
+    "check_port",
+    "format_address",
+    "is_target",
+    "normalize",
+    "parse_address",
+]
 
 DEFAULT_PORT = 8001
 """edge-server's port when none is given."""
@@ -72,9 +81,40 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+"""gRPC target schemes taken as they are: ``dns:///NAME:PORT`` (every record of NAME), and
+``ipv4:A:P,B:P`` / ``ipv6:[A]:P,[B]:P`` (several addresses, for gRPC's round_robin balancing)."""
+
+MAX_TARGET_CHARS = 1024
+
+
+def is_target(text: str) -> bool:
+    """``text`` is a gRPC target with a scheme (several records or addresses), not HOST:PORT."""
+    return text.strip().startswith(_SCHEMES)
+
+
 def normalize(text: str, *, default_port: int = DEFAULT_PORT) -> str:
-    """``text`` checked and written out in full, as gRPC takes it."""
+    """``text`` checked and written out in full, as gRPC takes it. A gRPC target (``dns:``,
+    ``ipv4:``, ``ipv6:``) keeps its form, each of its addresses checked."""
+    text = text.strip()
+    if is_target(text):
+        return _target(text, default_port)
     return format_address(*parse_address(text, default_port=default_port))
+
+
+def _target(text: str, default_port: int) -> str:
+    if len(text) > MAX_TARGET_CHARS:
+        raise ConfigError(f"{_show(text)}: a target is at most {MAX_TARGET_CHARS} characters")
+    scheme, _, rest = text.partition(":")
+    if scheme == "dns":
+        authority, name = "", rest
+        if rest.startswith("//"):  # dns://[DNS-SERVER]/NAME[:PORT]
+            authority, _, name = rest[2:].partition("/")
+        return f"dns://{authority}/{normalize(name, default_port=default_port)}"
+    parts = [p for p in rest.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError(f"{_show(text)}: list one address or more after '{scheme}:'")
+    return f"{scheme}:" + ",".join(normalize(p, default_port=default_port) for p in parts)
 
 
 def _show(value: str, limit: int = 80) -> str:

@@ -36,6 +36,8 @@ class RemoteResult:
     bytes_sent: int
     lossy: bool = False
     """The tensors went through a lossy codec (fp16, int4): the outputs may differ from the model's."""
+    server: str = ""
+    """The address of the server that answered."""
 
     @property
     def compute_ms(self) -> float:

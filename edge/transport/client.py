@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from .. import compression, wire
+from .. import compression, packed, wire
 from ..codec import InferRequest, ModelMetadata, ParameterValue, decode, encode
 from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb, pb_grpc
@@ -133,8 +133,14 @@ class TailClient:
         streaming: bool = True,
         token: str | None = None,
         codec: str = "raw",
+        balance: bool = False,
     ) -> None:
         self.address = address
+        self.balance = balance
+        """``address`` names several servers (a DNS name with several records, ``ipv4:A:P,B:P``):
+        gRPC's round_robin spreads the calls over them. Unary calls, then: a stream would stay on one."""
+        if balance:
+            streaming = False
         if codec != "raw" and codec not in compression.available():
             raise ConfigError(
                 f"codec {codec!r} is not available here (pip install zstandard lz4); "
@@ -155,6 +161,8 @@ class TailClient:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        if balance:
+            self._options.append(("grpc.lb_policy_name", "round_robin"))
         self._credentials = None
         if tls is not None:
             if tls.server_name:
@@ -198,9 +206,15 @@ class TailClient:
     ) -> Future[RemoteResult]:
         """:meth:`infer` without waiting: the request goes on the client's pipe (one stream with
         several requests in flight), and the future holds its RemoteResult or RemoteError."""
-        message, finish = self._request(model, inputs, parameters, request_id)
+        try:
+            message, finish = self._request(model, inputs, parameters, request_id)
+            pipe = self._open_pipe()
+        except RemoteError as err:  # the server's metadata could not be had: this request's failure
+            failed: Future[RemoteResult] = Future()
+            failed.set_exception(err)
+            return failed
         timeout = timeout_s if timeout_s is not None else self.timeout_s
-        return self._open_pipe().send(message, timeout, finish, request_id)
+        return pipe.send(message, timeout, finish, request_id)
 
     def max_inflight(self) -> int | None:
         """The requests the server lets one stream hold (its metadata's stream window); None when it
@@ -225,13 +239,21 @@ class TailClient:
                 params[wire.ACCEPT_ENCODING] = codec
             else:
                 lossy = any(t.parameters.get(wire.ENCODING) == codec for t in tensors)
-        request = InferRequest(model_name=model, inputs=tensors, parameters=params, id=request_id)
         bytes_sent = sum(t.nbytes for t in tensors)
+        extensions = self._extensions()
+        if packed.EXTENSION in extensions:
+            tensors = tuple(packed.pack(t) for t in tensors)
+        cut = params.get(wire.SPLIT_POINT)
+        if isinstance(cut, int) and f"{wire.CUT_MODEL_PREFIX}{model}@{cut}" in extensions:
+            model = f"{model}@{cut}"  # the tail of this cut has a name of its own there (batched)
+        request = InferRequest(model_name=model, inputs=tensors, parameters=params, id=request_id)
 
         def finish(reply: Any, call_ms: float) -> RemoteResult:
             try:
                 response = converters.infer_response_from_pb(reply)
-                outputs = {t.name: decode(t) for t in response.outputs}
+                outputs = {
+                    t.name: decode(packed.unpack(t) if packed.is_packed(t) else t) for t in response.outputs
+                }
             except EdgeError as err:
                 raise RemoteError(
                     f"INTERNAL: edge server {self.address} sent an answer that cannot be read: {err}",
@@ -243,6 +265,7 @@ class TailClient:
                 call_ms=call_ms,
                 bytes_sent=bytes_sent,
                 lossy=lossy,
+                server=self.address,
             )
 
         return converters.infer_request_to_pb(request), finish
@@ -250,8 +273,14 @@ class TailClient:
     def _extensions(self) -> tuple[str, ...]:
         """The server's metadata extensions, asked once (a failure is the caller's RemoteError)."""
         if self._server_extensions is None:
-            reply = self._unary_call("ServerMetadata", pb.ServerMetadataRequest(), None)
-            self._server_extensions = tuple(reply.extensions)
+            try:
+                reply = self._unary_call("ServerMetadata", pb.ServerMetadataRequest(), None)
+            except RemoteError as err:
+                if err.status != "UNIMPLEMENTED":
+                    raise
+                self._server_extensions = ()  # a peer without it lists nothing: plain tensors, raw
+            else:
+                self._server_extensions = tuple(reply.extensions)
         return self._server_extensions
 
     def _open_pipe(self) -> Pipe:

@@ -1,7 +1,18 @@
-"""Several edge servers behind one client: try them in order of preference, skip the ones that just failed.
+"""Several edge servers behind one client: a pool, with a policy for which server gets a request.
 
 A :class:`~edge.transport.base.TailTransport` over several: the same calls, and the same failure,
-:class:`~edge.errors.RemoteError`, raised when no server answered, so the caller finishes the work locally.
+:class:`~edge.errors.RemoteError`, raised when no server answered, so the caller finishes the work
+locally. Policies (:data:`POLICIES`):
+
+- ``failover``: the first healthy server, in the order given;
+- ``round-robin``: the healthy servers in turn;
+- ``least-loaded``: the healthy server with the least work ahead of this request: the requests
+  this device has in flight there, times the time one takes there, plus the queue time the
+  server last reported (``queue_us``).
+
+A server that fails leaves the pool: it is tried only after every healthy one (so a request
+still gets every chance before the device runs it itself), and a background probe (OIP
+``ServerReady``, every ``retry_after_s``) brings it back once it answers.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
+from typing import Literal
 
 import numpy as np
 
@@ -19,35 +31,53 @@ from ..codec import ModelMetadata, ParameterValue
 from ..errors import ConfigError, RemoteError
 from .base import RemoteResult, TailTransport
 
-__all__ = ["FailoverClient"]
+__all__ = ["POLICIES", "FailoverClient", "Policy"]
 
 logger = logging.getLogger(__name__)
 
+Policy = Literal["failover", "round-robin", "least-loaded"]
+POLICIES: tuple[Policy, ...] = ("failover", "round-robin", "least-loaded")
+
+_SMOOTHING = 0.2
+"""Weight of the newest sample in each server's moving averages (call time, queue time)."""
+
 
 class FailoverClient:
-    """Sends each request to the first healthy server, in order; a server that fails is tried last for a while.
+    """A pool of servers under ``policy``; see the module's docstring.
 
-    ``retry_after_s``: how long a failed server stays behind the others. When every server
-    has failed recently, all are still tried, in order, before giving up.
+    ``retry_after_s``: how often a failed server is probed; 0 re-admits it at the next request.
     """
 
     def __init__(
         self,
         clients: Sequence[TailTransport],
         *,
+        policy: Policy = "failover",
         retry_after_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not clients:
-            raise ConfigError("a failover client needs at least one edge server")
+            raise ConfigError("a pool of edge servers needs at least one")
+        if policy not in POLICIES:
+            raise ConfigError(f"unknown pool policy {policy!r}; choose one of: {', '.join(POLICIES)}")
         self.clients = list(clients)
+        self.policy = policy
         self.retry_after_s = retry_after_s
         self.timeout_s = self.clients[0].timeout_s
         self._clock = clock
-        # Guards _failed_at only; never held during a call.
+        n = len(self.clients)
+        # Guards everything below; never held during a call.
         self._lock = threading.Lock()
         self._failed_at: dict[int, float] = {}
+        self._inflight = [0] * n
+        self._service_ms: list[float | None] = [None] * n
+        self._queue_ms = [0.0] * n
+        self._turn = 0
+        self.answered = [0] * n
+        """Requests each server answered."""
         self._retries = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-failover")
+        self._closed = threading.Event()
+        self._prober: threading.Thread | None = None
 
     @property
     def codec(self) -> str:
@@ -60,6 +90,10 @@ class FailoverClient:
     def address(self) -> str:
         return ",".join(c.address for c in self.clients)
 
+    def next_address(self) -> str:
+        """The server the next request goes to first."""
+        return self.clients[self.order(advance=False)[0]].address
+
     def infer(
         self,
         model: str,
@@ -69,22 +103,23 @@ class FailoverClient:
         timeout_s: float | None = None,
         request_id: str = "",
     ) -> RemoteResult:
-        """The first server's answer; RemoteError (the last server's status) when none answered."""
+        """The first answer, trying the servers in the policy's order; RemoteError (the last server's
+        status) when none answered."""
         errors: list[str] = []
         last: RemoteError | None = None
         for index in self.order():
             client = self.clients[index]
+            self._started(index)
             try:
                 result = client.infer(
                     model, inputs, parameters=parameters, timeout_s=timeout_s, request_id=request_id
                 )
             except RemoteError as err:
-                self._mark(index, failed=True)
-                logger.info("edge server %s failed (%s); trying the next", client.address, err.status)
+                self._failed(index, err)
                 errors.append(f"{client.address}: {err}")
                 last = err
                 continue
-            self._mark(index, failed=False)
+            self._answered(index, result)
             return result
         assert last is not None
         raise RemoteError("; ".join(errors), status=last.status) from last
@@ -113,8 +148,7 @@ class FailoverClient:
             client = self.clients[index]
 
             def failed(err: RemoteError) -> None:
-                self._mark(index, failed=True)
-                logger.info("edge server %s failed (%s); trying the next", client.address, err.status)
+                self._failed(index, err)
                 errors.append(f"{client.address}: {err}")
                 if position + 1 < len(order):
                     # Off the answering client's loop: the next client may need to ask its server first.
@@ -125,13 +159,15 @@ class FailoverClient:
             def done(future: Future[RemoteResult]) -> None:
                 err = future.exception()
                 if err is None:
-                    self._mark(index, failed=False)
+                    self._answered(index, future.result())
                     outer.set_result(future.result())
                 elif isinstance(err, RemoteError):
                     failed(err)
                 else:
+                    self._finished(index)
                     outer.set_exception(err)
 
+            self._started(index)
             try:
                 inner = client.submit(
                     model, inputs, parameters=parameters, timeout_s=timeout_s, request_id=request_id
@@ -146,7 +182,7 @@ class FailoverClient:
 
     def max_inflight(self) -> int | None:
         """The first answering server's stream window (the servers of a pool are alike)."""
-        for index in self.order():
+        for index in self.order(advance=False):
             try:
                 return self.clients[index].max_inflight()
             except RemoteError:
@@ -169,7 +205,7 @@ class FailoverClient:
 
     def model_metadata(self, model: str, timeout_s: float | None = None) -> ModelMetadata:
         last: RemoteError | None = None
-        for index in self.order():
+        for index in self.order(advance=False):
             try:
                 return self.clients[index].model_metadata(model, timeout_s)
             except RemoteError as err:
@@ -178,6 +214,9 @@ class FailoverClient:
         raise last
 
     def close(self) -> None:
+        self._closed.set()
+        if self._prober is not None:
+            self._prober.join(timeout=5.0)
         self._retries.shutdown(wait=True)
         for client in self.clients:
             client.close()
@@ -190,18 +229,74 @@ class FailoverClient:
     ) -> None:
         self.close()
 
-    def order(self) -> list[int]:
-        """Indices of the servers in the order the next request tries them: healthy ones in preference
-        order, then the recently failed ones, oldest failure first."""
+    def order(self, *, advance: bool = True) -> list[int]:
+        """Indices of the servers in the order the next request tries them: the healthy ones in the
+        policy's order, then those that failed, oldest failure first. ``advance`` False leaves
+        round robin's turn where it is (a look, not a request)."""
         now = self._clock()
         with self._lock:
-            failed = {i: t for i, t in self._failed_at.items() if now - t < self.retry_after_s}
-        healthy = [i for i in range(len(self.clients)) if i not in failed]
+            if self.retry_after_s <= 0:  # nothing probes: a failed server comes back at once
+                self._failed_at = {i: t for i, t in self._failed_at.items() if now - t < self.retry_after_s}
+            failed = dict(self._failed_at)
+            healthy = [i for i in range(len(self.clients)) if i not in failed]
+            if self.policy == "round-robin" and healthy:
+                start = self._turn % len(healthy)
+                healthy = healthy[start:] + healthy[:start]
+                if advance:
+                    self._turn += 1
+            elif self.policy == "least-loaded":
+                healthy.sort(key=self._load)
         return healthy + sorted(failed, key=failed.__getitem__)
 
-    def _mark(self, index: int, *, failed: bool) -> None:
+    # -- bookkeeping (under the lock) --------------------------------------------------
+
+    def _load(self, index: int) -> float:
+        """The work ahead of a request sent to server ``index``, in milliseconds (0 while unknown)."""
+        service = self._service_ms[index] or 0.0
+        return (self._inflight[index] + 1) * service + self._queue_ms[index]
+
+    def _started(self, index: int) -> None:
         with self._lock:
-            if failed:
-                self._failed_at[index] = self._clock()
-            else:
-                self._failed_at.pop(index, None)
+            self._inflight[index] += 1
+
+    def _finished(self, index: int) -> None:
+        with self._lock:
+            self._inflight[index] -= 1
+
+    def _answered(self, index: int, result: RemoteResult) -> None:
+        with self._lock:
+            self._inflight[index] -= 1
+            self.answered[index] += 1
+            self._failed_at.pop(index, None)
+            service = max(result.call_ms - result.queue_ms, 0.0)
+            previous = self._service_ms[index]
+            self._service_ms[index] = (
+                service if previous is None else previous + _SMOOTHING * (service - previous)
+            )
+            self._queue_ms[index] += _SMOOTHING * (result.queue_ms - self._queue_ms[index])
+
+    def _failed(self, index: int, err: RemoteError) -> None:
+        logger.info("edge server %s failed (%s); trying the next", self.clients[index].address, err.status)
+        with self._lock:
+            self._inflight[index] -= 1
+            self._failed_at[index] = self._clock()
+            start = self._prober is None and self.retry_after_s > 0 and not self._closed.is_set()
+            if start:
+                self._prober = threading.Thread(target=self._probe, name="edge-pool-probe", daemon=True)
+        if start:
+            assert self._prober is not None
+            self._prober.start()
+
+    def _probe(self) -> None:
+        """Every ``retry_after_s``, ask each failed server whether it is ready; re-admit those that are."""
+        while not self._closed.wait(self.retry_after_s):
+            with self._lock:
+                failed = list(self._failed_at)
+            for index in failed:
+                client = self.clients[index]
+                if self._closed.is_set():
+                    return
+                if client.ready(min(self.retry_after_s, 2.0)):
+                    logger.info("edge server %s is ready again; back in the pool", client.address)
+                    with self._lock:
+                        self._failed_at.pop(index, None)

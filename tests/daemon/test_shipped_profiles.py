@@ -46,9 +46,8 @@ from edge.daemon import load, resolve
 from edge.daemon.config import SensorConfig
 from edge.daemon.messages import dequantize, top_k
 from edge.daemon.payloads import decode
-from edge.profiler import HeadProfile, load_or_profile, profile_path
 from edge.runner import ModelRunner
-from helpers import REPO
+from helpers import REPO, slow_device_profile
 
 PROFILES = sorted(path.stem for path in (REPO / "firmware_config").glob("*.toml"))
 SLOWER = 50.0
@@ -148,19 +147,9 @@ def seed_slow_device(profile_file: Path, cache: Path) -> None:
     runtime = resolved.profile.runtime
     runner = ModelRunner(resolved.graph, backend=runtime.backend, threads=runtime.threads)
     try:
-        measured = load_or_profile(runner, root=cache, progress=False, runs=5)
+        slow_device_profile(runner, cache, SLOWER)
     finally:
         runner.close()
-    path = profile_path(measured.model_sha256, measured.backend, measured.threads, root=cache)
-    slow = HeadProfile(
-        measured.model_sha256,
-        measured.backend,
-        measured.threads,
-        tuple(ms * SLOWER for ms in measured.head_ms),
-        measured.runs,
-        measured.warmup,
-    )
-    path.write_text(slow.to_json())
 
 
 def concrete(topic: str) -> str:

@@ -227,3 +227,22 @@ def test_a_failover_pool_submits_to_the_next_server(
         result = pool.submit("digits_resnet", feeds, parameters=params).result(30)
         assert _same(result.outputs, expected)
         assert pool.order()[0] == 1  # the one that failed is tried last now
+
+
+def test_submitting_to_an_unreachable_server_fails_the_future_not_the_caller(
+    graphs: dict[str, ModelGraph],
+) -> None:
+    graph = graphs["digits_resnet"]
+    feeds = seeded_inputs(graph, 4)
+    with TailClient(f"127.0.0.1:{free_port()}", timeout_s=0.5) as client:
+        future = client.submit("digits_resnet", feeds, parameters={wire.MODEL_SHA256: graph.sha256})
+        error = future.exception(10)
+    assert isinstance(error, RemoteError) and error.status in {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    with CooperativeRunner(
+        ModelRunner(graph),
+        TailClient(f"127.0.0.1:{free_port()}", timeout_s=0.5),
+        model_name="digits_resnet",
+        policy=6,
+    ) as device:
+        (result,) = pipelined(device, [feeds], 2)
+    assert result.fallback and _same(result.outputs, _expected(graph, [feeds])[0])
