@@ -120,7 +120,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edge-mlserver-bench-"))
     (work / "edge").mkdir()
     shutil.copy(graph.source, work / "edge" / f"{name}.tflite")
-    for workers in (1, 2):
+    for workers in (0, 1, 2):
         write_mlserver(graph, work / f"ours-{workers}", cuts=[args.cut], parallel_workers=workers)
     stock = work / "stock" / name
     stock.mkdir(parents=True)
@@ -147,6 +147,7 @@ def main() -> int:
     setups = {
         "edge-server, unary": ("edge", args.server_core, False),
         "edge-server, stream": ("edge", args.server_core, True),
+        "MLServer + EdgeRuntime, in-process (parallel_workers 0)": ("ours-0", args.server_core, False),
         "MLServer + EdgeRuntime, 1 worker": ("ours-1", args.server_core, False),
         "MLServer + EdgeRuntime, 2 workers (both cores)": ("ours-2", both, False),
         "MLServer + stock NumpyCodec runtime, 1 worker": ("stock", args.server_core, False),

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import wire
 from .errors import RemoteError, TensorFormatError
-from .runner import HeadResult, ModelRunner
+from .runner import ModelRunner
 from .transport.base import RETRYABLE, RemoteResult, TailTransport, ping
 from .transport.circuit import Circuit
 
@@ -221,21 +221,17 @@ class CooperativeRunner:
                 self.policy.observe(alone)
             return Ticket(done=alone)
         assert self.client is not None
-        started, head, head_ms, exited = self._head(
-            inputs, k, stop if stop is not None and k >= stop.cut else None
-        )
+        sent, exited = self._head(inputs, k, stop if stop is not None and k >= stop.cut else None)
         if exited is not None:
             return Ticket(done=exited)
-        call = self.client.submit(
+        sent.call = self.client.submit(
             self.model_name,
-            head.cut,
+            sent.cut,
             parameters={wire.MODEL_SHA256: self._sha256, wire.SPLIT_POINT: k},
             timeout_s=self.timeout_s,
             request_id=request_id,
         )
-        return Ticket(
-            call=call, cut=head.cut, head_outputs=head.outputs, k=k, started=started, head_ms=head_ms
-        )
+        return sent
 
     def collect(self, ticket: Ticket) -> InferenceResult:
         """The result of a submitted request: the server's answer, or the tail run here when the
@@ -245,18 +241,9 @@ class CooperativeRunner:
         assert ticket.call is not None
         error = ticket.call.exception()
         if error is None:
-            result = self._joined(
-                ticket.cut,
-                ticket.head_outputs,
-                ticket.k,
-                ticket.started,
-                ticket.head_ms,
-                ticket.call.result(),
-            )
+            result = self._joined(ticket, ticket.call.result())
         elif isinstance(error, RemoteError):
-            result = self._fallback(
-                ticket.cut, ticket.head_outputs, ticket.k, ticket.started, ticket.head_ms, error
-            )
+            result = self._fallback(ticket, error)
         else:
             raise error
         ticket.done = result
@@ -342,55 +329,46 @@ class CooperativeRunner:
     def _cooperative(
         self, inputs: Mapping[str, np.ndarray], k: int, request_id: str, stop: EarlyStop | None = None
     ) -> InferenceResult:
-        started, head, head_ms, exited = self._head(inputs, k, stop)
+        sent, exited = self._head(inputs, k, stop)
         if exited is not None:
             return exited
         assert self.client is not None
         try:
             remote = self.client.infer(
                 self.model_name,
-                head.cut,
+                sent.cut,
                 parameters={wire.MODEL_SHA256: self._sha256, wire.SPLIT_POINT: k},
                 timeout_s=self.timeout_s,
                 request_id=request_id,
             )
         except RemoteError as err:
-            return self._fallback(head.cut, head.outputs, k, started, head_ms, err)
-        return self._joined(head.cut, head.outputs, k, started, head_ms, remote)
+            return self._fallback(sent, err)
+        return self._joined(sent, remote)
 
     def _head(
         self, inputs: Mapping[str, np.ndarray], k: int, stop: EarlyStop | None
-    ) -> tuple[float, HeadResult, float, InferenceResult | None]:
-        """Run the head of cut ``k``: when it started, what it computed, its milliseconds, and the
-        result when ``stop``'s exit stands (nothing is then sent)."""
+    ) -> tuple[Ticket, InferenceResult | None]:
+        """Run the head of cut ``k``: what is to be sent (and kept to finish with), and the result
+        when ``stop``'s exit stands (nothing is then sent)."""
         started = time.perf_counter()
         head = self.runner.run_head(k, inputs)
         head_ms = (time.perf_counter() - started) * 1000.0
+        sent = Ticket(cut=head.cut, head_outputs=head.outputs, k=k, started=started, head_ms=head_ms)
         if stop is not None and stop.check(head.outputs):
             timings = StageTimings(head_ms=head_ms, e2e_ms=head_ms)
-            return started, head, head_ms, InferenceResult(head.outputs, k, False, timings, exited=True)
-        return started, head, head_ms, None
+            return sent, InferenceResult(head.outputs, k, False, timings, exited=True)
+        return sent, None
 
-    def _joined(
-        self,
-        cut: Mapping[str, np.ndarray],
-        head_outputs: Mapping[str, np.ndarray],
-        k: int,
-        started: float,
-        head_ms: float,
-        remote: RemoteResult,
-    ) -> InferenceResult:
+    def _joined(self, sent: Ticket, remote: RemoteResult) -> InferenceResult:
         """The head's outputs and the server's, as one result (a fallback if the server left some out)."""
-        outputs = {**head_outputs, **remote.outputs}
+        outputs = {**sent.head_outputs, **remote.outputs}
         missing = [t.name for t in self.graph.outputs if t.name not in outputs]
         if missing:
             reason = f"server returned no {', '.join(missing)}"
-            return self._fallback(
-                cut, head_outputs, k, started, head_ms, RemoteError(reason, status="INTERNAL")
-            )
-        e2e_ms = (time.perf_counter() - started) * 1000.0
+            return self._fallback(sent, RemoteError(reason, status="INTERNAL"))
+        e2e_ms = (time.perf_counter() - sent.started) * 1000.0
         timings = StageTimings(
-            head_ms=head_ms,
+            head_ms=sent.head_ms,
             transfer_ms=remote.transfer_ms,
             queue_ms=remote.queue_ms,
             tail_ms=remote.compute_ms,
@@ -399,7 +377,7 @@ class CooperativeRunner:
         )
         return InferenceResult(
             outputs=self._ordered(outputs),
-            split_point=k,
+            split_point=sent.k,
             fallback=False,
             timings=timings,
             bytes_sent=remote.bytes_sent,
@@ -407,15 +385,9 @@ class CooperativeRunner:
             lossy=remote.lossy,
         )
 
-    def _fallback(
-        self,
-        cut: Mapping[str, np.ndarray],
-        head_outputs: Mapping[str, np.ndarray],
-        k: int,
-        started: float,
-        head_ms: float,
-        err: RemoteError,
-    ) -> InferenceResult:
+    def _fallback(self, sent: Ticket, err: RemoteError) -> InferenceResult:
+        """The tail run here, after the server failed ``sent``."""
+        k, started, head_ms = sent.k, sent.started, sent.head_ms
         if err.status in RETRYABLE:
             logger.warning("edge server unavailable, finishing cut %d locally: %s", k, err)
             if self.circuit is not None:
@@ -423,7 +395,7 @@ class CooperativeRunner:
         else:
             logger.error("edge server refused the request, finishing cut %d locally: %s", k, err)
         tail_started = time.perf_counter()
-        tail = self.runner.run_tail(k, cut)
+        tail = self.runner.run_tail(k, sent.cut)
         done = time.perf_counter()
         timings = StageTimings(
             head_ms=head_ms,
@@ -432,7 +404,7 @@ class CooperativeRunner:
             transfer_ms=(tail_started - started) * 1000.0 - head_ms,
         )
         return InferenceResult(
-            outputs=self._ordered({**head_outputs, **tail}),
+            outputs=self._ordered({**sent.head_outputs, **tail}),
             split_point=k,
             fallback=True,
             timings=timings,

@@ -22,6 +22,7 @@ sends the probes through a :class:`~edge.transport.base.TailTransport`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -46,6 +47,9 @@ logger = logging.getLogger(__name__)
 # A payload shorter than this on the wire says little about bandwidth: fixed costs dominate it.
 _MIN_PAYLOAD_MS = 0.5
 _MIN_SIZE_RATIO = 1.5
+_LARGE_BYTES = 16 * 1024
+"""Payloads at least this big are remembered past ``max_age_s``: what the link does with a large
+transfer, beyond the burst a shaper lets small ones through at."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,11 @@ class LinkEstimate:
     offset_ms: float = 0.0
     """Where the fitted line meets zero bytes, less ``rtt_ms``; negative when a shaper's burst lets the
     first bytes through at line rate, so small payloads cost little more than the round trip."""
+    fit_max_bytes: int | None = None
+    """The largest recent payload the estimate rests on; past it, :attr:`beyond_bytes_per_ms` applies."""
+    beyond_bytes_per_ms: float | None = None
+    """Throughput of the large payloads seen (when slower than the fit): a line fitted to small
+    payloads only is not extrapolated to large ones at its own, burst-inflated, rate."""
 
     @property
     def usable(self) -> bool:
@@ -76,6 +85,9 @@ class LinkEstimate:
         """Time on the wire for ``nbytes``, beyond the rtt every request pays."""
         if self.bytes_per_ms is None or self.bytes_per_ms <= 0:
             return float("inf")
+        limit, beyond = self.fit_max_bytes, self.beyond_bytes_per_ms
+        if limit is not None and beyond is not None and beyond > 0 and nbytes > limit:
+            return max(0.0, self.offset_ms + limit / self.bytes_per_ms) + (nbytes - limit) / beyond
         return max(0.0, self.offset_ms + nbytes / self.bytes_per_ms)
 
     def as_dict(self) -> dict[str, object]:
@@ -86,6 +98,10 @@ class LinkEstimate:
             "offset_ms": round(self.offset_ms, 4),
             "samples": self.samples,
             "method": self.method,
+            "beyond_bytes": self.fit_max_bytes if self.beyond_bytes_per_ms is not None else None,
+            "beyond_mbit_s": None
+            if self.beyond_bytes_per_ms is None
+            else round(self.beyond_bytes_per_ms * 0.008, 4),
         }
 
 
@@ -113,6 +129,7 @@ class LinkEstimator:
         self._clock = clock
         self._transfers: deque[tuple[float, int, float]] = deque(maxlen=window)
         self._rtts: deque[tuple[float, float]] = deque(maxlen=8)
+        self._large: deque[tuple[int, float]] = deque(maxlen=8)
         self._bytes_per_ms: float | None = None
         self._offset_ms = 0.0
         self.last_sample_at = -float("inf")
@@ -123,6 +140,8 @@ class LinkEstimator:
             return
         now = self._clock()
         self._transfers.append((now, int(nbytes), float(transfer_ms)))
+        if nbytes >= _LARGE_BYTES:
+            self._large.append((int(nbytes), float(transfer_ms)))
         self.last_sample_at = now
 
     def observe_rtt(self, rtt_ms: float) -> None:
@@ -139,6 +158,20 @@ class LinkEstimator:
         return [ms for _, ms in self._rtts]
 
     def estimate(self) -> LinkEstimate:
+        estimate = self._estimate()
+        now = self._clock()
+        sizes = [b for t, b, _ in self._transfers if now - t <= self.max_age_s]
+        seen = max(sizes, default=0)
+        if not estimate.usable or seen >= _LARGE_BYTES or not self._large:
+            return estimate
+        rates = [
+            b / (ms - estimate.rtt_ms) for b, ms in self._large if ms - estimate.rtt_ms >= _MIN_PAYLOAD_MS
+        ]
+        if not rates or statistics.median(rates) >= (estimate.bytes_per_ms or 0.0):
+            return estimate
+        return dataclasses.replace(estimate, fit_max_bytes=seen, beyond_bytes_per_ms=statistics.median(rates))
+
+    def _estimate(self) -> LinkEstimate:
         now = self._clock()
         fresh = [(b, ms) for t, b, ms in self._transfers if now - t <= self.max_age_s]
         probes = [ms for t, ms in self._rtts if now - t <= self.max_age_s] or [ms for _, ms in self._rtts]

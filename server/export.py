@@ -40,7 +40,7 @@ def write_mlserver(
     *,
     cuts: Sequence[int] = (),
     name: str | None = None,
-    parallel_workers: int = 1,
+    parallel_workers: int = 0,
     max_batch_size: int = 1,
     max_batch_time_ms: float = 1.0,
     backend: str = "litert",

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,3 +106,14 @@ def slow_device_profile(runner: ModelRunner, cache: Path, factor: float) -> None
         measured.warmup,
     )
     path.write_text(slow.to_json())
+
+
+def same_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]) -> bool:
+    """The same output names, and each array equal to the last bit."""
+    return set(got) == set(want) and all(np.array_equal(got[k], v) for k, v in want.items())
+
+
+def whole_model_outputs(graph: ModelGraph, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """What the whole model gives for each of ``feeds``, run here."""
+    with ModelRunner(graph) as whole:
+        return [whole.run(f) for f in feeds]

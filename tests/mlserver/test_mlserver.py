@@ -1,7 +1,8 @@
 """Tails on a real MLServer: ``edge export mlserver``, ``mlserver start`` in a subprocess, the device.
 
 MLServer runs from its own venv (``tests/run.sh`` makes ``.venv-mlserver``: MLServer 1.7.1 wants
-protobuf < 7); the device side runs here. Covered, at ``parallel_workers`` 1 and 2:
+protobuf < 7); the device side runs here. Covered, at ``parallel_workers`` 0 (in MLServer's own
+process), 1 and 2:
 - every cut of every shipped digits model through the runtime, bit for bit against the whole model;
 - the tails exported under their own names (digits_resnet@8, @12), batched by MLServer
   (max_batch_size 4), pipelined: bit for bit, and batches of more than one were run;
@@ -39,7 +40,7 @@ from edge.policy import make_policy
 from edge.runner import ModelRunner
 from edge.transport import TailClient
 from edge.transport.base import ping, tail_profile
-from helpers import MLSERVER, free_port, seeded_inputs, slow_device_profile
+from helpers import MLSERVER, free_port, same_outputs, seeded_inputs, slow_device_profile
 from server.export import write_mlserver
 
 DIGITS = ["digits_resnet", "digits_resnet_exit", "digits_resnet_f32", "digits_tiny"]
@@ -113,7 +114,7 @@ def export(folder: Path, workers: int) -> None:
         )
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["workers-1", "workers-2"])
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=["in-process", "workers-1", "workers-2"])
 def mlserver(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLServer]:
     folder = tmp_path_factory.mktemp(f"mlserver-{request.param}")
     export(folder, request.param)
@@ -123,10 +124,6 @@ def mlserver(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         yield server
     finally:
         server.stop()
-
-
-def _same(result: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> bool:
-    return set(result) == set(expected) and all(np.array_equal(result[k], v) for k, v in expected.items())
 
 
 @pytest.mark.parametrize("name", DIGITS)
@@ -143,7 +140,7 @@ def test_every_cut_through_mlserver_is_bit_identical(
             device.policy = FixedSplit(k)
             result = device.infer(feeds)
             assert not result.fallback, f"cut {k}: {result.fallback_reason}"
-            assert _same(result.outputs, expected), f"{name} cut {k}"
+            assert same_outputs(result.outputs, expected), f"{name} cut {k}"
             assert result.remote is not None and result.remote.compute_ms > 0
             assert wire.QUEUE_US in result.remote.parameters
 
@@ -160,7 +157,7 @@ def test_tails_under_their_own_names_are_batched_and_bit_identical(
         with CooperativeRunner(ModelRunner(graph), client, model_name="digits_resnet", policy=k) as device:
             results = list(pipelined(device, feeds, 8))
         assert [r.fallback_reason for r in results if r.fallback] == []
-        assert all(_same(r.outputs, e) for r, e in zip(results, expected, strict=True)), k
+        assert all(same_outputs(r.outputs, e) for r, e in zip(results, expected, strict=True)), k
         assert {r.remote.parameters.get(wire.SPLIT_POINT) for r in results if r.remote} == {k}
         batched = [int(r.remote.parameters.get(wire.BATCH_SIZE, 1)) for r in results if r.remote]
         assert max(batched) > 1, f"cut {k}: no request ran in a batch ({batched})"
@@ -179,7 +176,7 @@ def test_stream_and_unary_give_the_same_outputs(
         for _ in range(3):
             result = device.infer(feeds)
             assert not result.fallback, result.fallback_reason
-            assert _same(result.outputs, expected)
+            assert same_outputs(result.outputs, expected)
         assert not client.streaming  # MLServer's stream answers with ModelInferResponse: unary from then on
 
 
@@ -241,7 +238,7 @@ def test_auto_split_offloads_through_mlserver(
     assert any(r.split_point < n and not r.fallback for r in results), [
         (r.split_point, r.fallback_reason) for r in results
     ]
-    assert all(_same(r.outputs, expected) for r in results)
+    assert all(same_outputs(r.outputs, expected) for r in results)
 
 
 def test_the_device_finishes_locally_when_mlserver_is_killed(
@@ -262,6 +259,6 @@ def test_the_device_finishes_locally_when_mlserver_is_killed(
             server.kill()
             after = device.infer(feeds)
             assert after.fallback
-            assert _same(before.outputs, expected) and _same(after.outputs, expected)
+            assert same_outputs(before.outputs, expected) and same_outputs(after.outputs, expected)
     finally:
         server.stop()

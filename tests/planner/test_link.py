@@ -158,3 +158,37 @@ def test_token_bucket_burst_becomes_a_negative_offset(mbit, burst):
         truth = max(0, nbytes - burst) / rate
         # Within 10% or 1 ms; counting the burst as round trip instead would be off by burst / rate.
         assert abs(e.transfer_ms(nbytes) - truth) <= max(1.0, 0.1 * truth)
+
+
+def test_a_line_fitted_to_small_payloads_is_not_extrapolated_past_the_large_ones_seen():
+    """A shaper's burst lets small payloads through at line rate: fitted on those alone, the line
+    claims a fast link, and a 150 KB cut would look cheap (the planner once chose it at 1 Mbit/s
+    and took 1.25 s a request). Past the largest recent payload, the large payloads' rate applies."""
+    clock = Clock()
+    est = LinkEstimator(max_age_s=30.0, clock=clock)
+    est.observe_rtt(6.0)
+    for nbytes in (32_000, 100_000, 150_000):
+        est.observe_transfer(nbytes, transfer(nbytes, 1.0, 6.0))  # the probes at connect: 1 Mbit/s
+    clock.now = 100.0  # those have aged out of the fit; only small requests since, through the burst
+    est.observe_rtt(6.0)
+    for i in range(12):
+        nbytes = (1_500, 2_400, 3_000)[i % 3]
+        est.observe_transfer(nbytes, 6.0 + nbytes / 1_000_000)  # nearly flat: the bucket's burst
+    e = est.estimate()
+    assert e.fit_max_bytes == 3_000
+    assert e.beyond_bytes_per_ms == pytest.approx(125.0, rel=0.01)  # 1 Mbit/s
+    assert e.transfer_ms(150_000) > 1_100  # at 1 Mbit/s, not the burst's rate
+    assert e.transfer_ms(2_400) < 1  # within what was seen, the fit stands
+
+
+def test_large_payloads_as_fast_as_the_fit_change_nothing():
+    clock = Clock()
+    est = LinkEstimator(max_age_s=30.0, clock=clock)
+    for nbytes in (32_000, 64_000):
+        est.observe_transfer(nbytes, transfer(nbytes, 100.0, 1.0))
+    clock.now = 100.0
+    for nbytes in (1_000, 4_000, 8_000) * 3:
+        est.observe_transfer(nbytes, transfer(nbytes, 10.0, 1.0))
+    e = est.estimate()
+    assert e.beyond_bytes_per_ms is None
+    assert e.transfer_ms(100_000) == pytest.approx(100_000 / 1_250, rel=0.05)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 from model_builder import slow_conv_model
 from peers import UNARY_MODEL, ForeignStream
@@ -34,24 +33,12 @@ from edge.graph import ModelGraph
 from edge.pipeline import Pipeline, pipelined
 from edge.runner import ModelRunner
 from edge.transport import FailoverClient, TailClient
-from helpers import SHIPPED, free_port, seeded_inputs
+from helpers import SHIPPED, free_port, same_outputs, seeded_inputs, whole_model_outputs
 from server.dataplane import DataPlane
 from server.embedded import BackgroundServer
 from server.repository import ModelRepository
 
 WINDOW = 3
-
-
-def _expected(graph: ModelGraph, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    whole = ModelRunner(graph)
-    try:
-        return [whole.run(f) for f in feeds]
-    finally:
-        whole.close()
-
-
-def _same(result: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> bool:
-    return set(result) == set(expected) and all(np.array_equal(result[k], v) for k, v in expected.items())
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -60,7 +47,7 @@ def test_pipelined_results_are_bit_identical_and_in_order_at_every_cut(
 ) -> None:
     graph = graphs[name]
     feeds = [seeded_inputs(graph, seed) for seed in range(WINDOW + 2)]
-    expected = _expected(graph, feeds)
+    expected = whole_model_outputs(graph, feeds)
     client = TailClient(server.address, timeout_s=30.0)
     with CooperativeRunner(ModelRunner(graph), client, model_name=name, policy=0) as device:
         for k in range(graph.num_operators):
@@ -69,7 +56,7 @@ def test_pipelined_results_are_bit_identical_and_in_order_at_every_cut(
             assert [r.split_point for r in results] == [k] * len(feeds)
             assert not any(r.fallback for r in results), [r.fallback_reason for r in results]
             for i, result in enumerate(results):
-                assert _same(result.outputs, expected[i]), f"{name} cut {k} request {i}"
+                assert same_outputs(result.outputs, expected[i]), f"{name} cut {k} request {i}"
 
 
 def test_the_server_answers_a_stream_as_requests_complete(tmp_path: Path) -> None:
@@ -99,7 +86,7 @@ def test_the_server_answers_a_stream_as_requests_complete(tmp_path: Path) -> Non
 def test_each_request_keeps_its_own_deadline(server: BackgroundServer, graphs: dict[str, ModelGraph]) -> None:
     graph = graphs["mobilenetv2_035"]
     feeds = seeded_inputs(graph, 1)
-    expected = _expected(graph, [feeds])[0]
+    expected = whole_model_outputs(graph, [feeds])[0]
     with TailClient(server.address, timeout_s=30.0) as client:
         params = {wire.MODEL_SHA256: graph.sha256}
         client.infer("mobilenetv2_035", feeds, parameters=params)
@@ -109,10 +96,12 @@ def test_each_request_keeps_its_own_deadline(server: BackgroundServer, graphs: d
         with pytest.raises(RemoteError) as err:
             hasty.result(30)
         assert err.value.status == "DEADLINE_EXCEEDED"
-        assert _same(before.result(30).outputs, expected)
-        assert _same(after.result(30).outputs, expected)
+        assert same_outputs(before.result(30).outputs, expected)
+        assert same_outputs(after.result(30).outputs, expected)
         # The stream is still the same one: a later request is answered on it too.
-        assert _same(client.submit("mobilenetv2_035", feeds, parameters=params).result(30).outputs, expected)
+        assert same_outputs(
+            client.submit("mobilenetv2_035", feeds, parameters=params).result(30).outputs, expected
+        )
 
 
 def test_an_error_answer_fails_only_its_own_request(
@@ -120,7 +109,7 @@ def test_an_error_answer_fails_only_its_own_request(
 ) -> None:
     graph = graphs["digits_resnet"]
     feeds = seeded_inputs(graph, 2)
-    expected = _expected(graph, [feeds])[0]
+    expected = whole_model_outputs(graph, [feeds])[0]
     params = {wire.MODEL_SHA256: graph.sha256}
     with TailClient(server.address, timeout_s=30.0) as client:
         futures = [
@@ -128,17 +117,17 @@ def test_an_error_answer_fails_only_its_own_request(
             client.submit("no_such_model", feeds, parameters=params),
             client.submit("digits_resnet", feeds, parameters=params),
         ]
-        assert _same(futures[0].result(30).outputs, expected)
+        assert same_outputs(futures[0].result(30).outputs, expected)
         with pytest.raises(RemoteError) as err:
             futures[1].result(30)
         assert err.value.status == "NOT_FOUND"
-        assert _same(futures[2].result(30).outputs, expected)
+        assert same_outputs(futures[2].result(30).outputs, expected)
 
 
 def test_requests_in_flight_when_the_server_stops_finish_on_the_device(graphs: dict[str, ModelGraph]) -> None:
     graph = graphs["mobilenetv2_035"]
     feeds = [seeded_inputs(graph, seed) for seed in range(12)]
-    expected = _expected(graph, feeds)
+    expected = whole_model_outputs(graph, feeds)
     srv = BackgroundServer.from_files([models.model_path("mobilenetv2_035")], workers=1)
     srv.start()
     client = TailClient(srv.address, timeout_s=10.0)
@@ -156,7 +145,7 @@ def test_requests_in_flight_when_the_server_stops_finish_on_the_device(graphs: d
             results[tag] = result
     assert sorted(results) == list(range(len(feeds)))
     for i, result in results.items():
-        assert _same(result.outputs, expected[i]), i
+        assert same_outputs(result.outputs, expected[i]), i
     assert any(r.fallback for r in results.values())
 
 
@@ -165,13 +154,13 @@ def test_a_server_without_streaming_gets_concurrent_unary_calls(
 ) -> None:
     graph = graphs[UNARY_MODEL]
     feeds = [seeded_inputs(graph, seed) for seed in range(6)]
-    expected = _expected(graph, feeds)
+    expected = whole_model_outputs(graph, feeds)
     client = TailClient(unary_only_server, timeout_s=10.0)
     with CooperativeRunner(ModelRunner(graph), client, model_name=UNARY_MODEL, policy=6) as device:
         results = list(pipelined(device, feeds, WINDOW))
         assert not client._open_pipe().streaming
     assert not any(r.fallback for r in results), [r.fallback_reason for r in results]
-    assert all(_same(r.outputs, e) for r, e in zip(results, expected, strict=True))
+    assert all(same_outputs(r.outputs, e) for r, e in zip(results, expected, strict=True))
 
 
 def test_a_peer_streaming_other_messages_gets_unary_calls_when_pipelined(
@@ -179,7 +168,7 @@ def test_a_peer_streaming_other_messages_gets_unary_calls_when_pipelined(
 ) -> None:
     graph = graphs["digits_resnet"]
     feeds = [seeded_inputs(graph, seed) for seed in range(6)]
-    expected = _expected(graph, feeds)
+    expected = whole_model_outputs(graph, feeds)
     repository = ModelRepository.from_files([models.model_path("digits_resnet")])
     peer = ForeignStream(DataPlane(repository), "1")
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
@@ -191,7 +180,7 @@ def test_a_peer_streaming_other_messages_gets_unary_calls_when_pipelined(
         with CooperativeRunner(ModelRunner(graph), client, model_name="digits_resnet", policy=6) as device:
             results = list(pipelined(device, feeds, WINDOW))
         assert not any(r.fallback for r in results), [r.fallback_reason for r in results]
-        assert all(_same(r.outputs, e) for r, e in zip(results, expected, strict=True))
+        assert all(same_outputs(r.outputs, e) for r, e in zip(results, expected, strict=True))
         assert peer.streamed <= WINDOW  # what the stream held went again as unary calls, then only those
     finally:
         server.stop(0)
@@ -201,7 +190,7 @@ def test_a_peer_streaming_other_messages_gets_unary_calls_when_pipelined(
 def test_the_window_is_capped_by_the_servers_limit_per_device(graphs: dict[str, ModelGraph]) -> None:
     graph = graphs["digits_resnet"]
     feeds = [seeded_inputs(graph, seed) for seed in range(40)]
-    expected = _expected(graph, feeds)
+    expected = whole_model_outputs(graph, feeds)
     with BackgroundServer.from_files(
         [models.model_path("digits_resnet")], workers=1, max_inflight_per_device=2
     ) as srv:
@@ -212,7 +201,7 @@ def test_the_window_is_capped_by_the_servers_limit_per_device(graphs: dict[str, 
             assert pipeline.window == 2
             results = [r for f in feeds for _, r in pipeline.put(f, 0)] + [r for _, r in pipeline.drain()]
     assert [r.fallback_reason for r in results if r.fallback] == []
-    assert all(_same(r.outputs, e) for r, e in zip(results, expected, strict=True))
+    assert all(same_outputs(r.outputs, e) for r, e in zip(results, expected, strict=True))
 
 
 def test_a_failover_pool_submits_to_the_next_server(
@@ -220,12 +209,12 @@ def test_a_failover_pool_submits_to_the_next_server(
 ) -> None:
     graph = graphs["digits_resnet"]
     feeds = seeded_inputs(graph, 3)
-    expected = _expected(graph, [feeds])[0]
+    expected = whole_model_outputs(graph, [feeds])[0]
     params = {wire.MODEL_SHA256: graph.sha256, wire.SPLIT_POINT: 0}
     down = TailClient(f"127.0.0.1:{free_port()}", timeout_s=2.0)
     with FailoverClient([down, TailClient(server.address, timeout_s=10.0)]) as pool:
         result = pool.submit("digits_resnet", feeds, parameters=params).result(30)
-        assert _same(result.outputs, expected)
+        assert same_outputs(result.outputs, expected)
         assert pool.order()[0] == 1  # the one that failed is tried last now
 
 
@@ -245,4 +234,4 @@ def test_submitting_to_an_unreachable_server_fails_the_future_not_the_caller(
         policy=6,
     ) as device:
         (result,) = pipelined(device, [feeds], 2)
-    assert result.fallback and _same(result.outputs, _expected(graph, [feeds])[0])
+    assert result.fallback and same_outputs(result.outputs, whole_model_outputs(graph, [feeds])[0])

@@ -31,7 +31,13 @@ from edge.graph import ModelGraph
 from edge.policy import make_policy
 from edge.runner import ModelRunner
 from edge.transport import FailoverClient, TailClient
-from helpers import free_port, seeded_inputs, slow_device_profile, wait_for_port
+from helpers import (
+    free_port,
+    same_outputs,
+    seeded_inputs,
+    slow_device_profile,
+    wait_for_port,
+)
 from server.embedded import BackgroundServer
 from server.metrics import ServerMetrics
 
@@ -74,10 +80,6 @@ def _cases(graph: ModelGraph, count: int) -> tuple[list[dict[str, np.ndarray]], 
         return cuts, [runner.run_tail(CUT, c) for c in cuts]
 
 
-def _same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> bool:
-    return set(got) == set(want) and all(np.array_equal(got[k], v) for k, v in want.items())
-
-
 def _pool(addresses: list[str], policy: str, retry_after_s: float = 0.3) -> FailoverClient:
     return FailoverClient(
         [TailClient(a, timeout_s=5.0) for a in addresses],
@@ -95,11 +97,11 @@ def test_round_robin_spreads_drops_a_killed_server_and_takes_it_back(
     params = {wire.MODEL_SHA256: graph.sha256, wire.SPLIT_POINT: CUT}
     with _pool([servers[0].address, servers[1].address, slowed], "round-robin") as pool:
         for cut, want in zip(cuts[:6], expected[:6], strict=True):
-            assert _same(pool.infer(MODEL, cut, parameters=params).outputs, want)
+            assert same_outputs(pool.infer(MODEL, cut, parameters=params).outputs, want)
         assert pool.answered == [2, 2, 2]  # in turn
         servers[1].stop()
         for cut, want in zip(cuts[6:], expected[6:], strict=True):
-            assert _same(pool.infer(MODEL, cut, parameters=params).outputs, want)  # every one answered
+            assert same_outputs(pool.infer(MODEL, cut, parameters=params).outputs, want)  # every one answered
         assert pool.answered[1] == 2 and pool.answered[0] + pool.answered[2] == 10
         assert 1 in pool.order(advance=False)[-1:]  # B is out of the pool, behind the others
         restarted = BackgroundServer.from_files([models.model_path(MODEL)], port=b_port)
@@ -110,7 +112,7 @@ def test_round_robin_spreads_drops_a_killed_server_and_takes_it_back(
                 time.sleep(0.05)  # the probe (every 0.3 s) finds it ready
             before = pool.answered[1]
             for cut, want in zip(cuts[:3], expected[:3], strict=True):
-                assert _same(pool.infer(MODEL, cut, parameters=params).outputs, want)
+                assert same_outputs(pool.infer(MODEL, cut, parameters=params).outputs, want)
             assert pool.answered[1] == before + 1  # back in turn
         finally:
             restarted.stop()
@@ -131,7 +133,7 @@ def test_least_loaded_sends_less_to_a_slow_server(
             if len(futures) >= 8:
                 results.append(futures.pop(0).result(30))
         results += [f.result(30) for f in futures]
-        assert all(_same(r.outputs, e) for r, e in zip(results, expected, strict=True))
+        assert all(same_outputs(r.outputs, e) for r, e in zip(results, expected, strict=True))
         a, b, c = pool.answered
         assert a + b + c == len(cuts)
         assert a > c and b > c, pool.answered  # C (30 ms more a round trip) gets the least
@@ -147,7 +149,7 @@ def test_failover_sends_everything_to_the_first_healthy_server(
     params = {wire.MODEL_SHA256: graph.sha256, wire.SPLIT_POINT: CUT}
     with _pool([slowed, servers[0].address], "failover") as pool:
         for cut, want in zip(cuts, expected, strict=True):
-            assert _same(pool.infer(MODEL, cut, parameters=params).outputs, want)
+            assert same_outputs(pool.infer(MODEL, cut, parameters=params).outputs, want)
         assert pool.answered == [5, 0]
 
 
@@ -170,7 +172,7 @@ def test_one_address_naming_two_servers_is_balanced_by_grpc(graphs: dict[str, Mo
         with TailClient(f"ipv4:127.0.0.1:{port},127.0.0.2:{port}", timeout_s=5.0, balance=True) as client:
             assert not client.streaming
             for cut, want in zip(cuts, expected, strict=True):
-                assert _same(client.infer(MODEL, cut, parameters=params).outputs, want)
+                assert same_outputs(client.infer(MODEL, cut, parameters=params).outputs, want)
         labels = {"model": MODEL, "cut": str(CUT), "status": "OK"}
         served = [m.registry.get_sample_value("edge_requests_total", labels) or 0 for m in metrics]
         assert all(count >= 3 for count in served), served
