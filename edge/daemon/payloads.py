@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -115,7 +116,7 @@ def _decode_json(
         raise PayloadError(
             f"the JSON is nested deeper than {limits.max_json_depth} levels", message_id=prop_id
         ) from err
-    if _depth(doc, limits.max_json_depth + 1) > limits.max_json_depth:
+    if _nesting(payload, doc, limits.max_json_depth + 1) > limits.max_json_depth:
         raise PayloadError(
             f"the JSON is nested deeper than {limits.max_json_depth} levels", message_id=prop_id
         )
@@ -156,6 +157,29 @@ def _json_feeds(data: dict[str, Any], inputs: Sequence[TensorInfo]) -> dict[str,
     if missing:
         raise TensorFormatError(f'"data" lacks input(s) {", ".join(missing)}')
     return {name: _json_array(data[name], tensor) for name, tensor in by_name.items()}
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _nesting(payload: bytes, doc: Any, stop: int) -> int:
+    """How deeply arrays and objects nest in a parsed JSON payload, counted up to ``stop``: from its
+    text's brackets outside strings when it is ASCII (a scan in C, where walking a thousand numbers
+    one by one cost the daemon a fifth of its time), else by walking ``doc``."""
+    if not payload.isascii():
+        return _depth(doc, stop)
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub(b'""', payload)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest >= stop:
+                    return deepest
+        else:
+            depth -= 1
+    return deepest
 
 
 def _depth(value: Any, stop: int) -> int:

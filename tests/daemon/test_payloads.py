@@ -12,7 +12,7 @@ from PIL import Image
 
 from edge import models
 from edge.daemon.config import SensorConfig
-from edge.daemon.payloads import PayloadError, decode, fallback_id
+from edge.daemon.payloads import PayloadError, _depth, _nesting, decode, fallback_id
 from edge.graph import ModelGraph, TensorInfo
 from edge.preprocess import quantize
 
@@ -256,3 +256,25 @@ def test_fuzzed_payloads_decode_or_raise_payload_error_only() -> None:
                 assert decoded.feeds[INPUT.name].shape == INPUT.shape
                 outcomes["decoded"] += 1
     assert sum(outcomes.values()) == 3000 and outcomes["refused"] > 0
+
+
+def _random_json(rng: np.random.Generator, depth: int) -> object:
+    kind = rng.integers(0, 5) if depth < 6 else rng.integers(3, 5)
+    if kind == 0:
+        return [_random_json(rng, depth + 1) for _ in range(rng.integers(0, 4))]
+    if kind == 1:
+        return {f"k{i}[{{": _random_json(rng, depth + 1) for i in range(rng.integers(0, 3))}
+    if kind == 2:
+        return ['"]}[{\\', "\\\\", 'x\\"[[', "é[{"][int(rng.integers(0, 4))]
+    if kind == 3:
+        return float(rng.standard_normal())
+    return int(rng.integers(-5, 5))
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_the_text_scan_of_nesting_agrees_with_walking_the_document(seed: int) -> None:
+    """Brackets inside strings, escaped quotes and backslashes included; ASCII and not."""
+    doc = _random_json(np.random.default_rng(seed), 0)
+    for ensure_ascii in (True, False):
+        text = json.dumps(doc, ensure_ascii=ensure_ascii).encode()
+        assert _nesting(text, doc, 99) == _depth(doc, 99), text[:200]
