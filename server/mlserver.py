@@ -53,11 +53,9 @@ __all__ = ["EdgeRuntime", "EdgeRuntimeError"]
 logger = logging.getLogger(__name__)
 
 
-_HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 422}
-"""HTTP status by gRPC status name, as MLServer maps them back; anything else is 500 (INTERNAL)
-or, for statuses MLServer has no mapping for, 503."""
-
-_PASSED_THROUGH = {"INTERNAL": 500}
+_HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 422, "INTERNAL": 500}
+"""HTTP status by gRPC status name, as MLServer maps them back; the statuses MLServer has no mapping
+for (RESOURCE_EXHAUSTED, UNAVAILABLE, ...) are 503, which it reports as UNKNOWN."""
 
 _OUR_PARAMETERS = (wire.SPLIT_POINT, wire.MODEL_SHA256, wire.PING, wire.PROFILE)
 
@@ -76,7 +74,7 @@ class EdgeRuntimeError(MLServerError):
 
 def _error(err: EdgeError) -> EdgeRuntimeError:
     name = status_name(err)
-    code = _HTTP_STATUS.get(name) or _PASSED_THROUGH.get(name, 503)
+    code = _HTTP_STATUS.get(name, 503)
     return EdgeRuntimeError(f"{name}: {err}", code)
 
 
@@ -206,7 +204,7 @@ class EdgeRuntime(MLModel):
             model_name=self.name,
             model_version=self.version,
             id=payload.id,
-            parameters=Parameters(**{k: v for k, v in first.parameters.items()}),
+            parameters=Parameters(**first.parameters),
             outputs=outputs,
         )
 

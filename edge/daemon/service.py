@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ..cascade import CascadeResult, Router, escalated
-from ..cooperative import CooperativeRunner, Ticket
+from ..cooperative import CooperativeRunner, InferenceResult, Ticket
 from ..errors import EdgeError
 from ..stats import summary
 from ..systemd import notify, watchdog_interval
@@ -383,7 +383,7 @@ class Daemon:
             except Exception as err:
                 entry.failure = err
             else:
-                entry.routed = escalated(result, self.plan.graph.outputs, 1.0, 0.0)
+                entry.routed = self._routed(result)
         self._guarded(entry.item, self._complete, entry)
         self._last_progress = time.monotonic()
 
@@ -403,7 +403,11 @@ class Daemon:
         """Through the cascade when the profile has one; else the model's cooperative path."""
         if self.cascade is not None:
             return self.cascade.infer(feeds, request_id=message_id)
-        return escalated(self.device.infer(feeds, request_id=message_id), self.plan.graph.outputs, 1.0, 0.0)
+        return self._routed(self.device.infer(feeds, request_id=message_id))
+
+    def _routed(self, result: InferenceResult) -> CascadeResult:
+        """A result of the model's cooperative path, as the answer of a profile without a cascade."""
+        return escalated(result, self.plan.graph.outputs, 1.0, 0.0)
 
     def _refuse(
         self, item: _Inbound, given_id: str | None, problem: str, *, message_id: str | None = None

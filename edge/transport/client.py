@@ -34,7 +34,7 @@ from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb, pb_grpc
 from .base import RemoteResult
 from .loops import finish_tasks, retire
-from .pipe import Pipe
+from .pipe import Pipe, read_answer
 
 __all__ = ["TLSOptions", "TailClient", "read_token"]
 
@@ -114,6 +114,30 @@ class _Lane:
             self.stream = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Traits:
+    """What a server's metadata extensions say about it."""
+
+    codecs: tuple[str, ...]
+    """The codecs it decodes."""
+    packed: bool
+    """It takes, and answers with, packed tensors (:mod:`edge.packed`)."""
+    cut_models: frozenset[str]
+    """``NAME@K``: the tails it serves under a name of their own."""
+    stream_window: int | None
+    """The requests one stream may hold; None when it names none."""
+
+    @classmethod
+    def of(cls, extensions: tuple[str, ...]) -> _Traits:
+        prefix = wire.CUT_MODEL_PREFIX
+        return cls(
+            codecs=compression.offered(extensions),
+            packed=packed.EXTENSION in extensions,
+            cut_models=frozenset(e[len(prefix) :] for e in extensions if e.startswith(prefix)),
+            stream_window=wire.stream_window(extensions),
+        )
+
+
 class TailClient:
     """Talks to one edge server; a :class:`~edge.transport.base.TailTransport`.
 
@@ -148,8 +172,7 @@ class TailClient:
             )
         self.codec = codec
         """Lossless codec for the tensors sent, once the server says it decodes it (else raw)."""
-        self._server_codecs: tuple[str, ...] | None = None
-        self._server_extensions: tuple[str, ...] | None = None
+        self._traits_read: _Traits | None = None
         self._pipe: Pipe | None = None
         self._metadata: tuple[tuple[str, str], ...] | None = (
             (("authorization", f"Bearer {token}"),) if token else None
@@ -219,7 +242,7 @@ class TailClient:
     def max_inflight(self) -> int | None:
         """The requests the server lets one stream hold (its metadata's stream window); None when it
         names none. Raises RemoteError when the server cannot be asked."""
-        return wire.stream_window(self._extensions())
+        return self._traits().stream_window
 
     def _request(
         self,
@@ -240,11 +263,11 @@ class TailClient:
             else:
                 lossy = any(t.parameters.get(wire.ENCODING) == codec for t in tensors)
         bytes_sent = sum(t.nbytes for t in tensors)
-        extensions = self._extensions()
-        if packed.EXTENSION in extensions:
+        traits = self._traits()
+        if traits.packed:
             tensors = tuple(packed.pack(t) for t in tensors)
         cut = params.get(wire.SPLIT_POINT)
-        if isinstance(cut, int) and f"{wire.CUT_MODEL_PREFIX}{model}@{cut}" in extensions:
+        if traits.cut_models and isinstance(cut, int) and f"{model}@{cut}" in traits.cut_models:
             model = f"{model}@{cut}"  # the tail of this cut has a name of its own there (batched)
         request = InferRequest(model_name=model, inputs=tensors, parameters=params, id=request_id)
 
@@ -270,18 +293,23 @@ class TailClient:
 
         return converters.infer_request_to_pb(request), finish
 
-    def _extensions(self) -> tuple[str, ...]:
-        """The server's metadata extensions, asked once (a failure is the caller's RemoteError)."""
-        if self._server_extensions is None:
+    def _traits(self) -> _Traits:
+        """What the server's metadata says of it, asked once (a failure is the caller's RemoteError)."""
+        if self._traits_read is None:
             try:
                 reply = self._unary_call("ServerMetadata", pb.ServerMetadataRequest(), None)
             except RemoteError as err:
                 if err.status != "UNIMPLEMENTED":
                     raise
-                self._server_extensions = ()  # a peer without it lists nothing: plain tensors, raw
+                extensions: tuple[str, ...] = ()  # a peer without it lists nothing: plain tensors, raw
             else:
-                self._server_extensions = tuple(reply.extensions)
-        return self._server_extensions
+                extensions = tuple(reply.extensions)
+            self._traits_read = _Traits.of(extensions)
+            if self.codec != "raw" and self.codec not in self._traits_read.codecs:
+                logger.warning(
+                    "edge server %s does not decode %s; sending raw tensors", self.address, self.codec
+                )
+        return self._traits_read
 
     def _open_pipe(self) -> Pipe:
         with self._lock:
@@ -297,17 +325,11 @@ class TailClient:
             return self._pipe
 
     def _codec(self) -> str:
-        """``codec`` if the server lists it among the codecs it decodes; raw otherwise (an older server)."""
+        """``codec`` if the server lists it among the codecs it decodes; raw otherwise (an older server).
+        A failure to ask is the request's failure too: RemoteError, and the caller falls back."""
         if self.codec == "raw":
             return "raw"
-        if self._server_codecs is None:
-            # A failure here is the request's failure too: RemoteError, and the caller falls back.
-            self._server_codecs = compression.offered(self._extensions())
-            if self.codec not in self._server_codecs:
-                logger.warning(
-                    "edge server %s does not decode %s; sending raw tensors", self.address, self.codec
-                )
-        return self.codec if self.codec in self._server_codecs else "raw"
+        return self.codec if self.codec in self._traits().codecs else "raw"
 
     def ready(self, timeout_s: float | None = None) -> bool:
         try:
@@ -464,25 +486,13 @@ class TailClient:
             lane.stream = None
             status = await self._ended(stream)
             raise RemoteError(f"{status}: edge server {self.address} ended the stream", status=status)
-        if not isinstance(reply, pb.ModelStreamInferResponse):
-            # gRPC hands back None when the bytes do not parse as our message (MLServer's stream
-            # answers with ModelInferResponse, for one). The stream is of no use with this peer.
+        answer = read_answer(reply)
+        if answer.foreign is not None:  # the stream is of no use with this peer (MLServer's, for one)
             lane.drop_stream()
-            raise _NoStreamingError("its ModelStreamInfer answers cannot be read")
-        if reply.error_message:
-            status, detail = converters.stream_error_from_pb(reply.error_message)
-            if (
-                status == "UNKNOWN"
-                and not reply.HasField("infer_response")
-                and converters.stream_answer_is_foreign(reply)
-            ):
-                lane.drop_stream()
-                raise _NoStreamingError("its ModelStreamInfer answers are not ModelStreamInferResponse")
-            raise RemoteError(f"{status}: {detail}", status=status)
-        if not reply.HasField("infer_response"):
-            lane.drop_stream()
-            raise _NoStreamingError("its ModelStreamInfer answers carry no infer_response")
-        return reply.infer_response
+            raise _NoStreamingError(answer.foreign)
+        if answer.error is not None:
+            raise answer.error
+        return answer.response
 
     @staticmethod
     async def _ended(stream: Any) -> str:

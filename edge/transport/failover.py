@@ -233,10 +233,9 @@ class FailoverClient:
         """Indices of the servers in the order the next request tries them: the healthy ones in the
         policy's order, then those that failed, oldest failure first. ``advance`` False leaves
         round robin's turn where it is (a look, not a request)."""
-        now = self._clock()
         with self._lock:
             if self.retry_after_s <= 0:  # nothing probes: a failed server comes back at once
-                self._failed_at = {i: t for i, t in self._failed_at.items() if now - t < self.retry_after_s}
+                self._failed_at.clear()
             failed = dict(self._failed_at)
             healthy = [i for i in range(len(self.clients)) if i not in failed]
             if self.policy == "round-robin" and healthy:

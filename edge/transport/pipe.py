@@ -36,7 +36,7 @@ from ..protocol import converters, pb, pb_grpc
 from .base import RemoteResult
 from .loops import finish_tasks, retire
 
-__all__ = ["MAX_PENDING", "Pipe"]
+__all__ = ["MAX_PENDING", "Answer", "Pipe", "read_answer"]
 
 logger = logging.getLogger(__name__)
 
@@ -229,25 +229,16 @@ class Pipe:
 
     def _answer(self, stream: _Stream, reply: Any) -> bool:
         """Settle the request ``reply`` answers; False when the stream is of no use with this peer."""
-        if not isinstance(reply, pb.ModelStreamInferResponse):
-            self._no_streaming(stream, "its ModelStreamInfer answers cannot be read")
+        answer = read_answer(reply)
+        if answer.foreign is not None:
+            self._no_streaming(stream, answer.foreign)
             return False
-        has_response = reply.HasField("infer_response")
-        if reply.error_message:
-            status, detail = converters.stream_error_from_pb(reply.error_message)
-            if status == "UNKNOWN" and not has_response and converters.stream_answer_is_foreign(reply):
-                self._no_streaming(stream, "its ModelStreamInfer answers are not ModelStreamInferResponse")
-                return False
-            wire_id = self._match(stream, reply.infer_response.id if has_response else "")
-            if wire_id is not None:
-                self._fail(wire_id, RemoteError(f"{status}: {detail}", status=status))
-            return True
-        if not has_response:
-            self._no_streaming(stream, "its ModelStreamInfer answers carry no infer_response")
-            return False
-        wire_id = self._match(stream, reply.infer_response.id)
+        wire_id = self._match(stream, answer.request_id)
         if wire_id is not None:
-            self._settle(wire_id, reply.infer_response)
+            if answer.error is not None:
+                self._fail(wire_id, answer.error)
+            else:
+                self._settle(wire_id, answer.response)
         return True
 
     def _match(self, stream: _Stream, wire_id: str) -> str | None:
@@ -370,6 +361,35 @@ class Pipe:
             task.cancel()
         await self._channel.close()
         await finish_tasks()  # gRPC's per-call status tasks among them
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One ModelStreamInfer answer, read: the request it answers (its id, "" when the peer gave none)
+    and its ModelInferResponse or its error; or, in ``foreign``, why this peer's stream cannot be
+    read as ours (it answers with another message, as MLServer does)."""
+
+    request_id: str = ""
+    response: Any = None
+    error: RemoteError | None = None
+    foreign: str | None = None
+
+
+def read_answer(reply: Any) -> Answer:
+    """Read one stream answer, as both the one-at-a-time client and the pipe do."""
+    if not isinstance(reply, pb.ModelStreamInferResponse):
+        # gRPC hands back None when the bytes do not parse as our message.
+        return Answer(foreign="its ModelStreamInfer answers cannot be read")
+    has_response = reply.HasField("infer_response")
+    request_id = reply.infer_response.id if has_response else ""
+    if reply.error_message:
+        status, detail = converters.stream_error_from_pb(reply.error_message)
+        if status == "UNKNOWN" and not has_response and converters.stream_answer_is_foreign(reply):
+            return Answer(foreign="its ModelStreamInfer answers are not ModelStreamInferResponse")
+        return Answer(request_id, error=RemoteError(f"{status}: {detail}", status=status))
+    if not has_response:
+        return Answer(foreign="its ModelStreamInfer answers carry no infer_response")
+    return Answer(request_id, response=reply.infer_response)
 
 
 def _set(
