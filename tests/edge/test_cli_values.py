@@ -112,9 +112,37 @@ def test_addresses_that_parse(text: str, expected: tuple[str, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "text",
-    ["", "host:", ":8001", "127.0.0.1:99999", "127.0.0.1:0", "::1", "[::1", "[::1]x", "a b:1", "h:0x10"],
+    ("text", "expected"),
+    [
+        ("dns:///edge.local:9000", "dns:///edge.local:9000"),
+        ("dns:edge.local", "dns:///edge.local:8001"),
+        ("dns://10.0.0.2/edge.local:9000", "dns://10.0.0.2/edge.local:9000"),
+        ("ipv4:127.0.0.1:5,127.0.0.2", "ipv4:127.0.0.1:5,127.0.0.2:8001"),
+        ("ipv6:[::1]:5", "ipv6:[::1]:5"),
+    ],
 )
+def test_grpc_targets_naming_several_servers(text: str, expected: str) -> None:
+    assert normalize(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "", "host:", ":8001", "127.0.0.1:99999", "127.0.0.1:0", "::1", "[::1", "[::1]x", "a b:1", "h:0x10",
+        "ipv4:", "ipv4:,", "ipv4:127.0.0.1:0", "dns:///", "dns:///a b:1", "ipv4:" + "1.2.3.4:5," * 200,
+    ],
+)  # fmt: skip
 def test_addresses_that_do_not(text: str) -> None:
     with pytest.raises(ConfigError):
         normalize(text)
+
+
+@pytest.mark.parametrize(
+    ("cuts", "needle"),
+    [("99", "cuts must be 0..16"), ("-1", "cuts must be 0..16"), ("8,x", "expected cut indices")],
+    ids=["out-of-range", "negative", "not-a-number"],
+)
+def test_export_refuses_bad_cuts_in_one_line(cuts: str, needle: str, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    proc = _run("export", "mlserver", "digits_resnet", "--cuts", cuts, "--out", str(out))
+    _assert_one_line(proc, "edge", needle)

@@ -10,7 +10,7 @@ process), 1 and 2:
   calls both give the same outputs;
 - a stock client (tritonclient, plain INT8 tensors, no packing) gets the same outputs too;
 - the same errors as edge-server: a wrong model_sha256 is FAILED_PRECONDITION, a bad cut
-  INVALID_ARGUMENT, an unknown model NOT_FOUND;
+  INVALID_ARGUMENT, an unknown model NOT_FOUND, and a malformed packed tensor INVALID_ARGUMENT;
 - ``--split-at auto`` offloads through it (it answers profile and ping), with a device
   profile cached 1,000 times slower (digits_resnet takes 0.07 ms here: 70 ms then);
 - MLServer killed: the device finishes locally, with identical outputs.
@@ -212,6 +212,22 @@ def test_errors_keep_edge_servers_status(mlserver: MLServer, graphs: dict[str, M
             with pytest.raises(RemoteError) as err:
                 client.infer(model, cut, parameters=params)
             assert err.value.status == status, err.value
+
+
+def test_a_malformed_packed_tensor_is_invalid_argument(
+    mlserver: MLServer, graphs: dict[str, ModelGraph]
+) -> None:
+    graph = graphs["digits_resnet"]
+    with ModelRunner(graph) as runner:
+        (name,) = dict(runner.run_head(8, seeded_inputs(graph, 1)).cut)
+    client = triton.InferenceServerClient(mlserver.address)
+    tensor = triton.InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([b"EDG1 not a header"], dtype=np.object_))
+    with pytest.raises(triton.InferenceServerException) as err:
+        client.infer("digits_resnet", [tensor], parameters={"split_point": 8, "model_sha256": graph.sha256})
+    client.close()
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value
+    assert "packed tensor" in err.value.message()
 
 
 def test_auto_split_offloads_through_mlserver(
