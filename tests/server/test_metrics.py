@@ -36,22 +36,27 @@ def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_count_what_the_server_did(tmp_path: Path, graphs: dict) -> None:
     (tmp_path / f"{MODEL}.tflite").write_bytes(models.model_path(MODEL).read_bytes())
-    port = free_port()
     log = (tmp_path / "server.log").open("w+")
+    # Port 0 for both, read back from the log: a port picked free beforehand can be taken meanwhile.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--models", str(tmp_path), "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "server", "--models", str(tmp_path), "--host", "127.0.0.1", "--port", "0",
          "--metrics-port", "0"],
         stdout=log, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        url = None
-        while url is None and time.monotonic() < deadline:
+        url = port = None
+        while (url is None or port is None) and time.monotonic() < deadline and proc.poll() is None:
             log.seek(0)
-            found = re.search(r"metrics on (http://\S+/metrics)", log.read())
+            text = log.read()
+            found = re.search(r"metrics on (http://\S+/metrics)", text)
             url = found.group(1) if found else None
+            listening = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
+            port = int(listening.group(1)) if listening else None
             time.sleep(0.05)
-        assert url is not None, "the server did not say where its metrics are"
+        log.seek(0)
+        assert url is not None, f"the server did not say where its metrics are: {log.read()[-2000:]}"
+        assert port is not None, f"the server did not say where it listens: {log.read()[-2000:]}"
         graph = graphs[MODEL]
         x = seeded_inputs(graph, 0)
         with ModelRunner(graph) as runner:
