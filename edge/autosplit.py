@@ -255,6 +255,12 @@ class AutoSplit:
 
     def observe(self, result: InferenceResult) -> None:
         k = result.split_point
+        if result.broken_cut:
+            # The device's backend cannot run this cut's head: never plan it again.
+            logger.warning("cut %d cannot run on this device; it is no longer planned", k)
+            self._head[k] = math.inf
+            self.replan()
+            return
         if result.fallback:
             self._lost(result.fallback_reason or "fallback")
             return

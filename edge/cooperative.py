@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from . import wire
-from .errors import RemoteError, TensorFormatError
+from .errors import BackendError, ModelMismatchError, RemoteError, TensorFormatError
 from .runner import ModelRunner
 from .transport.base import RETRYABLE, RemoteResult, TailTransport, ping
 from .transport.circuit import Circuit
@@ -75,6 +75,9 @@ class InferenceResult:
     """The head's early exit answered: ``outputs`` holds what the head computed, nothing was sent."""
     lossy: bool = False
     """The cut went through a lossy codec: the outputs may differ from the whole model's."""
+    broken_cut: bool = False
+    """The device could not run its half of this cut (its backend refused it), so it ran the whole
+    model instead: a fallback the server is not to blame for."""
 
     @property
     def offloaded(self) -> bool:
@@ -97,6 +100,7 @@ class Ticket:
 
     done: InferenceResult | None = None
     call: Future[RemoteResult] | None = None
+    inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
     cut: Mapping[str, np.ndarray] = field(default_factory=dict)
     head_outputs: Mapping[str, np.ndarray] = field(default_factory=dict)
     k: int = 0
@@ -223,6 +227,8 @@ class CooperativeRunner:
         assert self.client is not None
         sent, exited = self._head(inputs, k, stop if stop is not None and k >= stop.cut else None)
         if exited is not None:
+            if not exited.exited:
+                self.policy.observe(exited)
             return Ticket(done=exited)
         sent.call = self.client.submit(
             self.model_name,
@@ -351,9 +357,18 @@ class CooperativeRunner:
         """Run the head of cut ``k``: what is to be sent (and kept to finish with), and the result
         when ``stop``'s exit stands (nothing is then sent)."""
         started = time.perf_counter()
-        head = self.runner.run_head(k, inputs)
+        try:
+            head = self.runner.run_head(k, inputs)
+        except (BackendError, ModelMismatchError) as err:
+            reason = f"the head of cut {k} cannot run on {self.runner.backend}: {err}"
+            logger.warning("%s; running the whole model here", reason)
+            local = self._local(inputs, self.graph.num_operators, fallback_reason=reason, stop=stop)
+            local.broken_cut = True
+            return Ticket(inputs=inputs, k=k), local
         head_ms = (time.perf_counter() - started) * 1000.0
-        sent = Ticket(cut=head.cut, head_outputs=head.outputs, k=k, started=started, head_ms=head_ms)
+        sent = Ticket(
+            cut=head.cut, head_outputs=head.outputs, inputs=inputs, k=k, started=started, head_ms=head_ms
+        )
         if stop is not None and stop.check(head.outputs):
             timings = StageTimings(head_ms=head_ms, e2e_ms=head_ms)
             return sent, InferenceResult(head.outputs, k, False, timings, exited=True)
@@ -395,7 +410,12 @@ class CooperativeRunner:
         else:
             logger.error("edge server refused the request, finishing cut %d locally: %s", k, err)
         tail_started = time.perf_counter()
-        tail = self.runner.run_tail(k, sent.cut)
+        try:
+            outputs = {**sent.head_outputs, **self.runner.run_tail(k, sent.cut)}
+        except (BackendError, ModelMismatchError) as tail_err:
+            # The device holds the whole model: when its tail of this cut cannot run, the model can.
+            logger.warning("the tail of cut %d cannot run here (%s); running the whole model", k, tail_err)
+            outputs = self.runner.run(sent.inputs)
         done = time.perf_counter()
         timings = StageTimings(
             head_ms=head_ms,
@@ -404,7 +424,7 @@ class CooperativeRunner:
             transfer_ms=(tail_started - started) * 1000.0 - head_ms,
         )
         return InferenceResult(
-            outputs=self._ordered({**sent.head_outputs, **tail}),
+            outputs=self._ordered(outputs),
             split_point=k,
             fallback=True,
             timings=timings,

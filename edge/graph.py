@@ -1,9 +1,10 @@
 """Read a .tflite flatbuffer and describe its main graph: operators, tensors and every cut.
 
 Cut K (0 <= K <= N) splits the main subgraph's N operators into a head [0, K) and a tail
-[K, N). The tensors that cross cut K are the activations (non-constant tensors) that are
-produced in the head, or are graph inputs, and are consumed in the tail. With residual or
-dense connections several tensors cross one cut.
+[K, N). The tensors that cross cut K are the activations that are produced in the head, or
+are graph inputs, and are consumed in the tail. With residual or dense connections several
+tensors cross one cut. A tensor computed from constants alone (fp16 weights behind
+DEQUANTIZE, sparse ones behind DENSIFY) is a weight, not an activation: it never crosses.
 
 Parsing uses the schema bindings shipped inside ``ai-edge-litert``; no TensorFlow.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -44,16 +46,11 @@ _DTYPES: dict[int, np.dtype] = {
 }
 _TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-# Operators that call other subgraphs; a cut through them would need those subgraphs on both sides.
-_CONTROL_FLOW = {
-    "WHILE",
-    "IF",
-    "CALL",
-    "CALL_ONCE",
-    "STABLEHLO_WHILE",
-    "STABLEHLO_CASE",
-    "STABLEHLO_COMPOSITE",
-}
+# Operators that keep state across invocations (a session initializer, resource variables): the
+# halves of a cut would each hold their own copy of that state.
+_STATEFUL = {"CALL_ONCE", "VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE"}
+# Operators whose outputs differ from run to run even on constant inputs: never weights.
+_NONDETERMINISTIC = {"RANDOM_UNIFORM", "RANDOM_STANDARD_NORMAL", "MULTINOMIAL"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +137,7 @@ class ModelGraph:
         self.operators: tuple[OperatorInfo, ...] = tuple(
             OperatorInfo(
                 index=i,
-                opcode=_opcode_name(self.model.operatorCodes[op.opcodeIndex]),
+                opcode=opcode_name(self.model.operatorCodes[op.opcodeIndex]),
                 inputs=tuple(int(x) for x in (op.inputs or []) if x >= 0),
                 outputs=tuple(int(x) for x in (op.outputs or []) if x >= 0),
             )
@@ -150,6 +147,10 @@ class ModelGraph:
         self.output_indices = tuple(int(i) for i in subgraph.outputs or [])
         self._check_supported()
         self._producer, self._last_use = self._lifetimes()
+        self.computed_weights: frozenset[int] = self._computed_weights()
+        """Tensors computed from constants alone (a DEQUANTIZE of fp16 weights, a DENSIFY of sparse
+        ones, chains of them): weights, not activations. They never cross a cut; their producers go
+        into each half that reads them, where the backend folds them as it does in the whole model."""
         self._cuts: dict[int, Cut] = {}
 
     @classmethod
@@ -210,6 +211,40 @@ class ModelGraph:
             tail_outputs=tuple(self.tensors[t] for t in outputs if self.producer(t) >= k),
         )
 
+    def is_weight(self, tensor: int) -> bool:
+        """A constant, or a tensor computed from constants alone."""
+        return self.tensors[tensor].is_constant or tensor in self.computed_weights
+
+    def weight_operators(self, tensors: Iterable[int]) -> tuple[int, ...]:
+        """The operators that compute the computed weights among ``tensors``, and what they need, in order."""
+        ops: set[int] = set()
+        stack = [t for t in tensors if t in self.computed_weights]
+        while stack:
+            producer = self.producer(stack.pop())
+            if producer >= 0 and producer not in ops:
+                ops.add(producer)
+                stack.extend(t for t in self.operators[producer].inputs if t in self.computed_weights)
+        return tuple(sorted(ops))
+
+    def head_operators(self, k: int) -> tuple[int, ...]:
+        """The operators of the head of cut ``k``: [0, K), less those computing weights only the tail reads."""
+        cut = self.cut(k)
+        needed = {t.index for t in cut.tensors} | {t.index for t in cut.head_outputs}
+        kept: list[int] = []
+        for op in reversed(self.operators[:k]):
+            if all(t in self.computed_weights for t in op.outputs) and needed.isdisjoint(op.outputs):
+                continue
+            kept.append(op.index)
+            needed.update(op.inputs)
+        return tuple(reversed(kept))
+
+    def tail_operators(self, k: int) -> tuple[int, ...]:
+        """The operators of the tail of cut ``k``: [K, N), after those (from the head's side) that compute
+        the weights it reads."""
+        self.cut(k)
+        read = {t for op in self.operators[k:] for t in op.inputs if self.producer(t) < k}
+        return (*self.weight_operators(read), *range(k, self.num_operators))
+
     def cuts(self) -> list[Cut]:
         return [self.cut(k) for k in range(self.num_operators + 1)]
 
@@ -231,7 +266,19 @@ class ModelGraph:
     # -- internals --------------------------------------------------------------------
 
     def _is_activation(self, tensor: int) -> bool:
-        return not self.tensors[tensor].is_constant
+        return not self.is_weight(tensor)
+
+    def _computed_weights(self) -> frozenset[int]:
+        weights: set[int] = set()
+        for op in self.operators:
+            if (
+                op.inputs
+                and op.opcode not in _NONDETERMINISTIC
+                and not op.opcode.startswith("CUSTOM:")
+                and all(self.tensors[t].is_constant or t in weights for t in op.inputs)
+            ):
+                weights.update(op.outputs)
+        return frozenset(weights - set(self.input_indices))
 
     def _order_key(self, tensor: int) -> tuple[int, int]:
         producer = self.producer(tensor)
@@ -252,14 +299,15 @@ class ModelGraph:
         return producer, last_use
 
     def _check_supported(self) -> None:
-        if len(self.model.subgraphs) != 1:
+        # Control flow (WHILE, IF, CALL) is split like any operator: its subgraphs go into both halves.
+        codes = self.model.operatorCodes or []
+        stateful = sorted(
+            {opcode_name(codes[op.opcodeIndex]) for g in self.model.subgraphs for op in g.operators or []}
+            & _STATEFUL
+        )
+        if stateful:
             raise UnsupportedModelError(
-                f"{self.source} has {len(self.model.subgraphs)} subgraphs; only single-graph models can be split"
-            )
-        flow = sorted({op.opcode for op in self.operators} & _CONTROL_FLOW)
-        if flow:
-            raise UnsupportedModelError(
-                f"{self.source} uses control flow ({', '.join(flow)}); such models cannot be split"
+                f"{self.source} keeps state across runs ({', '.join(stateful)}); such models cannot be split"
             )
         variables = [
             t.name
@@ -311,12 +359,40 @@ def _check_references(model: schema.ModelT, source: str, size: int) -> None:
             for t in list(op.inputs or []) + list(op.outputs or []):
                 if t >= n_tensors:
                     raise ModelFormatError(f"{source} is corrupt: operator {i} uses missing tensor {t}")
+            name = opcode_name(model.operatorCodes[op.opcodeIndex])
+            calls = _called_subgraphs(op)
+            if name in _CALLS_SUBGRAPHS and not calls:
+                raise ModelFormatError(
+                    f"{source} is corrupt: operator {i} ({name}) names no subgraph to call"
+                )
+            for called in calls:
+                if not 0 < called < len(model.subgraphs):
+                    raise ModelFormatError(
+                        f"{source} is corrupt: operator {i} ({name}) calls missing subgraph {called}"
+                    )
         for t in list(subgraph.inputs or []) + list(subgraph.outputs or []):
             if not 0 <= t < n_tensors:
                 raise ModelFormatError(f"{source} is corrupt: subgraph {g} names missing tensor {t}")
     for b in model.buffers:
         if b.offset and b.offset + b.size > size:
             raise ModelFormatError(f"{source} is truncated: a buffer ends past the end of the file")
+
+
+_CALLS_SUBGRAPHS = {"WHILE", "IF", "CALL", "CALL_ONCE", "STABLEHLO_WHILE", "STABLEHLO_CASE"}
+
+
+def _called_subgraphs(op: schema.OperatorT) -> list[int]:
+    """The subgraph indices an operator's options name (WHILE's cond and body, IF's branches, ...)."""
+    options = op.builtinOptions
+    if options is None:
+        return []
+    found: list[int] = []
+    for key, value in vars(options).items():
+        if "ubgraph" in key and isinstance(value, int):
+            found.append(value)
+        elif "ubgraph" in key and value is not None and not isinstance(value, (str, bytes)):
+            found.extend(int(v) for v in value)
+    return found
 
 
 def _tensor_info(index: int, t: schema.TensorT, buffers: list[schema.BufferT]) -> TensorInfo:
@@ -342,7 +418,8 @@ def _tensor_info(index: int, t: schema.TensorT, buffers: list[schema.BufferT]) -
     )
 
 
-def _opcode_name(code: schema.OperatorCodeT) -> str:
+def opcode_name(code: schema.OperatorCodeT) -> str:
+    """An operator code's name: the builtin's, or ``CUSTOM:name``."""
     builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
     if builtin == schema.BuiltinOperator.CUSTOM:
         custom = code.customCode

@@ -238,7 +238,7 @@ class LinkProber:
         self.timeout_s = timeout_s
         self.profile_timeout_s = profile_timeout_s
         self.min_payload_ms = min_payload_ms
-        self._sizes = _probe_sizes(graph, max_bytes)
+        self._sizes = _probe_sizes(graph, max_bytes, runner)
         self.probe_cuts = _nearest(self._sizes, (0, payload_bytes // 3, payload_bytes))
         self._feeds: dict[int, dict[str, np.ndarray]] = {}
 
@@ -309,12 +309,19 @@ class LinkProber:
         return self.runner.run_head(k, random_inputs(self.graph, seed=0)).cut
 
 
-def _probe_sizes(graph: ModelGraph, max_bytes: int | None) -> list[tuple[int, int]]:
-    """(bytes, cut) of every cut that sends something to a tail, within ``max_bytes``."""
+def _probe_sizes(
+    graph: ModelGraph, max_bytes: int | None, runner: ModelRunner | None
+) -> list[tuple[int, int]]:
+    """(bytes, cut) of every cut that sends something to a tail, within ``max_bytes``: with a
+    ``runner``, among the cuts its heads may be run at (:func:`edge.profiler.safe_cuts`)."""
+    from .profiler import safe_cuts
+
+    cuts = safe_cuts(graph, runner) if runner is not None else range(graph.num_operators)
     return sorted(
         (graph.cut(k).nbytes, k)
-        for k in range(graph.num_operators)
-        if graph.cut(k).nbytes > 0
+        for k in cuts
+        if k < graph.num_operators
+        and graph.cut(k).nbytes > 0
         and graph.cut(k).tail_outputs
         and (max_bytes is None or graph.cut(k).nbytes <= max_bytes)
     )

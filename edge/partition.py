@@ -105,23 +105,26 @@ def split_model(graph: ModelGraph, k: int) -> Partition:
 def build_head(graph: ModelGraph, cut: Cut) -> bytes:
     """The head of ``cut``: the model's inputs in, the cut tensors and head-computed outputs out."""
     outputs = _unique([t.index for t in cut.tensors] + [t.index for t in cut.head_outputs])
-    return extract_subgraph(graph, range(0, cut.index), list(graph.input_indices), outputs)
+    return extract_subgraph(graph, graph.head_operators(cut.index), list(graph.input_indices), outputs)
 
 
 def build_tail(graph: ModelGraph, cut: Cut) -> bytes:
     """The tail of ``cut``: the cut tensors in, the tail-computed model outputs out."""
     return extract_subgraph(
         graph,
-        range(cut.index, graph.num_operators),
+        graph.tail_operators(cut.index),
         [t.index for t in cut.tensors],
         [t.index for t in cut.tail_outputs],
     )
 
 
-def extract_subgraph(graph: ModelGraph, ops: range, inputs: Sequence[int], outputs: Sequence[int]) -> bytes:
+def extract_subgraph(
+    graph: ModelGraph, ops: Sequence[int], inputs: Sequence[int], outputs: Sequence[int]
+) -> bytes:
     """A standalone .tflite holding operators ``ops`` of ``graph``, with the given graph inputs and outputs.
 
-    Tensor indices are those of ``graph``; the result is renumbered densely.
+    Tensor indices are those of ``graph``; the result is renumbered densely. The model's other
+    subgraphs (the bodies of WHILE, IF and CALL) are kept whole at their own indices.
     """
     model = graph.model
     source = model.subgraphs[0]
@@ -142,24 +145,35 @@ def extract_subgraph(graph: ModelGraph, ops: range, inputs: Sequence[int], outpu
 
     opcode_map: dict[int, int] = {}
     operator_codes: list[schema.OperatorCodeT] = []
-    operators = []
-    for op in src_ops:
+
+    def copy_op(op: schema.OperatorT, tensor_map: dict[int, int] | None) -> schema.OperatorT:
         new_op = copy.copy(op)
         if op.opcodeIndex not in opcode_map:
             opcode_map[op.opcodeIndex] = len(operator_codes)
             operator_codes.append(model.operatorCodes[op.opcodeIndex])
         new_op.opcodeIndex = opcode_map[op.opcodeIndex]
-        new_op.inputs = _remap(op.inputs, tensor_map)
-        new_op.outputs = _remap(op.outputs, tensor_map)
-        new_op.intermediates = _remap(op.intermediates, tensor_map) if op.intermediates else None
-        operators.append(new_op)
+        if tensor_map is not None:
+            new_op.inputs = _remap(op.inputs, tensor_map)
+            new_op.outputs = _remap(op.outputs, tensor_map)
+            new_op.intermediates = _remap(op.intermediates, tensor_map) if op.intermediates else None
+        return new_op
 
     subgraph = schema.SubGraphT()
     subgraph.tensors = tensors
-    subgraph.operators = operators
+    subgraph.operators = [copy_op(op, tensor_map) for op in src_ops]
     subgraph.inputs = [tensor_map[t] for t in inputs]
     subgraph.outputs = [tensor_map[t] for t in outputs]
     subgraph.name = source.name
+    subgraphs = [subgraph]
+    for other in model.subgraphs[1:]:
+        kept_graph = copy.copy(other)
+        kept_graph.tensors = []
+        for t in other.tensors or []:
+            kept = copy.copy(t)
+            kept.buffer = _remap_buffer(model, t.buffer, buffers, buffer_map)
+            kept_graph.tensors.append(kept)
+        kept_graph.operators = [copy_op(op, None) for op in other.operators or []]
+        subgraphs.append(kept_graph)
 
     metadata = []
     for entry in model.metadata or []:
@@ -177,7 +191,7 @@ def extract_subgraph(graph: ModelGraph, ops: range, inputs: Sequence[int], outpu
     out.version = model.version
     out.description = model.description
     out.operatorCodes = operator_codes
-    out.subgraphs = [subgraph]
+    out.subgraphs = subgraphs
     out.buffers = [_AlignedBuffer(b.data) for b in buffers]
     out.metadata = metadata or None
     out.signatureDefs = [signature]

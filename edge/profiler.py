@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import create_backend
-from .errors import EdgeError
+from .errors import BackendError, EdgeError, ModelMismatchError
 from .fileio import write_atomic
 from .graph import ModelGraph
 from .partition import extract_subgraph
@@ -168,6 +168,15 @@ def candidate_cuts(graph: ModelGraph) -> list[int]:
     return [*chosen, n]
 
 
+def safe_cuts(graph: ModelGraph, runner: ModelRunner | None = None) -> list[int]:
+    """The cuts anything may run a head at to measure something (profiles, link probes) or plan:
+    :func:`candidate_cuts`, less those whose head ``runner``'s backend cannot build."""
+    cuts = candidate_cuts(graph)
+    if runner is None:
+        return cuts
+    return [k for k in cuts if runner.half_error("head", k) is None]
+
+
 def operator_costs(
     runner: ModelRunner, activations: Mapping[str, np.ndarray], *, runs: int = 5
 ) -> list[float]:
@@ -177,8 +186,12 @@ def operator_costs(
     graph = runner.graph
     costs = []
     for op in graph.operators:
-        inputs = [i for i in op.inputs if i >= 0 and not graph.tensors[i].is_constant]
-        data = extract_subgraph(graph, range(op.index, op.index + 1), inputs, list(op.outputs))
+        if all(t in graph.computed_weights for t in op.outputs):
+            costs.append(0.0)  # folded into the weights when the model loads: no run-time cost
+            continue
+        inputs = [i for i in op.inputs if not graph.is_weight(i)]
+        ops = (*graph.weight_operators(op.inputs), op.index)
+        data = extract_subgraph(graph, ops, inputs, list(op.outputs))
         feeds = {graph.tensors[i].name: activations[graph.tensors[i].name] for i in inputs}
         try:
             with create_backend(runner.backend, data, threads=runner.threads) as backend:
@@ -246,7 +259,26 @@ def profile_heads(
     feeds = feeds if feeds is not None else random_inputs(graph, seed=0)
     measured_cuts = sorted((set(cuts if cuts is not None else candidate_cuts(graph)) | {n}) - {0})
     logger.info("profiling %d of %d heads of %s on %s", len(measured_cuts), n, graph.source, runner.backend)
-    calls = {k: functools.partial(runner.run_head, k, feeds) for k in measured_cuts}
+    calls: dict[int, Callable[[], object]] = {}
+    failed: dict[int, str] = {}
+    for k in measured_cuts:
+        call = functools.partial(runner.run_head, k, feeds)
+        try:
+            call()  # a head this backend cannot build or run is found before any is timed
+        except (BackendError, ModelMismatchError) as err:
+            if k == n:
+                raise  # the whole model itself: nothing to plan with
+            failed[k] = str(err)
+            continue
+        calls[k] = call
+    if failed:
+        logger.warning(
+            "%d head(s) of %s cannot run on %s and are never planned: %s",
+            len(failed),
+            graph.source,
+            runner.backend,
+            "; ".join(f"cut {k}: {why}" for k, why in list(failed.items())[:3]),
+        )
     measured = _measure(
         calls,
         runs=runs,
@@ -256,7 +288,9 @@ def profile_heads(
         block=max(1, runner.cache_size // 2),
         progress=f"profiling {len(calls)} heads" if progress else None,
     )
-    head = _spread(runner, {0: 0.0, **measured}, lambda: runner.activations(feeds))
+    head = _spread(
+        runner, {0: 0.0, **measured, **dict.fromkeys(failed, math.inf)}, lambda: runner.activations(feeds)
+    )
     logger.info(
         "profiled %d of %d heads of %s (the rest spread by operator): whole model %.3f ms",
         len(calls),

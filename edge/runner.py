@@ -68,6 +68,9 @@ class ModelRunner:
         """Halves built and loaded (a miss)."""
         self._unbatchable: set[int] = set()
         """Cuts whose tail does not batch (an input or output without a leading dimension of 1)."""
+        self._broken: dict[tuple[str, int], str] = {}
+        """Halves this backend could not build, and why: asked again, they fail at once. (A half that
+        fails to run is not remembered: the inputs may be to blame.)"""
 
     # -- whole model ------------------------------------------------------------------
 
@@ -193,8 +196,22 @@ class ModelRunner:
             return first
         return ReplicaPool(first, make, self.replicas)
 
+    def half_error(self, side: str, k: int) -> str | None:
+        """Why the ``side`` ("head" or "tail") of cut ``k`` cannot run here, building it if need be;
+        None when it runs. The whole model's own failure is not a half's: cuts 0 and N say None."""
+        if not 0 < k < self.graph.num_operators:
+            return None
+        try:
+            self._half(side, self.graph.cut(k))
+        except (BackendError, ModelMismatchError) as err:
+            return str(err)
+        return None
+
     def _half(self, side: str, cut: Cut, batch: int = 1) -> Backend:
         key = (side, cut.index, batch)
+        broken = self._broken.get((side, cut.index))
+        if broken is not None:
+            raise _KnownBroken(broken)
         with self._lock:
             backend = self._halves.get(key)
             if backend is not None:
@@ -206,9 +223,15 @@ class ModelRunner:
             data = build_head(self.graph, cut)
         else:
             data = self.graph.data if cut.index == 0 else build_tail(self.graph, cut)
-        backend = self._load(data, batch)
-        if batch == 1:
-            _check_boundary(side, cut, backend)
+        try:
+            backend = self._load(data, batch)
+            if batch == 1:
+                _check_boundary(side, cut, backend)
+        except (BackendError, ModelMismatchError) as err:
+            if batch == 1:
+                with self._lock:
+                    self._broken.setdefault((side, cut.index), str(err))
+            raise
         logger.debug("built %s of cut %d (%d bytes)", side, cut.index, len(data))
         evicted: list[Backend] = []
         with self._lock:
@@ -223,6 +246,10 @@ class ModelRunner:
         for old in evicted:
             old.close()
         return backend
+
+
+class _KnownBroken(BackendError):
+    """A half that failed before, failing again without another try."""
 
 
 def _check_boundary(side: str, cut: Cut, backend: Backend) -> None:

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Build Keras architectures a user may bring (random weights, nothing downloaded) as .tflite files.
+"""Build the model shapes a user may bring (random weights, nothing downloaded) as .tflite files.
 
-Not shipped: they check that splitting and planning hold on graphs the shipped models lack
-(shape tensors in EfficientNet, DenseNet's concatenations, several inputs and outputs).
-Needs TensorFlow (the ``models`` extra):
+``--zoo`` writes the small zoo the tests run at every cut (tests/zoo: fp16, dynamic-range and
+sparse weights, uint8 I/O, an SSD detector, a custom op, control flow; see
+``tools/zoo_models.py``), with ``zoo.json`` saying what each covers. Without it, Keras
+architectures are written that are too large to commit: they check that splitting and planning
+hold on graphs the shipped models lack (shape tensors in EfficientNet, DenseNet's
+concatenations, several inputs and outputs). Needs TensorFlow (the ``models`` extra):
 
+    python tools/build_zoo.py --zoo --out tests/zoo
     python tools/build_zoo.py --out /tmp/zoo [--only efficientnetb0,densenet121]
     for m in /tmp/zoo/*.tflite; do edge plan "$m" --json > /dev/null && echo "$m ok"; done
 """
@@ -79,8 +83,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--only", help="comma-separated names: " + ", ".join(ARCHITECTURES))
     p.add_argument("--float", action="store_true", help="also write float32 versions")
+    p.add_argument("--zoo", action="store_true", help="write the small zoo the tests use (tests/zoo)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.zoo:
+        return _write_zoo(args.out, args.only.split(",") if args.only else None)
     names = args.only.split(",") if args.only else list(ARCHITECTURES)
     for name in names:
         tf.keras.utils.set_random_seed(0)
@@ -89,6 +96,33 @@ def main() -> int:
             path = args.out / f"{name}{'' if int8 else '_f32'}.tflite"
             path.write_bytes(convert(model, int8=int8))
             print(f"wrote {path} ({path.stat().st_size:,} bytes)", flush=True)
+    return 0
+
+
+def _write_zoo(out: Path, only: list[str] | None) -> int:
+    import hashlib
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import zoo_models
+
+    manifest_path = out / "zoo.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest["tensorflow_version"] = tf.__version__
+    entries = manifest.setdefault("models", {})
+    for name in only or list(zoo_models.ZOO):
+        build = zoo_models.ZOO[name]
+        data = build()
+        path = out / f"{name}.tflite"
+        path.write_bytes(data)
+        entries[name] = {
+            "file": path.name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "covers": " ".join((build.__doc__ or "").split()),
+        }
+        print(f"wrote {path} ({len(data):,} bytes)", flush=True)
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return 0
 
 

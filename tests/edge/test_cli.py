@@ -70,12 +70,6 @@ def test_split_by_index_and_by_tensor_name(graphs: dict[str, ModelGraph], tmp_pa
     assert json.loads((tmp_path / "b" / "split.json").read_text())["split_point"] == 4
 
 
-def _with_extra_subgraph(data: bytes) -> bytes:
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
-    model.subgraphs.append(model.subgraphs[0])
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
 def _with_control_flow(data: bytes) -> bytes:
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
     code = schema.OperatorCodeT()
@@ -91,8 +85,7 @@ BAD_MODELS = {
     "not-a-flatbuffer": (lambda data: b"this is not a model\n" * 10, "not a TFLite flatbuffer"),
     "truncated": (lambda data: data[: len(data) // 3], "truncated"),
     "truncated-header": (lambda data: data[:6], "not a TFLite flatbuffer"),
-    "several-subgraphs": (_with_extra_subgraph, "subgraphs"),
-    "control-flow": (_with_control_flow, "control flow"),
+    "control-flow-calling-nothing": (_with_control_flow, "names no subgraph to call"),
 }
 
 
