@@ -211,7 +211,7 @@ class ModelRunner:
         key = (side, cut.index, batch)
         broken = self._broken.get((side, cut.index))
         if broken is not None:
-            raise _KnownBroken(broken)
+            raise _KnownBrokenError(broken)
         with self._lock:
             backend = self._halves.get(key)
             if backend is not None:
@@ -248,7 +248,7 @@ class ModelRunner:
         return backend
 
 
-class _KnownBroken(BackendError):
+class _KnownBrokenError(BackendError):
     """A half that failed before, failing again without another try."""
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.backends import DEFAULT_BACKEND
+from edge.backends.support import require_runnable
 from edge.errors import ConfigError, EdgeError, ModelFormatError, ModelNotFoundError, echo
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
@@ -70,6 +71,8 @@ class ModelRepository:
         self._models = models
         self._stamps: dict[str, _Stamp] = {}
         self._failed: dict[Path, tuple[int, int]] = {}
+        self._fail_reasons: dict[Path, str] = {}
+        """Why each failed file failed, in one bounded line."""
         """Files that failed to load, by (mtime, size): not tried, nor logged, again until they change."""
         self._retired: list[ServedModel] = []
         self._unloaded: set[str] = set()
@@ -123,7 +126,10 @@ class ModelRepository:
         UNAVAILABLE when unloaded or when its file failed to load."""
         rows = [(m.name, "READY", "") for m in self]
         rows += [(name, "UNAVAILABLE", "unloaded") for name in sorted(self._unloaded)]
-        rows += [(path.stem, "UNAVAILABLE", "the file failed to load") for path in sorted(self._failed)]
+        rows += [
+            (path.stem, "UNAVAILABLE", f"the file failed to load: {self._fail_reasons.get(path, '?')}")
+            for path in sorted(self._failed)
+        ]
         return sorted(rows)
 
     def unload(self, name: str) -> None:
@@ -196,6 +202,7 @@ class ModelRepository:
                 try:
                     seen = path.lstat()
                     failed[path] = (seen.st_mtime_ns, seen.st_size)
+                    self._fail_reasons[path] = " ".join(str(err).split())[:_MAX_REASON]
                 except OSError:
                     pass
                 if name in self._stamps and name in models:
@@ -211,6 +218,7 @@ class ModelRepository:
             logger.info("stopped serving %s: its file is gone", name)
         with self._lock:
             self._models, self._stamps, self._failed = models, stamps, failed
+            self._fail_reasons = {p: r for p, r in self._fail_reasons.items() if p in failed}
             self._retired.extend(retired)
         return skipped
 
@@ -278,8 +286,12 @@ def check_model_file(path: Path, root: Path, max_bytes: int) -> None:
         raise ModelFormatError("not a TFLite flatbuffer (no TFL3 identifier in its header)")
 
 
+_MAX_REASON = 300
+
+
 def _load(path: Path, *, backend: str, threads: int, cache_size: int, replicas: int = 1) -> ServedModel:
     graph = ModelGraph.from_file(path)
+    require_runnable(graph, backend)
     runner = ModelRunner(graph, backend=backend, threads=threads, cache_size=cache_size, replicas=replicas)
     try:
         runner.warm(0)  # load the whole model now: a broken file fails at start, not mid-request

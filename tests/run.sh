@@ -36,5 +36,5 @@ echo "== on tflite-runtime (numpy < 2, own venv): split equivalence, and the pro
 VENV=.venv-tflite-runtime
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,tflite-runtime,daemon]'
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/edge/test_equivalence.py \
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/edge/test_equivalence.py tests/edge/test_zoo.py \
     tests/daemon/test_shipped_profiles.py --backends tflite-runtime

@@ -16,10 +16,10 @@ import re
 import threading
 from dataclasses import dataclass
 
-from ..errors import BackendError, BackendUnavailableError
+from ..errors import BackendError, BackendUnavailableError, UnsupportedModelError
 from ..graph import ModelGraph
 
-__all__ = ["CUSTOM_OPS", "Support", "check_support", "model_operators"]
+__all__ = ["CUSTOM_OPS", "Support", "check_support", "model_operators", "require_runnable"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,3 +132,11 @@ def check_support(graph: ModelGraph, backend: str, *, load: bool = True) -> Supp
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = support
     return support
+
+
+def require_runnable(graph: ModelGraph, backend: str) -> None:
+    """UnsupportedModelError, in one line, when ``backend`` cannot run the whole of ``graph``: the
+    device could never fall back, nor the server serve it."""
+    support = check_support(graph, backend)
+    if support.runs is False:
+        raise UnsupportedModelError(f"{graph.source} cannot run on {backend}: {support.reason}")

@@ -11,6 +11,7 @@ import numpy as np
 from .. import compression, models
 from ..argtypes import address, positive_float, positive_int
 from ..backends import BACKENDS, DEFAULT_BACKEND
+from ..backends.support import require_runnable
 from ..cooperative import CooperativeRunner
 from ..cpu_latency import add_cpu_latency_arg
 from ..errors import TensorFormatError
@@ -138,6 +139,7 @@ def load_graph(spec: str) -> ModelGraph:
 
 
 def open_runner(args: argparse.Namespace, graph: ModelGraph, *, local: bool = False) -> CooperativeRunner:
+    require_runnable(graph, args.backend)  # the fallback is the whole model: it must run here
     runner = ModelRunner(graph, backend=args.backend, threads=args.threads)
     client = (
         None

@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from .. import compression
+from ..backends import BACKENDS
+from ..backends.support import check_support
 from ..cascade import exit_outputs
 from ..codec import encode
 from ..errors import EdgeError
@@ -66,6 +69,7 @@ def describe(graph: ModelGraph, compressed: dict[int, int] | None = None) -> dic
     """The model and its cuts as JSON-friendly data (with ``compressed`` bytes per cut, if given)."""
     body: dict[str, Any] = {
         "sha256": graph.sha256,
+        "backends": [check_support(graph, key).describe() for key in BACKENDS],
         "operators": [{"index": op.index, "opcode": op.opcode} for op in graph.operators],
         "inputs": [t.describe() for t in graph.inputs],
         "outputs": [t.describe() for t in graph.outputs],
@@ -107,6 +111,15 @@ def run(args: argparse.Namespace) -> int:
                 f"  early exit: computed in the head from cut {exits[t.name]} on" if t.name in exits else ""
             )
             console.print(f"  {label} {t.name}  {t.dtype.name}{list(t.shape)}  {t.nbytes} B{note}")
+    for key in BACKENDS:
+        support = check_support(graph, key)
+        if support.runs:
+            verdict = "runs the whole model"
+        elif support.runs is None:
+            verdict = "not installed here; it has every custom op the model uses"
+        else:
+            verdict = f"[red]cannot run it[/red]: {escape(support.reason)}"
+        console.print(f"  backend {key}: {verdict}")
     table = Table(header_style="bold")
     table.add_column("K", justify="right")
     table.add_column("after operator")

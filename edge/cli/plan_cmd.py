@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..argtypes import positive_float, positive_int
 from ..autosplit import AutoSplit
+from ..backends.support import require_runnable
 from ..errors import EdgeError
 from ..planner import DEFAULT_COMPUTE_WATTS, DEFAULT_RADIO_WATTS, OBJECTIVES, Plan
 from ..policy import make_policy
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             from server.embedded import BackgroundServer
 
             address = stack.enter_context(BackgroundServer.from_files([Path(graph.source)])).address
+        require_runnable(graph, args.backend)
         runner = stack.enter_context(ModelRunner(graph, backend=args.backend, threads=args.threads))
         client = stack.enter_context(TailClient(address, timeout_s=args.timeout, **client_security(args)))
         policy = make_policy(

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import models
 from ..backends import create_backend
+from ..backends.support import require_runnable
 from ..cascade import Calibration, Cascade, EarlyExit, Pressure, Router, Rule, check_pair, exit_cut
 from ..cooperative import CooperativeRunner
 from ..errors import ConfigError, EdgeError
@@ -143,6 +144,8 @@ def preflight(resolved: ResolvedProfile) -> None:
     password file and certificate the profile names can be read. Raises ConfigError naming file and key."""
     profile, source = resolved.profile, resolved.source
     try:
+        # The device's fallback is the whole model: a backend that cannot run it is refused here.
+        require_runnable(resolved.graph, profile.runtime.backend)
         create_backend(profile.runtime.backend, resolved.graph.data, threads=profile.runtime.threads).close()
     except EdgeError as err:
         raise ConfigError(f"{source}: runtime.backend: {err}") from err
