@@ -19,6 +19,7 @@ from . import (
     infer_cmd,
     inspect_cmd,
     plan_cmd,
+    quantize_cmd,
     run_cmd,
     split_cmd,
 )
@@ -36,6 +37,7 @@ COMMANDS = [
     bench_cmd,
     plan_cmd,
     cascade_cmd,
+    quantize_cmd,
     run_cmd,
     export_cmd,
 ]
