@@ -63,16 +63,18 @@ fi
 
 # What pip needs to reach the package index: names, the index settings and the CA bundle.
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"
-for f in /etc/pip.conf /etc/xdg/pip/pip.conf "${PIP_CONFIG_FILE:-}"; do
-    [ -n "$f" ] && [ -f "$f" ] && mkdir -p "$ROOT/etc" && cp "$f" "$ROOT/etc/pip.conf"
-done
+[ -f /etc/pip.conf ] && cp /etc/pip.conf "$ROOT/etc/pip.conf"
+[ -d /etc/xdg/pip ] && mkdir -p "$ROOT/etc/xdg" && cp -r /etc/xdg/pip "$ROOT/etc/xdg/"
 [ -f /etc/ssl/certs/ca-certificates.crt ] && cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
 # /proc and /dev, but never the host's /sys: XNNPACK then reads the host's CPU and crashes under qemu.
 bind /proc /proc
 bind /dev /dev
 bind "$REPO" /src
 
-in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 "$@"; }
+in_root() {
+    chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+        PIP_DEFAULT_TIMEOUT="${PIP_DEFAULT_TIMEOUT:-60}" "$@"
+}
 say "$(in_root uname -m), $(in_root python3 --version)"
 
 if [ ! -e "$ROOT/.edge-complete" ]; then
