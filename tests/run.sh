@@ -38,3 +38,13 @@ VENV=.venv-tflite-runtime
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,tflite-runtime,daemon]'
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/edge/test_equivalence.py tests/edge/test_zoo.py \
     tests/daemon/test_shipped_profiles.py --backends tflite-runtime
+
+# Devices are aarch64: the split equivalence tests again in a Debian arm64 root under qemu-user, on
+# both backends, and an aarch64 device against this machine's server. It needs root (binfmt_misc,
+# chroot); CI runs as root.
+if [ "$(id -u)" = 0 ]; then
+    echo "== aarch64 under qemu-user (tests/aarch64/run.sh)"
+    bash tests/aarch64/run.sh
+else
+    echo "== aarch64: not run (it needs root for binfmt_misc and chroot): sudo bash tests/aarch64/run.sh"
+fi

@@ -48,7 +48,7 @@ bind() {  # bind SRC DST: mount SRC at DST inside the root, undone on exit
     mounted+=("$ROOT$2")
 }
 
-if [ ! -e "$ROOT/.edge-complete" ]; then
+if [ ! -e "$ROOT/.debootstrap-complete" ]; then
     rm -rf "$ROOT"
     # The mirror the machine's own apt uses (its first Debian source).
     mirror=$(grep -hoE '^URIs: *[^ ]+/debian/?$|^deb +[^ ]+/debian/? ' /etc/apt/sources.list.d/* /etc/apt/sources.list 2>/dev/null \
@@ -59,6 +59,7 @@ if [ ! -e "$ROOT/.edge-complete" ]; then
         tail -20 /tmp/edge-debootstrap.log
         exit 1
     }
+    touch "$ROOT/.debootstrap-complete"
 fi
 
 # What pip needs to reach the package index: names, the index settings and the CA bundle.
