@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import create_backend
-from .errors import BackendError, EdgeError, ModelMismatchError
+from .errors import EdgeError, ModelMismatchError
 from .fileio import write_atomic
 from .graph import ModelGraph
 from .partition import extract_subgraph
@@ -238,6 +238,30 @@ def _spread(
     return interpolate(anchors, weights)
 
 
+def _runnable(
+    calls: Mapping[int, Callable[[], object]], *, what: str
+) -> tuple[dict[int, Callable[[], object]], dict[int, str]]:
+    """Each call run once (building its half), before any is timed: (those that ran, why the others
+    failed). A failed cut is marked +inf, so that a planner never picks it."""
+    ran: dict[int, Callable[[], object]] = {}
+    failed: dict[int, str] = {}
+    for k, call in calls.items():
+        try:
+            call()
+        except (EdgeError, ModelMismatchError) as err:
+            failed[k] = str(err)
+            continue
+        ran[k] = call
+    if failed:
+        logger.warning(
+            "%d %s cannot run and are never planned: %s",
+            len(failed),
+            what,
+            "; ".join(f"cut {k}: {why}" for k, why in list(failed.items())[:3]),
+        )
+    return ran, failed
+
+
 def profile_heads(
     runner: ModelRunner,
     feeds: Mapping[str, np.ndarray] | None = None,
@@ -259,26 +283,12 @@ def profile_heads(
     feeds = feeds if feeds is not None else random_inputs(graph, seed=0)
     measured_cuts = sorted((set(cuts if cuts is not None else candidate_cuts(graph)) | {n}) - {0})
     logger.info("profiling %d of %d heads of %s on %s", len(measured_cuts), n, graph.source, runner.backend)
-    calls: dict[int, Callable[[], object]] = {}
-    failed: dict[int, str] = {}
-    for k in measured_cuts:
-        call = functools.partial(runner.run_head, k, feeds)
-        try:
-            call()  # a head this backend cannot build or run is found before any is timed
-        except (BackendError, ModelMismatchError) as err:
-            if k == n:
-                raise  # the whole model itself: nothing to plan with
-            failed[k] = str(err)
-            continue
-        calls[k] = call
-    if failed:
-        logger.warning(
-            "%d head(s) of %s cannot run on %s and are never planned: %s",
-            len(failed),
-            graph.source,
-            runner.backend,
-            "; ".join(f"cut {k}: {why}" for k, why in list(failed.items())[:3]),
-        )
+    if n in measured_cuts:
+        runner.run_head(n, feeds)  # the whole model: if it cannot run, there is nothing to plan with
+    calls, failed = _runnable(
+        {k: functools.partial(runner.run_head, k, feeds) for k in measured_cuts},
+        what=f"head(s) of {graph.source} on {runner.backend}",
+    )
     measured = _measure(
         calls,
         runs=runs,
@@ -323,26 +333,16 @@ def profile_tails(
     graph = runner.graph
     n = graph.num_operators
     activations = runner.activations(random_inputs(graph, seed=seed))
-    calls: dict[int, Callable[[], object]] = {}
-    failed: dict[int, str] = {}
-    for k in sorted(set(cuts if cuts is not None else candidate_cuts(graph)) - {n}):
-        cut = graph.cut(k)
-        if not cut.tail_outputs:
-            continue
-        call = functools.partial(runner.run_tail, k, {t.name: activations[t.name] for t in cut.tensors})
-        try:
-            call()  # builds the tail, and finds the ones that cannot run before any is timed
-        except EdgeError as err:
-            failed[k] = str(err)
-            continue
-        calls[k] = call
-    if failed:
-        logger.warning(
-            "%d tail(s) of %s cannot run and are marked +inf: %s",
-            len(failed),
-            graph.source,
-            "; ".join(f"cut {k}: {why}" for k, why in list(failed.items())[:3]),
-        )
+    calls, failed = _runnable(
+        {
+            k: functools.partial(
+                runner.run_tail, k, {t.name: activations[t.name] for t in graph.cut(k).tensors}
+            )
+            for k in sorted(set(cuts if cuts is not None else candidate_cuts(graph)) - {n})
+            if graph.cut(k).tail_outputs
+        },
+        what=f"tail(s) of {graph.source}",
+    )
     measured = _measure(
         calls,
         runs=runs,

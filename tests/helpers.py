@@ -26,6 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 MLSERVER = Path(os.environ.get("EDGE_MLSERVER", REPO / ".venv-mlserver" / "bin" / "mlserver"))
 """MLServer's command, in the venv of its own tests/run.sh makes (MLServer 1.7.1 wants protobuf < 7)."""
 
+ZOO_DIR = REPO / "tests" / "zoo"
+"""The model zoo (tools/build_zoo.py --zoo): the shapes pretrained models arrive in."""
+ZOO_RUNNABLE = [
+    "control_flow",
+    "dynamic_range",
+    "float_classifier",
+    "fp16_weights",
+    "int8_uint8_io",
+    "sparse_weights",
+    "ssd_detector",
+]
+"""The zoo models every backend runs (unknown_custom_op is the one none does)."""
+
 # What tools/build_models.py ships; a missing one fails at collection.
 SHIPPED = ["digits_resnet", "digits_resnet_exit", "digits_resnet_f32", "digits_tiny", "mobilenetv2_035"]
 

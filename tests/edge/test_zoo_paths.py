@@ -24,20 +24,11 @@ from edge.errors import ConfigError
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
 from edge.transport import TailClient
-from helpers import REPO, seeded_inputs
+from helpers import ZOO_DIR, ZOO_RUNNABLE, seeded_inputs
 from server.embedded import BackgroundServer
 from server.repository import ModelRepository
 
-ZOO_DIR = REPO / "tests" / "zoo"
-RUNS = [
-    "control_flow",
-    "dynamic_range",
-    "float_classifier",
-    "fp16_weights",
-    "int8_uint8_io",
-    "sparse_weights",
-    "ssd_detector",
-]
+RUNS = ZOO_RUNNABLE
 
 
 def _edge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
