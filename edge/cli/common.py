@@ -22,6 +22,7 @@ from ..runner import ModelRunner
 from ..transport import TailClient, TLSOptions
 from ..transport.address import DEFAULT_PORT
 from ..transport.client import read_token
+from ..transport.connect import DEFAULT_CONNECT_TIMEOUT_S
 
 __all__ = [
     "MODEL_HELP",
@@ -106,6 +107,14 @@ def add_address_args(p: argparse.ArgumentParser) -> None:
         "they go raw): zstd or lz4 losslessly, accepting large outputs compressed too; or, lossy, fp16 "
         "(float cuts) or int4 (int8 cuts), whose results are flagged (default: %(default)s)",
     )
+    p.add_argument(
+        "--connect-timeout",
+        type=positive_float,
+        default=DEFAULT_CONNECT_TIMEOUT_S,
+        metavar="S",
+        help="deadline of connecting to the server (TCP, TLS, HTTP/2), apart from each request's: slow links "
+        "take several round trips (default: %(default)s)",
+    )
     p.add_argument("--tls-ca", type=Path, metavar="FILE", help="connect with TLS, trusting this CA (PEM)")
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="with --tls-ca: a client certificate (mTLS)")
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="the private key of --tls-cert")
@@ -131,6 +140,7 @@ def client_security(args: argparse.Namespace) -> dict[str, Any]:
         "tls": tls,
         "token": read_token(token_file) if token_file else None,
         "codec": getattr(args, "codec", "raw"),
+        "connect_timeout_s": getattr(args, "connect_timeout", DEFAULT_CONNECT_TIMEOUT_S),
     }
 
 

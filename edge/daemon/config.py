@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..pipeline import MAX_WINDOW
 from ..transport import TLSOptions
 from ..transport.address import check_host, normalize
+from ..transport.connect import DEFAULT_CONNECT_TIMEOUT_S
 
 __all__ = [
     "AutoSplitConfig",
@@ -255,6 +256,13 @@ class EdgeConfig(_Strict):
     )
     timeout_s: float = Field(
         default=2.0, gt=0, le=600, description="Deadline of each request to an edge server."
+    )
+    connect_timeout_s: float = Field(
+        default=DEFAULT_CONNECT_TIMEOUT_S,
+        gt=0,
+        le=600,
+        description="Deadline of connecting to an edge server (TCP, TLS, HTTP/2), apart from each request's: "
+        "a slow link takes several round trips.",
     )
     retry_after_s: float = Field(
         default=5.0,

@@ -212,6 +212,7 @@ def _client(profile: DeviceProfile, source: Path) -> TailTransport | None:
                 TailClient(
                     server.address,
                     timeout_s=edge.timeout_s,
+                    connect_timeout_s=edge.connect_timeout_s,
                     tls=tls,
                     streaming=server.streaming,
                     token=token,

@@ -33,6 +33,7 @@ from ..codec import InferRequest, ModelMetadata, ParameterValue, decode, encode
 from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb, pb_grpc
 from .base import RemoteResult
+from .connect import DEFAULT_CONNECT_TIMEOUT_S, channel_options, until_connected
 from .loops import finish_tasks, retire
 from .pipe import Pipe, read_answer
 
@@ -41,15 +42,6 @@ __all__ = ["TLSOptions", "TailClient", "read_token"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-# Reconnect quickly after an edge server restarts; gRPC's default backoff grows to two minutes.
-_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-    ("grpc.enable_retries", 0),
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +150,13 @@ class TailClient:
         token: str | None = None,
         codec: str = "raw",
         balance: bool = False,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     ) -> None:
         self.address = address
+        if not connect_timeout_s > 0:
+            raise ConfigError(f"the connect timeout must be positive, not {connect_timeout_s}")
+        self.connect_timeout_s = connect_timeout_s
+        """The connection's own deadline (TCP, TLS, HTTP/2), apart from each request's ``timeout_s``."""
         self.balance = balance
         """``address`` names several servers (a DNS name with several records, ``ipv4:A:P,B:P``):
         gRPC's round_robin spreads the calls over them. Unary calls, then: a stream would stay on one."""
@@ -180,7 +177,7 @@ class TailClient:
         self.timeout_s = timeout_s
         self.streaming = streaming
         self._options: list[tuple[str, int | str]] = [
-            *_CHANNEL_OPTIONS,
+            *channel_options(connect_timeout_s),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
@@ -214,6 +211,7 @@ class TailClient:
         message, finish = self._request(model, inputs, parameters, request_id)
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         lane = self._lane()
+        self._connected(lane)
         started = time.perf_counter()
         reply = self._run(lane, self._infer(lane, message, timeout), timeout)
         return finish(reply, (time.perf_counter() - started) * 1000.0)
@@ -321,6 +319,7 @@ class TailClient:
                     functools.partial(_open_channel, self.address, self._credentials, self._options),
                     metadata=self._metadata,
                     streaming=self.streaming,
+                    connect_timeout_s=self.connect_timeout_s,
                 )
             return self._pipe
 
@@ -401,6 +400,12 @@ class TailClient:
         self._local.lane = lane
         return lane
 
+    def _connected(self, lane: _Lane) -> None:
+        """Connect first, within ``connect_timeout_s``: a call's own deadline starts once it is set up."""
+        if lane.channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
+            work = until_connected(lane.channel, self.connect_timeout_s, self.address)
+            self._run(lane, work, self.connect_timeout_s + 1.0)
+
     def _run(self, lane: _Lane, work: Coroutine[Any, Any, T], timeout_s: float) -> T:
         """Run ``work`` on the lane's loop, within ``timeout_s``.
 
@@ -441,6 +446,7 @@ class TailClient:
     def _unary_call(self, method: str, message: object, timeout_s: float | None) -> Any:
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         lane = self._lane()
+        self._connected(lane)
 
         async def call() -> Any:  # grpc.aio makes the call on the running loop, so inside it
             return await getattr(lane.stub, method)(message, timeout=timeout, metadata=self._metadata)

@@ -34,6 +34,7 @@ import grpc
 from ..errors import RemoteError
 from ..protocol import converters, pb, pb_grpc
 from .base import RemoteResult
+from .connect import DEFAULT_CONNECT_TIMEOUT_S, until_connected
 from .loops import finish_tasks, retire
 
 __all__ = ["MAX_PENDING", "Answer", "Pipe", "read_answer"]
@@ -56,6 +57,7 @@ class _Pending:
     future: concurrent.futures.Future[RemoteResult]
     finish: Finish
     deadline: float
+    timeout_s: float = 0.0
     timer: asyncio.TimerHandle | None = None
     written_at: float = 0.0
     stream: int = -1
@@ -88,10 +90,14 @@ class Pipe:
         metadata: tuple[tuple[str, str], ...] | None = None,
         streaming: bool = True,
         max_pending: int = MAX_PENDING,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     ) -> None:
         self.address = address
         self.streaming = streaming
         self.max_pending = max_pending
+        self.connect_timeout_s = connect_timeout_s
+        self._connecting = 0
+        """Requests waiting for the channel to connect, before their deadline starts (on the loop only)."""
         self._metadata = metadata
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="edge-pipe", daemon=True)
@@ -120,7 +126,7 @@ class Pipe:
         if self._closed:
             future.set_exception(_closed(self.address))
             return future
-        pending = _Pending(message, future, finish, time.perf_counter() + timeout_s)
+        pending = _Pending(message, future, finish, time.perf_counter() + timeout_s, timeout_s)
         try:
             self._loop.call_soon_threadsafe(self._start, pending, request_id)
         except RuntimeError:  # the loop was closed under us
@@ -147,7 +153,7 @@ class Pipe:
         if self._closed:
             pending.future.set_exception(_closed(self.address))
             return
-        if len(self._pending) >= self.max_pending:
+        if len(self._pending) + self._connecting >= self.max_pending:
             pending.future.set_exception(
                 RemoteError(
                     f"RESOURCE_EXHAUSTED: {self.max_pending} requests already wait on {self.address}",
@@ -155,6 +161,33 @@ class Pipe:
                 )
             )
             return
+        if self._channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
+            task = self._loop.create_task(self._connect_first(pending, request_id))
+            self._unary.add(task)
+            task.add_done_callback(self._unary.discard)
+            return
+        self._admit(pending, request_id)
+
+    async def _connect_first(self, pending: _Pending, request_id: str) -> None:
+        """Wait for the connection (its own deadline), then start the request's."""
+        self._connecting += 1
+        try:
+            await until_connected(self._channel, self.connect_timeout_s, self.address)
+        except RemoteError as err:
+            pending.future.set_exception(err)
+            return
+        except asyncio.CancelledError:
+            pending.future.set_exception(_closed(self.address))
+            raise
+        finally:
+            self._connecting -= 1
+        if self._closed:
+            pending.future.set_exception(_closed(self.address))
+            return
+        pending.deadline = time.perf_counter() + pending.timeout_s
+        self._admit(pending, request_id)
+
+    def _admit(self, pending: _Pending, request_id: str) -> None:
         wire_id = f"{request_id[:_ID_CHARS]}#{next(self._seq):x}"
         pending.message.id = wire_id
         self._pending[wire_id] = pending
