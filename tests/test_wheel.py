@@ -8,6 +8,7 @@ README says. The venv sees this environment's packages, so nothing is downloaded
 from __future__ import annotations
 
 import json
+import site
 import subprocess
 import sys
 import venv
@@ -43,6 +44,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _venv_seeing_this_environment(env_dir: Path) -> Path:
+    """A fresh venv whose path ends with this interpreter's site-packages (so nothing is downloaded).
+
+    ``system_site_packages`` would give it the *base* interpreter's packages, which inside a venv are
+    not this environment's: the venv's own directories are listed in a .pth file instead. Paths a .pth
+    names are plain entries: this environment's editable install of edge does not shadow the wheel."""
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
+    (site_dir,) = (env_dir / "lib").glob("python*/site-packages")
+    (site_dir / "_this_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return env_dir / "bin" / "python"
+
+
 def test_the_wheel_ships_profiles_units_and_models(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for profile in (REPO / "firmware_config").glob("*.toml"):
@@ -55,8 +68,7 @@ def test_the_wheel_ships_profiles_units_and_models(wheel: Path) -> None:
 
 def test_an_installed_wheel_finds_and_checks_a_shipped_profile(wheel: Path, tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
-    python = env_dir / "bin" / "python"
+    python = _venv_seeing_this_environment(env_dir)
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
         check=True,
