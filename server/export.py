@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import edge
 from edge import packed, wire
 from edge.errors import ConfigError
 from edge.graph import ModelGraph
@@ -29,9 +30,9 @@ __all__ = ["RUNTIME", "write_mlserver"]
 RUNTIME = "server.mlserver.EdgeRuntime"
 """The import path MLServer loads the runtime by."""
 
-_REQUIREMENTS = (
-    Path(__file__).resolve().parents[1] / "firmware_config" / "server" / "mlserver" / "requirements.txt"
-)
+# Inside the edge package: edge/firmware_config is the top-level firmware_config/ in a checkout (a link)
+# and a directory of its own in the wheel.
+_REQUIREMENTS = Path(edge.__file__).parent / "firmware_config" / "server" / "mlserver" / "requirements.txt"
 
 
 def write_mlserver(
@@ -57,6 +58,23 @@ def write_mlserver(
         raise ConfigError(f"cuts must be 0..{n - 1} for {name} (a cut of {n} sends nothing); got {bad}")
     if "@" in name or "/" in name:
         raise ConfigError(f"model name {name!r}: '@' and '/' are not allowed")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    try:
+        requirements_text = _REQUIREMENTS.read_bytes()
+    except OSError as err:
+        raise ConfigError(
+            f"the MLServer requirements file is missing from this install: {_REQUIREMENTS}"
+        ) from err
+    # A directory may hold several models, exported one after another: their extensions add up.
+    settings_file = out / "settings.json"
+    listed: list[str] = []
+    if settings_file.exists():
+        try:
+            listed = [str(e) for e in json.loads(settings_file.read_text()).get("extensions", [])]
+        except (OSError, ValueError, AttributeError) as err:
+            raise ConfigError(f"{settings_file} is not an MLServer settings file: {err}") from err
+    # Everything is checked before anything is written: a refused export leaves nothing behind.
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
@@ -92,14 +110,6 @@ def write_mlserver(
                 },
             },
         )
-    # A directory may hold several models, exported one after another: their extensions add up.
-    settings_file = out / "settings.json"
-    listed: list[str] = []
-    if settings_file.exists():
-        try:
-            listed = [str(e) for e in json.loads(settings_file.read_text()).get("extensions", [])]
-        except (ValueError, AttributeError) as err:
-            raise ConfigError(f"{settings_file} is not an MLServer settings file: {err}") from err
     wanted = [
         *wire.EXTENSIONS,
         packed.EXTENSION,
@@ -118,6 +128,6 @@ def write_mlserver(
         },
     )
     requirements = out / "requirements.txt"
-    shutil.copyfile(_REQUIREMENTS, requirements)
+    requirements.write_bytes(requirements_text)
     written.append(requirements)
     return written

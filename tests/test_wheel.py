@@ -89,3 +89,26 @@ def test_an_installed_wheel_finds_and_checks_a_shipped_profile(wheel: Path, tmp_
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
     assert shown["profile"].startswith(str(env_dir)) and shown["resolved"]["cut"] == 8
+
+
+def test_an_installed_wheel_exports_for_mlserver(wheel: Path, tmp_path: Path) -> None:
+    """The export copies requirements.txt from the package (edge/firmware_config in the wheel)."""
+    env_dir = tmp_path / "venv"
+    python = _venv_seeing_this_environment(env_dir)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    out = tmp_path / "export"
+    proc = subprocess.run(
+        [str(env_dir / "bin" / "edge"), "export", "mlserver", "digits_tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mlserver" in (out / "requirements.txt").read_text()
+    assert json.loads((out / "settings.json").read_text())["parallel_workers"] == 0

@@ -117,3 +117,31 @@ def test_bad_cut_specs(spec: str, message: str, tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     assert "no such file" in _error_line(edge("inspect", str(tmp_path / "nope.tflite")))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grpc-port", "70000"], "out of range"),
+        (["--http-port", "0"], "fixed port"),
+        (["--parallel-workers", "-1"], "below the minimum"),
+        (["--max-batch-time-ms", "0"], "above 0"),
+    ],
+)
+def test_export_refuses_bad_settings_and_writes_nothing(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "export"
+    proc = edge("export", "mlserver", "digits_tiny", "--out", str(out), *args)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_export_onto_a_file_is_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    assert "is a file, not a directory" in _error_line(
+        edge("export", "mlserver", "digits_tiny", "--out", str(target))
+    )
+    assert target.read_text() == "keep me"
