@@ -89,9 +89,9 @@ class Broker:
         for line in SHIPPED_BROKER.read_text().splitlines():
             if line.startswith("listener 1883"):
                 line = f"listener {self.port} 127.0.0.1"
-            elif line.startswith("persistence_location"):
-                line = f"persistence_location {workdir}/"
             lines.append(line)
+        # What Debian's main mosquitto.conf adds around the conf.d snippet: where the store goes.
+        lines.append(f"persistence_location {workdir}/")
         self.tls_port: int | None = None
         if tls is not None:
             self.tls_port = free_port()
