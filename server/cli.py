@@ -195,6 +195,20 @@ async def serve(settings: ServerSettings) -> None:
         await _serve(settings)
 
 
+def check(settings: ServerSettings) -> None:
+    """What start needs, short of listening: the TLS and token files (kinds, pair, expiry), and a model
+    directory with a model it can serve (each file is loaded, as at start)."""
+    security_from(settings)
+    repository = ModelRepository.from_directory(
+        settings.models,
+        backend=settings.backend,
+        threads=settings.threads,
+        cache_size=settings.cache_size,
+        max_model_bytes=settings.max_model_bytes,
+    )
+    repository.close()
+
+
 def security_from(settings: ServerSettings) -> Security:
     return Security(
         cert=settings.tls_cert,
@@ -306,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         if getattr(args, "check", False):
-            security_from(settings)  # reads the TLS and token files
+            check(settings)
             print(settings.model_dump_json(indent=2))
             return 0
         asyncio.run(serve(settings))

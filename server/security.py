@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from edge.errors import ConfigError
+from edge.tlsfiles import check_ca, check_pair
 
 from .errors import ServerError
 from .fairness import peer_host
@@ -156,6 +157,9 @@ class Security:
             return None
         pairs = [(_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))]
         roots = _read(self.client_ca, "client CA") if self.client_ca is not None else None
+        check_pair(self.cert, self.key, what="TLS")
+        if self.client_ca is not None:
+            check_ca(self.client_ca, what="client CA")
         try:
             return grpc.ssl_server_certificate_configuration(pairs, root_certificates=roots)
         except (TypeError, ValueError) as err:

@@ -64,11 +64,17 @@ class CA:
         self.pem.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(
-        self, common: str, *, server: bool, names: tuple[str, ...] = ("localhost", "127.0.0.1")
+        self,
+        common: str,
+        *,
+        server: bool,
+        names: tuple[str, ...] = ("localhost", "127.0.0.1"),
+        expired: bool = False,
     ) -> Pair:
-        """A leaf certificate; a server's names (DNS names or IP addresses) go in its SAN."""
+        """A leaf certificate; a server's names (DNS names or IP addresses) go in its SAN. ``expired``:
+        one whose validity ended two days ago."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=3 if expired else 0)
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common))

@@ -32,6 +32,7 @@ from .. import compression, packed, wire
 from ..codec import InferRequest, ModelMetadata, ParameterValue, decode, encode
 from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb, pb_grpc
+from ..tlsfiles import check_ca, check_pair
 from .base import RemoteResult
 from .connect import DEFAULT_CONNECT_TIMEOUT_S, channel_options, until_connected
 from .loops import finish_tasks, retire
@@ -64,11 +65,12 @@ class TLSOptions:
 
         if (self.cert_file is None) != (self.key_file is None):
             raise ConfigError("TLS needs both cert_file and key_file for a client certificate, or neither")
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(self.ca_file),
-            private_key=read(self.key_file),
-            certificate_chain=read(self.cert_file),
-        )
+        roots, key, chain = read(self.ca_file), read(self.key_file), read(self.cert_file)
+        if self.ca_file is not None:
+            check_ca(Path(self.ca_file), what="TLS CA")
+        if self.cert_file is not None and self.key_file is not None:
+            check_pair(Path(self.cert_file), Path(self.key_file), what="client TLS")
+        return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
 
 
 def read_token(path: Path) -> str:

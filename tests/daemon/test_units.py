@@ -44,7 +44,11 @@ def test_the_shipped_server_settings_validate(tmp_path: Path) -> None:
     text = (REPO / "firmware_config" / "server" / "edge-server.toml").read_text()
     assert 'models = "/var/lib/edge/models"' in text
     config = tmp_path / "edge-server.toml"
-    config.write_text(text.replace("/var/lib/edge/models", str(tmp_path)))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "digits_tiny.tflite").write_bytes(
+        (REPO / "edge" / "models" / "digits_tiny.tflite").read_bytes()
+    )
+    config.write_text(text.replace("/var/lib/edge/models", str(tmp_path / "models")))
     proc = subprocess.run(
         [sys.executable, "-m", "server", "--config", str(config), "--check"],
         capture_output=True,
@@ -65,3 +69,22 @@ def test_the_shipped_server_settings_validate(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "colour" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_units_verify_with_systemd(tmp_path: Path) -> None:
+    """systemd-analyze verify on each shipped unit, its commands pointed at this environment's
+    executables (the units expect the venv the README makes at /opt/edge)."""
+    import shutil
+    import subprocess
+    import sys
+
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None, "systemd-analyze is missing (Debian's systemd package)"
+    bindir = Path(sys.executable).parent
+    for unit in sorted(UNITS.glob("*.service")):
+        text = unit.read_text()
+        assert "/opt/edge/bin/" in text and "/usr/local/bin" not in text
+        copy = tmp_path / unit.name
+        copy.write_text(text.replace("/opt/edge/bin/", f"{bindir}/"))
+        proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and unit.name not in proc.stderr, proc.stderr  # warnings name the file

@@ -1,0 +1,70 @@
+"""`edge-server --check` checks what the start needs: the TLS files (a key that does not match its
+certificate, a key given as the CA, an expired certificate) and the model directory (missing, or
+with nothing it can serve). Each is one line naming the file, exit 2; a good set passes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from certs import CA
+
+from edge import models
+
+
+def _check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", "--check", "--host", "127.0.0.1", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> dict[str, Path]:
+    ca = CA(tmp_path / "pki")
+    good = ca.issue("edge-server", server=True)
+    other = ca.issue("other", server=True)
+    old = ca.issue("old", server=True, expired=True)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "digits_tiny.tflite").write_bytes(models.model_path("digits_tiny").read_bytes())
+    return {"ca": ca.pem, "cert": good.cert, "key": good.key, "other_key": other.key, "old_cert": old.cert,
+            "old_key": old.key, "models": tmp_path / "models", "tmp": tmp_path}  # fmt: skip
+
+
+def test_a_good_set_passes(setup: dict[str, Path]) -> None:
+    proc = _check("--models", str(setup["models"]), "--tls-cert", str(setup["cert"]), "--tls-key",
+                  str(setup["key"]), "--tls-client-ca", str(setup["ca"]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "client_ca", "message"),
+    [
+        ("cert", "other_key", None, "does not match the certificate"),
+        ("cert", "key", "key", "holds no PEM certificate (it is a private key)"),
+        ("old_cert", "old_key", None, "expired on"),
+        ("key", "cert", None, "holds no PEM certificate (it is a private key)"),
+    ],
+)
+def test_bad_tls_files_are_one_line(
+    setup: dict[str, Path], cert: str, key: str, client_ca: str | None, message: str
+) -> None:
+    args = ["--models", str(setup["models"]), "--tls-cert", str(setup[cert]), "--tls-key", str(setup[key])]
+    if client_ca is not None:
+        args += ["--tls-client-ca", str(setup[client_ca])]
+    proc = _check(*args)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert "edge-server: error:" in lines[0]
+
+
+def test_a_missing_or_empty_model_directory_fails_the_check(setup: dict[str, Path]) -> None:
+    missing = _check("--models", str(setup["tmp"] / "nowhere"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr, missing.stderr
+    empty = setup["tmp"] / "empty"
+    empty.mkdir()
+    (empty / "broken.tflite").write_bytes(b"not a model")
+    proc = _check("--models", str(empty))
+    assert proc.returncode == 2 and "holds no servable .tflite file" in proc.stderr, proc.stderr
