@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
-__all__ = ["stage", "umask_mode", "write_atomic"]
+import numpy as np
+
+from .errors import TensorFormatError
+
+__all__ = ["load_arrays", "stage", "umask_mode", "write_atomic"]
 
 
 def umask_mode(mode: int = 0o666) -> int:
@@ -42,3 +47,19 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (by name), or of an .npy (as ``{"": array}``), loaded now; one
+    TensorFormatError naming the file for anything that is not one (empty, truncated, pickled)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return {"": loaded}
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    except FileNotFoundError as err:
+        raise TensorFormatError(f"{path}: no such file") from err
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        what = "empty" if Path(path).is_file() and Path(path).stat().st_size == 0 else f"not readable: {err}"
+        raise TensorFormatError(f"{path}: not a .npy or .npz file ({what})") from err

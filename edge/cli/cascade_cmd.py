@@ -25,6 +25,7 @@ from ..cascade import (
     sweep,
 )
 from ..errors import EdgeError, TensorFormatError
+from ..fileio import load_arrays
 from ..graph import ModelGraph, TensorInfo
 from ..outputs import dequantize
 from ..preprocess import coerce_input
@@ -133,15 +134,10 @@ def load_dataset(path: Path, graph: ModelGraph) -> tuple[list[dict[str, np.ndarr
     """(one feed per sample for ``graph``'s single input, the integer labels) from an .npz with x and y."""
     if len(graph.inputs) != 1:
         raise TensorFormatError(f"a dataset feeds one input; the model has {len(graph.inputs)}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "x" not in data.files or "y" not in data.files:
-                raise TensorFormatError(
-                    f"{path}: needs arrays x and y, has {', '.join(data.files) or 'none'}"
-                )
-            x, y = data["x"], data["y"]
-    except (OSError, ValueError) as err:
-        raise TensorFormatError(f"{path}: not a readable .npz file: {err}") from err
+    data = load_arrays(path)
+    if "x" not in data or "y" not in data:
+        raise TensorFormatError(f"{path}: needs arrays x and y, has {', '.join(data) or 'none'}")
+    x, y = data["x"], data["y"]
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise TensorFormatError(
             f"{path}: y must be a vector of integer labels, not {y.dtype.name}{list(y.shape)}"

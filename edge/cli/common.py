@@ -15,6 +15,7 @@ from ..backends.support import require_runnable
 from ..cooperative import CooperativeRunner
 from ..cpu_latency import add_cpu_latency_arg
 from ..errors import TensorFormatError
+from ..fileio import load_arrays
 from ..graph import ModelGraph
 from ..policy import make_policy
 from ..preprocess import coerce_input
@@ -198,11 +199,9 @@ def load_inputs(graph: ModelGraph, specs: list[str]) -> dict[str, np.ndarray]:
         raise TensorFormatError(f"no --input given for {', '.join(missing)}")
     feeds = {}
     for name, path in named.items():
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise TensorFormatError(f"{path}: not a readable .npy file: {err}") from err
-        if not isinstance(array, np.ndarray):
-            raise TensorFormatError(f"{path}: holds several arrays; give a .npy file with one")
-        feeds[name] = coerce_input(array, wanted[name])
+        arrays = load_arrays(path)
+        if "" not in arrays:
+            count = f"{len(arrays)} arrays" if arrays else "no array"
+            raise TensorFormatError(f"{path}: holds {count}; give a .npy file with one")
+        feeds[name] = coerce_input(arrays[""], wanted[name])
     return feeds

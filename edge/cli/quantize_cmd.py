@@ -10,7 +10,7 @@ import numpy as np
 
 from ..argtypes import positive_float
 from ..errors import ConfigError, TensorFormatError
-from ..fileio import write_atomic
+from ..fileio import load_arrays, write_atomic
 from ..graph import ModelGraph
 from ..preprocess import check_finite
 from ..quantize import QuantizeReport, agreement, quantize_static
@@ -57,11 +57,7 @@ def _share(text: str) -> float:
 
 def load_samples(path: Path, graph: ModelGraph) -> list[dict[str, np.ndarray]]:
     """One float feed per sample, by input tensor name, from an .npz."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as err:
-        raise TensorFormatError(f"{path}: not a readable .npz file: {err}") from err
+    arrays = load_arrays(path)
     if len(graph.inputs) == 1 and "x" in arrays:
         arrays = {graph.inputs[0].name: arrays["x"]}
     missing = [t.name for t in graph.inputs if t.name not in arrays]

@@ -145,3 +145,33 @@ def test_export_onto_a_file_is_one_line(tmp_path: Path) -> None:
         edge("export", "mlserver", "digits_tiny", "--out", str(target))
     )
     assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["infer", "--model", "digits_resnet", "--input", "{npy}"],
+        ["inspect", "digits_resnet", "--codec", "zstd", "--sample", "{npy}"],
+        [
+            "calibrate",
+            "--model",
+            "digits_resnet",
+            "--small",
+            "digits_tiny",
+            "--data",
+            "{npz}",
+            "--out",
+            "{out}",
+        ],
+        ["quantize", "digits_resnet_f32", "--data", "{npz}", "--out", "{out}"],
+    ],
+    ids=["infer", "inspect", "calibrate", "quantize"],
+)
+def test_an_empty_data_file_is_one_line(command: list[str], tmp_path: Path) -> None:
+    """A zero-byte .npy or .npz (a copy that failed, a pipe that wrote nothing): one line, exit 2."""
+    files = {"npy": tmp_path / "x.npy", "npz": tmp_path / "x.npz", "out": tmp_path / "out"}
+    for path in (files["npy"], files["npz"]):
+        path.write_bytes(b"")
+    args = [part.format(**{k: str(v) for k, v in files.items()}) for part in command]
+    assert "(empty)" in _error_line(edge(*args))
+    assert not files["out"].exists()
