@@ -162,7 +162,9 @@ class AutoSplit:
         estimator = LinkEstimator()
         if client is None:
             return cls(graph, head, None, estimator=estimator, max_bytes=max_bytes, **options)
-        prober = LinkProber(client, model_name, graph, runner=runner, max_bytes=max_bytes)
+        # Probes measure the link, so they need payloads big enough to time: --max-bytes limits the
+        # cuts the plan may choose, not the probes (limited too, they measured fixed costs as bandwidth).
+        prober = LinkProber(client, model_name, graph, runner=runner)
         tail: list[float] | None = None
         reachable = False
         try:
@@ -189,7 +191,7 @@ class AutoSplit:
             policy.next_server = getattr(client, "next_address", None)
             # A pool: each server's own round trip, measured with probes sent to it alone.
             for member in members:
-                own = LinkProber(member, model_name, graph, runner=runner, max_bytes=max_bytes)
+                own = LinkProber(member, model_name, graph, runner=runner)
                 policy.probers[member.address] = own
                 try:
                     own.probe_rtt(policy.estimator_for(member.address), count=probes)

@@ -29,6 +29,19 @@ MAX_WINDOW = 64
 """The most requests a device keeps in flight, whatever it asks for."""
 
 
+def effective_window(runner: CooperativeRunner, window: int) -> int:
+    """The requests a pipeline of ``window`` really keeps in flight: at most :data:`MAX_WINDOW`, and at
+    most what the server lets one device keep (its stream window, when it says)."""
+    effective = min(window, MAX_WINDOW)
+    server_cap = runner.max_inflight() if window > 1 else None
+    if server_cap is not None and server_cap < effective:
+        logger.info(
+            "the server takes %d requests in flight per device; pipelining %d", server_cap, server_cap
+        )
+        effective = server_cap
+    return effective
+
+
 class Pipeline(Generic[T]):
     """Submits requests to ``runner`` and hands back their results in submission order, each with
     the ``tag`` it came with. Not thread-safe: one thread submits and collects."""
@@ -37,13 +50,7 @@ class Pipeline(Generic[T]):
         if window < 1:
             raise ValueError("a pipeline's window is at least 1")
         self.runner = runner
-        self.window = min(window, MAX_WINDOW)
-        server_cap = runner.max_inflight() if window > 1 else None
-        if server_cap is not None and server_cap < self.window:
-            logger.info(
-                "the server takes %d requests in flight per device; pipelining %d", server_cap, server_cap
-            )
-            self.window = server_cap
+        self.window = effective_window(runner, window)
         self._held: deque[tuple[T, Ticket]] = deque()
 
     def __len__(self) -> int:

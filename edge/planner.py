@@ -166,7 +166,7 @@ def predict(
     out = []
     for c in costs:
         if c.index == n:
-            energy = c.head_ms * compute_watts / 1000.0
+            energy = c.head_ms * compute_watts  # ms x W = mJ
             out.append(Prediction(c.index, c.head_ms, 0.0, 0.0, 0.0, 0.0, 0, 0, energy, True))
             continue
         if link is None or not link.usable:
@@ -174,7 +174,7 @@ def predict(
         else:
             transfer, rtt = link.transfer_ms(c.nbytes + c.nbytes_back), link.rtt_ms
         wait_ms = rtt + queue_ms + c.tail_ms
-        energy = (c.head_ms * compute_watts + transfer * radio_watts + wait_ms * idle_watts) / 1000.0
+        energy = c.head_ms * compute_watts + transfer * radio_watts + wait_ms * idle_watts  # ms x W = mJ
         out.append(
             Prediction(
                 c.index, c.head_ms, transfer, rtt, queue_ms, c.tail_ms, c.nbytes, c.nbytes_back, energy, False

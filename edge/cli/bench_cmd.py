@@ -21,7 +21,7 @@ from rich.table import Table
 from ..argtypes import non_negative_int, positive_int
 from ..cascade import Calibration, Router, open_router
 from ..cooperative import CooperativeRunner, InferenceResult
-from ..pipeline import pipelined
+from ..pipeline import effective_window, pipelined
 from ..preprocess import random_inputs
 from ..stats import summary
 from . import sweep
@@ -116,6 +116,8 @@ def measure(
 
     for _ in results(warmup):
         pass
+    if hasattr(device, "answered_by"):
+        device.answered_by.clear()  # the warm-up's answers are not the measurement's
     stages: dict[str, list[float]] = {
         "e2e_ms": [],
         "head_ms": [],
@@ -143,7 +145,8 @@ def measure(
     report["overhead_ms"] = summary(overhead)
     report["bytes_sent"] = round(bytes_sent / n, 1)  # per request, on average
     report["n"] = n
-    report["inflight"] = inflight
+    # The window used: a server that lets a device keep fewer in flight caps it.
+    report["inflight"] = effective_window(device, inflight) if inflight > 1 else 1
     report["throughput_rps"] = round(n / elapsed, 1) if elapsed > 0 else None
     # This process's CPU per request, every thread (the head, gRPC, an in-process server if any).
     report["device_cpu_ms"] = round(cpu_ms / n, 4)
@@ -203,6 +206,6 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(
         f"bytes sent {report['bytes_sent']:,} (input {report['input_bytes']:,}); fallbacks {report['fallbacks']}; "
-        f"{report['throughput_rps']} requests/s with {args.inflight} in flight; overhead = e2e - head - tail"
+        f"{report['throughput_rps']} requests/s with {report['inflight']} in flight; overhead = e2e - head - tail"
     )
     return 0

@@ -250,3 +250,28 @@ def test_a_pool_of_servers_with_one_codec_plans_with_it(graphs) -> None:
             mixed.close()
             runner.close()
     assert policy.codec == "lz4" and policy.wire_ratio
+
+
+def test_max_bytes_limits_the_plan_not_the_link_probes(graphs, tmp_path, monkeypatch) -> None:
+    """--max-bytes 2048 on MobileNetV2: the plan keeps to it, but the payload probes still use cuts big
+    enough to time (limited to 2 KiB they timed fixed costs, and called loopback 1.18 Mbit/s)."""
+    from edge import models
+    from edge.runner import ModelRunner
+    from edge.transport import TailClient
+    from server.embedded import BackgroundServer
+
+    monkeypatch.setenv("EDGE_CACHE_DIR", str(tmp_path))
+    graph = graphs["mobilenetv2_035"]
+    with BackgroundServer.from_files([models.model_path("mobilenetv2_035")]) as server:
+        runner = ModelRunner(graph)
+        client = TailClient(server.address, timeout_s=30.0)
+        try:
+            policy = AutoSplit.connect(
+                runner, client, model_name="mobilenetv2_035", progress=False, max_bytes=2048
+            )
+        finally:
+            client.close()
+            runner.close()
+    assert policy.prober is not None
+    assert max(graph.cut(k).nbytes for k in policy.prober.probe_cuts) > 16 * 1024
+    assert graph.cut(policy.choose()).nbytes <= 2048 or policy.choose() == graph.num_operators
