@@ -175,3 +175,13 @@ def test_an_empty_data_file_is_one_line(command: list[str], tmp_path: Path) -> N
     args = [part.format(**{k: str(v) for k, v in files.items()}) for part in command]
     assert "(empty)" in _error_line(edge(*args))
     assert not files["out"].exists()
+
+
+@pytest.mark.parametrize(("model", "labelled"), [("digits_resnet_f32", True), ("mobilenetv2_035", False)])
+def test_demo_runs_every_shipped_kind_of_model(model: str, labelled: bool) -> None:
+    """The float model takes the float digits; MobileNet takes seeded inputs and reports no accuracy."""
+    proc = edge("demo", "--model", model, "-n", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["identical_to_whole_model"] == 4 and report["fallbacks"] == 0
+    assert (report["accuracy"] is not None) == labelled
