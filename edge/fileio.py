@@ -59,7 +59,7 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
         with loaded:
             return {name: loaded[name] for name in loaded.files}
     except FileNotFoundError as err:
-        raise TensorFormatError(f"{path}: no such file") from err
+        raise TensorFormatError(f"{path}: not a readable .npy or .npz file (no such file)") from err
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         what = "empty" if Path(path).is_file() and Path(path).stat().st_size == 0 else f"not readable: {err}"
-        raise TensorFormatError(f"{path}: not a .npy or .npz file ({what})") from err
+        raise TensorFormatError(f"{path}: not a readable .npy or .npz file ({what})") from err

@@ -210,15 +210,24 @@ def write_split(partition: Partition, out_dir: str | Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CutError(f"cannot create output directory {out}: {err.strerror or err}") from err
+    in_the_way = [name for name in files if (out / name).is_dir()]
+    if in_the_way:
+        raise CutError(f"cannot write split into {out}: {', '.join(in_the_way)} is a directory")
     staged: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
     try:
         for name, data in files.items():
             staged.append((stage(out, name, data), out / name))
         for tmp, final in staged:
+            existed = final.exists()
             os.replace(tmp, final)
+            if not existed:
+                placed.append(final)
     except OSError as err:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
+        for final in placed:  # all or nothing: what this call added goes again
+            final.unlink(missing_ok=True)
         raise CutError(f"cannot write split into {out}: {err.strerror or err}") from err
     return [final for _, final in staged]
 

@@ -60,7 +60,7 @@ def check_finite(values: np.ndarray, tensor: TensorInfo) -> None:
         )
 
 
-def coerce_input(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
+def coerce_input(array: np.ndarray, tensor: TensorInfo, *, integers_as_reals: bool = True) -> np.ndarray:
     """``array`` shaped and typed as ``tensor``.
 
     A missing leading batch dimension of 1 is added; real values given to an integer
@@ -88,6 +88,17 @@ def coerce_input(array: np.ndarray, tensor: TensorInfo) -> np.ndarray:
                 f"input {tensor.name!r} is {tensor.dtype.name}: values {array.min()}..{array.max()} do not fit"
             )
         return array.astype(tensor.dtype)
+    if (
+        np.issubdtype(tensor.dtype, np.floating)
+        and np.issubdtype(array.dtype, np.integer)
+        and not integers_as_reals
+    ):
+        # A typed integer array for a float model is most often quantized data for another model
+        # (int8 digits into the float one gave logits of 6,860 against 9.6): not cast without a word.
+        raise TensorFormatError(
+            f"input {tensor.name!r} is {tensor.dtype.name}, and this file holds {array.dtype.name} values: "
+            f"give the real values the model takes (save them as {tensor.dtype.name})"
+        )
     if np.issubdtype(tensor.dtype, np.floating) and np.issubdtype(array.dtype, np.number):
         check_finite(array, tensor)
         return array.astype(tensor.dtype)

@@ -147,7 +147,9 @@ def load_dataset(path: Path, graph: ModelGraph) -> tuple[list[dict[str, np.ndarr
             f"{path}: x has {len(x)} samples and y {len(y)}; they must match, and not be empty"
         )
     tensor = graph.inputs[0]
-    return [{tensor.name: coerce_input(x[i], tensor)} for i in range(len(y))], y.astype(np.int64)
+    return [
+        {tensor.name: coerce_input(x[i], tensor, integers_as_reals=False)} for i in range(len(y))
+    ], y.astype(np.int64)
 
 
 def _label(outputs: dict[str, np.ndarray], tensor: TensorInfo) -> tuple[int, np.ndarray]:

@@ -203,5 +203,5 @@ def load_inputs(graph: ModelGraph, specs: list[str]) -> dict[str, np.ndarray]:
         if "" not in arrays:
             count = f"{len(arrays)} arrays" if arrays else "no array"
             raise TensorFormatError(f"{path}: holds {count}; give a .npy file with one")
-        feeds[name] = coerce_input(arrays[""], wanted[name])
+        feeds[name] = coerce_input(arrays[""], wanted[name], integers_as_reals=False)
     return feeds

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.tools import flatbuffer_utils
@@ -185,3 +186,19 @@ def test_demo_runs_every_shipped_kind_of_model(model: str, labelled: bool) -> No
     report = json.loads(proc.stdout)
     assert report["identical_to_whole_model"] == 4 and report["fallbacks"] == 0
     assert (report["accuracy"] is not None) == labelled
+
+
+def test_infer_refuses_quantized_data_for_a_float_model(tmp_path: Path) -> None:
+    """int8 digits into the float model were cast without a word (logits of 6,860 against 9.6)."""
+    np.save(tmp_path / "x.npy", models.digits_sample().x[:1])
+    line = _error_line(edge("infer", "--model", "digits_resnet_f32", "--input", str(tmp_path / "x.npy")))
+    assert "is float32, and this file holds int8 values" in line
+
+
+def test_split_is_all_or_nothing_when_the_tail_cannot_be_written(tmp_path: Path) -> None:
+    out = tmp_path / "split"
+    (out / "tail.tflite").mkdir(parents=True)
+    assert "tail.tflite is a directory" in _error_line(
+        edge("split", "digits_resnet", "--at", "8", "--out", str(out))
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["tail.tflite"]
