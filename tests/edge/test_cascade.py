@@ -351,12 +351,13 @@ def test_bad_cascade_inputs_are_one_clear_error_each(
     assert main(argv) == 0
     capsys.readouterr()
     np.save(tmp_path / "x.npy", models.digits_sample().x[0])
+    np.save(tmp_path / "x_float.npy", models.digits_sample().x_float[0].astype(np.float32))
     unlabelled = tmp_path / "x.npz"
     np.savez(unlabelled, x=models.digits_sample().x[:3])
     not_json = tmp_path / "no.json"
     not_json.write_text("{}")
     cases = [
-        (["infer", "--model", "digits_resnet_f32", "--input", str(tmp_path / "x.npy"), "--cascade", str(cal)],
+        (["infer", "--model", "digits_resnet_f32", "--input", str(tmp_path / "x_float.npy"), "--cascade", str(cal)],
          "calibrated for another big model"),
         (["calibrate", "--model", "digits_resnet", "--exit", "nope", "--data", str(calibrate_on), "--out",
           str(tmp_path / "e.json")], "is not an early exit"),
