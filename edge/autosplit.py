@@ -263,6 +263,8 @@ class AutoSplit:
             self._head[k] = math.inf
             self.replan()
             return
+        if result.fallback and result.fallback_status == "RESOURCE_EXHAUSTED":
+            return  # one request refused by a busy server, which is up: the next one goes as planned
         if result.fallback:
             self._lost(result.fallback_reason or "fallback")
             return

@@ -20,7 +20,7 @@ import numpy as np
 from . import wire
 from .errors import BackendError, ModelMismatchError, RemoteError, TensorFormatError
 from .runner import ModelRunner
-from .transport.base import RETRYABLE, RemoteResult, TailTransport, ping
+from .transport.base import DOWN, RETRYABLE, RemoteResult, TailTransport, ping
 from .transport.circuit import Circuit
 
 __all__ = [
@@ -75,6 +75,8 @@ class InferenceResult:
     """The head's early exit answered: ``outputs`` holds what the head computed, nothing was sent."""
     lossy: bool = False
     """The cut went through a lossy codec: the outputs may differ from the whole model's."""
+    fallback_status: str | None = None
+    """The gRPC status the server failed the request with, when it did."""
     broken_cut: bool = False
     """The device could not run its half of this cut (its backend refused it), so it ran the whole
     model instead: a fallback the server is not to blame for."""
@@ -403,10 +405,12 @@ class CooperativeRunner:
     def _fallback(self, sent: Ticket, err: RemoteError) -> InferenceResult:
         """The tail run here, after the server failed ``sent``."""
         k, started, head_ms = sent.k, sent.started, sent.head_ms
-        if err.status in RETRYABLE:
+        if err.status in DOWN:
             logger.warning("edge server unavailable, finishing cut %d locally: %s", k, err)
             if self.circuit is not None:
                 self.circuit.trip(str(err))
+        elif err.status in RETRYABLE:
+            logger.info("edge server busy, finishing cut %d locally: %s", k, err)
         else:
             logger.error("edge server refused the request, finishing cut %d locally: %s", k, err)
         tail_started = time.perf_counter()
@@ -429,6 +433,7 @@ class CooperativeRunner:
             fallback=True,
             timings=timings,
             fallback_reason=str(err),
+            fallback_status=err.status,
         )
 
     def _ordered(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -99,3 +99,50 @@ class ForeignStream:
                 ),
             },
         )
+
+
+class Busy(pb_grpc.GRPCInferenceServiceServicer):
+    """A real OIP server that refuses every ``every``-th ModelInfer with RESOURCE_EXHAUSTED, as a
+    server at its per-device limit does, and answers the others with our own servicer."""
+
+    def __init__(self, inner: InferenceServicer, every: int) -> None:
+        self.inner, self.every, self.calls = inner, every, 0
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        self.calls += 1
+        if self.calls % self.every == 0:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "16 requests in flight for this device")
+        return await self.inner.ModelInfer(request, context)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self.inner.ServerReady(request, context)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self.inner.ServerMetadata(request, context)
+
+
+@pytest.fixture
+def busy_server() -> Iterator[str]:
+    """A :class:`Busy` server refusing every third request, serving :data:`UNARY_MODEL`."""
+    repository = ModelRepository.from_files([models.model_path(UNARY_MODEL)])
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        servicer = Busy(InferenceServicer(DataPlane(repository), workers=0), every=3)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        repository.close()

@@ -19,10 +19,14 @@ from .. import wire
 from ..codec import ModelMetadata, ParameterValue
 from ..errors import RemoteError
 
-__all__ = ["RETRYABLE", "RemoteResult", "TailTransport", "ping", "tail_profile"]
+__all__ = ["DOWN", "RETRYABLE", "RemoteResult", "TailTransport", "ping", "tail_profile"]
 
 # Statuses after which the device should finish the work itself: the link or the server is the problem.
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED"})
+# Of those, the ones that say the server or the link is down: the device stops sending until a probe
+# finds it back. RESOURCE_EXHAUSTED is a refusal of one request by a server that is up (its
+# per-device or admission limit): that request finishes here, and the next one is sent as usual.
+DOWN = RETRYABLE - {"RESOURCE_EXHAUSTED"}
 
 
 @dataclass(slots=True)

@@ -278,6 +278,8 @@ class FailoverClient:
         logger.info("edge server %s failed (%s); trying the next", self.clients[index].address, err.status)
         with self._lock:
             self._inflight[index] -= 1
+            if err.status == "RESOURCE_EXHAUSTED":
+                return  # busy, not down: it stays in turn
             self._failed_at[index] = self._clock()
             start = self._prober is None and self.retry_after_s > 0 and not self._closed.is_set()
             if start:
