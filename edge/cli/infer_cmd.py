@@ -83,13 +83,23 @@ def run(args: argparse.Namespace) -> int:
             f"({'at or above' if not routed.escalated else 'below'} the threshold {routed.threshold:.4f})"
         )
     t = result.timings
-    where = "local" if not result.offloaded and not result.fallback else f"cut {result.split_point}"
-    print(
-        f"{where}: head {t.head_ms:.2f} ms, transfer {t.transfer_ms:.2f} ms, queue {t.queue_ms:.2f} ms, "
-        f"tail {t.tail_ms:.2f} ms, total {t.e2e_ms:.2f} ms, {result.bytes_sent:,} bytes sent"
-    )
-    if result.fallback:
+    if result.offloaded:
+        print(
+            f"cut {result.split_point}, tail on the server: head {t.head_ms:.2f} ms, transfer {t.transfer_ms:.2f} ms, "
+            f"queue {t.queue_ms:.2f} ms, tail {t.tail_ms:.2f} ms, total {t.e2e_ms:.2f} ms, "
+            f"{result.bytes_sent:,} bytes sent"
+        )
+    elif result.fallback:
+        # Nothing reached the server: no transfer to report, only the time lost before finishing here.
+        print(
+            f"on this device (fallback from cut {result.split_point}): total {t.e2e_ms:.2f} ms, "
+            f"of which {t.transfer_ms:.2f} ms waiting on the server, 0 bytes delivered"
+        )
         print(f"fallback: the tail ran locally ({result.fallback_reason})", file=sys.stderr)
+    else:
+        answered_here = routed is not None and not routed.escalated  # the line above says why
+        why = "" if args.local or not args.server or answered_here else f" ({_why_local(device)})"
+        print(f"on this device{why}: total {t.e2e_ms:.2f} ms, 0 bytes sent")
     if result.lossy:
         print(
             f"lossy: the cut went {args.codec}-encoded; the outputs may differ from the model's",
@@ -103,6 +113,20 @@ def run(args: argparse.Namespace) -> int:
     if output is not None:
         print(f"wrote {output}")
     return 0
+
+
+def _why_local(device: object) -> str:
+    """Why a request with a server stayed on the device: the plan, or the circuit."""
+    policy = getattr(device, "policy", None)
+    circuit = getattr(device, "circuit", None)
+    if circuit is not None and not circuit.available():
+        return f"the server is down: {circuit.reason}"
+    reachable = getattr(policy, "reachable", True)
+    if not reachable:
+        return "the planner could not reach the server"
+    if getattr(policy, "graph", None) is not None:
+        return "the planner predicts the device alone is fastest here; edge plan shows every cut"
+    return "the cut sends nothing"
 
 
 def _output_path(spec: str) -> Path:

@@ -202,3 +202,14 @@ def test_split_is_all_or_nothing_when_the_tail_cannot_be_written(tmp_path: Path)
         edge("split", "digits_resnet", "--at", "8", "--out", str(out))
     )
     assert sorted(p.name for p in out.iterdir()) == ["tail.tflite"]
+
+
+def test_infer_says_where_the_tail_ran(tmp_path: Path) -> None:
+    """A fallback's line does not look like an offload (it printed 'cut 8: ... transfer ...')."""
+    np.save(tmp_path / "x.npy", models.digits_sample().x[:1])
+    dead = edge("infer", "--model", "digits_resnet", "--input", str(tmp_path / "x.npy"), "--server",
+                "127.0.0.1:9", "--split-at", "8")  # fmt: skip
+    assert dead.returncode == 0, dead.stderr
+    first = dead.stdout.splitlines()[0]
+    assert first.startswith("on this device (fallback from cut 8)") and "transfer" not in first, dead.stdout
+    assert "fallback: the tail ran locally" in dead.stderr
