@@ -7,6 +7,7 @@ import functools
 import itertools
 import json
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -26,7 +27,7 @@ from ..preprocess import random_inputs
 from ..stats import summary
 from . import sweep
 from .cascade_cmd import load_dataset
-from .common import add_device_args, add_server_args, load_graph, open_runner
+from .common import add_device_args, add_server_args, check_strict, load_graph, open_runner
 from .pipes import output_console
 
 __all__ = ["measure", "register"]
@@ -127,6 +128,7 @@ def measure(
     }
     overhead: list[float] = []
     fallbacks = 0
+    last_reason: str | None = None
     bytes_sent = 0
     split_points = []
     timed = results(n)
@@ -137,6 +139,8 @@ def measure(
             stages[key].append(value)
         overhead.append(t.e2e_ms - t.head_ms - t.tail_ms)
         fallbacks += result.fallback
+        if result.fallback and last_reason is None:
+            last_reason = result.fallback_reason
         bytes_sent += result.bytes_sent
         split_points.append(result.split_point)
     elapsed = time.perf_counter() - started
@@ -151,6 +155,7 @@ def measure(
     # This process's CPU per request, every thread (the head, gRPC, an in-process server if any).
     report["device_cpu_ms"] = round(cpu_ms / n, 4)
     report["fallbacks"] = fallbacks
+    report["fallback_reason"] = last_reason
     report["split_point"] = statistics.mode(split_points) if split_points else None
     return report
 
@@ -190,6 +195,13 @@ def run(args: argparse.Namespace) -> int:
         cpu_latency_us=args.cpu_latency_us,
         input_bytes=sum(t.nbytes for t in graph.inputs),
     )
+    fallbacks, n = int(report["fallbacks"]), int(report["n"])  # type: ignore[call-overload]
+    if fallbacks == n and n:
+        print(
+            f"edge bench: every request ran on the device; the server was not used: {report['fallback_reason']}",
+            file=sys.stderr,
+        )
+    check_strict(args, fallbacks, n, report["fallback_reason"])  # type: ignore[arg-type]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -14,7 +14,7 @@ from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..backends.support import require_runnable
 from ..cooperative import CooperativeRunner
 from ..cpu_latency import add_cpu_latency_arg
-from ..errors import TensorFormatError
+from ..errors import RemoteError, TensorFormatError
 from ..fileio import load_arrays
 from ..graph import ModelGraph
 from ..policy import make_policy
@@ -29,6 +29,7 @@ __all__ = [
     "MODEL_HELP",
     "add_device_args",
     "add_server_args",
+    "check_strict",
     "load_graph",
     "load_inputs",
     "open_runner",
@@ -63,6 +64,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=2.0,
         help="deadline of each request, seconds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 2 when a request fell back to the device (the server refused it or could not be "
+        "reached), instead of finishing it here silently",
     )
     p.add_argument(
         "--transport",
@@ -205,3 +212,9 @@ def load_inputs(graph: ModelGraph, specs: list[str]) -> dict[str, np.ndarray]:
             raise TensorFormatError(f"{path}: holds {count}; give a .npy file with one")
         feeds[name] = coerce_input(arrays[""], wanted[name], integers_as_reals=False)
     return feeds
+
+
+def check_strict(args: argparse.Namespace, fallbacks: int, total: int, reason: str | None) -> None:
+    """With --strict, fallbacks are an error (one line, exit 2)."""
+    if getattr(args, "strict", False) and fallbacks:
+        raise RemoteError(f"{fallbacks} of {total} request(s) fell back to the device (--strict): {reason}")

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..cascade import Calibration, open_router
 from ..errors import EdgeError
-from .common import add_device_args, add_server_args, load_graph, load_inputs, open_runner
+from .common import add_device_args, add_server_args, check_strict, load_graph, load_inputs, open_runner
 
 __all__ = ["register"]
 
@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if output is not None:
         print(f"wrote {output}")
+    check_strict(args, int(result.fallback), 1, result.fallback_reason)
     return 0
 
 

@@ -213,3 +213,17 @@ def test_infer_says_where_the_tail_ran(tmp_path: Path) -> None:
     first = dead.stdout.splitlines()[0]
     assert first.startswith("on this device (fallback from cut 8)") and "transfer" not in first, dead.stdout
     assert "fallback: the tail ran locally" in dead.stderr
+
+
+@pytest.mark.parametrize("command", ["infer", "bench"])
+def test_strict_makes_a_fallback_an_error(command: str, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", models.digits_sample().x[:1])
+    args = ["--model", "digits_resnet", "--server", "127.0.0.1:9", "--split-at", "8"]
+    args += ["--input", str(tmp_path / "x.npy")] if command == "infer" else ["-n", "5", "--json"]
+    lenient = edge(command, *args)
+    assert lenient.returncode == 0, lenient.stderr
+    if command == "bench":  # it says the server was never used
+        assert "every request ran on the device" in lenient.stderr
+    strict = edge(command, *args, "--strict")
+    errors = [line for line in strict.stderr.splitlines() if line.startswith("edge: error:")]
+    assert strict.returncode == 2 and len(errors) == 1 and "fell back to the device (--strict)" in errors[0]
