@@ -146,6 +146,11 @@ def load_dataset(path: Path, graph: ModelGraph) -> tuple[list[dict[str, np.ndarr
         raise TensorFormatError(
             f"{path}: x has {len(x)} samples and y {len(y)}; they must match, and not be empty"
         )
+    classes = max((int(np.prod(t.shape)) for t in graph.outputs), default=0)
+    if y.min() < 0 or y.max() >= classes:
+        raise TensorFormatError(
+            f"{path}: labels must be classes 0..{classes - 1} of the model's output; found {y.min()}..{y.max()}"
+        )
     tensor = graph.inputs[0]
     return [
         {tensor.name: coerce_input(x[i], tensor, integers_as_reals=False)} for i in range(len(y))
@@ -228,6 +233,8 @@ def calibrate(args: argparse.Namespace) -> int:
         raise EdgeError(
             f"--split-at {split_point} comes before the exit, which the head computes from cut {stages.exit_cut} on"
         )
+    if args.plot is not None:
+        _plotting()  # before the work, and before anything is written
     feeds, labels = load_dataset(args.data, big)
     confidences, small_correct, big_correct = [], [], []
     try:
@@ -363,7 +370,8 @@ def _print(report: dict[str, Any], as_json: bool, footer: str) -> None:
     print(footer, file=sys.stderr)
 
 
-def _plot(calibration: Calibration, path: Path) -> None:
+def _plotting() -> Any:
+    """matplotlib's pyplot, drawing to files; EdgeError naming the extra when it is missing."""
     try:
         import matplotlib
 
@@ -371,6 +379,11 @@ def _plot(calibration: Calibration, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise EdgeError("--plot needs matplotlib: pip install 'edge-coop[plot]'") from err
+    return plt
+
+
+def _plot(calibration: Calibration, path: Path) -> None:
+    plt = _plotting()
     shares = [p.local_share * 100 for p in calibration.curve]
     accuracies = [p.accuracy * 100 for p in calibration.curve]
     fig, ax = plt.subplots(figsize=(6, 4))

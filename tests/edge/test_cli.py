@@ -227,3 +227,26 @@ def test_strict_makes_a_fallback_an_error(command: str, tmp_path: Path) -> None:
     strict = edge(command, *args, "--strict")
     errors = [line for line in strict.stderr.splitlines() if line.startswith("edge: error:")]
     assert strict.returncode == 2 and len(errors) == 1 and "fell back to the device (--strict)" in errors[0]
+
+
+def test_calibrate_refuses_labels_outside_the_classes(tmp_path: Path) -> None:
+    sample = models.digits_sample()
+    np.savez(tmp_path / "d.npz", x=sample.x[:20], y=np.full(20, 12))
+    out = tmp_path / "cal.json"
+    line = _error_line(edge("calibrate", "--model", "digits_resnet", "--small", "digits_tiny", "--split-at", "8",
+                            "--data", str(tmp_path / "d.npz"), "--out", str(out)))  # fmt: skip
+    assert "labels must be classes 0..9" in line and not out.exists()
+
+
+def test_calibrate_plot_without_matplotlib_fails_before_writing(tmp_path: Path) -> None:
+    """matplotlib made unimportable in the process (as on a device without the plot extra)."""
+    out = tmp_path / "cal.json"
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; from edge.cli import main; "
+        f"sys.exit(main(['calibrate', '--model', 'digits_resnet', '--small', 'digits_tiny', '--split-at', '8', "
+        f"'--data', {str(models.HERE / 'digits_test.npz')!r}, "
+        f"'--out', {str(out)!r}, '--plot', {str(tmp_path / 'p.png')!r}]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--plot needs matplotlib" in proc.stderr, proc.stderr
+    assert not out.exists()
