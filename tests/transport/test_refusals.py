@@ -6,6 +6,7 @@ for a fixed cut, for `auto`, and in a pool. (One refusal used to stop all offloa
 from __future__ import annotations
 
 import numpy as np
+from peers import UNARY_MODEL, busy_server  # noqa: F401 (a fixture)
 
 from edge import models
 from edge.cooperative import CooperativeRunner
@@ -13,7 +14,6 @@ from edge.graph import ModelGraph
 from edge.runner import ModelRunner
 from edge.transport import FailoverClient, TailClient
 from helpers import seeded_inputs
-from peers import UNARY_MODEL, busy_server  # noqa: F401 (a fixture)
 
 
 def test_a_busy_refusal_falls_back_once_and_offloading_goes_on(busy_server: str) -> None:  # noqa: F811
