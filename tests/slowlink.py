@@ -20,8 +20,8 @@ MODEL = "digits_resnet"
 _LISTENING = r"listening on 127\.0\.0\.1:(\d+)"
 
 
-def _start(args: list[str], log: Path, timeout_s: float = 30.0) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``args`` and read the port it listens on from its log."""
+def start_logged(args: list[str], log: Path, timeout_s: float = 30.0) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``args`` and read the port it listens on from its log ("listening on 127.0.0.1:PORT")."""
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
@@ -56,15 +56,15 @@ def slow_links(tmp: Path) -> Iterator[dict[str, object]]:
     ]
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        tls, tls_port = _start(
+        tls, tls_port = start_logged(
             [*server, "--tls-cert", str(pair.cert), "--tls-key", str(pair.key)], tmp / "tls.log"
         )
         procs.append(tls)
-        plain, plain_port = _start(server, tmp / "plain.log")
+        plain, plain_port = start_logged(server, tmp / "plain.log")
         procs.append(plain)
         proxies = {}
         for name, port, delay in (("tls", tls_port, 100), ("plain", plain_port, 200)):
-            proxy, proxy_port = _start(
+            proxy, proxy_port = start_logged(
                 [sys.executable, "-m", "edge.emulation.proxy", "--listen", "127.0.0.1:0",
                  "--upstream", f"127.0.0.1:{port}", "--delay-ms", str(delay)],
                 tmp / f"proxy-{name}.log",

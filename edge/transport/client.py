@@ -339,6 +339,11 @@ class TailClient:
             return False
         return bool(reply.ready)
 
+    def server_metadata(self, timeout_s: float | None = None) -> tuple[str, str, tuple[str, ...]]:
+        """The server's name, version and extensions."""
+        reply = self._unary_call("ServerMetadata", pb.ServerMetadataRequest(), timeout_s)
+        return str(reply.name), str(reply.version), tuple(reply.extensions)
+
     def model_metadata(self, model: str, timeout_s: float | None = None) -> ModelMetadata:
         reply = self._unary_call("ModelMetadata", pb.ModelMetadataRequest(name=model), timeout_s)
         return converters.model_metadata_from_pb(reply)
