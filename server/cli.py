@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,8 @@ async def _serve(settings: ServerSettings) -> None:
     check_listen(settings.host, settings.port)  # in milliseconds, before the models take seconds to load
     security = security_from(settings)
     metrics = ServerMetrics() if settings.metrics_port is not None else None
+    if metrics is not None:
+        security.on_refused = lambda reason: metrics.refused.labels(reason).inc()
     # The metrics endpoint binds before anything else starts: a port in use fails with nothing to undo.
     http = None
     if metrics is not None and settings.metrics_port is not None:
@@ -287,9 +290,14 @@ async def _serve_models(settings: ServerSettings, security: Security, metrics: S
         watchdog = asyncio.create_task(_watchdog(stop))
         await stop.wait()
         notify("STOPPING=1")
+        logger.info(
+            "edge-server: stopping (health NOT_SERVING; in-flight requests get %gs)", settings.grace_s
+        )
+        stopping = time.perf_counter()
         watchdog.cancel()
         watcher.cancel()
         await server.stop(settings.grace_s)
+        logger.info("edge-server: stopped after %.2fs", time.perf_counter() - stopping)
     finally:
         repository.close()
 

@@ -33,6 +33,12 @@ class ServerMetrics:
             ["model", "cut", "status"],
             registry=self.registry,
         )
+        self.refused = prom.Counter(
+            "edge_refused",
+            "Calls refused before any work: UNAUTHENTICATED, by reason (no_token, unknown_token).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.queue = prom.Histogram(
             "edge_queue_seconds",
             "Arrival to the start of compute.",

@@ -100,6 +100,8 @@ class Security:
         if client_ca is not None and cert is None:
             raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS first")
         self.cert, self.key, self.client_ca, self.tokens_file = cert, key, client_ca, tokens
+        self.on_refused: Callable[[str], None] | None = None
+        """Called with the reason ("no_token", "unknown_token") for every call refused: the metrics' hook."""
         # Guards _config and _tokens, which reload() replaces.
         self._lock = threading.Lock()
         self._config = self._read_config()
@@ -201,6 +203,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         why = "no bearer token" if not token else "an unknown bearer token"
         logger.info("refused %s: %s", method[:80], why)
+        if self.security.on_refused is not None:
+            self.security.on_refused("unknown_token" if token else "no_token")
         return _refusal(method, f"{why}: send 'authorization: Bearer TOKEN' metadata")
 
 

@@ -190,6 +190,12 @@ class Daemon:
 
     def _shutdown(self) -> None:
         notify("STOPPING=1")
+        logger.info(
+            "stopping: finishing %d queued and %d in-flight message(s), up to %gs",
+            self._queue.qsize(),
+            len(self._held),
+            self.profile.queue.drain_timeout_s,
+        )
         self._stopping.set()
         drained = 0
         while True:

@@ -315,6 +315,7 @@ def test_sigterm_drains_and_exits_zero(
     wait_until(lambda: probe.retained.get("edge/generic-x86/availability") == b"offline", 10, "offline")
     drained = re.search(r"\((\d+) drained at shutdown\)", daemon.text())
     assert drained is not None and int(drained.group(1)) > 0
+    assert re.search(r"stopping: finishing \d+ queued and \d+ in-flight message", daemon.text())
     answered = set(probe.answered())
     backlog = session_backlog(broker, DEVICE_CLIENT_ID)
     # Each message was either answered and acknowledged, or left for the next run; none both, none lost.

@@ -34,29 +34,35 @@ def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return samples
 
 
-def test_metrics_count_what_the_server_did(tmp_path: Path, graphs: dict) -> None:
+def _serve_with_metrics(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str, int, Path]:
+    """A real server process with metrics, both on port 0, the ports read back from its log (a port
+    picked free beforehand can be taken meanwhile): (process, metrics URL, gRPC port, log path)."""
     (tmp_path / f"{MODEL}.tflite").write_bytes(models.model_path(MODEL).read_bytes())
-    log = (tmp_path / "server.log").open("w+")
-    # Port 0 for both, read back from the log: a port picked free beforehand can be taken meanwhile.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--models", str(tmp_path), "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "0"],
-        stdout=log, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--models", str(tmp_path), "--host", "127.0.0.1", "--port", "0",
+             "--metrics-port", "0", *extra],
+            stdout=log, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 30
+    url = port = None
+    while (url is None or port is None) and time.monotonic() < deadline and proc.poll() is None:
+        text = log_path.read_text()
+        found = re.search(r"metrics on (http://\S+/metrics)", text)
+        url = found.group(1) if found else None
+        listening = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
+        port = int(listening.group(1)) if listening else None
+        time.sleep(0.05)
+    if url is None or port is None:
+        proc.kill()
+        raise AssertionError(f"the server did not say where it listens: {log_path.read_text()[-2000:]}")
+    return proc, url, port, log_path
+
+
+def test_metrics_count_what_the_server_did(tmp_path: Path, graphs: dict) -> None:
+    proc, url, port, _ = _serve_with_metrics(tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        url = port = None
-        while (url is None or port is None) and time.monotonic() < deadline and proc.poll() is None:
-            log.seek(0)
-            text = log.read()
-            found = re.search(r"metrics on (http://\S+/metrics)", text)
-            url = found.group(1) if found else None
-            listening = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
-            port = int(listening.group(1)) if listening else None
-            time.sleep(0.05)
-        log.seek(0)
-        assert url is not None, f"the server did not say where its metrics are: {log.read()[-2000:]}"
-        assert port is not None, f"the server did not say where it listens: {log.read()[-2000:]}"
         graph = graphs[MODEL]
         x = seeded_inputs(graph, 0)
         with ModelRunner(graph) as runner:
@@ -88,7 +94,31 @@ def test_metrics_count_what_the_server_did(tmp_path: Path, graphs: dict) -> None
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        log.close()
+
+
+def test_refusals_are_counted_and_shutdown_is_logged(tmp_path: Path, graphs: dict) -> None:
+    """Calls refused for want of a token count in edge_refused_total; SIGTERM says so in the log."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("dev1 device-token-0123456789abcdef\n")
+    proc, url, port, log = _serve_with_metrics(tmp_path, "--auth-tokens", str(tokens))
+    try:
+        graph = graphs[MODEL]
+        with ModelRunner(graph) as runner:
+            cut = runner.run_head(8, seeded_inputs(graph, 0)).cut
+        for token in (None, "not-a-known-token-0123", "not-a-known-token-4567"):
+            with TailClient(f"127.0.0.1:{port}", timeout_s=10.0, token=token, streaming=False) as client:
+                try:
+                    client.infer(MODEL, cut, parameters={"split_point": 8})
+                except RemoteError as err:
+                    assert err.status == "UNAUTHENTICATED"
+        samples = _scrape(url)
+        assert samples[("edge_refused_total", (("reason", "no_token"),))] == 1
+        assert samples[("edge_refused_total", (("reason", "unknown_token"),))] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "edge-server: stopping" in text and "edge-server: stopped after" in text, text[-1500:]
 
 
 def test_the_shipped_dashboard_and_scrape_config_name_metrics_that_exist() -> None:
