@@ -39,12 +39,20 @@ def _multi_io() -> tf.keras.Model:
     )
 
 
+class _FlattenSpatial(tf.keras.layers.Layer):
+    """[N, H, W, C] to [N, H*W, C], the size computed from the tensor's own shape at run time. Keras 3
+    takes raw TensorFlow ops only inside a layer's call, not on its symbolic inputs."""
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(x)
+        return tf.reshape(x, tf.stack([shape[0], shape[1] * shape[2], shape[3]]))
+
+
 def _reshaping() -> tf.keras.Model:
     """Reshape to a size computed from the input's shape: SHAPE, STRIDED_SLICE, PACK, RESHAPE."""
     image = tf.keras.Input((16, 16, 4), name="image")
     x = tf.keras.layers.Conv2D(8, 3, padding="same")(image)
-    shape = tf.shape(x)
-    x = tf.reshape(x, tf.stack([shape[0], shape[1] * shape[2], shape[3]]))
+    x = _FlattenSpatial()(x)
     x = tf.keras.layers.Dense(4)(x)
     return tf.keras.Model(image, tf.keras.layers.Flatten()(x))
 
