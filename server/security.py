@@ -74,6 +74,9 @@ def read_tokens(path: Path) -> dict[str, str]:
         tokens[token] = device
     if len(tokens) > MAX_TOKENS:
         raise ConfigError(f"{path}: {len(tokens)} tokens; at most {MAX_TOKENS}")
+    if not tokens:
+        # Every call but health and metadata would be refused: surely not what was meant.
+        raise ConfigError(f"{path}: the token file holds no DEVICE_ID TOKEN line")
     return tokens
 
 

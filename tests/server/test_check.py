@@ -68,3 +68,11 @@ def test_a_missing_or_empty_model_directory_fails_the_check(setup: dict[str, Pat
     (empty / "broken.tflite").write_bytes(b"not a model")
     proc = _check("--models", str(empty))
     assert proc.returncode == 2 and "holds no servable .tflite file" in proc.stderr, proc.stderr
+
+
+def test_an_empty_token_file_is_refused(setup: dict[str, Path]) -> None:
+    """It refused every call, with no word of why."""
+    tokens = setup["tmp"] / "tokens"
+    tokens.write_text("# devices go here\n\n")
+    proc = _check("--models", str(setup["models"]), "--auth-tokens", str(tokens))
+    assert proc.returncode == 2 and "holds no DEVICE_ID TOKEN line" in proc.stderr, proc.stderr
