@@ -57,7 +57,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.register(sub)
+    _global_flags_everywhere(parser)
     return parser
+
+
+def _global_flags_everywhere(parser: argparse.ArgumentParser) -> None:
+    """--debug and -v after the subcommand too (``edge infer … -v``). SUPPRESS as the default: a
+    subcommand that was not given the flag leaves the top level's value alone."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in dict.fromkeys(action.choices.values()):
+            if "--debug" not in child._option_string_actions:
+                child.add_argument(
+                    "--debug",
+                    action="store_true",
+                    default=argparse.SUPPRESS,
+                    help="show tracebacks and debug logs",
+                )
+            if "--verbose" not in child._option_string_actions and "-v" not in child._option_string_actions:
+                child.add_argument(
+                    "-v",
+                    "--verbose",
+                    action="store_true",
+                    default=argparse.SUPPRESS,
+                    help="log progress to stderr",
+                )
+            _global_flags_everywhere(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --cascade: requests from this labelled data (x), in turn, instead of one random input",
     )
     p.set_defaults(func=functools.partial(_run_one_cut, p))
-    sweep.register(p.add_subparsers(dest="bench_mode", metavar="{sweep}", title="other modes"))
+    # prog given: argparse would otherwise build the subcommand's usage from this parser's two-line usage.
+    sweep.register(p.add_subparsers(dest="bench_mode", metavar="{sweep}", title="other modes", prog=p.prog))
 
 
 def _run_one_cut(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

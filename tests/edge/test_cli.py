@@ -250,3 +250,10 @@ def test_calibrate_plot_without_matplotlib_fails_before_writing(tmp_path: Path) 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--plot needs matplotlib" in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_debug_and_verbose_work_after_the_subcommand(tmp_path: Path) -> None:
+    after = edge("inspect", str(tmp_path / "nope.tflite"), "--debug")
+    assert after.returncode != 0 and "Traceback" in after.stderr
+    assert edge("inspect", "digits_tiny", "--json", "-v").returncode == 0
+    assert "usage: edge bench sweep [-h]" in edge("bench", "sweep", "--help").stdout  # not the parent's two lines
