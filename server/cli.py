@@ -183,12 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flag_keys(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The settings whose flag is named otherwise (``--grace`` sets ``grace_s``): a file may use either name."""
+    keys = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest not in ("help", "version"):
+            name = action.option_strings[-1].lstrip("-").replace("-", "_")
+            if name != action.dest:
+                keys[name] = action.dest
+    return keys
+
+
 def settings_from(args: argparse.Namespace) -> ServerSettings:
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "debug", "check")}
     config = getattr(args, "config", None)
     if config is None and "models" not in flags:
         raise EdgeError('--models DIR is required (or a --config file with models = "DIR")')
-    return load_settings(flags, config)
+    return load_settings(flags, config, aliases=_flag_keys(build_parser()))
 
 
 async def serve(settings: ServerSettings) -> None:

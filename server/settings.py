@@ -171,14 +171,25 @@ class ServerSettings(BaseModel):
         return Path(value) if isinstance(value, str) else value
 
 
-def load_settings(flags: Mapping[str, Any], config: Path | None = None) -> ServerSettings:
-    """Settings from ``config`` (TOML, optional), with ``flags`` (the ones given on the command line) on top."""
+def load_settings(
+    flags: Mapping[str, Any], config: Path | None = None, *, aliases: Mapping[str, str] | None = None
+) -> ServerSettings:
+    """Settings from ``config`` (TOML, optional), with ``flags`` (the ones given on the command line) on top.
+
+    ``aliases`` maps a flag's own name (``grace`` for ``--grace``) to its settings key (``grace_s``):
+    the file may use either, not both."""
     values: dict[str, Any] = {}
     where = "command line"
     if config is not None:
         where = str(config)
         try:
-            values.update(tomllib.loads(config.read_text()))
+            loaded = tomllib.loads(config.read_text())
+            for alias, key in (aliases or {}).items():
+                if alias in loaded:
+                    if key in loaded:
+                        raise ConfigError(f"{config}: {alias} and {key} are the same setting; give one")
+                    loaded[key] = loaded.pop(alias)
+            values.update(loaded)
         except OSError as err:
             raise ConfigError(f"{config}: cannot read: {err.strerror or err}") from err
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:

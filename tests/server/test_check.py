@@ -76,3 +76,15 @@ def test_an_empty_token_file_is_refused(setup: dict[str, Path]) -> None:
     tokens.write_text("# devices go here\n\n")
     proc = _check("--models", str(setup["models"]), "--auth-tokens", str(tokens))
     assert proc.returncode == 2 and "holds no DEVICE_ID TOKEN line" in proc.stderr, proc.stderr
+
+
+def test_a_settings_file_takes_the_flags_own_names_too(setup: dict[str, Path]) -> None:
+    """--grace sets grace_s: the file may say either (grace = 2 was an unknown key), not both."""
+    config = setup["tmp"] / "s.toml"
+    config.write_text(f'models = "{setup["models"]}"\ngrace = 2.5\nidle_timeout = 60\nwatch = 0\n')
+    proc = _check("--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert '"grace_s": 2.5' in proc.stdout and '"idle_timeout_s": 60.0' in proc.stdout
+    config.write_text(f'models = "{setup["models"]}"\ngrace = 2.5\ngrace_s = 3\n')
+    both = _check("--config", str(config))
+    assert both.returncode == 2 and "grace and grace_s are the same setting" in both.stderr
