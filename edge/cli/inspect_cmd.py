@@ -121,12 +121,19 @@ def run(args: argparse.Namespace) -> int:
             verdict = f"[red]cannot run it[/red]: {escape(support.reason)}"
         console.print(f"  backend {key}: {verdict}")
     table = Table(header_style="bold")
-    table.add_column("K", justify="right")
-    table.add_column("after operator")
-    table.add_column("tensors sent", overflow="fold")
+    table.add_column("K", justify="right", no_wrap=True)
+    table.add_column("after operator", min_width=10)
+    # Converter names run to hundreds of characters; folded whole, one cut took dozens of lines at 80
+    # columns. Shortened in the middle, a name takes two lines at most.
+    narrow = console.width < 100  # the ratio to the input goes, so that the rest fits
+    column = max(12, console.width - (64 if narrow else 74))
+    table.add_column("tensors sent", overflow="fold", min_width=column)
+    limit = 2 * column
+    shortened = False
     table.add_column("shape, dtype", no_wrap=True)
     table.add_column("bytes", justify="right", no_wrap=True)
-    table.add_column("vs input", justify="right", no_wrap=True)
+    if not narrow:
+        table.add_column("vs input", justify="right", no_wrap=True)
     if compressed is not None:
         table.add_column(args.codec, justify="right", no_wrap=True)
     cuts = graph.cuts()
@@ -146,22 +153,33 @@ def run(args: argparse.Namespace) -> int:
         mark = "" if colour or not best else " *"
         # One row per tensor, so a long name that wraps cannot push its shape out of line.
         tensors: tuple[TensorInfo | None, ...] = cut.tensors or (None,)
+        shortened = shortened or any(t is not None and len(t.name) > limit for t in tensors)
         for i, tensor in enumerate(tensors):
             first = i == 0
             table.add_row(
                 str(cut.index) + mark if first else "",
                 op if first else "",
-                tensor.name if tensor is not None else "-",
+                _short(tensor.name, limit) if tensor is not None else "-",
                 f"{tensor.dtype.name}{list(tensor.shape)}" if tensor is not None else "-",
                 f"{cut.nbytes:,}" if first else "",
-                ratio if first else "",
+                *([] if narrow else [ratio if first else ""]),
                 *([f"{compressed[cut.index]:,}" if first else ""] if compressed is not None else []),
                 style=style,
                 end_section=i == len(tensors) - 1 and len(tensors) > 1,
             )
     console.print(table)
+    if shortened:
+        console.print("long tensor names are shortened in the middle (…); --json has them whole")
     if colour:
         console.print("[green]green[/green]: the inner cuts that send the fewest bytes")
     else:
         console.print("*: the inner cuts that send the fewest bytes")
     return 0
+
+
+def _short(name: str, limit: int) -> str:
+    """``name`` cut in the middle to ``limit`` characters: its start and its end say the most."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return f"{name[:head]}…{name[len(name) - (limit - 1 - head) :]}"

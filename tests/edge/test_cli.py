@@ -257,3 +257,16 @@ def test_debug_and_verbose_work_after_the_subcommand(tmp_path: Path) -> None:
     assert after.returncode != 0 and "Traceback" in after.stderr
     assert edge("inspect", "digits_tiny", "--json", "-v").returncode == 0
     assert "usage: edge bench sweep [-h]" in edge("bench", "sweep", "--help").stdout  # not the parent's two lines
+
+
+def test_inspect_fits_80_columns_without_folding_names_to_pieces() -> None:
+    """MobileNetV2's converter names run to 400 characters: folded whole they took 1,608 lines."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "edge", "inspect", "mobilenetv2_035"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert len(lines) < 4 * 66, len(lines)
+    assert "--json has them whole" in proc.stdout
