@@ -128,7 +128,7 @@ def measure(
         "queue_ms": [],
     }
     overhead: list[float] = []
-    fallbacks = 0
+    fallbacks = lossy = 0
     last_reason: str | None = None
     bytes_sent = 0
     split_points = []
@@ -140,6 +140,7 @@ def measure(
             stages[key].append(value)
         overhead.append(t.e2e_ms - t.head_ms - t.tail_ms)
         fallbacks += result.fallback
+        lossy += result.lossy
         if result.fallback and last_reason is None:
             last_reason = result.fallback_reason
         bytes_sent += result.bytes_sent
@@ -156,6 +157,7 @@ def measure(
     # This process's CPU per request, every thread (the head, gRPC, an in-process server if any).
     report["device_cpu_ms"] = round(cpu_ms / n, 4)
     report["fallbacks"] = fallbacks
+    report["lossy"] = lossy  # results whose cut went through a lossy codec
     report["fallback_reason"] = last_reason
     report["split_point"] = statistics.mode(split_points) if split_points else None
     return report
@@ -192,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         server=args.server,
         transport="stream" if getattr(client, "streaming", False) else "unary",
         backend=args.backend,
+        codec=args.codec,
         threads=args.threads,
         cpu_latency_us=args.cpu_latency_us,
         input_bytes=sum(t.nbytes for t in graph.inputs),

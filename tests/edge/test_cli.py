@@ -270,3 +270,11 @@ def test_inspect_fits_80_columns_without_folding_names_to_pieces() -> None:
     assert max(len(line) for line in lines) <= 80
     assert len(lines) < 4 * 66, len(lines)
     assert "--json has them whole" in proc.stdout
+
+
+@pytest.mark.parametrize(("codec", "lossy"), [("raw", 0), ("int4", 12)])
+def test_bench_json_records_the_codec_and_lossy_results(codec: str, lossy: int) -> None:
+    proc = edge("bench", "--model", "digits_resnet", "--split-at", "8", "-n", "12", "--codec", codec, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["codec"] == codec and report["lossy"] == lossy
