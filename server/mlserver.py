@@ -37,12 +37,28 @@ from typing import Any
 import numpy as np
 from mlserver import MLModel
 from mlserver.errors import MLServerError
-from mlserver.types import InferenceRequest, InferenceResponse, Parameters, ResponseOutput
+from mlserver.types import (
+    InferenceRequest,
+    InferenceResponse,
+    MetadataModelResponse,
+    MetadataTensor,
+    Parameters,
+    ResponseOutput,
+)
 from mlserver.utils import get_model_uri
 
 from edge import packed, wire
-from edge.codec import InferRequest, InferResponse, ParameterValue, WireTensor, decode, dtype_of
+from edge.codec import (
+    InferRequest,
+    InferResponse,
+    ParameterValue,
+    WireTensor,
+    datatype_of,
+    decode,
+    dtype_of,
+)
 from edge.errors import EdgeError
+from edge.graph import TensorInfo
 
 from .dataplane import DataPlane
 from .repository import ModelRepository
@@ -78,10 +94,58 @@ def _error(err: EdgeError) -> EdgeRuntimeError:
     return EdgeRuntimeError(f"{name}: {err}", code)
 
 
+class _QuietRefusals(logging.Filter):
+    """MLServer logs every error a runtime raises with its traceback (``logger.exception``), in its gRPC
+    layer and in each worker: one traceback per refused request. A refusal of ours (status below
+    500) keeps one line, with its message, and loses the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        ours = isinstance(error, EdgeRuntimeError) or (
+            isinstance(error, MLServerError) and f"{EdgeRuntimeError.__name__}: " in str(error)
+        )
+        if ours and error is not None and getattr(error, "status_code", 500) < 500:
+            message = record.getMessage()
+            record.msg = message if str(error) in message else f"{message} {error}"
+            record.args = ()
+            record.exc_info = None
+        return True
+
+
+_QUIET = _QuietRefusals()
+
+
+def _quiet_refusals() -> None:
+    for name in ("mlserver.grpc", "mlserver.parallel", "mlserver.rest"):
+        target = logging.getLogger(name)
+        if _QUIET not in target.filters:
+            target.addFilter(_QUIET)
+
+
+# At import too: with parallel workers, MLServer's main process imports this module to find the runtime
+# but never loads a model in it, and its gRPC layer logs what the workers raised.
+_quiet_refusals()
+
+
 class EdgeRuntime(MLModel):
     """One ``.tflite`` model (or one of its tails, with ``split_point`` in the settings' ``extra``)."""
 
+    async def metadata(self) -> MetadataModelResponse:
+        """MLServer's metadata, with the inputs and outputs taken from the model (or from the tail of its
+        cut): the settings name none."""
+        response = await super().metadata()
+        graph = self._repository.get(self._served).graph
+        if self._cut is None:
+            inputs, outputs = graph.inputs, graph.outputs
+        else:
+            cut = graph.cut(self._cut)
+            inputs, outputs = cut.tensors, cut.tail_outputs
+        response.inputs = response.inputs or [_metadata_tensor(t) for t in inputs]
+        response.outputs = response.outputs or [_metadata_tensor(t) for t in outputs]
+        return response
+
     async def load(self) -> bool:
+        _quiet_refusals()
         extra = dict(self.settings.parameters.extra or {}) if self.settings.parameters else {}
         path = Path(await get_model_uri(self.settings))
         self._cut: int | None = extra.get(wire.SPLIT_POINT)
@@ -207,6 +271,10 @@ class EdgeRuntime(MLModel):
             parameters=Parameters(**first.parameters),
             outputs=outputs,
         )
+
+
+def _metadata_tensor(tensor: TensorInfo) -> MetadataTensor:
+    return MetadataTensor(name=tensor.name, datatype=datatype_of(tensor.dtype), shape=list(tensor.shape))
 
 
 def _plain(name: str, datatype: str, shape: Sequence[int], data: Sequence[Any]) -> WireTensor:

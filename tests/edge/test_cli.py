@@ -256,7 +256,9 @@ def test_debug_and_verbose_work_after_the_subcommand(tmp_path: Path) -> None:
     after = edge("inspect", str(tmp_path / "nope.tflite"), "--debug")
     assert after.returncode != 0 and "Traceback" in after.stderr
     assert edge("inspect", "digits_tiny", "--json", "-v").returncode == 0
-    assert "usage: edge bench sweep [-h]" in edge("bench", "sweep", "--help").stdout  # not the parent's two lines
+    assert (
+        "usage: edge bench sweep [-h]" in edge("bench", "sweep", "--help").stdout
+    )  # not the parent's two lines
 
 
 def test_inspect_fits_80_columns_without_folding_names_to_pieces() -> None:
@@ -274,7 +276,9 @@ def test_inspect_fits_80_columns_without_folding_names_to_pieces() -> None:
 
 @pytest.mark.parametrize(("codec", "lossy"), [("raw", 0), ("int4", 12)])
 def test_bench_json_records_the_codec_and_lossy_results(codec: str, lossy: int) -> None:
-    proc = edge("bench", "--model", "digits_resnet", "--split-at", "8", "-n", "12", "--codec", codec, "--json")
+    proc = edge(
+        "bench", "--model", "digits_resnet", "--split-at", "8", "-n", "12", "--codec", codec, "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["codec"] == codec and report["lossy"] == lossy

@@ -278,3 +278,34 @@ def test_the_device_finishes_locally_when_mlserver_is_killed(
             assert same_outputs(before.outputs, expected) and same_outputs(after.outputs, expected)
     finally:
         server.stop()
+
+
+def test_metadata_lists_inputs_and_outputs(mlserver: MLServer, graphs: dict[str, ModelGraph]) -> None:
+    """The runtime's metadata names the model's tensors (the settings name none), and a tail's its cut's."""
+    graph = graphs["digits_resnet"]
+    client = triton.InferenceServerClient(mlserver.address)
+    whole = client.get_model_metadata("digits_resnet", as_json=True)
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in whole["inputs"]] == [
+        (t.name, "INT8", list(t.shape)) for t in graph.inputs
+    ]
+    assert [t["name"] for t in whole["outputs"]] == [t.name for t in graph.outputs]
+    tail = client.get_model_metadata("digits_resnet@8", as_json=True)
+    assert [t["name"] for t in tail["inputs"]] == [t.name for t in graph.cut(8).tensors]
+    client.close()
+
+
+def test_a_refusal_logs_one_line_not_a_traceback(mlserver: MLServer, graphs: dict[str, ModelGraph]) -> None:
+    graph = graphs["digits_resnet"]
+    with ModelRunner(graph) as runner:
+        cut = dict(runner.run_head(6, seeded_inputs(graph, 1)).cut)
+    before = mlserver.log.read_text(errors="replace").count("Traceback")
+    with TailClient(mlserver.address, timeout_s=30.0) as client:
+        for _ in range(3):
+            with pytest.raises(RemoteError):
+                client.infer(
+                    "digits_resnet", cut, parameters={wire.SPLIT_POINT: 7, wire.MODEL_SHA256: graph.sha256}
+                )
+    time.sleep(0.5)  # the workers' log lines reach the file
+    text = mlserver.log.read_text(errors="replace")
+    assert text.count("Traceback") == before, text[-3000:]
+    assert "INVALID_ARGUMENT" in text
