@@ -20,6 +20,9 @@ from ..errors import BackendError, BackendRunError, TensorFormatError
 
 __all__ = ["Backend", "InterpreterBackend", "TensorSpec"]
 
+_MAX_ERROR_CHARS = 500
+"""The most of a kernel's error text an error carries."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,8 +86,10 @@ class InterpreterBackend(Backend):
             raise BackendError(
                 f"the model does not batch: its outputs are {[list(s.shape) for s in self.outputs]}"
             )
-        # Guards the interpreter: its input and output tensors are shared between set, invoke and get.
+        # Guards the interpreter (its input and output tensors are shared between set, invoke and get)
+        # and _errors_seen.
         self._lock = threading.Lock()
+        self._errors_seen = ""
 
     @abstractmethod
     def _load(self, model: bytes, threads: int) -> Any:
@@ -99,7 +104,20 @@ class InterpreterBackend(Backend):
                 self._interpreter.invoke()
                 return {name: self._interpreter.get_tensor(index) for name, index in self._output_index}
             except (ValueError, RuntimeError) as err:
-                raise BackendRunError(f"{self.key} failed to run the model on these inputs: {err}") from err
+                raise BackendRunError(
+                    f"{self.key} failed to run the model on these inputs: {self._this_call(str(err))}"
+                ) from err
+
+    def _this_call(self, text: str) -> str:
+        """This call's error alone, bounded. The interpreter's error reporter never clears its buffer,
+        so each failure's text holds every earlier one (227 KB after 2,000 refusals, and one caller's
+        error in the next caller's message). Called with the lock held."""
+        seen = self._errors_seen
+        self._errors_seen = text
+        if seen and text.startswith(seen):
+            text = text[len(seen) :]
+        text = " ".join(text.split())
+        return text if len(text) <= _MAX_ERROR_CHARS else f"{text[: _MAX_ERROR_CHARS - 1]}…"
 
     def close(self) -> None:
         self._interpreter = None

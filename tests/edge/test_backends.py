@@ -83,3 +83,27 @@ def test_stderr_filter_passes_other_output_through(capfd: pytest.CaptureFixture[
     err = capfd.readouterr().err
     assert "something the runtime wants you to see" in err
     assert "XNNPACK" not in err
+
+
+def test_a_kernel_error_is_this_calls_alone(backend: str) -> None:
+    """The interpreter's error reporter keeps every earlier error: each refusal's text grew by the last
+    one's (227 KB after 2,000), and one caller's error showed in the next one's message."""
+    from model_builder import shape_tensor_model
+
+    from edge.errors import BackendRunError
+    from edge.graph import ModelGraph
+    from edge.partition import split_model
+
+    part = split_model(ModelGraph(shape_tensor_model()), 3)  # its tail reshapes to the shape it is sent
+    messages = []
+    with create_backend(backend, part.tail) as tail:
+        for i in range(60):
+            with pytest.raises(BackendRunError) as err:
+                tail.run(
+                    {"b": np.zeros((1, 4, 4, 2), np.float32), "s": np.array([1, 2, 3, 100 + i], np.int32)}
+                )
+            messages.append(str(err.value))
+    assert max(len(m) for m in messages) <= len(messages[0]) + 8
+    for i, message in enumerate(messages):
+        assert str(6 * (100 + i)) in message and "\n" not in message
+        assert i == 0 or str(6 * (100 + i - 1)) not in message, message
