@@ -131,9 +131,12 @@ class ModelGraph:
         self.model = _parse(self.data, source)
         subgraph = self.model.subgraphs[0]
         self._subgraph = subgraph
-        self.tensors: tuple[TensorInfo, ...] = tuple(
-            _tensor_info(i, t, self.model.buffers) for i, t in enumerate(subgraph.tensors or [])
-        )
+        try:
+            self.tensors: tuple[TensorInfo, ...] = tuple(
+                _tensor_info(i, t, self.model.buffers) for i, t in enumerate(subgraph.tensors or [])
+            )
+        except ModelFormatError as err:
+            raise ModelFormatError(f"{source} is corrupt: {err}") from err
         self.operators: tuple[OperatorInfo, ...] = tuple(
             OperatorInfo(
                 index=i,
@@ -405,7 +408,13 @@ def _tensor_info(index: int, t: schema.TensorT, buffers: list[schema.BufferT]) -
     q = t.quantization
     scale = tuple(float(s) for s in (q.scale if q is not None and q.scale is not None else ()))
     zero = tuple(int(z) for z in (q.zeroPoint if q is not None and q.zeroPoint is not None else ()))
-    name = t.name.decode() if isinstance(t.name, bytes) else (t.name or f"tensor_{index}")
+    try:
+        name = t.name.decode() if isinstance(t.name, bytes) else (t.name or f"tensor_{index}")
+    except UnicodeDecodeError as err:
+        # Names are how the halves, the manifest and the wire agree: one that is not text cannot.
+        raise ModelFormatError(
+            f"tensor {index}'s name is not valid UTF-8 ({err.reason} at byte {err.start})"
+        ) from err
     return TensorInfo(
         index=index,
         name=name,
@@ -423,5 +432,5 @@ def opcode_name(code: schema.OperatorCodeT) -> str:
     builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
     if builtin == schema.BuiltinOperator.CUSTOM:
         custom = code.customCode
-        return f"CUSTOM:{custom.decode() if isinstance(custom, bytes) else custom}"
+        return f"CUSTOM:{custom.decode(errors='backslashreplace') if isinstance(custom, bytes) else custom}"
     return _OP_NAMES.get(builtin, f"BUILTIN_{builtin}")

@@ -82,11 +82,18 @@ def _with_control_flow(data: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+def _with_binary_name(data: bytes) -> bytes:
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    model.subgraphs[0].tensors[3].name = b"bad\xff\xfename"
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
 BAD_MODELS = {
     "not-a-flatbuffer": (lambda data: b"this is not a model\n" * 10, "not a TFLite flatbuffer"),
     "truncated": (lambda data: data[: len(data) // 3], "truncated"),
     "truncated-header": (lambda data: data[:6], "not a TFLite flatbuffer"),
     "control-flow-calling-nothing": (_with_control_flow, "names no subgraph to call"),
+    "name-not-utf8": (_with_binary_name, "name is not valid UTF-8"),
 }
 
 

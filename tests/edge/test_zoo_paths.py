@@ -160,3 +160,22 @@ def test_a_half_the_device_cannot_build_falls_back_to_the_whole_model(
             for name, array in want.items():
                 assert np.array_equal(result.outputs[name], array)
     assert runner.half_loads == (1 if refuse == "head" else 2)
+
+
+def test_a_model_whose_tensor_name_is_not_text_is_skipped_and_the_rest_served(tmp_path: Path) -> None:
+    """It took the server down at start (a traceback) and froze the live repository."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from edge import models
+
+    model = flatbuffer_utils.read_model_from_bytearray(
+        bytearray(models.model_path("digits_tiny").read_bytes())
+    )
+    model.subgraphs[0].tensors[3].name = b"bad\xff\xfename"
+    (tmp_path / "binary.tflite").write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    (tmp_path / "digits_tiny.tflite").write_bytes(models.model_path("digits_tiny").read_bytes())
+    repo = ModelRepository.from_directory(tmp_path)
+    rows = {name: (state, reason) for name, state, reason in repo.index()}
+    assert rows["digits_tiny"] == ("READY", "")
+    assert rows["binary"][0] == "UNAVAILABLE" and "not valid UTF-8" in rows["binary"][1]
+    repo.close()
