@@ -42,7 +42,17 @@ __all__ = [
     "TopicsConfig",
 ]
 
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # matched whole (fullmatch): "$" let "abc\n" in
+MAX_TOPIC_BYTES = 65_535
+"""MQTT's limit on a topic (UTF-8 bytes); a topic may hold no control characters either."""
+
+
+def _check_topic_text(value: str) -> None:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{value[:80]!r}: a topic cannot hold control characters (a newline, a tab, ...)")
+    size = len(value.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_TOPIC_BYTES:
+        raise ValueError(f"a topic of {size:,} bytes; MQTT allows {MAX_TOPIC_BYTES:,}")
 
 
 def _shared(topic: str) -> tuple[str | None, str]:
@@ -392,8 +402,9 @@ class SensorConfig(_Strict):
     @field_validator("topic")
     @classmethod
     def _filter(cls, value: str) -> str:
-        if not value or "\0" in value:
+        if not value:
             raise ValueError("a topic filter cannot be empty")
+        _check_topic_text(value)
         group, plain = _shared(value)
         if group is not None and (not group or any(c in group for c in "+#/")):
             raise ValueError(f"{value!r}: a shared subscription is $share/GROUP/FILTER, GROUP without + # /")
@@ -447,9 +458,10 @@ class TopicsConfig(_Strict):
         if not value or "+" in value or "#" in value:
             raise ValueError(f"{value!r}: a topic to publish on cannot be empty or hold wildcards")
         try:
-            value.format(device_id="x")
+            longest = value.format(device_id="x" * 64)  # the longest device id
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(f"{value!r}: the only placeholder is {{device_id}}") from err
+        _check_topic_text(longest)
         return value
 
 
@@ -578,7 +590,7 @@ class DeviceProfile(_Strict):
     @field_validator("device_id")
     @classmethod
     def _device_id(cls, value: str) -> str:
-        if not _DEVICE_ID.match(value):
+        if not _DEVICE_ID.fullmatch(value):
             raise ValueError(
                 f"{value!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
             )

@@ -115,6 +115,23 @@ def test_every_field_is_documented() -> None:
         (('topic = "sensors/+/digits"', 'topic = "sensors/#/digits"'), "sensors[0].topic", "'#' must be"),
         (('topic = "sensors/+/digits"', 'topic = "edge/#"'), "sensors[0].topic", "the daemon's own topic"),
         (('device_id = "dev-1"', 'device_id = "dev/1"'), "device_id", "letters, digits"),
+        # A trailing newline passed the old "$"-anchored pattern, and the daemon never connected.
+        (('device_id = "dev-1"', 'device_id = "dev-1\\n"'), "device_id", "letters, digits"),
+        (
+            ('topic = "sensors/+/digits"', 'topic = "sensors/+/dig\\nits"'),
+            "sensors[0].topic",
+            "control characters",
+        ),
+        (
+            ('topic = "sensors/+/digits"', f'topic = "sensors/{"x" * 70_000}"'),
+            "sensors[0].topic",
+            "MQTT allows 65,535",
+        ),
+        (
+            ("[mqtt]", f'[topics]\nresults = "edge/{"r" * 65_500}/{{device_id}}"\n[mqtt]'),
+            "topics.results",
+            "MQTT allows 65,535",
+        ),
         (('host = "localhost"', 'host = "localhost"\npassword = "x"'), "mqtt", "a password needs a username"),
         (
             ('device_id = "dev-1"', 'device_id = "dev-1"\n[runtime]\ncpu_latency_us = -1'),
