@@ -69,7 +69,8 @@ def unpack_element(name: str, element: bytes | memoryview) -> WireTensor:
         header = json.loads(bytes(view[start : start + size]))
         datatype, shape = header["datatype"], header["shape"]
         encoding = header.get("encoding")
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+        # RecursionError: a header nested thousands deep (it is one flat object).
         raise TensorFormatError(f"tensor {name!r}: a packed tensor's header cannot be read") from err
     if (
         not isinstance(datatype, str)

@@ -78,3 +78,14 @@ def test_a_wrong_length_prefix_is_refused() -> None:
     broken = WireTensor("x", "BYTES", (1,), struct.pack("<I", len(data)) + data[4:])
     with pytest.raises(TensorFormatError, match="length"):
         packed.unpack(broken)
+
+
+def test_a_header_nested_thousands_deep_is_a_format_error() -> None:
+    """It raised RecursionError (INTERNAL through MLServer) instead of INVALID_ARGUMENT's error."""
+    from edge import packed
+    from edge.errors import TensorFormatError
+
+    text = b"[" * 2000 + b"]" * 2000
+    element = packed.MAGIC + packed._HEADER_LENGTH.pack(len(text)) + text
+    with pytest.raises(TensorFormatError, match="header cannot be read"):
+        packed.unpack_element("x", element)
