@@ -67,9 +67,16 @@ def _zstd_decompress(t: WireTensor, expected: int) -> bytes:
     zstandard = _zstd()
     try:
         size = zstandard.frame_content_size(data)
+        if size < 0:  # our frames carry their size; one without could expand to anything
+            raise TensorFormatError("a zstd frame that does not say its content size")
         if size > expected:
             raise TensorFormatError(f"a zstd frame of {size:,} bytes where {expected:,} are expected")
-        return bytes(zstandard.ZstdDecompressor().decompress(data, max_output_size=expected))
+        # The size is known and bounded, so a decompressobj is safe, and it says what follows the frame.
+        decompressor = zstandard.ZstdDecompressor().decompressobj()
+        out = decompressor.decompress(bytes(data))
+        if decompressor.unused_data:
+            raise TensorFormatError(f"{len(decompressor.unused_data):,} bytes after the zstd frame")
+        return bytes(out)
     except zstandard.ZstdError as err:
         raise TensorFormatError(f"not a zstd frame of at most {expected:,} bytes: {err}") from err
 
@@ -88,6 +95,8 @@ def _lz4_decompress(t: WireTensor, expected: int) -> bytes:
         raise TensorFormatError(f"not an lz4 frame: {err}") from err
     if len(out) > expected or not decompressor.eof:
         raise TensorFormatError(f"an lz4 frame that does not decode to exactly {expected:,} bytes")
+    if decompressor.unused_data:
+        raise TensorFormatError(f"{len(decompressor.unused_data):,} bytes after the lz4 frame")
     return bytes(out)
 
 

@@ -88,6 +88,16 @@ def test_bad_frames_are_one_clear_error(codec: str) -> None:
     assert decode(WireTensor("t", "INT8", (16,), _frame(codec, small.data), {ENCODING: codec})).sum() == 0
     with pytest.raises(TensorFormatError, match="unknown encoding"):
         decode(WireTensor("t", "INT8", (16,), b"x", {ENCODING: "brotli"}))
+    # A frame with bytes after it (a second frame, or junk) was taken, its tail ignored.
+    trailing = WireTensor("t", "INT8", (16,), _frame(codec, small.data) + b"junk after", {ENCODING: codec})
+    with pytest.raises(TensorFormatError, match="bytes after the"):
+        decode(trailing)
+    if codec == "zstd":  # a frame that does not say its size could expand to anything
+        import zstandard
+
+        unsized = zstandard.ZstdCompressor(write_content_size=False).compress(small.data)
+        with pytest.raises(TensorFormatError, match="does not say its content size"):
+            decode(WireTensor("t", "INT8", (16,), unsized, {ENCODING: codec}))
 
 
 @pytest.fixture(scope="module")
