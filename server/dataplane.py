@@ -493,7 +493,8 @@ def _check_sha(params: Mapping[str, object], sha256: str, name: str) -> None:
         raise TensorFormatError(f"parameter {MODEL_SHA256!r} must be a string")
     if claimed.lower() != sha256:
         raise ModelMismatchError(
-            f"model {echo(name)} differs: the device runs sha256 {echo(claimed, 66)}, the server holds sha256 {sha256}"
+            # The server's own sha256 is not told: it would name the exact file to any caller.
+            f"model {echo(name)} differs: the device runs sha256 {echo(claimed, 66)}, the server holds another file"
         )
 
 
