@@ -218,8 +218,16 @@ class Calibration:
 
     @classmethod
     def from_json(cls, text: str, source: str = "<calibration>") -> Calibration:
+        if len(text) > MAX_CALIBRATION_BYTES:
+            raise ConfigError(
+                f"{source}: {len(text):,} characters; a calibration holds at most {MAX_CALIBRATION_BYTES:,}"
+            )
         try:
-            body = json.loads(text)
+            body = json.loads(text, parse_constant=_no_constant)
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+            if len(body.get("curve") or ()) > MAX_CURVE_POINTS:
+                raise ValueError(f"a curve of {len(body['curve']):,} points; at most {MAX_CURVE_POINTS:,}")
             if body.get("format") != CALIBRATION_FORMAT:
                 raise ValueError(
                     f"not a calibration file (format {body.get('format')!r}, not {CALIBRATION_FORMAT!r})"
@@ -240,7 +248,9 @@ class Calibration:
                 target={str(k): float(v) for k, v in body.get("target", {}).items()},
                 exit_output=body.get("exit_output"),
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except RecursionError as err:
+            raise ConfigError(f"{source}: not a usable calibration: nested too deep") from err
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as err:
             raise ConfigError(f"{source}: not a usable calibration: {err}") from err
 
     def pressure(self, max_extra_loss_pp: float | None = None, deadline_ms: float | None = None) -> Pressure:
@@ -270,6 +280,11 @@ class Calibration:
     @classmethod
     def load(cls, path: Path) -> Calibration:
         try:
+            size = path.stat().st_size
+            if size > MAX_CALIBRATION_BYTES:  # before reading it: a 1 GB file took 63 s and 4.8 GB
+                raise ConfigError(
+                    f"{path}: {size:,} bytes; a calibration holds at most {MAX_CALIBRATION_BYTES:,}"
+                )
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: cannot read: {getattr(err, 'strerror', None) or err}") from err
@@ -280,12 +295,44 @@ def _finite(value: float) -> float | str:
     return "inf" if math.isinf(value) else value
 
 
+MAX_CALIBRATION_BYTES = 16 * 1024 * 1024
+"""The largest calibration file read (a curve of a million samples fits in about 150 MB: far more
+than calibrating on a device takes)."""
+MAX_CURVE_POINTS = 100_000
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a calibration holds")
+
+
 def _unfinite(value: Any) -> float:
-    return math.inf if value == "inf" else float(value)
+    """A threshold: a confidence in [0, 1], or "inf" (everything escalated)."""
+    if value == "inf":
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f'a threshold is a number in [0, 1] or "inf", not {value!r:.40}')
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f'a threshold is in [0, 1] (or "inf"), not {number}')
+    return number
+
+
+_SHARES = ("local_share", "accuracy", "reference_accuracy")
 
 
 def _point(body: Mapping[str, Any]) -> CurvePoint:
-    return CurvePoint(**{**body, "threshold": _unfinite(body["threshold"])})
+    if not isinstance(body, Mapping):
+        raise ValueError("a curve point is an object")
+    point = CurvePoint(**{**body, "threshold": _unfinite(body["threshold"])})
+    for key in _SHARES:
+        value = getattr(point, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"a curve point's {key} is a share in [0, 1], not {value!r:.40}")
+    for key in ("loss_pp", "bytes_per_request"):
+        value = getattr(point, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"a curve point's {key} is a finite number, not {value!r:.40}")
+    return point
 
 
 @dataclass(slots=True)

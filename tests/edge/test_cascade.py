@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -368,3 +370,40 @@ def test_bad_cascade_inputs_are_one_clear_error_each(
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (argv, err)
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (
+            lambda text: text.replace('"threshold": ', '"threshold": Infinity, "x": ', 1),
+            "Infinity is not a number",
+        ),
+        (lambda text: text.replace('"threshold": ', '"threshold": NaN, "x": ', 1), "NaN is not a number"),
+        (lambda text: re.sub(r'"threshold": [0-9.e-]+', '"threshold": -0.5', text, count=1), "in [0, 1]"),
+        (lambda text: re.sub(r'"threshold": [0-9.e-]+', '"threshold": 1.5', text, count=1), "in [0, 1]"),
+        (
+            lambda text: re.sub(r'"local_share": [0-9.e-]+', '"local_share": 3', text, count=1),
+            "local_share is a share",
+        ),
+        (lambda text: '{"format": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deep"),
+        (lambda text: text + " " * (17 * 1024 * 1024), "a calibration holds at most"),
+    ],
+    ids=["infinity", "nan", "negative", "above-one", "share-above-one", "deep", "huge"],
+)
+def test_a_bad_calibration_file_is_one_line(
+    edit, says: str, split: tuple[Path, Path], tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    calibrate_on, evaluate_on = split
+    good = tmp_path / "good.json"
+    argv = ["--model", "digits_resnet", "--small", "digits_tiny", "--split-at", "8"]
+    assert (
+        main(["calibrate", *argv, "--data", str(calibrate_on), "--local-share", "0.9", "--out", str(good)])
+        == 0
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text(edit(good.read_text()))
+    proc = subprocess.run([sys.executable, "-m", "edge", "cascade", "eval", "--cascade", str(bad), "--data",
+                           str(evaluate_on), "--json"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr[-500:]
