@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -278,3 +280,21 @@ def test_the_text_scan_of_nesting_agrees_with_walking_the_document(seed: int) ->
     for ensure_ascii in (True, False):
         text = json.dumps(doc, ensure_ascii=ensure_ascii).encode()
         assert _nesting(text, doc, 99) == _depth(doc, 99), text[:200]
+
+
+@pytest.mark.parametrize("fill", ["x", '\\"', "\\\\"], ids=["plain", "escaped-quotes", "escaped-backslashes"])
+def test_the_nesting_scan_of_a_huge_string_takes_little_memory(fill: str) -> None:
+    """An 8 MiB JSON string cost about 1 GB: the escape-aware pattern backtracked per character. In a
+    process of its own, the scan's peak must stay within a few copies of the payload."""
+    code = f"""
+import json, resource, sys
+from edge.daemon.payloads import _nesting
+text = b'{{"id": "a", "data": [[1, 2]], "note": "' + {fill!r}.encode() * (8 * 1024 * 1024 // {len(fill)}) + b'"}}'
+doc = json.loads(text)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert _nesting(text, doc, 99) == 3
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) < 64, f"the scan grew the process by {proc.stdout.strip()} MiB"
