@@ -34,7 +34,7 @@ from edge.codec import (
     dtype_of,
     encode,
 )
-from edge.errors import CutError, ModelMismatchError, ModelNotFoundError, TensorFormatError, echo
+from edge.errors import CutError, EdgeError, ModelMismatchError, ModelNotFoundError, TensorFormatError, echo
 from edge.graph import TensorInfo
 from edge.profiler import ProfileCancelledError, profile_tails
 from edge.wire import (
@@ -248,22 +248,34 @@ class DataPlane:
             results = runner.run_tail(prepared.split_point, prepared.feeds)
         return _response(prepared, results, started, time.perf_counter_ns(), codecs=self.codecs)
 
-    def execute_batch(self, batch: Sequence[PreparedRequest]) -> list[InferResponse]:
+    def execute_batch(self, batch: Sequence[PreparedRequest]) -> list[InferResponse | EdgeError]:
         """Run requests for one model and cut (admitted, neither pings nor profiles) as one batch.
 
         Each gets exactly the outputs it would get alone; ``compute_us`` is the batch's, ``queue_us``
-        each request's own wait, and ``batch_size`` says how many ran together.
+        each request's own wait, and ``batch_size`` says how many ran together. When the batch fails
+        (one member's values refused by a kernel), each runs alone, so that only that one gets the
+        error, in its place in the list.
         """
         first = batch[0]
         started = time.perf_counter_ns()
-        results = first.model.runner.try_tail_batch(first.split_point or 0, [p.feeds for p in batch])
-        if results is None:  # one alone, or a tail that does not batch: each on its own
-            return [self.execute(p) for p in batch]
+        try:
+            results = first.model.runner.try_tail_batch(first.split_point or 0, [p.feeds for p in batch])
+        except EdgeError as err:
+            logger.info("a batch of %d failed (%s); running its requests one by one", len(batch), err)
+            results = None
+        if results is None:  # one alone, a tail that does not batch, or a refused member: each on its own
+            return [self._execute_or_error(p) for p in batch]
         finished = time.perf_counter_ns()
         return [
             _response(p, r, started, finished, len(batch), codecs=self.codecs)
             for p, r in zip(batch, results, strict=True)
         ]
+
+    def _execute_or_error(self, prepared: PreparedRequest) -> InferResponse | EdgeError:
+        try:
+            return self.execute(prepared)
+        except EdgeError as err:
+            return err
 
     def tail_profile(self, model: ServedModel) -> np.ndarray:
         """Median tail latency (ms) of ``model`` at every cut 0..N on this server; measured on first use."""

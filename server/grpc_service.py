@@ -381,7 +381,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     answer.set_exception(err)
             return
         for (_, answer), response in zip(live, responses, strict=True):
-            if not answer.done():
+            if answer.done():
+                continue
+            if isinstance(response, BaseException):
+                answer.set_exception(response)  # this member alone was refused
+            else:
                 answer.set_result(response)
 
 

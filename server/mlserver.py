@@ -179,7 +179,12 @@ class EdgeRuntime(MLModel):
             requests, was_packed = self._requests(payload, parameters)
             prepared = [self._dataplane.prepare(r, received) for r in requests]
             if len(prepared) > 1:
-                responses = await asyncio.to_thread(self._dataplane.execute_batch, prepared)
+                outcomes = await asyncio.to_thread(self._dataplane.execute_batch, prepared)
+                # MLServer answers a batch as one request: a refused member fails it (edge-server fails it alone).
+                failed = [o for o in outcomes if isinstance(o, EdgeError)]
+                if failed:
+                    raise failed[0]
+                responses = [o for o in outcomes if not isinstance(o, EdgeError)]
             elif prepared[0].profile:
                 responses = [await asyncio.to_thread(self._dataplane.execute, prepared[0])]
             else:
