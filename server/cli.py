@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (needs the server extra)",
     )
     p.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help=f"where the metrics endpoint listens (default: {_default('metrics_host')}: it has no TLS and no token)",
+    )
+    p.add_argument(
         "--check", action="store_true", help="validate the settings and files, print them, exit 0 or 2"
     )
     add_cpu_latency_arg(p)
@@ -239,8 +244,10 @@ async def _serve(settings: ServerSettings) -> None:
     # The metrics endpoint binds before anything else starts: a port in use fails with nothing to undo.
     http = None
     if metrics is not None and settings.metrics_port is not None:
-        http = serve_metrics(metrics, settings.host, settings.metrics_port)
-        print(f"edge-server: metrics on http://{settings.host}:{http.server_port}/metrics", flush=True)
+        http = serve_metrics(metrics, settings.metrics_host, settings.metrics_port)
+        print(
+            f"edge-server: metrics on http://{settings.metrics_host}:{http.server_port}/metrics", flush=True
+        )
     try:
         await _serve_models(settings, security, metrics)
     finally:

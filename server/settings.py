@@ -151,13 +151,18 @@ class ServerSettings(BaseModel):
         "with a token).",
     )
     metrics_port: int | None = Field(
-        default=None, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port (on host)."
+        default=None, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port."
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Where the metrics endpoint listens: loopback by default, as it has no TLS and no token "
+        "(a Prometheus on another host: its address here, behind a firewall).",
     )
     cpu_latency_us: int | None = Field(
         default=None, ge=0, le=2_000_000_000, description="Hold idle CPUs' wake-up latency (Linux PM QoS)."
     )
 
-    @field_validator("host")
+    @field_validator("host", "metrics_host")
     @classmethod
     def _host(cls, value: str) -> str:
         try:

@@ -160,3 +160,30 @@ def test_a_metrics_port_in_use_is_one_error_and_exit_2(tmp_path: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("edge-server: error:")]
     assert len(errors) == 1 and "cannot serve metrics on 127.0.0.1:" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_half_open_connections_cannot_take_the_metrics_threads(tmp_path: Path) -> None:
+    """300 connections that never send a request made 312 threads (one each, no timeout). Now the
+    endpoint holds a bounded number, closes the rest as they come, and still answers a scrape."""
+    import socket
+
+    proc, url, port, _ = _serve_with_metrics(tmp_path)
+    try:
+        assert url.startswith("http://127.0.0.1:"), url  # loopback by default: no TLS, no token there
+        host, metrics_port = url.split("//")[1].split("/")[0].split(":")
+        idle = []
+        for _ in range(300):
+            try:
+                idle.append(socket.create_connection((host, int(metrics_port)), timeout=5))
+            except OSError:
+                break
+        time.sleep(0.5)
+        threads = int(Path(f"/proc/{proc.pid}/status").read_text().split("Threads:")[1].split()[0])
+        assert threads < 60, f"{threads} threads with {len(idle)} idle metrics connections"
+        for sock in idle:
+            sock.close()
+        time.sleep(0.2)
+        assert ("edge_requests_in_flight", ()) in _scrape(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
