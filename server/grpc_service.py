@@ -185,9 +185,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[Any]:
         """Answers a stream's requests as they complete, each with its request's ``id``.
 
-        Up to :attr:`stream_window` requests of one stream are in flight; past that the stream is
-        not read, so the device's writes wait (HTTP/2 flow control): it cannot make the server hold
-        more. One bad request gets an error answer, and the stream goes on.
+        Up to :attr:`stream_window` requests of one stream are held, computing or answered but not yet
+        sent: a slot comes free when its answer is taken by gRPC, so a client that does not read its
+        answers stops being read (HTTP/2 flow control then stops its writes) and cannot make the
+        server hold more. One bad request gets an error answer, and the stream goes on.
         """
         device = self._identify(context)
         answers: asyncio.Queue[Any] = asyncio.Queue()
@@ -201,9 +202,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 reply = converters.stream_error_to_pb(_log(err).name, _describe(err), _request_id(request))
             else:
                 reply = pb.ModelStreamInferResponse(infer_response=response)
-            finally:
-                window.release()
-            answers.put_nowait(reply)
+            answers.put_nowait(reply)  # its slot is freed once the answer is sent, below
 
         async def read() -> None:
             try:
@@ -229,7 +228,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._readers.add(reader)
         try:
             while (reply := await answers.get()) is not _END:
-                yield reply
+                yield reply  # resumes once gRPC took it: a client that does not read holds it here
+                window.release()
         finally:
             if not reader.done():
                 reader.cancel()

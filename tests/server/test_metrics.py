@@ -10,10 +10,9 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
+from server_metrics import scrape, serve_with_metrics
 
 from edge import models
 from edge.errors import RemoteError
@@ -24,44 +23,8 @@ from helpers import free_port, seeded_inputs
 MODEL = "digits_resnet"
 
 
-def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def _serve_with_metrics(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str, int, Path]:
-    """A real server process with metrics, both on port 0, the ports read back from its log (a port
-    picked free beforehand can be taken meanwhile): (process, metrics URL, gRPC port, log path)."""
-    (tmp_path / f"{MODEL}.tflite").write_bytes(models.model_path(MODEL).read_bytes())
-    log_path = tmp_path / "server.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--models", str(tmp_path), "--host", "127.0.0.1", "--port", "0",
-             "--metrics-port", "0", *extra],
-            stdout=log, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-    deadline = time.monotonic() + 30
-    url = port = None
-    while (url is None or port is None) and time.monotonic() < deadline and proc.poll() is None:
-        text = log_path.read_text()
-        found = re.search(r"metrics on (http://\S+/metrics)", text)
-        url = found.group(1) if found else None
-        listening = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
-        port = int(listening.group(1)) if listening else None
-        time.sleep(0.05)
-    if url is None or port is None:
-        proc.kill()
-        raise AssertionError(f"the server did not say where it listens: {log_path.read_text()[-2000:]}")
-    return proc, url, port, log_path
-
-
 def test_metrics_count_what_the_server_did(tmp_path: Path, graphs: dict) -> None:
-    proc, url, port, _ = _serve_with_metrics(tmp_path)
+    proc, url, port, _ = serve_with_metrics(tmp_path)
     try:
         graph = graphs[MODEL]
         x = seeded_inputs(graph, 0)
@@ -75,7 +38,7 @@ def test_metrics_count_what_the_server_did(tmp_path: Path, graphs: dict) -> None
                 client.infer(MODEL, cut, parameters={"split_point": 999})
             except RemoteError:
                 pass
-        samples = _scrape(url)
+        samples = scrape(url)
         ok = (("cut", "8"), ("model", MODEL), ("status", "OK"))
         bad = (("cut", ""), ("model", MODEL), ("status", "INVALID_ARGUMENT"))
         assert samples[("edge_requests_total", ok)] == 5
@@ -100,7 +63,7 @@ def test_refusals_are_counted_and_shutdown_is_logged(tmp_path: Path, graphs: dic
     """Calls refused for want of a token count in edge_refused_total; SIGTERM says so in the log."""
     tokens = tmp_path / "tokens"
     tokens.write_text("dev1 device-token-0123456789abcdef\n")
-    proc, url, port, log = _serve_with_metrics(tmp_path, "--auth-tokens", str(tokens))
+    proc, url, port, log = serve_with_metrics(tmp_path, "--auth-tokens", str(tokens))
     try:
         graph = graphs[MODEL]
         with ModelRunner(graph) as runner:
@@ -111,7 +74,7 @@ def test_refusals_are_counted_and_shutdown_is_logged(tmp_path: Path, graphs: dic
                     client.infer(MODEL, cut, parameters={"split_point": 8})
                 except RemoteError as err:
                     assert err.status == "UNAUTHENTICATED"
-        samples = _scrape(url)
+        samples = scrape(url)
         assert samples[("edge_refused_total", (("reason", "no_token"),))] == 1
         assert samples[("edge_refused_total", (("reason", "unknown_token"),))] == 2
     finally:
@@ -167,7 +130,7 @@ def test_half_open_connections_cannot_take_the_metrics_threads(tmp_path: Path) -
     endpoint holds a bounded number, closes the rest as they come, and still answers a scrape."""
     import socket
 
-    proc, url, port, _ = _serve_with_metrics(tmp_path)
+    proc, url, _, _ = serve_with_metrics(tmp_path)
     try:
         assert url.startswith("http://127.0.0.1:"), url  # loopback by default: no TLS, no token there
         host, metrics_port = url.split("//")[1].split("/")[0].split(":")
@@ -183,7 +146,7 @@ def test_half_open_connections_cannot_take_the_metrics_threads(tmp_path: Path) -
         for sock in idle:
             sock.close()
         time.sleep(0.2)
-        assert ("edge_requests_in_flight", ()) in _scrape(url)
+        assert ("edge_requests_in_flight", ()) in scrape(url)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
