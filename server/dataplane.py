@@ -37,6 +37,7 @@ from edge.codec import (
 from edge.errors import CutError, EdgeError, ModelMismatchError, ModelNotFoundError, TensorFormatError, echo
 from edge.graph import TensorInfo
 from edge.profiler import ProfileCancelledError, profile_tails
+from edge.protocol.converters import MAX_ENTRIES
 from edge.wire import (
     ACCEPT_ENCODING,
     BACKEND,
@@ -79,8 +80,9 @@ MAX_TENSOR_NAME_CHARS = 4096
 (mobilenetv2_035's run to 402 characters)."""
 COMPRESS_OUTPUTS_FROM = 64 * 1024
 """Outputs this large or larger go compressed to a device that accepts a lossless codec."""
-MAX_PARAMETERS = 64
-"""The most request parameters, and requested outputs, a request may carry."""
+MAX_PARAMETERS = MAX_ENTRIES
+"""The most request parameters, and requested outputs, a request may carry (checked on the message
+first, by the converters)."""
 PROFILE_REPEATS = 9
 PROFILE_WARMUP = 2
 

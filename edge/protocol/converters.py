@@ -18,6 +18,7 @@ import numpy as np
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from edge.codec import (
+    MAX_NDIM,
     Deferred,
     InferRequest,
     InferResponse,
@@ -259,6 +260,32 @@ def infer_request_to_pb(req: InferRequest) -> pb.ModelInferRequest:
     return msg
 
 
+MAX_ENTRIES = 64
+"""The most parameters a request or a tensor carries, and outputs a request names."""
+MAX_TENSORS = 1024
+"""The most inputs (or outputs) one message carries."""
+
+
+def _check_counts(kind: str, params: Any, tensors: Sequence[_TensorMessage], named_outputs: int = 0) -> None:
+    """Counts checked on the message itself (a length is free), before anything is converted: 2.5
+    million parameters, or 1.5 million inputs, took the event loop seconds to turn into Python objects
+    before any bound was looked at."""
+    if len(params) > MAX_ENTRIES:
+        message = "request" if kind == "input" else "response"
+        raise TensorFormatError(f"{len(params):,} {message} parameters; at most {MAX_ENTRIES} are taken")
+    if len(tensors) > MAX_TENSORS:
+        raise TensorFormatError(f"{len(tensors):,} {kind}s; at most {MAX_TENSORS} are taken")
+    if named_outputs > MAX_ENTRIES:
+        raise TensorFormatError(f"{named_outputs:,} requested outputs; at most {MAX_ENTRIES} are taken")
+    for tensor in tensors:
+        if len(tensor.parameters) > MAX_ENTRIES:
+            raise TensorFormatError(
+                f"{kind} {tensor.name[:200]!r} has {len(tensor.parameters):,} parameters; at most {MAX_ENTRIES}"
+            )
+        if len(tensor.shape) > MAX_NDIM:
+            raise TensorFormatError(f"{kind} {tensor.name[:200]!r} has {len(tensor.shape):,} dimensions")
+
+
 def infer_request_from_pb(msg: pb.ModelInferRequest) -> InferRequest:
     """Read a ModelInferRequest whose inputs come as raw bytes or as typed contents.
 
@@ -266,6 +293,7 @@ def infer_request_from_pb(msg: pb.ModelInferRequest) -> InferRequest:
     one for one, or if typed contents do not fit the declared datatype and shape. Raw bytes
     are checked later, by :func:`edge.codec.decode`.
     """
+    _check_counts("input", msg.parameters, msg.inputs, len(msg.outputs))
     return InferRequest(
         model_name=msg.model_name,
         model_version=msg.model_version,
@@ -286,6 +314,7 @@ def infer_response_to_pb(resp: InferResponse) -> pb.ModelInferResponse:
 
 def infer_response_from_pb(msg: pb.ModelInferResponse) -> InferResponse:
     """Read a ModelInferResponse whose outputs come as raw bytes or as typed contents."""
+    _check_counts("output", msg.parameters, msg.outputs)
     return InferResponse(
         model_name=msg.model_name,
         model_version=msg.model_version,

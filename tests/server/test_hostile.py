@@ -160,3 +160,42 @@ def test_typed_contents_for_a_wrong_input_are_refused_without_converting_them(gr
         tracemalloc.stop()
         repository.close()
     assert peak < 1_000_000, f"{peak:,} bytes allocated to refuse it"
+
+
+def _tensor_parameters(message: pb.ModelInferRequest) -> None:
+    tensor = message.inputs.add(name="x", datatype="INT8", shape=[1])
+    for j in range(300_000):
+        tensor.parameters[f"q{j}"].bool_param = True
+
+
+@pytest.mark.parametrize(
+    ("build", "needle"),
+    [
+        (lambda m: [m.parameters[f"p{i}"].int64_param for i in range(300_000)], "request parameters"),
+        (
+            lambda m: [m.inputs.add(name=f"i{i}", datatype="INT8", shape=[1]) for i in range(200_000)],
+            "inputs",
+        ),
+        (lambda m: [m.outputs.add(name=f"o{i}") for i in range(300_000)], "requested outputs"),
+        (_tensor_parameters, "has 300,000 parameters"),
+    ],
+    ids=["request-parameters", "inputs", "outputs", "tensor-parameters"],
+)
+def test_huge_counts_are_refused_before_any_conversion(build, needle: str) -> None:  # type: ignore[no-untyped-def]
+    """Counted on the message (a length is free): converting 2.5 M parameters first took the event loop
+    7-13 s, and 2.5 M tensor parameters were even accepted. Refusing now allocates next to nothing."""
+    import tracemalloc
+
+    from edge.errors import TensorFormatError
+    from edge.protocol import infer_request_from_pb
+
+    message = pb.ModelInferRequest(model_name=MODEL)
+    build(message)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TensorFormatError, match=needle):
+            infer_request_from_pb(message)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 200_000, f"{peak:,} bytes allocated to refuse it"
