@@ -26,7 +26,7 @@ from edge.tlsfiles import check_ca, check_pair
 from .errors import ServerError
 from .fairness import peer_host
 
-__all__ = ["OPEN_METHODS", "Security", "TokenInterceptor", "read_tokens"]
+__all__ = ["ADMIN_METHODS", "OPEN_METHODS", "Security", "TokenInterceptor", "read_token_table", "read_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,22 @@ class UnauthenticatedError(ServerError):
     """A request without a valid bearer token."""
 
 
+ADMIN_METHODS = frozenset(
+    {
+        "/inference.GRPCInferenceService/RepositoryModelLoad",
+        "/inference.GRPCInferenceService/RepositoryModelUnload",
+    }
+)
+"""What only a token marked ``admin`` may call (with --model-control): any device could unload any model."""
+
+
 def read_tokens(path: Path) -> dict[str, str]:
-    """``DEVICE_ID TOKEN`` per line, ``#`` comments: token -> device id."""
+    """``DEVICE_ID TOKEN [admin]`` per line, ``#`` comments: token -> device id."""
+    return read_token_table(path)[0]
+
+
+def read_token_table(path: Path) -> tuple[dict[str, str], frozenset[str]]:
+    """``DEVICE_ID TOKEN [admin]`` per line, ``#`` comments: (token -> device id, the admin tokens)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -59,14 +73,17 @@ def read_tokens(path: Path) -> dict[str, str]:
             f"{path}: cannot read the token file: {getattr(err, 'strerror', None) or err}"
         ) from err
     tokens: dict[str, str] = {}
+    admins: set[str] = set()
     for number, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
         parts = text.split()
-        if len(parts) != 2:
-            raise ConfigError(f"{path}:{number}: expected DEVICE_ID TOKEN")
-        device, token = parts
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "admin"):
+            raise ConfigError(f"{path}:{number}: expected DEVICE_ID TOKEN, or DEVICE_ID TOKEN admin")
+        device, token = parts[0], parts[1]
+        if len(parts) == 3:
+            admins.add(token)
         if len(token) < 16 or len(token) > MAX_TOKEN_CHARS:
             raise ConfigError(f"{path}:{number}: a token has 16 to {MAX_TOKEN_CHARS} characters")
         if token in tokens:
@@ -77,7 +94,7 @@ def read_tokens(path: Path) -> dict[str, str]:
     if not tokens:
         # Every call but health and metadata would be refused: surely not what was meant.
         raise ConfigError(f"{path}: the token file holds no DEVICE_ID TOKEN line")
-    return tokens
+    return tokens, frozenset(admins)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -109,7 +126,10 @@ class Security:
         self._lock = threading.Lock()
         self._config = self._read_config()
         self._fresh = False
-        self._tokens = read_tokens(tokens) if tokens is not None else None
+        self._tokens: dict[str, str] | None = None
+        self._admins: frozenset[str] = frozenset()
+        if tokens is not None:
+            self._tokens, self._admins = read_token_table(tokens)
 
     @property
     def tls(self) -> bool:
@@ -145,16 +165,23 @@ class Security:
                 return device
         return None
 
+    def is_admin(self, token: str) -> bool:
+        with self._lock:
+            admins = self._admins
+        return any(hmac.compare_digest(known.encode(), token.encode()) for known in admins)
+
     def reload(self) -> None:
         """Read the files again; on an error the old ones stay in force, and the error is logged."""
         try:
             config = self._read_config()
-            tokens = read_tokens(self.tokens_file) if self.tokens_file is not None else None
+            tokens, admins = (
+                read_token_table(self.tokens_file) if self.tokens_file is not None else (None, frozenset())
+            )
         except ConfigError as err:
             logger.error("reload failed, keeping the current certificates and tokens: %s", err)
             return
         with self._lock:
-            self._config, self._fresh, self._tokens = config, True, tokens
+            self._config, self._fresh, self._tokens, self._admins = config, True, tokens, admins
         logger.info("reloaded certificates and tokens")
 
     def _read_config(self) -> Any:
@@ -203,6 +230,15 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         token = bearer_token(details.invocation_metadata)
         if token and self.security.device_for(token) is not None:
+            if method in ADMIN_METHODS and not self.security.is_admin(token):
+                logger.info("refused %s: the token is not an admin's", method[:80])
+                if self.security.on_refused is not None:
+                    self.security.on_refused("not_admin")
+                return _refusal(
+                    method,
+                    "repository control needs a token marked admin in the token file",
+                    grpc.StatusCode.PERMISSION_DENIED,
+                )
             return await continuation(details)
         why = "no bearer token" if not token else "an unknown bearer token"
         logger.info("refused %s: %s", method[:80], why)
@@ -211,12 +247,14 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return _refusal(method, f"{why}: send 'authorization: Bearer TOKEN' metadata")
 
 
-def _refusal(method: str, message: str) -> grpc.RpcMethodHandler:
+def _refusal(
+    method: str, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
+) -> grpc.RpcMethodHandler:
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         yield None  # pragma: no cover - abort raises
 
     if method in _STREAMING:

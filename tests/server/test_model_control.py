@@ -72,3 +72,26 @@ def test_unload_and_load_with_model_control(root: Path) -> None:
         with pytest.raises(InferenceServerException) as err:
             client.load_model("nowhere")
         assert "NOT_FOUND" in str(err.value.status())
+
+
+def test_only_an_admin_token_may_load_or_unload(root: Path, tmp_path: Path) -> None:
+    """With tokens, any token holder could unload any model; now only a token marked admin may."""
+    from server.security import Security
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("dev1 device-token-0123456789abcdef\nops admin-token-0123456789abcdef admin\n")
+    security = Security(tokens=tokens)
+    dataplane = DataPlane(ModelRepository.from_directory(root), model_control=True)
+    with BackgroundServer(EdgeServer(dataplane, interceptors=security.interceptors())) as server:
+        device = triton.InferenceServerClient(server.address)
+        device_auth = {"authorization": "Bearer device-token-0123456789abcdef"}
+        with pytest.raises(InferenceServerException) as err:
+            device.unload_model("tiny", headers=device_auth)
+        assert "PERMISSION_DENIED" in str(err.value.status()) and "admin" in err.value.message()
+        assert device.is_model_ready("tiny", headers=device_auth)  # still served
+        admin_auth = {"authorization": "Bearer admin-token-0123456789abcdef"}
+        device.unload_model("tiny", headers=admin_auth)
+        assert not device.is_model_ready("tiny", headers=admin_auth)
+        device.load_model("tiny", headers=admin_auth)
+        assert device.is_model_ready("tiny", headers=device_auth)
+        device.close()
