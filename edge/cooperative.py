@@ -19,6 +19,7 @@ import numpy as np
 
 from . import wire
 from .errors import BackendError, ModelMismatchError, RemoteError, TensorFormatError
+from .ratelog import RateLimitedLog
 from .runner import ModelRunner
 from .transport.base import DOWN, RETRYABLE, RemoteResult, TailTransport, ping
 from .transport.circuit import Circuit
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_REFUSALS = RateLimitedLog(logger)
 
 
 @dataclass(slots=True)
@@ -412,7 +414,14 @@ class CooperativeRunner:
         elif err.status in RETRYABLE:
             logger.info("edge server busy, finishing cut %d locally: %s", k, err)
         else:
-            logger.error("edge server refused the request, finishing cut %d locally: %s", k, err)
+            # The same refusal comes back for every request (a model that differs from the server's).
+            _REFUSALS.log(
+                logging.ERROR,
+                f"{err.status}",
+                "edge server refused the request, finishing cut %d locally: %s",
+                k,
+                err,
+            )
         tail_started = time.perf_counter()
         try:
             outputs = {**sent.head_outputs, **self.runner.run_tail(k, sent.cut)}

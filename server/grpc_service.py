@@ -26,6 +26,7 @@ from edge.errors import (
     TensorFormatError,
 )
 from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
+from edge.ratelog import RateLimitedLog
 from edge.wire import COMPUTE_US, STREAM_WINDOW_PREFIX
 
 from .dataplane import MAX_NAME_CHARS, DataPlane, PreparedRequest
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_REJECTED = RateLimitedLog(logger)
+"""For failures outside a servicer's calls (each servicer has a limiter of its own)."""
 
 
 STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = tuple(
@@ -124,6 +127,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 lambda: self._turns.waiting, lambda: [(m.name, m.runner) for m in self.dataplane.repository]
             )
         self._identify = identify if identify is not None else peer_host
+        self._rejected = RateLimitedLog(logger)
+        """One line a minute per status: one device's bad requests logged one each."""
         self._compute_us: dict[tuple[str, int | None], int] = {}
         self.stream_window = max(1, max_inflight_per_device)
         """Requests of one stream in flight at once; advertised in the server metadata."""
@@ -132,34 +137,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._closing = False
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        await _refuse_unparsed(context, request)
+        await _refuse_unparsed(context, request, self._rejected)
         return pb.ServerLiveResponse(live=self.dataplane.live())
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        await _refuse_unparsed(context, request)
+        await _refuse_unparsed(context, request, self._rejected)
         return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        await _refuse_unparsed(context, request)
+        await _refuse_unparsed(context, request, self._rejected)
         return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        await _refuse_unparsed(context, request)
+        await _refuse_unparsed(context, request, self._rejected)
         name, version, extensions = self.dataplane.server_metadata()
         window = f"{STREAM_WINDOW_PREFIX}{self.stream_window}"
         return pb.ServerMetadataResponse(name=name, version=version, extensions=[*extensions, window])
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return await _guard(context, self._metadata(request))
+        return await _guard(context, self._metadata(request), self._rejected)
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return await _guard(context, self._index(request))
+        return await _guard(context, self._index(request), self._rejected)
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return await _guard(context, self._control(request, load=True))
+        return await _guard(context, self._control(request, load=True), self._rejected)
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return await _guard(context, self._control(request, load=False))
+        return await _guard(context, self._control(request, load=False), self._rejected)
 
     async def _index(self, request: Any) -> Any:
         reply = pb.RepositoryIndexResponse()
@@ -178,7 +183,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return await _guard(context, self._infer(request, self._identify(context), context))
+        return await _guard(context, self._infer(request, self._identify(context), context), self._rejected)
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -199,7 +204,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 response = await self._infer(request, device)  # an Unparsed one is answered too
             except Exception as err:  # one bad request must not end the stream
-                reply = converters.stream_error_to_pb(_log(err).name, _describe(err), _request_id(request))
+                reply = converters.stream_error_to_pb(
+                    _log(err, self._rejected).name, _describe(err), _request_id(request)
+                )
             else:
                 reply = pb.ModelStreamInferResponse(infer_response=response)
             answers.put_nowait(reply)  # its slot is freed once the answer is sent, below
@@ -580,11 +587,11 @@ def _parsed(request: Any) -> Any:
     return request
 
 
-async def _refuse_unparsed(context: grpc.aio.ServicerContext, request: Any) -> None:
+async def _refuse_unparsed(context: grpc.aio.ServicerContext, request: Any, log: RateLimitedLog) -> None:
     try:
         _parsed(request)
     except TensorFormatError as err:
-        await _abort(context, err)
+        await _abort(context, err, log)
 
 
 def _deadline(context: grpc.aio.ServicerContext | None) -> float | None:
@@ -650,25 +657,30 @@ def _bind_problem(host: str, port: int) -> str | None:
     return None
 
 
-async def _guard(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+async def _guard(
+    context: grpc.aio.ServicerContext, call: Awaitable[T], log: RateLimitedLog | None = None
+) -> T:
     try:
         return await call
     except Exception as err:
-        await _abort(context, err)
+        await _abort(context, err, log)
         raise  # unreachable: abort raises
 
 
-async def _abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
-    await context.abort(_log(err), _describe(err))
+async def _abort(
+    context: grpc.aio.ServicerContext, err: Exception, log: RateLimitedLog | None = None
+) -> None:
+    await context.abort(_log(err, log), _describe(err))
 
 
-def _log(err: Exception) -> grpc.StatusCode:
-    """Log a failed request; returns its status."""
+def _log(err: Exception, log: RateLimitedLog | None = None) -> grpc.StatusCode:
+    """Log a failed request (at most a line a minute per status, with ``log``); returns its status."""
     code = status_for(err)
+    limited = log if log is not None else _REJECTED
     if code is grpc.StatusCode.INTERNAL:
-        logger.error("request failed", exc_info=err)
+        limited.log(logging.ERROR, "internal", "request failed", exc_info=err)
     else:
-        logger.info("request rejected (%s): %s", code.name, err)
+        limited.log(logging.INFO, code.name, "request rejected (%s): %s", code.name, err)
     return code
 
 

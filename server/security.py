@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from edge.errors import ConfigError
+from edge.ratelog import RateLimitedLog
 from edge.tlsfiles import check_ca, check_pair
 
 from .errors import ServerError
@@ -29,6 +30,8 @@ from .fairness import peer_host
 __all__ = ["ADMIN_METHODS", "OPEN_METHODS", "Security", "TokenInterceptor", "read_token_table", "read_tokens"]
 
 logger = logging.getLogger(__name__)
+_REFUSALS = RateLimitedLog(logger)
+"""One line a minute per kind of refusal: a flood of unauthenticated calls wrote one each."""
 
 OPEN_METHODS = frozenset(
     {
@@ -231,7 +234,9 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         token = bearer_token(details.invocation_metadata)
         if token and self.security.device_for(token) is not None:
             if method in ADMIN_METHODS and not self.security.is_admin(token):
-                logger.info("refused %s: the token is not an admin's", method[:80])
+                _REFUSALS.log(
+                    logging.INFO, "refused:admin", "refused %s: the token is not an admin's", method[:80]
+                )
                 if self.security.on_refused is not None:
                     self.security.on_refused("not_admin")
                 return _refusal(
@@ -241,7 +246,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
                 )
             return await continuation(details)
         why = "no bearer token" if not token else "an unknown bearer token"
-        logger.info("refused %s: %s", method[:80], why)
+        _REFUSALS.log(logging.INFO, f"refused:{why}", "refused %s: %s", method[:80], why)
         if self.security.on_refused is not None:
             self.security.on_refused("unknown_token" if token else "no_token")
         return _refusal(method, f"{why}: send 'authorization: Bearer TOKEN' metadata")
