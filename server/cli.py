@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"close a connection with no call for S seconds (default: {_default('idle_timeout_s'):g})",
     )
     p.add_argument(
+        "--max-connection-age",
+        dest="max_connection_age_s",
+        type=positive_float,
+        metavar="S",
+        help="close every connection after S seconds, its calls getting 30 s more: held-open streams cannot "
+        f"keep one for ever, and a revoked token ends on open streams (default: {_default('max_connection_age_s'):g})",
+    )
+    p.add_argument(
         "--grace",
         dest="grace_s",
         type=non_negative_float,
@@ -277,6 +285,7 @@ async def _serve_models(settings: ServerSettings, security: Security, metrics: S
             workers=settings.workers,
             max_message_bytes=settings.max_message_bytes,
             idle_timeout_s=settings.idle_timeout_s,
+            max_connection_age_s=settings.max_connection_age_s,
             max_connections=settings.max_connections,
             credentials=security.credentials(),
             interceptors=security.interceptors(),

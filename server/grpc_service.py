@@ -39,6 +39,7 @@ from .metrics import ServerMetrics
 from .settings import (
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_BATCH_DELAY_US,
+    DEFAULT_MAX_CONNECTION_AGE_S,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_INFLIGHT_PER_DEVICE,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -423,6 +424,7 @@ class EdgeServer:
         workers: int = 0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        max_connection_age_s: float = DEFAULT_MAX_CONNECTION_AGE_S,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         servicer: InferenceServicer | None = None,
         credentials: grpc.ServerCredentials | None = None,
@@ -438,6 +440,7 @@ class EdgeServer:
         self.requested_port = port
         self.max_message_bytes = max_message_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.max_connection_age_s = max_connection_age_s
         self.max_connections = max_connections
         self.servicer = (
             servicer
@@ -473,6 +476,9 @@ class EdgeServer:
             # A connection with no call for this long is closed, so idle ones cannot hold file
             # descriptors for ever; a device reconnects by itself on its next request.
             ("grpc.max_connection_idle_ms", int(self.idle_timeout_s * 1000)),
+            # ...and any connection after this long, whatever it carries (its calls get 30 s more).
+            ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", 30_000),
             # Connections, and streams on each, are bounded: past the first, a new connection is
             # closed as it opens, so they cannot take every file descriptor.
             ("grpc.max_allowed_incoming_connections", self.max_connections),

@@ -217,11 +217,20 @@ def bearer_token(metadata: Any) -> str:
     return ""
 
 
-class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses with UNAUTHENTICATED every call but :data:`OPEN_METHODS` without a valid bearer token."""
+MAX_OPEN_WATCHES = 64
+"""Health Watch streams callers without a valid token may hold at once: held open, they kept connections
+(a thousand locked a device with a token out); past it, RESOURCE_EXHAUSTED."""
+_WATCH = "/grpc.health.v1.Health/Watch"
 
-    def __init__(self, security: Security) -> None:
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses with UNAUTHENTICATED every call but :data:`OPEN_METHODS` without a valid bearer token,
+    and bounds the Watch streams such callers hold (:data:`MAX_OPEN_WATCHES`)."""
+
+    def __init__(self, security: Security, max_open_watches: int = MAX_OPEN_WATCHES) -> None:
         self.security = security
+        self.max_open_watches = max_open_watches
+        self._open_watches = 0  # on the server's event loop only
 
     async def intercept_service(
         self,
@@ -229,9 +238,11 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = details.method
+        token = bearer_token(details.invocation_metadata)
+        if method == _WATCH and not (token and self.security.device_for(token) is not None):
+            return await self._counted_watch(continuation, details)
         if method in OPEN_METHODS:
             return await continuation(details)
-        token = bearer_token(details.invocation_metadata)
         if token and self.security.device_for(token) is not None:
             if method in ADMIN_METHODS and not self.security.is_admin(token):
                 _REFUSALS.log(
@@ -250,6 +261,40 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if self.security.on_refused is not None:
             self.security.on_refused("unknown_token" if token else "no_token")
         return _refusal(method, f"{why}: send 'authorization: Bearer TOKEN' metadata")
+
+    async def _counted_watch(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        return await _watch_limited(self, handler) if handler is not None else handler
+
+
+async def _watch_limited(
+    interceptor: TokenInterceptor, handler: grpc.RpcMethodHandler
+) -> grpc.RpcMethodHandler:
+    inner = handler.unary_stream
+
+    async def watch(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if interceptor._open_watches >= interceptor.max_open_watches:
+            _REFUSALS.log(logging.INFO, "refused:watch", "refused a health Watch: %d open without a token",
+                          interceptor._open_watches)  # fmt: skip
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{interceptor.max_open_watches} health Watch streams are open without a token; use Check",
+            )
+        interceptor._open_watches += 1
+        try:
+            return await inner(request, context)
+        finally:
+            interceptor._open_watches -= 1
+
+    return grpc.unary_stream_rpc_method_handler(
+        watch,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _refusal(

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_IDLE_TIMEOUT_S",
     "DEFAULT_MAX_BATCH_DELAY_US",
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_CONNECTION_AGE_S",
     "DEFAULT_MAX_INFLIGHT_PER_DEVICE",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_STREAMS_PER_CONNECTION",
@@ -36,6 +37,7 @@ __all__ = [
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+DEFAULT_MAX_CONNECTION_AGE_S = 3600.0
 DEFAULT_MAX_INFLIGHT_PER_DEVICE = 16
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_MAX_BATCH_DELAY_US = 500
@@ -122,6 +124,14 @@ class ServerSettings(BaseModel):
         gt=0.0,
         le=86400.0,
         description="A connection with no call for this long is closed (a device reconnects by itself).",
+    )
+    max_connection_age_s: float = Field(
+        default=DEFAULT_MAX_CONNECTION_AGE_S,
+        gt=0.0,
+        le=7 * 86400.0,
+        description="A connection is closed after this long (its calls get 30 s more), whatever it carries: "
+        "a held-open stream cannot keep a connection for ever, and a revoked token stops working on open "
+        "streams within this. A device reconnects by itself.",
     )
     grace_s: float = Field(
         default=5.0, ge=0.0, le=3600.0, description="Seconds in-flight requests get at shutdown."
