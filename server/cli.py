@@ -224,14 +224,19 @@ def check(settings: ServerSettings) -> None:
     """What start needs, short of listening: the TLS and token files (kinds, pair, expiry), and a model
     directory with a model it can serve (each file is loaded, as at start)."""
     security_from(settings)
-    repository = ModelRepository.from_directory(
+    repository_from(settings, replicas=1).close()
+
+
+def repository_from(settings: ServerSettings, *, replicas: int) -> ModelRepository:
+    """The model directory the settings name, loaded (ConfigError when nothing in it can be served)."""
+    return ModelRepository.from_directory(
         settings.models,
         backend=settings.backend,
         threads=settings.threads,
         cache_size=settings.cache_size,
         max_model_bytes=settings.max_model_bytes,
+        replicas=replicas,
     )
-    repository.close()
 
 
 def security_from(settings: ServerSettings) -> Security:
@@ -264,14 +269,9 @@ async def _serve(settings: ServerSettings) -> None:
 
 
 async def _serve_models(settings: ServerSettings, security: Security, metrics: ServerMetrics | None) -> None:
-    repository = ModelRepository.from_directory(
-        settings.models,
-        backend=settings.backend,
-        threads=settings.threads,
-        cache_size=settings.cache_size,
-        max_model_bytes=settings.max_model_bytes,
-        replicas=max(1, settings.workers),  # one interpreter per compute thread: they run at once
-    )
+    repository = repository_from(
+        settings, replicas=max(1, settings.workers)
+    )  # an interpreter per compute thread
     try:
         server = EdgeServer(
             DataPlane(

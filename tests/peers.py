@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -31,8 +32,9 @@ class UnaryOnly(pb_grpc.GRPCInferenceServiceServicer):
         return await self.inner.ModelInfer(request, context)
 
 
-@pytest.fixture
-def unary_only_server() -> Iterator[str]:
+@contextlib.contextmanager
+def _peer(wrap: Any) -> Iterator[str]:
+    """A real grpc.aio server on port 0 whose servicer is ``wrap(our servicer)``; yields its address."""
     repository = ModelRepository.from_files([models.model_path(UNARY_MODEL)])
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -41,7 +43,7 @@ def unary_only_server() -> Iterator[str]:
     async def start() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server()
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            UnaryOnly(InferenceServicer(DataPlane(repository), workers=0)), server
+            wrap(InferenceServicer(DataPlane(repository), workers=0)), server
         )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -56,6 +58,12 @@ def unary_only_server() -> Iterator[str]:
         thread.join(10)
         loop.close()
         repository.close()
+
+
+@pytest.fixture
+def unary_only_server() -> Iterator[str]:
+    with _peer(UnaryOnly) as address:
+        yield address
 
 
 class ForeignStream:
@@ -124,25 +132,5 @@ class Busy(pb_grpc.GRPCInferenceServiceServicer):
 @pytest.fixture
 def busy_server() -> Iterator[str]:
     """A :class:`Busy` server refusing every third request, serving :data:`UNARY_MODEL`."""
-    repository = ModelRepository.from_files([models.model_path(UNARY_MODEL)])
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        servicer = Busy(InferenceServicer(DataPlane(repository), workers=0), every=3)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-        repository.close()
+    with _peer(lambda inner: Busy(inner, every=3)) as address:
+        yield address

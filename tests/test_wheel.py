@@ -56,6 +56,18 @@ def _venv_seeing_this_environment(env_dir: Path) -> Path:
     return env_dir / "bin" / "python"
 
 
+def _installed(wheel: Path, env_dir: Path) -> Path:
+    """The wheel installed in a fresh venv that sees this environment; its python."""
+    python = _venv_seeing_this_environment(env_dir)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return python
+
+
 def test_the_wheel_ships_profiles_units_and_models(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for profile in (REPO / "firmware_config").glob("*.toml"):
@@ -68,13 +80,7 @@ def test_the_wheel_ships_profiles_units_and_models(wheel: Path) -> None:
 
 def test_an_installed_wheel_finds_and_checks_a_shipped_profile(wheel: Path, tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
-    python = _venv_seeing_this_environment(env_dir)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    python = _installed(wheel, env_dir)
     where = subprocess.run(
         [str(python), "-c", "import edge; print(edge.__file__)"], capture_output=True, text=True, cwd=tmp_path
     )
@@ -94,13 +100,7 @@ def test_an_installed_wheel_finds_and_checks_a_shipped_profile(wheel: Path, tmp_
 def test_an_installed_wheel_exports_for_mlserver(wheel: Path, tmp_path: Path) -> None:
     """The export copies requirements.txt from the package (edge/firmware_config in the wheel)."""
     env_dir = tmp_path / "venv"
-    python = _venv_seeing_this_environment(env_dir)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    _installed(wheel, env_dir)
     out = tmp_path / "export"
     proc = subprocess.run(
         [str(env_dir / "bin" / "edge"), "export", "mlserver", "digits_tiny", "--out", str(out)],
