@@ -26,7 +26,9 @@ __all__ = [
     "DATATYPES",
     "ENCODING",
     "ENCODINGS",
+    "MAX_ENTRIES",
     "MAX_NDIM",
+    "MAX_TENSORS",
     "Decoder",
     "Deferred",
     "InferRequest",
@@ -69,6 +71,10 @@ _DATATYPES_BY_DTYPE: dict[np.dtype, str] = {dtype: name for name, dtype in _DTYP
 DATATYPES: tuple[str, ...] = tuple(_DTYPES)
 
 #: More dimensions than any model has; numpy itself stops at 64.
+MAX_ENTRIES = 64
+"""The most parameters a request or a tensor carries, and outputs a request names."""
+MAX_TENSORS = 1024
+"""The most inputs (or outputs) one message carries."""
 MAX_NDIM = 32
 
 _NO_PARAMETERS: Mapping[str, ParameterValue] = MappingProxyType({})

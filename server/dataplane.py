@@ -23,6 +23,7 @@ import numpy as np
 
 from edge import __version__, compression
 from edge.codec import (
+    MAX_ENTRIES,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -37,7 +38,6 @@ from edge.codec import (
 from edge.errors import CutError, EdgeError, ModelMismatchError, ModelNotFoundError, TensorFormatError, echo
 from edge.graph import TensorInfo
 from edge.profiler import ProfileCancelledError, profile_tails
-from edge.protocol.converters import MAX_ENTRIES
 from edge.wire import (
     ACCEPT_ENCODING,
     BACKEND,

@@ -18,7 +18,9 @@ import numpy as np
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from edge.codec import (
+    MAX_ENTRIES,
     MAX_NDIM,
+    MAX_TENSORS,
     Deferred,
     InferRequest,
     InferResponse,
@@ -258,12 +260,6 @@ def infer_request_to_pb(req: InferRequest) -> pb.ModelInferRequest:
         msg.outputs.add(name=name)
     _set_parameters(msg.parameters, req.parameters)
     return msg
-
-
-MAX_ENTRIES = 64
-"""The most parameters a request or a tensor carries, and outputs a request names."""
-MAX_TENSORS = 1024
-"""The most inputs (or outputs) one message carries."""
 
 
 def _check_counts(kind: str, params: Any, tensors: Sequence[_TensorMessage], named_outputs: int = 0) -> None:
