@@ -24,7 +24,7 @@ from edge.errors import ConfigError
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
 from edge.transport import TailClient
-from helpers import ZOO_DIR, ZOO_RUNNABLE, seeded_inputs
+from helpers import REPO, ZOO_DIR, ZOO_RUNNABLE, seeded_inputs
 from server.embedded import BackgroundServer
 from server.repository import ModelRepository
 
@@ -179,3 +179,17 @@ def test_a_model_whose_tensor_name_is_not_text_is_skipped_and_the_rest_served(tm
     assert rows["digits_tiny"] == ("READY", "")
     assert rows["binary"][0] == "UNAVAILABLE" and "not valid UTF-8" in rows["binary"][1]
     repo.close()
+
+
+def test_the_daemons_check_refuses_a_model_its_backend_cannot_run(tmp_path: Path) -> None:
+    """Its fallback could never run: refused before any message is taken, in one line."""
+    profile = tmp_path / "p.toml"
+    text = (REPO / "firmware_config" / "generic-x86.toml").read_text()
+    assert 'path = "digits_resnet"' in text
+    profile.write_text(
+        text.replace('path = "digits_resnet"', f'path = "{ZOO_DIR / "unknown_custom_op.tflite"}"')
+    )
+    proc = _edge("run", "--config", str(profile), "--check")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "cannot run on litert" in lines[0] and "CUSTOM:EdgeZooSoftArgmax" in lines[0]
