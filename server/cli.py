@@ -28,7 +28,7 @@ from edge.cpu_latency import add_cpu_latency_arg, cpu_latency_hold
 from edge.errors import EdgeError
 from edge.systemd import notify, watchdog_interval
 
-from .dataplane import DataPlane
+from .dataplane import DataPlane, largest_message, message_limit
 from .grpc_service import EdgeServer, check_listen
 from .metrics import ServerMetrics, serve_metrics
 from .repository import ModelRepository
@@ -272,6 +272,12 @@ async def _serve_models(settings: ServerSettings, security: Security, metrics: S
     repository = repository_from(
         settings, replicas=max(1, settings.workers)
     )  # an interpreter per compute thread
+    # The bound gRPC applies before parsing, sized from the models served at start; one loaded later
+    # that needs more is said in the log (restart, or raise --max-message-bytes... the cap).
+    limit = message_limit([m.graph for m in repository], settings.max_message_bytes)
+    logger.info(
+        "edge-server: messages bounded at %s bytes (the largest the served models take, twice)", f"{limit:,}"
+    )
     try:
         server = EdgeServer(
             DataPlane(
@@ -283,7 +289,7 @@ async def _serve_models(settings: ServerSettings, security: Security, metrics: S
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
-            max_message_bytes=settings.max_message_bytes,
+            max_message_bytes=limit,
             idle_timeout_s=settings.idle_timeout_s,
             max_connection_age_s=settings.max_connection_age_s,
             max_connections=settings.max_connections,
@@ -313,7 +319,7 @@ async def _serve_models(settings: ServerSettings, security: Security, metrics: S
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
-        watcher = asyncio.create_task(_watch(dataplane, settings.watch_s, stop))
+        watcher = asyncio.create_task(_watch(dataplane, settings.watch_s, stop, limit))
         watchdog = asyncio.create_task(_watchdog(stop))
         await stop.wait()
         notify("STOPPING=1")
@@ -329,13 +335,28 @@ async def _serve_models(settings: ServerSettings, security: Security, metrics: S
         repository.close()
 
 
-async def _watch(dataplane: DataPlane, every_s: float, stop: asyncio.Event) -> None:
+async def _watch(dataplane: DataPlane, every_s: float, stop: asyncio.Event, limit: int) -> None:
+    warned: set[str] = set()
     while every_s > 0 and not stop.is_set():
         await asyncio.sleep(every_s)
         try:
             await asyncio.to_thread(dataplane.refresh)
         except Exception:  # the watch must go on; what failed is logged
             logger.exception("looking at the model directory failed")
+        _warn_oversized(dataplane, limit, warned)
+
+
+def _warn_oversized(dataplane: DataPlane, limit: int, warned: set[str]) -> None:
+    """Say once of each model loaded since the start whose largest message passes the bound set then."""
+    for model in dataplane.repository:
+        need = largest_message(model.graph)
+        if need > limit and model.graph.sha256 not in warned:
+            warned.add(model.graph.sha256)
+            logger.warning(
+                "%s needs messages of up to %s bytes, past the %s set at start: restart edge-server to serve "
+                "its largest cuts (until then they are refused, and devices finish them locally)",
+                model.name, f"{need:,}", f"{limit:,}",
+            )  # fmt: skip
 
 
 async def _watchdog(stop: asyncio.Event) -> None:

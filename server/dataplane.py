@@ -36,7 +36,7 @@ from edge.codec import (
     encode,
 )
 from edge.errors import CutError, EdgeError, ModelMismatchError, ModelNotFoundError, TensorFormatError, echo
-from edge.graph import TensorInfo
+from edge.graph import ModelGraph, TensorInfo
 from edge.profiler import ProfileCancelledError, profile_tails
 from edge.wire import (
     ACCEPT_ENCODING,
@@ -462,6 +462,30 @@ def _outputs(
     return tuple(
         compression.compress(t, accepted) if t.nbytes >= COMPRESS_OUTPUTS_FROM else t for t in tensors
     )
+
+
+MIN_MESSAGE_BYTES = 1024 * 1024
+"""The smallest message bound sized from the models (headroom for metadata and small models)."""
+
+
+def largest_message(graph: ModelGraph) -> int:
+    """The largest request or answer a device needs for ``graph``: its biggest cut (the raw input at
+    cut 0) or its outputs, with room for names and framing. Compressed tensors are never larger than
+    raw ones: a codec sends raw what does not shrink."""
+
+    def size(tensors: Sequence[TensorInfo]) -> int:
+        return sum(t.nbytes + len(t.name.encode()) + 64 for t in tensors)
+
+    biggest = max(size(graph.cut(k).tensors) for k in range(graph.num_operators + 1))
+    return max(biggest, size(graph.outputs)) + 64 * 1024
+
+
+def message_limit(graphs: Sequence[ModelGraph], cap: int) -> int:
+    """The bound on a gRPC message, sized from what the served models take: twice the largest, at
+    least :data:`MIN_MESSAGE_BYTES`, at most ``cap``. gRPC applies it before a message is parsed: 32
+    messages of 16 MiB for a model that takes 2 KiB had cost 1.3 GB."""
+    need = max((largest_message(g) for g in graphs), default=0)
+    return min(cap, max(MIN_MESSAGE_BYTES, 2 * need))
 
 
 def _check_bounds(request: InferRequest) -> None:

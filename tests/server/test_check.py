@@ -88,3 +88,48 @@ def test_a_settings_file_takes_the_flags_own_names_too(setup: dict[str, Path]) -
     config.write_text(f'models = "{setup["models"]}"\ngrace = 2.5\ngrace_s = 3\n')
     both = _check("--config", str(config))
     assert both.returncode == 2 and "grace and grace_s are the same setting" in both.stderr
+
+
+def test_the_message_bound_is_sized_from_the_served_models(setup: dict[str, Path]) -> None:
+    """digits_tiny takes 1 KiB: a 16 MiB message is refused by gRPC before it is parsed (32 of them had
+    cost 1.3 GB under the fixed 64 MiB bound), and a real request still goes through."""
+    import re
+    import time
+
+    import grpc
+    import numpy as np
+
+    from edge.graph import ModelGraph
+    from edge.protocol import pb, pb_grpc
+    from server.dataplane import MIN_MESSAGE_BYTES, largest_message, message_limit
+
+    graph = ModelGraph.from_file(setup["models"] / "digits_tiny.tflite")
+    assert message_limit([graph], 64 * 1024 * 1024) == MIN_MESSAGE_BYTES >= 2 * largest_message(graph)
+    log = setup["tmp"] / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--models", str(setup["models"]), "--host", "127.0.0.1", "--port", "0"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (found := re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())):
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert "messages bounded at 1,048,576 bytes" in log.read_text()
+        with grpc.insecure_channel(f"127.0.0.1:{found.group(1)}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            tensor = graph.inputs[0]
+            big = pb.ModelInferRequest(model_name="digits_tiny")
+            big.inputs.add(name=tensor.name, datatype="INT8", shape=list(tensor.shape))
+            big.raw_input_contents.append(b"\0" * (16 * 1024 * 1024))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(big, timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+            fine = pb.ModelInferRequest(model_name="digits_tiny")
+            fine.inputs.add(name=tensor.name, datatype="INT8", shape=list(tensor.shape))
+            fine.raw_input_contents.append(np.zeros(tensor.shape, np.int8).tobytes())
+            assert len(stub.ModelInfer(fine, timeout=30).raw_output_contents) == 1
+    finally:
+        proc.kill()
+        proc.wait(10)
