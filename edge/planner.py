@@ -262,7 +262,8 @@ def plan(
 class Hysteresis:
     """Keeps the current cut until another beats it by more than ``margin`` in ``patience`` plans in a row.
 
-    A cut that breaks the constraints while another meets them is left at once.
+    A cut that breaks the constraints while another meets them, or that cannot run any more, is left
+    at once.
     """
 
     margin: float = 0.10
@@ -279,8 +280,12 @@ class Hysteresis:
             self.streak = 0
             return self.current
         mine, best = new.prediction(self.current), new.chosen
-        broken = not mine.feasible and best.feasible
         mine_score, best_score = mine.score(new.objective), best.score(new.objective)
+        # A cut that breaks the constraints, or that can no longer run at all (its cost went to
+        # infinity: the device's backend refused its head), is left at once.
+        broken = (not mine.feasible and best.feasible) or (
+            not math.isfinite(mine_score) and math.isfinite(best_score)
+        )
         beaten = best_score < mine_score * (1.0 - self.margin) if math.isfinite(mine_score) else True
         if broken:
             self.current, self.streak = new.choice, 0

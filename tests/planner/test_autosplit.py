@@ -275,3 +275,22 @@ def test_max_bytes_limits_the_plan_not_the_link_probes(graphs, tmp_path, monkeyp
     assert policy.prober is not None
     assert max(graph.cut(k).nbytes for k in policy.prober.probe_cuts) > 16 * 1024
     assert graph.cut(policy.choose()).nbytes <= 2048 or policy.choose() == graph.num_operators
+
+
+def test_a_cut_the_device_cannot_run_is_never_planned_again(graph):
+    """A head its backend refused: the result is a fallback with broken_cut, the server is not blamed
+    (the policy stays reachable), and the planner moves to another cut."""
+    n = graph.num_operators
+    head = [0.01 * k for k in range(n)] + [100.0]  # a cheap head, an expensive whole model
+    tail = [1.0 * (n - k) / n for k in range(n + 1)]
+    policy = AutoSplit(graph, head, tail, estimator=link_with(0.1, 1.0, graph))  # a slow link: few bytes win
+    k = policy.choose()
+    assert 0 < k < n, k  # an inner cut: the one whose head will not run
+    broken = InferenceResult(
+        outputs={}, split_point=k, fallback=True, timings=StageTimings(head_ms=1.0, e2e_ms=1.0),
+        fallback_reason="the head cannot run", broken_cut=True,
+    )  # fmt: skip
+    policy.observe(broken)
+    assert policy.reachable
+    assert policy.choose() != k
+    assert policy.costs()[k].head_ms == float("inf")
