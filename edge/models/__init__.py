@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, echo
 
 __all__ = ["DEFAULT_MODEL", "DigitsSample", "digits_sample", "model_path", "names", "resolve"]
 
@@ -46,8 +46,9 @@ def resolve(spec: str | Path) -> Path:
         return path
     if path.suffix == "" and (HERE / f"{spec}.tflite").is_file():
         return HERE / f"{spec}.tflite"
+    shown = str(spec) if str(spec).isprintable() else echo(str(spec))  # a newline must not split the line
     raise ModelFormatError(
-        f"{spec}: no such file, and no shipped model by that name (shipped: {', '.join(names())})"
+        f"{shown}: no such file, and no shipped model by that name (shipped: {', '.join(names())})"
     )
 
 
