@@ -18,9 +18,9 @@ from typing import Protocol
 import numpy as np
 
 from . import wire
-from .errors import BackendError, ModelMismatchError, RemoteError, TensorFormatError
+from .errors import RemoteError, TensorFormatError
 from .ratelog import RateLimitedLog
-from .runner import ModelRunner
+from .runner import HALF_ERRORS, ModelRunner
 from .transport.base import DOWN, RETRYABLE, RemoteResult, TailTransport, ping
 from .transport.circuit import Circuit
 
@@ -363,7 +363,7 @@ class CooperativeRunner:
         started = time.perf_counter()
         try:
             head = self.runner.run_head(k, inputs)
-        except (BackendError, ModelMismatchError) as err:
+        except HALF_ERRORS as err:
             reason = f"the head of cut {k} cannot run on {self.runner.backend}: {err}"
             logger.warning("%s; running the whole model here", reason)
             local = self._local(inputs, self.graph.num_operators, fallback_reason=reason, stop=stop)
@@ -425,7 +425,7 @@ class CooperativeRunner:
         tail_started = time.perf_counter()
         try:
             outputs = {**sent.head_outputs, **self.runner.run_tail(k, sent.cut)}
-        except (BackendError, ModelMismatchError) as tail_err:
+        except HALF_ERRORS as tail_err:
             # The device holds the whole model: when its tail of this cut cannot run, the model can.
             logger.warning("the tail of cut %d cannot run here (%s); running the whole model", k, tail_err)
             outputs = self.runner.run(sent.inputs)

@@ -146,6 +146,11 @@ class ModelGraph:
             )
             for i, op in enumerate(subgraph.operators or [])
         )
+        codes = self.model.operatorCodes or []
+        self.operator_names: frozenset[str] = frozenset(
+            opcode_name(codes[op.opcodeIndex]) for g in self.model.subgraphs for op in g.operators or []
+        )
+        """Every distinct operator of the model, in all its subgraphs (``CUSTOM:name`` for custom ones)."""
         self.input_indices = tuple(int(i) for i in subgraph.inputs or [])
         self.output_indices = tuple(int(i) for i in subgraph.outputs or [])
         self._check_supported()
@@ -303,11 +308,7 @@ class ModelGraph:
 
     def _check_supported(self) -> None:
         # Control flow (WHILE, IF, CALL) is split like any operator: its subgraphs go into both halves.
-        codes = self.model.operatorCodes or []
-        stateful = sorted(
-            {opcode_name(codes[op.opcodeIndex]) for g in self.model.subgraphs for op in g.operators or []}
-            & _STATEFUL
-        )
+        stateful = sorted(self.operator_names & _STATEFUL)
         if stateful:
             raise UnsupportedModelError(
                 f"{self.source} keeps state across runs ({', '.join(stateful)}); such models cannot be split"

@@ -23,11 +23,15 @@ from .errors import BackendError, ModelMismatchError
 from .graph import Cut, ModelGraph, TensorInfo
 from .partition import build_head, build_tail, extract_subgraph
 
-__all__ = ["HeadResult", "ModelRunner"]
+__all__ = ["HALF_ERRORS", "HeadResult", "ModelRunner"]
 
 logger = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
+
+HALF_ERRORS = (BackendError, ModelMismatchError)
+"""What building a half raises when this backend cannot have it (a kernel it lacks, an XNNPACK set-up
+that fails, a boundary the built half does not keep): the whole model may still run."""
 
 
 @dataclass(slots=True)
@@ -203,7 +207,7 @@ class ModelRunner:
             return None
         try:
             self._half(side, self.graph.cut(k))
-        except (BackendError, ModelMismatchError) as err:
+        except HALF_ERRORS as err:
             return str(err)
         return None
 
@@ -227,7 +231,7 @@ class ModelRunner:
             backend = self._load(data, batch)
             if batch == 1:
                 _check_boundary(side, cut, backend)
-        except (BackendError, ModelMismatchError) as err:
+        except HALF_ERRORS as err:
             if batch == 1:
                 with self._lock:
                     self._broken.setdefault((side, cut.index), str(err))

@@ -207,12 +207,12 @@ def _flag_keys(parser: argparse.ArgumentParser) -> dict[str, str]:
     return keys
 
 
-def settings_from(args: argparse.Namespace) -> ServerSettings:
+def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServerSettings:
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "debug", "check")}
     config = getattr(args, "config", None)
     if config is None and "models" not in flags:
         raise EdgeError('--models DIR is required (or a --config file with models = "DIR")')
-    return load_settings(flags, config, aliases=_flag_keys(build_parser()))
+    return load_settings(flags, config, aliases=_flag_keys(parser))
 
 
 async def serve(settings: ServerSettings) -> None:
@@ -269,12 +269,12 @@ async def _serve(settings: ServerSettings) -> None:
 
 
 async def _serve_models(settings: ServerSettings, security: Security, metrics: ServerMetrics | None) -> None:
-    repository = repository_from(
-        settings, replicas=max(1, settings.workers)
-    )  # an interpreter per compute thread
-    # The bound gRPC applies before parsing, sized from the models served at start; one loaded later
-    # that needs more is said in the log (restart, or raise --max-message-bytes... the cap).
+    # An interpreter per compute thread: they run at once.
+    repository = repository_from(settings, replicas=max(1, settings.workers))
+    # The bound gRPC applies before parsing, sized from the models served at start (within
+    # --max-message-bytes); one loaded later that needs more is said in the log.
     limit = message_limit([m.graph for m in repository], settings.max_message_bytes)
+    sized = {m.graph.sha256 for m in repository}  # models whose messages were checked against it
     logger.info(
         "edge-server: messages bounded at %s bytes (the largest the served models take, twice)", f"{limit:,}"
     )
@@ -317,9 +317,10 @@ async def _serve_models(settings: ServerSettings, security: Security, metrics: S
             task = loop.create_task(asyncio.to_thread(dataplane.refresh))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
+            task.add_done_callback(lambda _: _warn_oversized(dataplane, limit, sized))
 
         loop.add_signal_handler(signal.SIGHUP, reload)
-        watcher = asyncio.create_task(_watch(dataplane, settings.watch_s, stop, limit))
+        watcher = asyncio.create_task(_watch(dataplane, settings.watch_s, stop, limit, sized))
         watchdog = asyncio.create_task(_watchdog(stop))
         await stop.wait()
         notify("STOPPING=1")
@@ -335,23 +336,27 @@ async def _serve_models(settings: ServerSettings, security: Security, metrics: S
         repository.close()
 
 
-async def _watch(dataplane: DataPlane, every_s: float, stop: asyncio.Event, limit: int) -> None:
-    warned: set[str] = set()
+async def _watch(
+    dataplane: DataPlane, every_s: float, stop: asyncio.Event, limit: int, sized: set[str]
+) -> None:
     while every_s > 0 and not stop.is_set():
         await asyncio.sleep(every_s)
         try:
             await asyncio.to_thread(dataplane.refresh)
         except Exception:  # the watch must go on; what failed is logged
             logger.exception("looking at the model directory failed")
-        _warn_oversized(dataplane, limit, warned)
+        _warn_oversized(dataplane, limit, sized)
 
 
-def _warn_oversized(dataplane: DataPlane, limit: int, warned: set[str]) -> None:
-    """Say once of each model loaded since the start whose largest message passes the bound set then."""
+def _warn_oversized(dataplane: DataPlane, limit: int, sized: set[str]) -> None:
+    """Say once of each model loaded since the start whose largest message passes the bound set then;
+    each model is sized once (``sized`` holds those that were)."""
     for model in dataplane.repository:
+        if model.graph.sha256 in sized:
+            continue
+        sized.add(model.graph.sha256)
         need = largest_message(model.graph)
-        if need > limit and model.graph.sha256 not in warned:
-            warned.add(model.graph.sha256)
+        if need > limit:
             logger.warning(
                 "%s needs messages of up to %s bytes, past the %s set at start: restart edge-server to serve "
                 "its largest cuts (until then they are refused, and devices finish them locally)",
@@ -367,14 +372,15 @@ async def _watchdog(stop: asyncio.Event) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        settings = settings_from(args)
+        settings = settings_from(args, parser)
         if getattr(args, "check", False):
             check(settings)
             print(settings.model_dump_json(indent=2))

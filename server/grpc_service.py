@@ -57,8 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_REJECTED = RateLimitedLog(logger)
-"""For failures outside a servicer's calls (each servicer has a limiter of its own)."""
 
 
 STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = tuple(
@@ -663,9 +661,7 @@ def _bind_problem(host: str, port: int) -> str | None:
     return None
 
 
-async def _guard(
-    context: grpc.aio.ServicerContext, call: Awaitable[T], log: RateLimitedLog | None = None
-) -> T:
+async def _guard(context: grpc.aio.ServicerContext, call: Awaitable[T], log: RateLimitedLog) -> T:
     try:
         return await call
     except Exception as err:
@@ -673,20 +669,17 @@ async def _guard(
         raise  # unreachable: abort raises
 
 
-async def _abort(
-    context: grpc.aio.ServicerContext, err: Exception, log: RateLimitedLog | None = None
-) -> None:
+async def _abort(context: grpc.aio.ServicerContext, err: Exception, log: RateLimitedLog) -> None:
     await context.abort(_log(err, log), _describe(err))
 
 
-def _log(err: Exception, log: RateLimitedLog | None = None) -> grpc.StatusCode:
-    """Log a failed request (at most a line a minute per status, with ``log``); returns its status."""
+def _log(err: Exception, log: RateLimitedLog) -> grpc.StatusCode:
+    """Log a failed request on the servicer's ``log`` (at most a line a minute per status); returns its status."""
     code = status_for(err)
-    limited = log if log is not None else _REJECTED
     if code is grpc.StatusCode.INTERNAL:
-        limited.log(logging.ERROR, "internal", "request failed", exc_info=err)
+        log.log(logging.ERROR, "internal", "request failed", exc_info=err)
     else:
-        limited.log(logging.INFO, code.name, "request rejected (%s): %s", code.name, err)
+        log.log(logging.INFO, code.name, "request rejected (%s): %s", code.name, err)
     return code
 
 

@@ -70,10 +70,9 @@ class ModelRepository:
     def __init__(self, models: dict[str, ServedModel]) -> None:
         self._models = models
         self._stamps: dict[str, _Stamp] = {}
-        self._failed: dict[Path, tuple[int, int]] = {}
-        self._fail_reasons: dict[Path, str] = {}
-        """Why each failed file failed, in one bounded line."""
-        """Files that failed to load, by (mtime, size): not tried, nor logged, again until they change."""
+        self._failed: dict[Path, tuple[int, int, str]] = {}
+        """Files that failed to load, by (mtime, size), with why in one bounded line: not tried, nor
+        logged, again until they change."""
         self._retired: list[ServedModel] = []
         self._unloaded: set[str] = set()
         """Names unloaded on request: not loaded again by a scan until loaded on request."""
@@ -127,8 +126,8 @@ class ModelRepository:
         rows = [(m.name, "READY", "") for m in self]
         rows += [(name, "UNAVAILABLE", "unloaded") for name in sorted(self._unloaded)]
         rows += [
-            (path.stem, "UNAVAILABLE", f"the file failed to load: {self._fail_reasons.get(path, '?')}")
-            for path in sorted(self._failed)
+            (path.stem, "UNAVAILABLE", f"the file failed to load: {why}")
+            for path, (_, _, why) in sorted(self._failed.items())
         ]
         return sorted(rows)
 
@@ -166,15 +165,16 @@ class ModelRepository:
         stamps: dict[str, _Stamp] = {}
         skipped: list[str] = []
         retired: list[ServedModel] = []
-        failed: dict[Path, tuple[int, int]] = {}
+        failed: dict[Path, tuple[int, int, str]] = {}
         for path in candidates:
             name = path.stem
             if name in self._unloaded:
                 continue
             try:
                 seen = path.lstat()
-                if self._failed.get(path) == (seen.st_mtime_ns, seen.st_size):
-                    failed[path] = self._failed[path]
+                known = self._failed.get(path)
+                if known is not None and known[:2] == (seen.st_mtime_ns, seen.st_size):
+                    failed[path] = known
                     if name in self._stamps and name in models:
                         stamps[name] = self._stamps[name]
                     continue
@@ -201,8 +201,7 @@ class ModelRepository:
                 skipped.append(f"{path.name} ({err})")
                 try:
                     seen = path.lstat()
-                    failed[path] = (seen.st_mtime_ns, seen.st_size)
-                    self._fail_reasons[path] = " ".join(str(err).split())[:_MAX_REASON]
+                    failed[path] = (seen.st_mtime_ns, seen.st_size, " ".join(str(err).split())[:_MAX_REASON])
                 except OSError:
                     pass
                 if name in self._stamps and name in models:
@@ -218,7 +217,6 @@ class ModelRepository:
             logger.info("stopped serving %s: its file is gone", name)
         with self._lock:
             self._models, self._stamps, self._failed = models, stamps, failed
-            self._fail_reasons = {p: r for p, r in self._fail_reasons.items() if p in failed}
             self._retired.extend(retired)
         return skipped
 
@@ -291,10 +289,10 @@ _MAX_REASON = 300
 
 def _load(path: Path, *, backend: str, threads: int, cache_size: int, replicas: int = 1) -> ServedModel:
     graph = ModelGraph.from_file(path)
-    require_runnable(graph, backend)
     runner = ModelRunner(graph, backend=backend, threads=threads, cache_size=cache_size, replicas=replicas)
     try:
-        runner.warm(0)  # load the whole model now: a broken file fails at start, not mid-request
+        # The whole model loaded now: a broken file fails at start, not mid-request, in one line.
+        require_runnable(graph, backend, lambda: runner.warm(0))
     except BaseException:
         runner.close()
         raise

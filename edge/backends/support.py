@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..errors import BackendError, BackendUnavailableError, UnsupportedModelError
 from ..graph import ModelGraph
@@ -22,6 +23,8 @@ from ..graph import ModelGraph
 __all__ = ["CUSTOM_OPS", "Support", "check_support", "model_operators", "require_runnable"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CUSTOM_OPS: dict[str, frozenset[str]] = {
     # The builtin op resolver's custom ops; LiteRT's XNNPACK delegate also claims MediaPipe's
@@ -79,64 +82,59 @@ class Support:
 
 def model_operators(graph: ModelGraph) -> list[str]:
     """Every distinct operator of the model, in all its subgraphs."""
-    from ..graph import opcode_name
-
-    codes = graph.model.operatorCodes or []
-    names = {opcode_name(codes[op.opcodeIndex]) for g in graph.model.subgraphs for op in g.operators or []}
-    return sorted(names)
+    return sorted(graph.operator_names)
 
 
-_CACHE: dict[tuple[str, str], Support] = {}
-# Guards _CACHE (the dict only: loading happens outside it).
-_CACHE_LOCK = threading.Lock()
-_CACHE_SIZE = 64
+def check_support(graph: ModelGraph, backend: str) -> Support:
+    """Whether ``backend`` can run ``graph``: loaded there when it is installed, else judged by the
+    custom ops it registers."""
+    from . import create_backend
+
+    try:
+        with create_backend(backend, graph.data):
+            return _support(graph, backend, loaded=True)
+    except BackendUnavailableError:
+        return _support(graph, backend, loaded=None)
+    except BackendError as err:
+        return _support(graph, backend, loaded=False, refusal=err)
 
 
-def check_support(graph: ModelGraph, backend: str, *, load: bool = True) -> Support:
-    """Whether ``backend`` can run ``graph``, loading it there when ``load`` and installed (the
-    answer is kept per model and backend)."""
-    key = (graph.sha256, backend)
-    with _CACHE_LOCK:
-        cached = _CACHE.get(key)
-    if cached is not None and (cached.loaded is not None or not load):
-        return cached
+def require_runnable(graph: ModelGraph, backend: str, load: Callable[[], T] | None = None) -> T | None:
+    """``load()``, the caller's own load of the whole model on ``backend`` (by default one made and
+    closed here); when the backend refuses it, UnsupportedModelError in one line naming what it
+    lacks: the device could never fall back, nor the server serve it."""
+    from . import create_backend
+
+    try:
+        if load is None:
+            create_backend(backend, graph.data).close()
+            return None
+        return load()
+    except BackendUnavailableError:
+        raise
+    except BackendError as err:
+        support = _support(graph, backend, loaded=False, refusal=err)
+        raise UnsupportedModelError(f"{graph.source} cannot run on {backend}: {support.reason}") from err
+
+
+def _support(
+    graph: ModelGraph, backend: str, *, loaded: bool | None, refusal: BackendError | None = None
+) -> Support:
+    """What the custom-op table says, and what the backend's refusal names, as one Support."""
     known = CUSTOM_OPS.get(backend, frozenset())
     unsupported = [
         op for op in model_operators(graph) if op.startswith("CUSTOM:") and op[len("CUSTOM:") :] not in known
     ]
-    loaded: bool | None = None
     reason = ""
-    if load:
-        from . import create_backend
-
-        try:
-            with create_backend(backend, graph.data):
-                loaded = True
-        except BackendUnavailableError:
-            loaded = None
-        except BackendError as err:
-            loaded = False
-            text = str(err)
-            for pattern in _UNRESOLVED:
-                for found in pattern.findall(text):
-                    name = found.rstrip(".")
-                    op = name if name.isupper() else f"CUSTOM:{name}"
-                    if op not in unsupported:
-                        unsupported.append(op)
-            reason = " ".join(text.split())[:_MAX_REASON]
+    if refusal is not None:
+        text = str(refusal)
+        for pattern in _UNRESOLVED:
+            for found in pattern.findall(text):
+                name = found.rstrip(".")
+                op = name if name.isupper() else f"CUSTOM:{name}"
+                if op not in unsupported:
+                    unsupported.append(op)
+        reason = " ".join(text.split())[:_MAX_REASON]
     if unsupported:
         reason = f"{backend} has no kernel for {', '.join(unsupported)}"
-    support = Support(backend, tuple(unsupported), loaded, reason)
-    with _CACHE_LOCK:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = support
-    return support
-
-
-def require_runnable(graph: ModelGraph, backend: str) -> None:
-    """UnsupportedModelError, in one line, when ``backend`` cannot run the whole of ``graph``: the
-    device could never fall back, nor the server serve it."""
-    support = check_support(graph, backend)
-    if support.runs is False:
-        raise UnsupportedModelError(f"{graph.source} cannot run on {backend}: {support.reason}")
+    return Support(backend, tuple(unsupported), loaded, reason)

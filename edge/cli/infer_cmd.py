@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..autosplit import AutoSplit
 from ..cascade import Calibration, open_router
+from ..cooperative import CooperativeRunner
 from ..errors import EdgeError
 from .common import add_device_args, add_server_args, check_strict, load_graph, load_inputs, open_runner
 
@@ -116,16 +118,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _why_local(device: object) -> str:
-    """Why a request with a server stayed on the device: the plan, or the circuit."""
-    policy = getattr(device, "policy", None)
-    circuit = getattr(device, "circuit", None)
+def _why_local(device: CooperativeRunner) -> str:
+    """Why a request with a server stayed on the device: the circuit, or the plan."""
+    circuit = device.circuit
     if circuit is not None and not circuit.available():
         return f"the server is down: {circuit.reason}"
-    reachable = getattr(policy, "reachable", True)
-    if not reachable:
-        return "the planner could not reach the server"
-    if getattr(policy, "graph", None) is not None:
+    if isinstance(device.policy, AutoSplit):
+        if not device.policy.reachable:
+            return "the planner could not reach the server"
         return "the planner predicts the device alone is fastest here; edge plan shows every cut"
     return "the cut sends nothing"
 

@@ -145,8 +145,13 @@ def preflight(resolved: ResolvedProfile) -> None:
     profile, source = resolved.profile, resolved.source
     try:
         # The device's fallback is the whole model: a backend that cannot run it is refused here.
-        require_runnable(resolved.graph, profile.runtime.backend)
-        create_backend(profile.runtime.backend, resolved.graph.data, threads=profile.runtime.threads).close()
+        require_runnable(
+            resolved.graph,
+            profile.runtime.backend,
+            lambda: create_backend(
+                profile.runtime.backend, resolved.graph.data, threads=profile.runtime.threads
+            ).close(),
+        )
     except EdgeError as err:
         raise ConfigError(f"{source}: runtime.backend: {err}") from err
     for i, server in enumerate(profile.edge.servers):
