@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from . import wire
+from .codec import ParameterValue
 from .errors import RemoteError, TensorFormatError
 from .ratelog import RateLimitedLog
 from .runner import HALF_ERRORS, ModelRunner
@@ -192,16 +193,54 @@ class CooperativeRunner:
         """One request. With ``stop``, the head's early exit is checked once the head has run (at a cut
         of ``stop.cut`` or later; run here, the model is cut there): when it stands, the result holds
         the head's outputs and nothing is sent. Otherwise the outputs are the whole model's."""
+        return self.collect(self.submit(inputs, request_id=request_id, stop=stop, wait=True))
+
+    def submit(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        request_id: str = "",
+        stop: EarlyStop | None = None,
+        wait: bool = False,
+    ) -> Ticket:
+        """:meth:`infer`, up to sending the cut: the head runs now, and the call to the server goes
+        on without waiting. :meth:`collect` the ticket for the result; meanwhile the next request's
+        head can run. A request the device answers alone is answered here already. ``wait`` makes
+        the call on the calling thread and waits for it (one request at a time: no thread hand-off)."""
         self.check_inputs(inputs)
         k = self.policy.choose()
-        result = self._alone(inputs, k, stop)
-        if result is None:
-            result = self._cooperative(
-                inputs, k, request_id, stop if stop is not None and k >= stop.cut else None
+        done = self._alone(inputs, k, stop)
+        if done is None:
+            sent, done = self._head(inputs, k, stop if stop is not None and k >= stop.cut else None)
+        if done is not None:
+            if not done.exited:
+                self.policy.observe(done)
+            return Ticket(done=done)
+        assert self.client is not None
+        parameters: dict[str, ParameterValue] = {wire.MODEL_SHA256: self._sha256, wire.SPLIT_POINT: k}
+        if not wait:
+            sent.call = self.client.submit(
+                self.model_name,
+                sent.cut,
+                parameters=parameters,
+                timeout_s=self.timeout_s,
+                request_id=request_id,
             )
-        if not result.exited:
-            self.policy.observe(result)
-        return result
+            return sent
+        sent.call = Future()
+        try:
+            remote = self.client.infer(
+                self.model_name,
+                sent.cut,
+                parameters=parameters,
+                timeout_s=self.timeout_s,
+                request_id=request_id,
+            )
+        except RemoteError as err:
+            sent.call.set_exception(err)
+        else:
+            sent.call.set_result(remote)
+        return sent
 
     def _alone(
         self, inputs: Mapping[str, np.ndarray], k: int, stop: EarlyStop | None
@@ -214,34 +253,6 @@ class CooperativeRunner:
         if self.circuit is not None and not self.circuit.available():
             return self._local(inputs, n, fallback_reason=self.circuit.reason, stop=stop)
         return None
-
-    def submit(
-        self, inputs: Mapping[str, np.ndarray], *, request_id: str = "", stop: EarlyStop | None = None
-    ) -> Ticket:
-        """:meth:`infer`, up to sending the cut: the head runs now, and the call to the server goes
-        on without waiting. :meth:`collect` the ticket for the result; meanwhile the next request's
-        head can run. A request the device answers alone is answered here already."""
-        self.check_inputs(inputs)
-        k = self.policy.choose()
-        alone = self._alone(inputs, k, stop)
-        if alone is not None:
-            if not alone.exited:
-                self.policy.observe(alone)
-            return Ticket(done=alone)
-        assert self.client is not None
-        sent, exited = self._head(inputs, k, stop if stop is not None and k >= stop.cut else None)
-        if exited is not None:
-            if not exited.exited:
-                self.policy.observe(exited)
-            return Ticket(done=exited)
-        sent.call = self.client.submit(
-            self.model_name,
-            sent.cut,
-            parameters={wire.MODEL_SHA256: self._sha256, wire.SPLIT_POINT: k},
-            timeout_s=self.timeout_s,
-            request_id=request_id,
-        )
-        return sent
 
     def collect(self, ticket: Ticket) -> InferenceResult:
         """The result of a submitted request: the server's answer, or the tail run here when the
@@ -335,25 +346,6 @@ class CooperativeRunner:
             timings=StageTimings(head_ms=ms, e2e_ms=ms),
             fallback_reason=fallback_reason,
         )
-
-    def _cooperative(
-        self, inputs: Mapping[str, np.ndarray], k: int, request_id: str, stop: EarlyStop | None = None
-    ) -> InferenceResult:
-        sent, exited = self._head(inputs, k, stop)
-        if exited is not None:
-            return exited
-        assert self.client is not None
-        try:
-            remote = self.client.infer(
-                self.model_name,
-                sent.cut,
-                parameters={wire.MODEL_SHA256: self._sha256, wire.SPLIT_POINT: k},
-                timeout_s=self.timeout_s,
-                request_id=request_id,
-            )
-        except RemoteError as err:
-            return self._fallback(sent, err)
-        return self._joined(sent, remote)
 
     def _head(
         self, inputs: Mapping[str, np.ndarray], k: int, stop: EarlyStop | None

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
 
 from .cooperative import CooperativeRunner, InferenceResult, Ticket
 
-__all__ = ["MAX_WINDOW", "Pipeline", "pipelined"]
+__all__ = ["MAX_WINDOW", "Finished", "Pipeline", "pipelined"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,60 +43,94 @@ def effective_window(runner: CooperativeRunner, window: int) -> int:
     return effective
 
 
+@dataclass(frozen=True, slots=True)
+class Finished(Generic[T]):
+    """One request out of the pipeline, with its ``tag``: its ``result``, or the ``error`` collecting it
+    raised (a backend's own failure; a server's is a fallback result). Both None for a tag
+    :meth:`Pipeline.hold` took: nothing was computed for it."""
+
+    tag: T
+    result: InferenceResult | None = None
+    error: Exception | None = None
+
+
 class Pipeline(Generic[T]):
-    """Submits requests to ``runner`` and hands back their results in submission order, each with
-    the ``tag`` it came with. Not thread-safe: one thread submits and collects."""
+    """Submits requests to ``runner`` and hands back their outcomes in submission order, each with
+    the ``tag`` it came with. Not thread-safe: one thread submits and collects.
+
+    A window of 1 is one request at a time, made on the calling thread (no hand-off); a window of
+    W keeps up to W requests in flight while the next heads run.
+    """
 
     def __init__(self, runner: CooperativeRunner, window: int) -> None:
         if window < 1:
             raise ValueError("a pipeline's window is at least 1")
         self.runner = runner
         self.window = effective_window(runner, window)
-        self._held: deque[tuple[T, Ticket]] = deque()
+        self._held: deque[tuple[T, Ticket | None]] = deque()
+        self._inflight = 0
 
     def __len__(self) -> int:
         return len(self._held)
 
     @property
     def full(self) -> bool:
-        return len(self._held) >= self.window
+        return self._inflight >= self.window
 
-    def put(
-        self, inputs: Mapping[str, np.ndarray], tag: T, *, request_id: str = ""
-    ) -> list[tuple[T, InferenceResult]]:
-        """Submit one request (its head runs now). Returns the results collected to make room for it,
+    def put(self, inputs: Mapping[str, np.ndarray], tag: T, *, request_id: str = "") -> list[Finished[T]]:
+        """Submit one request (its head runs now). Returns the outcomes collected to make room for it,
         and any others ready at the front, oldest first. A bad input raises here, and nothing is held."""
-        out: list[tuple[T, InferenceResult]] = []
+        out: list[Finished[T]] = []
         while self.full:
             out.append(self.pop())
-        self._held.append((tag, self.runner.submit(inputs, request_id=request_id)))
+        ticket = self.runner.submit(inputs, request_id=request_id, wait=self.window == 1)
+        self._held.append((tag, ticket))
+        self._inflight += 1
         out.extend(self.ready())
         return out
 
-    def ready(self) -> list[tuple[T, InferenceResult]]:
-        """The results at the front that are in already, without waiting."""
-        out: list[tuple[T, InferenceResult]] = []
-        while self._held and self._held[0][1].ready():
+    def hold(self, tag: T) -> list[Finished[T]]:
+        """A tag with nothing to compute (a message already refused), answered in its turn; returns
+        what is ready at the front, as :meth:`put` does."""
+        self._held.append((tag, None))
+        return self.ready()
+
+    def ready(self) -> list[Finished[T]]:
+        """The outcomes at the front that are in already, without waiting."""
+        out: list[Finished[T]] = []
+        while self._held and (self._held[0][1] is None or self._held[0][1].ready()):
             out.append(self.pop())
         return out
 
-    def pop(self) -> tuple[T, InferenceResult]:
-        """The oldest request's result, waiting for it if need be."""
+    def pop(self) -> Finished[T]:
+        """The oldest request's outcome, waiting for it if need be."""
         tag, ticket = self._held.popleft()
-        return tag, self.runner.collect(ticket)
+        if ticket is None:
+            return Finished(tag)
+        self._inflight -= 1
+        try:
+            return Finished(tag, self.runner.collect(ticket))
+        except Exception as err:  # the caller decides what a failed request becomes
+            return Finished(tag, error=err)
 
-    def drain(self) -> list[tuple[T, InferenceResult]]:
-        """Every result still held, oldest first."""
+    def drain(self) -> list[Finished[T]]:
+        """Every outcome still held, oldest first."""
         return [self.pop() for _ in range(len(self._held))]
 
 
 def pipelined(
     runner: CooperativeRunner, inputs: Iterable[Mapping[str, np.ndarray]], window: int
 ) -> Iterator[InferenceResult]:
-    """The results of ``inputs``, in order, with up to ``window`` in flight."""
+    """The results of ``inputs``, in order, with up to ``window`` in flight; a failure raises."""
     pipeline: Pipeline[None] = Pipeline(runner, window)
+
+    def results(done: list[Finished[None]]) -> Iterator[InferenceResult]:
+        for finished in done:
+            if finished.error is not None:
+                raise finished.error
+            assert finished.result is not None
+            yield finished.result
+
     for feeds in inputs:
-        for _, result in pipeline.put(feeds, None):
-            yield result
-    for _, result in pipeline.drain():
-        yield result
+        yield from results(pipeline.put(feeds, None))
+    yield from results(pipeline.drain())

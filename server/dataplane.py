@@ -173,10 +173,9 @@ class DataPlane:
         with self.admitted():
             return self.execute(prepared)
 
-    @contextlib.contextmanager
-    def admitted(self, nbytes: int = 0) -> Iterator[None]:
+    def admit(self, nbytes: int = 0) -> None:
         """Hold one of the ``max_inflight`` places, and ``nbytes`` of the ``max_inflight_bytes``,
-        while a request waits for compute and runs.
+        while a request waits for compute and runs; :meth:`release` gives them back.
 
         Raises ServerOverloadedError when every place (or the bytes) is taken, ServerStoppingError
         while draining. The transport takes the place before it queues the request for a compute
@@ -197,12 +196,20 @@ class DataPlane:
                 )
             self._inflight += 1
             self._inflight_bytes += nbytes
+
+    def release(self, nbytes: int = 0) -> None:
+        with self._lock:
+            self._inflight -= 1
+            self._inflight_bytes -= nbytes
+
+    @contextlib.contextmanager
+    def admitted(self, nbytes: int = 0) -> Iterator[None]:
+        """:meth:`admit` for the ``with`` block."""
+        self.admit(nbytes)
         try:
             yield
         finally:
-            with self._lock:
-                self._inflight -= 1
-                self._inflight_bytes -= nbytes
+            self.release(nbytes)
 
     @property
     def inflight(self) -> int:

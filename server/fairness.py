@@ -36,15 +36,21 @@ class FairTurns:
 
     @contextlib.asynccontextmanager
     async def turn(self, device: str) -> AsyncIterator[None]:
-        await self._acquire(device)
+        await self.acquire(device)
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
-    async def _acquire(self, device: str) -> None:
+    def try_acquire(self) -> bool:
+        """Take a turn now if one is free and nobody waits (no await: the hot path)."""
         if self.held < self.capacity and not self._waiting:
             self.held += 1
+            return True
+        return False
+
+    async def acquire(self, device: str) -> None:
+        if self.try_acquire():
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(device, deque()).append(future)
@@ -52,7 +58,7 @@ class FairTurns:
             await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
-                self._release()  # the turn was handed over as the caller went away: pass it on
+                self.release()  # the turn was handed over as the caller went away: pass it on
             else:
                 queue = self._waiting.get(device)
                 if queue is not None:
@@ -62,7 +68,7 @@ class FairTurns:
                         del self._waiting[device]
             raise
 
-    def _release(self) -> None:
+    def release(self) -> None:
         """Hand the turn to the longest-waiting device's oldest request, or free it."""
         while self._waiting:
             device, queue = next(iter(self._waiting.items()))
@@ -84,22 +90,29 @@ class DeviceLimit:
         self.per_device = per_device
         self._inflight: dict[str, int] = {}
 
-    @contextlib.contextmanager
-    def held(self, device: str) -> Iterator[None]:
+    def acquire(self, device: str) -> None:
+        """Count one more request of ``device``; ServerOverloadedError past its limit."""
         count = self._inflight.get(device, 0)
         if count >= self.per_device:
             raise ServerOverloadedError(
                 f"this device has {count} requests in flight, the limit per device is {self.per_device}"
             )
         self._inflight[device] = count + 1
+
+    def release(self, device: str) -> None:
+        left = self._inflight[device] - 1
+        if left:
+            self._inflight[device] = left
+        else:
+            del self._inflight[device]
+
+    @contextlib.contextmanager
+    def held(self, device: str) -> Iterator[None]:
+        self.acquire(device)
         try:
             yield
         finally:
-            left = self._inflight[device] - 1
-            if left:
-                self._inflight[device] = left
-            else:
-                del self._inflight[device]
+            self.release(device)
 
     def __len__(self) -> int:
         return len(self._inflight)

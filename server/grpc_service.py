@@ -7,35 +7,31 @@ response. Errors become gRPC status codes through one table, :data:`STATUS_CODES
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge.codec import InferResponse
 from edge.errors import (
     EdgeError,
     TensorFormatError,
 )
 from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
 from edge.ratelog import RateLimitedLog
-from edge.wire import COMPUTE_US, STREAM_WINDOW_PREFIX
+from edge.wire import STREAM_WINDOW_PREFIX
 
-from .dataplane import MAX_NAME_CHARS, DataPlane, PreparedRequest
+from .dataplane import MAX_NAME_CHARS, DataPlane
 from .errors import (
-    DeadlineExpiredError,
     ListenError,
 )
-from .fairness import DeviceLimit, FairTurns, peer_host
+from .fairness import peer_host
 from .metrics import ServerMetrics
+from .scheduler import Scheduler, deadline_of
 from .settings import (
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_BATCH_DELAY_US,
@@ -71,31 +67,10 @@ def status_for(err: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode[status_name(err)]
 
 
-INLINE_BUDGET_US = 2000
-"""A request computes on the event loop when its route's last compute time, times the requests in
-flight, is at most this: what a health check may wait behind."""
-
-ROUTE_TIMES = 4096
-"""Routes whose last compute time is remembered (model sha256 x cut); the table is cleared past it."""
-
-
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """``inference.GRPCInferenceService`` over a :class:`DataPlane`.
-
-    A request takes its in-flight place, then yields once, so every request that has arrived holds
-    a place before the first of them computes: the limit counts the requests waiting, and refuses
-    past it. Then:
-
-    - when its route last computed in so little that the requests in flight, each taking as
-      long, fit in :data:`INLINE_BUDGET_US`, it computes on the event loop. A thread hand-off
-      costs about 0.45 ms of latency on this kind of machine, and more CPU than a short tail
-      itself; a health check waits behind at most that budget of compute;
-    - otherwise (and the first time on a route) it computes on one of ``workers`` threads (LiteRT
-      releases the GIL while it computes), so the loop keeps answering health checks and metadata
-      while every core computes.
-
-    ``workers`` 0 computes everything on the event loop, one request at a time.
-    """
+    """``inference.GRPCInferenceService`` over a :class:`DataPlane`: it converts each message, hands
+    the request to its :class:`~server.scheduler.Scheduler` (``workers``, ``max_batch`` and the
+    per-device limit go to it) and converts the answer back."""
 
     def __init__(
         self,
@@ -110,25 +85,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
-        self.max_batch = max_batch
-        self.batch_delay_s = max_batch_delay_us / 1e6
-        # The batch gathering for each (model sha256, cut), and the tasks that will run them.
-        self._batches: dict[tuple[str, int | None], _Batch] = {}
-        self._batch_tasks: set[asyncio.Task[None]] = set()
-        self.executor = (
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-infer") if workers > 0 else None
+        self.scheduler = Scheduler(
+            dataplane,
+            workers=workers,
+            max_inflight_per_device=max_inflight_per_device,
+            max_batch=max_batch,
+            max_batch_delay_us=max_batch_delay_us,
         )
-        # Compute turns go to devices in round robin, as many at once as there are compute threads.
-        self._turns = FairTurns(max(1, workers))
-        self._per_device = DeviceLimit(max_inflight_per_device)
         if metrics is not None:
             metrics.watch(
-                lambda: self._turns.waiting, lambda: [(m.name, m.runner) for m in self.dataplane.repository]
+                lambda: self.scheduler.turns.waiting,
+                lambda: [(m.name, m.runner) for m in self.dataplane.repository],
             )
         self._identify = identify if identify is not None else peer_host
         self._rejected = RateLimitedLog(logger)
         """One line a minute per status: one device's bad requests logged one each."""
-        self._compute_us: dict[tuple[str, int | None], int] = {}
         self.stream_window = max(1, max_inflight_per_device)
         """Requests of one stream in flight at once; advertised in the server metadata."""
         # The tasks reading each open stream; a stopping server stops them reading.
@@ -186,18 +157,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    ) -> None:
         """Answers a stream's requests as they complete, each with its request's ``id``.
 
         Up to :attr:`stream_window` requests of one stream are held, computing or answered but not yet
-        sent: a slot comes free when its answer is taken by gRPC, so a client that does not read its
-        answers stops being read (HTTP/2 flow control then stops its writes) and cannot make the
-        server hold more. One bad request gets an error answer, and the stream goes on.
+        sent: a slot comes free once its answer is written (gRPC takes it), so a client that does not
+        read its answers stops being read (HTTP/2 flow control then stops its writes) and cannot make
+        the server hold more. One bad request gets an error answer, and the stream goes on. Each answer
+        is written by the task that computed it, one at a time: no queue, no hop to a writer.
         """
         device = self._identify(context)
-        answers: asyncio.Queue[Any] = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
+        writing = asyncio.Lock()  # gRPC takes one message at a time on a call
         inflight: set[asyncio.Task[None]] = set()
+        serial = self.scheduler.serial
 
         async def answer(request: Any) -> None:
             try:
@@ -208,55 +181,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             else:
                 reply = pb.ModelStreamInferResponse(infer_response=response)
-            answers.put_nowait(reply)  # its slot is freed once the answer is sent, below
-
-        async def read() -> None:
             try:
-                async for request in request_iterator:
-                    await window.acquire()
+                async with writing:
+                    await context.write(reply)
+            finally:
+                window.release()
+
+        reader = asyncio.current_task()
+        assert reader is not None
+        self._readers.add(reader)
+        try:
+            async for request in request_iterator:
+                await window.acquire()
+                if serial and not inflight:
+                    # Computed on this loop either way: answered here, without a task of its own.
+                    await answer(request)
+                else:
                     task = asyncio.create_task(answer(request))
                     inflight.add(task)
                     task.add_done_callback(inflight.discard)
-                    if self._closing:
-                        break
-            except asyncio.CancelledError:
-                if not self._closing:
-                    raise
-                # Ended by close_streams: what was read is answered, then the stream ends with OK,
-                # so the device reconnects or finishes locally.
-            finally:
-                self._readers.discard(reader)
-                if inflight:
-                    await asyncio.wait(set(inflight))
-                answers.put_nowait(_END)
-
-        reader = asyncio.create_task(read())
-        self._readers.add(reader)
-        try:
-            while (reply := await answers.get()) is not _END:
-                yield reply  # resumes once gRPC took it: a client that does not read holds it here
-                window.release()
+                if self._closing:
+                    break
+        except asyncio.CancelledError:
+            if not self._closing:
+                for task in list(inflight):
+                    task.cancel()
+                raise
+            # Ended by close_streams: what was read is answered, then the stream ends with OK,
+            # so the device reconnects or finishes locally.
         finally:
-            if not reader.done():
-                reader.cancel()
-            for task in list(inflight):
-                task.cancel()
-
-    @contextlib.contextmanager
-    def _counted(self) -> Iterator[None]:
-        if self.metrics is None:
-            yield
-            return
-        self.metrics.inflight.inc()
-        try:
-            yield
-        finally:
-            self.metrics.inflight.dec()
+            self._readers.discard(reader)
+        if inflight:
+            await asyncio.wait(set(inflight))
 
     def shutdown(self) -> None:
         """Let the compute threads finish what they hold, then stop them."""
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+        self.scheduler.shutdown()
 
     def close_streams(self) -> None:
         """End every stream once the requests it holds are answered; none is read further."""
@@ -309,100 +269,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request = converters.infer_request_from_pb(_parsed(message))
         prepared = self.dataplane.prepare(request, received)
         nbytes = sum(len(b) for b in message.raw_input_contents)
-        with self._per_device.held(device), self.dataplane.admitted(nbytes), self._counted():
-            if prepared.profile:
-                # Profiling takes seconds: on a thread of its own, so neither the event loop nor the
-                # compute threads wait for it.
-                response = await asyncio.to_thread(self.dataplane.execute, prepared)
-            elif prepared.ping:
-                response = self.dataplane.execute(prepared)
-            else:
-                await asyncio.sleep(0)  # the other arrived requests take their places before this computes
-                deadline = _deadline(context)
-                route = (prepared.model.graph.sha256, prepared.split_point)
-                if self.max_batch > 1:
-                    return converters.infer_response_to_pb(
-                        await self._batched(route, prepared, device, deadline)
-                    )
-                async with self._turns.turn(device):
-                    last_us = self._compute_us.get(route)
-                    inline = last_us is not None and last_us * self.dataplane.inflight <= INLINE_BUDGET_US
-                    response = await self._compute(
-                        inline, _execute_before, self.dataplane, prepared, deadline
-                    )
-                if len(self._compute_us) >= ROUTE_TIMES:
-                    self._compute_us.clear()
-                self._compute_us[route] = int(response.parameters[COMPUTE_US])
-        return converters.infer_response_to_pb(response)
-
-    async def _compute(self, inline: bool, work: Callable[..., T], *args: Any) -> T:
-        """``work(*args)`` on the event loop when ``inline`` or there are no compute threads, else on one."""
-        if inline or self.executor is None:
-            return work(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
-
-    async def _batched(
-        self, route: tuple[str, int | None], prepared: PreparedRequest, device: str, deadline: float | None
-    ) -> InferResponse:
-        """Join the batch gathering for ``route`` (or start one), and wait for this request's answer."""
-        batch = self._batches.get(route)
-        if batch is None or len(batch.items) >= self.max_batch:
-            batch = self._batches[route] = _Batch()
-            task = asyncio.create_task(self._run_batch(route, batch, device))
-            self._batch_tasks.add(task)
-            task.add_done_callback(self._batch_tasks.discard)
-        answer: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
-        batch.items.append((prepared, deadline, answer))
-        if len(batch.items) >= self.max_batch:
-            batch.full.set()
-        return await answer
-
-    async def _run_batch(self, route: tuple[str, int | None], batch: _Batch, device: str) -> None:
-        """Gather for up to the batch delay (or until full), then run what is still wanted as one batch."""
+        deadline = deadline_of(context.time_remaining() if context is not None else None)
+        if self.metrics is None:
+            return converters.infer_response_to_pb(
+                await self.scheduler.run(prepared, device, nbytes, deadline)
+            )
+        self.metrics.inflight.inc()
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(batch.full.wait(), self.batch_delay_s)
+            response = await self.scheduler.run(prepared, device, nbytes, deadline)
         finally:
-            if self._batches.get(route) is batch:
-                del self._batches[route]
-        live: list[tuple[PreparedRequest, asyncio.Future[InferResponse]]] = []
-        for prepared, deadline, answer in batch.items:
-            if answer.done():  # its caller went away
-                continue
-            try:
-                _check_deadline(deadline)
-            except DeadlineExpiredError as err:
-                answer.set_exception(err)
-            else:
-                live.append((prepared, answer))
-        if not live:
-            return
-        requests = [prepared for prepared, _ in live]
-        try:
-            async with self._turns.turn(device):
-                responses = await self._compute(False, self.dataplane.execute_batch, requests)
-        except Exception as err:
-            for _, answer in live:
-                if not answer.done():
-                    answer.set_exception(err)
-            return
-        for (_, answer), response in zip(live, responses, strict=True):
-            if answer.done():
-                continue
-            if isinstance(response, BaseException):
-                answer.set_exception(response)  # this member alone was refused
-            else:
-                answer.set_result(response)
-
-
-@dataclass(slots=True)
-class _Batch:
-    """Requests for one route, gathered to run together."""
-
-    items: list[tuple[PreparedRequest, float | None, asyncio.Future[InferResponse]]] = field(
-        default_factory=list
-    )
-    full: asyncio.Event = field(default_factory=asyncio.Event)
+            self.metrics.inflight.dec()
+        return converters.infer_response_to_pb(response)
 
 
 class EdgeServer:
@@ -574,10 +451,6 @@ def add_tolerant_servicer(servicer: InferenceServicer, server: grpc.aio.Server) 
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _Registrar(server))
 
 
-_END = object()
-"""Ends a stream's queue of answers."""
-
-
 def _request_id(request: Any) -> str:
     """The id a stream's error answer carries, so the device can match it; "" for an unreadable one."""
     value = getattr(request, "id", "")
@@ -596,25 +469,6 @@ async def _refuse_unparsed(context: grpc.aio.ServicerContext, request: Any, log:
         _parsed(request)
     except TensorFormatError as err:
         await _abort(context, err, log)
-
-
-def _deadline(context: grpc.aio.ServicerContext | None) -> float | None:
-    """The caller's deadline on the ``time.monotonic()`` clock; None without one."""
-    remaining = context.time_remaining() if context is not None else None
-    return None if remaining is None else time.monotonic() + remaining
-
-
-def _check_deadline(deadline: float | None) -> None:
-    """A request whose caller's deadline has passed is not computed: its answer would go nowhere."""
-    if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineExpiredError("the request's deadline passed before it could be computed")
-
-
-def _execute_before(dataplane: DataPlane, prepared: PreparedRequest, deadline: float | None) -> InferResponse:
-    """Compute ``prepared`` unless its deadline passed while it waited; checked where it starts
-    computing, on the loop or on a compute thread."""
-    _check_deadline(deadline)
-    return dataplane.execute(prepared)
 
 
 def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:

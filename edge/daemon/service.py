@@ -32,8 +32,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ..cascade import CascadeResult, Router, escalated
-from ..cooperative import CooperativeRunner, InferenceResult, Ticket
+from ..cooperative import CooperativeRunner, InferenceResult
 from ..errors import EdgeError
+from ..pipeline import Finished, Pipeline
 from ..stats import summary
 from ..systemd import notify, watchdog_interval
 from . import messages, payloads
@@ -74,8 +75,6 @@ class _Entry:
     message_id: str | None
     problem: str | None = None
     feeds: Mapping[str, np.ndarray] | None = None
-    ticket: Ticket | None = None
-    """Its request, in flight (pipelined)."""
     routed: CascadeResult | None = None
     failure: Exception | None = None
 
@@ -114,9 +113,13 @@ class Daemon:
         self._ready = threading.Event()
         self._started = time.monotonic()
         self._latencies: deque[float] = deque(maxlen=1000)
-        # Pipelining: messages started and not yet published, in arrival order, and their ids.
-        self._window = 1 if cascade is not None else self._pipeline_window(device)
-        self._held: deque[_Entry] = deque()
+        # Messages started and not yet published, in arrival order (one at a time with a cascade, or a
+        # window of 1), and the ids of those in flight.
+        self._pipeline: Pipeline[_Entry] = Pipeline(
+            device, 1 if cascade is not None else self._window_wanted()
+        )
+        if self._pipeline.window > 1:
+            logger.info("up to %d messages in flight to the edge server at once", self._pipeline.window)
         self._inflight_ids: set[str] = set()
         # Counters are written by the main thread only, except `duplicates` (both; an estimate).
         self.processed = 0
@@ -130,14 +133,8 @@ class Daemon:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
 
-    def _pipeline_window(self, device: CooperativeRunner) -> int:
-        wanted = self.profile.queue.inflight
-        if wanted <= 1 or device.client is None:
-            return 1
-        cap = device.max_inflight()
-        window = min(wanted, cap) if cap is not None else wanted
-        logger.info("up to %d messages in flight to the edge server at once", window)
-        return window
+    def _window_wanted(self) -> int:
+        return max(1, self.profile.queue.inflight) if self.device.client is not None else 1
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -173,10 +170,10 @@ class Daemon:
         next_ping = next_stats = time.monotonic()
         while not self._stop.is_set():
             try:
-                item = self._queue.get_nowait() if self._held else self._queue.get(timeout=_TICK_S)
+                item = self._queue.get_nowait() if self._pipeline else self._queue.get(timeout=_TICK_S)
             except queue.Empty:
-                if self._held:  # nothing new to start: publish what is in flight
-                    self._finish_oldest()
+                if self._pipeline:  # nothing new to start: publish what is in flight
+                    self._finish(self._pipeline.pop())
             else:
                 self._process(item)
             now = time.monotonic()
@@ -193,7 +190,7 @@ class Daemon:
         logger.info(
             "stopping: finishing %d queued and %d in-flight message(s), up to %gs",
             self._queue.qsize(),
-            len(self._held),
+            len(self._pipeline),
             self.profile.queue.drain_timeout_s,
         )
         self._stopping.set()
@@ -205,7 +202,7 @@ class Daemon:
                 break
             self._process(item)
             drained += 1
-        drained += len(self._held)
+        drained += len(self._pipeline)
         self._drain()
         deadline = time.monotonic() + self.profile.queue.drain_timeout_s
         while self.ledger.pending() and time.monotonic() < deadline and self._connected.is_set():
@@ -256,11 +253,29 @@ class Daemon:
     # -- the work ---------------------------------------------------------------------
 
     def _process(self, item: _Inbound) -> None:
-        if self._window > 1:
-            self._start(item)
+        """Prepare ``item`` and send it on its way; publish what is done at the front, in arrival order."""
+        entry = self._guarded(item, self._prepare, item)
+        if entry is None:
             return
-        self._guarded(item, self._answer, item)
-        self._last_progress = time.monotonic()
+        if self.cascade is not None:  # the cascade decides message by message, one at a time
+            if entry.feeds is not None:
+                try:
+                    entry.routed = self.cascade.infer(entry.feeds, request_id=entry.message_id or "")
+                except Exception as err:
+                    entry.failure = err
+            self._guarded(item, self._complete, entry)
+            self._last_progress = time.monotonic()
+            return
+        done: list[Finished[_Entry]] | None = None
+        if entry.feeds is not None:
+            try:
+                done = self._pipeline.put(entry.feeds, entry, request_id=entry.message_id or "")
+            except Exception as err:
+                entry.failure = err
+            else:
+                self._inflight_ids.add(entry.message_id or "")
+        for finished in done if done is not None else self._pipeline.hold(entry):
+            self._finish(finished)
 
     def _internal_error(self, item: _Inbound, err: Exception) -> None:
         logger.error("unexpected failure on a message from %s", item.topic, exc_info=err)
@@ -269,18 +284,6 @@ class Daemon:
         except Exception:
             logger.exception("cannot publish the error document; the message stays unacknowledged")
             self.ledger.release(item.source)
-
-    def _answer(self, item: _Inbound) -> None:
-        """One message, start to end: its result or error document published."""
-        entry = self._prepare(item)
-        if entry is None:
-            return
-        if entry.feeds is not None:
-            try:
-                entry.routed = self._infer(entry.feeds, entry.message_id or "")
-            except Exception as err:
-                entry.failure = err
-        self._complete(entry)
 
     def _prepare(self, item: _Inbound) -> _Entry | None:
         """Decode ``item`` and check it against the ids answered already; None when it needs no answer
@@ -357,45 +360,20 @@ class Daemon:
             return
         self._publish(self.profile.topic("results"), body, sources=[item.source], message_id=message_id)
 
-    # -- pipelined: several messages in flight, answered in arrival order ------------------
-
-    def _start(self, item: _Inbound) -> None:
-        """Prepare ``item`` and send it on its way; publish what is done at the front."""
-        entry = self._guarded(item, self._prepare, item)
-        if entry is None:
-            return
-        if entry.feeds is not None:
-            while self._waiting() >= self._window:
-                self._finish_oldest()
-            try:
-                entry.ticket = self.device.submit(entry.feeds, request_id=entry.message_id or "")
-            except Exception as err:
-                entry.failure = err
-            else:
-                self._inflight_ids.add(entry.message_id or "")
-        self._held.append(entry)
-        while self._held and (self._held[0].ticket is None or self._held[0].ticket.ready()):
-            self._finish_oldest()
-
-    def _waiting(self) -> int:
-        return sum(1 for e in self._held if e.ticket is not None)
-
-    def _finish_oldest(self) -> None:
-        entry = self._held.popleft()
-        if entry.ticket is not None:
-            self._inflight_ids.discard(entry.message_id or "")
-            try:
-                result = self.device.collect(entry.ticket)
-            except Exception as err:
-                entry.failure = err
-            else:
-                entry.routed = self._routed(result)
+    def _finish(self, finished: Finished[_Entry]) -> None:
+        """Publish the outcome of a message that left the pipeline."""
+        entry = finished.tag
+        self._inflight_ids.discard(entry.message_id or "")
+        if finished.error is not None:
+            entry.failure = finished.error
+        elif finished.result is not None:
+            entry.routed = self._routed(finished.result)
         self._guarded(entry.item, self._complete, entry)
         self._last_progress = time.monotonic()
 
     def _drain(self) -> None:
-        while self._held:
-            self._finish_oldest()
+        for finished in self._pipeline.drain():
+            self._finish(finished)
 
     def _guarded(self, item: _Inbound, step: Callable[[T], R], arg: T) -> R | None:
         """``step(arg)``; an unexpected failure answers ``item`` with an error document instead."""
@@ -404,12 +382,6 @@ class Daemon:
         except Exception as err:  # one message must never take the daemon down, nor stay unanswered
             self._internal_error(item, err)
             return None
-
-    def _infer(self, feeds: Mapping[str, np.ndarray], message_id: str) -> CascadeResult:
-        """Through the cascade when the profile has one; else the model's cooperative path."""
-        if self.cascade is not None:
-            return self.cascade.infer(feeds, request_id=message_id)
-        return self._routed(self.device.infer(feeds, request_id=message_id))
 
     def _routed(self, result: InferenceResult) -> CascadeResult:
         """A result of the model's cooperative path, as the answer of a profile without a cascade."""

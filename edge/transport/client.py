@@ -1,11 +1,12 @@
-"""A gRPC client for the Open Inference Protocol, tuned for one request at a time.
+"""A gRPC client for the Open Inference Protocol: one edge server, one request path.
 
-Tail requests travel on one long-lived ``ModelStreamInfer`` stream: a message on an open
-stream costs far less than a new call. A server without streaming (KServe, MLServer) gets
-unary ``ModelInfer`` calls instead, chosen on its first UNIMPLEMENTED answer.
-
-The client is synchronous. It drives a grpc.aio channel on a private event loop in the
-calling thread, so a request pays no thread hand-off and every request has its own deadline.
+Every request goes through a :class:`~edge.transport.session.Session`, which holds the dialect
+(a stream with unary fallback, ids, deadlines, errors). :meth:`TailClient.infer` runs the calling
+thread's own session on that thread's private event loop, so one request at a time pays no thread
+hand-off; :meth:`TailClient.submit` hands the request to a session on a thread of its own and
+returns a future at once, so the device can run the next head meanwhile (pipelining). What the
+server's metadata says of it (:class:`~edge.transport.session.ServerTraits`) is read once and
+shared by both.
 
 Errors come back as :class:`~edge.errors.RemoteError` carrying the gRPC status name, so the
 caller can decide to finish locally without importing grpc.
@@ -14,12 +15,10 @@ caller can decide to finish locally without importing grpc.
 from __future__ import annotations
 
 import asyncio
-import functools
+import concurrent.futures
 import logging
 import threading
-import time
 from collections.abc import Callable, Coroutine, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -31,12 +30,12 @@ import numpy as np
 from .. import compression, packed, wire
 from ..codec import InferRequest, ModelMetadata, ParameterValue, decode, encode
 from ..errors import ConfigError, EdgeError, RemoteError
-from ..protocol import converters, pb, pb_grpc
+from ..protocol import converters, pb
 from ..tlsfiles import check_ca, check_pair
 from .base import RemoteResult
-from .connect import DEFAULT_CONNECT_TIMEOUT_S, channel_options, until_connected
-from .loops import finish_tasks, retire
-from .pipe import Pipe, read_answer
+from .connect import DEFAULT_CONNECT_TIMEOUT_S, channel_options
+from .loops import retire
+from .session import Request, ServerTraits, Session, closed
 
 __all__ = ["TLSOptions", "TailClient", "read_token"]
 
@@ -89,55 +88,38 @@ def read_token(path: Path) -> str:
 
 @dataclass(slots=True)
 class _Lane:
-    """One thread's way to the server: its own event loop, channel and open stream.
+    """A session and the event loop it runs on: a calling thread's own, driven by that thread one
+    request at a time (``thread`` None); or the pipe's, run by a thread of its own.
 
-    grpc.aio binds a channel to the loop it was made on, and a loop runs in one thread at a
-    time; a lane per thread lets threads call at once, and no lock is held across a call.
+    grpc.aio binds a channel to the loop it was made on, and a loop runs in one thread at a time;
+    a lane per thread lets threads call at once, and no lock is held across a call.
     """
 
     loop: asyncio.AbstractEventLoop
-    channel: grpc.aio.Channel
-    stub: Any
-    stream: Any = None
-    """The open ModelStreamInfer call, if any."""
-    closed: bool = False
+    session: Session
+    thread: threading.Thread | None = None
 
-    def drop_stream(self) -> None:
-        if self.stream is not None:
-            self.stream.cancel()
-            self.stream = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Traits:
-    """What a server's metadata extensions say about it."""
-
-    codecs: tuple[str, ...]
-    """The codecs it decodes."""
-    packed: bool
-    """It takes, and answers with, packed tensors (:mod:`edge.packed`)."""
-    cut_models: frozenset[str]
-    """``NAME@K``: the tails it serves under a name of their own."""
-    stream_window: int | None
-    """The requests one stream may hold; None when it names none."""
-
-    @classmethod
-    def of(cls, extensions: tuple[str, ...]) -> _Traits:
-        prefix = wire.CUT_MODEL_PREFIX
-        return cls(
-            codecs=compression.offered(extensions),
-            packed=packed.EXTENSION in extensions,
-            cut_models=frozenset(e[len(prefix) :] for e in extensions if e.startswith(prefix)),
-            stream_window=wire.stream_window(extensions),
-        )
+    def close(self) -> None:
+        if self.thread is None:
+            self.loop.run_until_complete(self.session.close())
+            retire(self.loop)
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.session.close(), self.loop).result(5.0)
+        except (concurrent.futures.TimeoutError, RuntimeError) as err:
+            logger.debug("the pipe to %s did not close cleanly: %s", self.session.address, err)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5.0)
+        if not self.thread.is_alive():
+            retire(self.loop)
 
 
 class TailClient:
     """Talks to one edge server; a :class:`~edge.transport.base.TailTransport`.
 
-    Safe to share between threads: each calling thread gets a lane of its own (a loop, a
-    channel and a stream), so calls from several threads run at once. ``streaming`` False sends
-    every request as a unary ModelInfer call. ``token`` is sent as ``authorization: Bearer TOKEN``
+    Safe to share between threads: each calling thread gets a lane of its own (a loop, a channel
+    and a session), so calls from several threads run at once. ``streaming`` False sends every
+    request as a unary ModelInfer call. ``token`` is sent as ``authorization: Bearer TOKEN``
     metadata on every call.
     """
 
@@ -162,8 +144,6 @@ class TailClient:
         self.balance = balance
         """``address`` names several servers (a DNS name with several records, ``ipv4:A:P,B:P``):
         gRPC's round_robin spreads the calls over them. Unary calls, then: a stream would stay on one."""
-        if balance:
-            streaming = False
         if codec != "raw" and codec not in compression.available():
             raise ConfigError(
                 f"codec {codec!r} is not available here (pip install zstandard lz4); "
@@ -171,13 +151,13 @@ class TailClient:
             )
         self.codec = codec
         """Lossless codec for the tensors sent, once the server says it decodes it (else raw)."""
-        self._traits_read: _Traits | None = None
-        self._pipe: Pipe | None = None
+        self.traits = ServerTraits(streaming=streaming and not balance)
+        """What the server is; its metadata is read into it once, on the first request."""
+        self._metadata_read = False
         self._metadata: tuple[tuple[str, str], ...] | None = (
             (("authorization", f"Bearer {token}"),) if token else None
         )
         self.timeout_s = timeout_s
-        self.streaming = streaming
         self._options: list[tuple[str, int | str]] = [
             *channel_options(connect_timeout_s),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -191,11 +171,17 @@ class TailClient:
                 self._options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._credentials = tls.credentials()
         self._local = threading.local()
-        # Guards _lanes and _closed only: taken to add or close lanes, never during a call.
+        # Guards _lanes, _pipe and _closed only: taken to add or close lanes, never during a call.
         self._lock = threading.Lock()
         self._lanes: list[_Lane] = []
+        self._pipe: _Lane | None = None
         self._closed = False
         self._lane()  # the constructing thread's lane, made now: a bad address fails here
+
+    @property
+    def streaming(self) -> bool:
+        """Requests go on a stream (False once the server turned out not to stream in our dialect)."""
+        return self.traits.streaming
 
     def infer(
         self,
@@ -211,12 +197,7 @@ class TailClient:
         With a ``codec`` the server decodes, the tensors go compressed (each only if that makes it
         smaller), and the server may compress large outputs too."""
         message, finish = self._request(model, inputs, parameters, request_id)
-        timeout = timeout_s if timeout_s is not None else self.timeout_s
-        lane = self._lane()
-        self._connected(lane)
-        started = time.perf_counter()
-        reply = self._run(lane, self._infer(lane, message, timeout), timeout)
-        return finish(reply, (time.perf_counter() - started) * 1000.0)
+        return self._send(message, finish, timeout_s, request_id)
 
     def submit(
         self,
@@ -226,23 +207,44 @@ class TailClient:
         parameters: Mapping[str, ParameterValue] | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
-    ) -> Future[RemoteResult]:
-        """:meth:`infer` without waiting: the request goes on the client's pipe (one stream with
-        several requests in flight), and the future holds its RemoteResult or RemoteError."""
+    ) -> concurrent.futures.Future[RemoteResult]:
+        """:meth:`infer` without waiting: the request goes to the client's pipe (a session on a thread
+        of its own, several requests in flight), and the future holds its RemoteResult or RemoteError."""
+        future: concurrent.futures.Future[RemoteResult] = concurrent.futures.Future()
         try:
             message, finish = self._request(model, inputs, parameters, request_id)
             pipe = self._open_pipe()
         except RemoteError as err:  # the server's metadata could not be had: this request's failure
-            failed: Future[RemoteResult] = Future()
-            failed.set_exception(err)
-            return failed
+            future.set_exception(err)
+            return future
         timeout = timeout_s if timeout_s is not None else self.timeout_s
-        return pipe.send(message, timeout, finish, request_id)
+        request = Request(message, future, finish, timeout, request_id)
+        try:
+            pipe.loop.call_soon_threadsafe(pipe.session.start, request)
+        except RuntimeError:  # the loop was closed under us
+            future.set_exception(closed(self.address))
+        return future
 
     def max_inflight(self) -> int | None:
         """The requests the server lets one stream hold (its metadata's stream window); None when it
         names none. Raises RemoteError when the server cannot be asked."""
         return self._traits().stream_window
+
+    def _send(
+        self,
+        message: Any,
+        finish: Callable[[Any, float], RemoteResult],
+        timeout_s: float | None,
+        request_id: str,
+    ) -> RemoteResult:
+        """One request on the calling thread's session, its loop run until the answer (or the deadline)."""
+        lane = self._lane()
+        if _in_coroutine():
+            raise RuntimeError("TailClient is synchronous: call it from a thread, not from a coroutine")
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
+        future: asyncio.Future[RemoteResult] = lane.loop.create_future()
+        lane.loop.call_soon(lane.session.start, Request(message, future, finish, timeout, request_id))
+        return lane.loop.run_until_complete(future)
 
     def _request(
         self,
@@ -254,7 +256,8 @@ class TailClient:
         """The ModelInferRequest for ``inputs``, and what turns its answer into a RemoteResult."""
         tensors = tuple(encode(name, array) for name, array in inputs.items())
         params = dict(parameters or {})
-        codec = self._codec()
+        traits = self._traits()
+        codec = self.codec if self.codec in traits.codecs else "raw"
         lossy = False
         if codec != "raw":
             tensors = tuple(compression.compress(tensor, codec) for tensor in tensors)
@@ -263,7 +266,6 @@ class TailClient:
             else:
                 lossy = any(t.parameters.get(wire.ENCODING) == codec for t in tensors)
         bytes_sent = sum(t.nbytes for t in tensors)
-        traits = self._traits()
         if traits.packed:
             tensors = tuple(packed.pack(t) for t in tensors)
         cut = params.get(wire.SPLIT_POINT)
@@ -293,9 +295,9 @@ class TailClient:
 
         return converters.infer_request_to_pb(request), finish
 
-    def _traits(self) -> _Traits:
+    def _traits(self) -> ServerTraits:
         """What the server's metadata says of it, asked once (a failure is the caller's RemoteError)."""
-        if self._traits_read is None:
+        if not self._metadata_read:
             try:
                 reply = self._unary_call("ServerMetadata", pb.ServerMetadataRequest(), None)
             except RemoteError as err:
@@ -304,33 +306,13 @@ class TailClient:
                 extensions: tuple[str, ...] = ()  # a peer without it lists nothing: plain tensors, raw
             else:
                 extensions = tuple(reply.extensions)
-            self._traits_read = _Traits.of(extensions)
-            if self.codec != "raw" and self.codec not in self._traits_read.codecs:
+            self.traits.read(extensions)
+            self._metadata_read = True
+            if self.codec != "raw" and self.codec not in self.traits.codecs:
                 logger.warning(
                     "edge server %s does not decode %s; sending raw tensors", self.address, self.codec
                 )
-        return self._traits_read
-
-    def _open_pipe(self) -> Pipe:
-        with self._lock:
-            if self._closed:
-                raise RemoteError(f"CANCELLED: the client of {self.address} is closed", status="CANCELLED")
-            if self._pipe is None:
-                self._pipe = Pipe(
-                    self.address,
-                    functools.partial(_open_channel, self.address, self._credentials, self._options),
-                    metadata=self._metadata,
-                    streaming=self.streaming,
-                    connect_timeout_s=self.connect_timeout_s,
-                )
-            return self._pipe
-
-    def _codec(self) -> str:
-        """``codec`` if the server lists it among the codecs it decodes; raw otherwise (an older server).
-        A failure to ask is the request's failure too: RemoteError, and the caller falls back."""
-        if self.codec == "raw":
-            return "raw"
-        return self.codec if self.codec in self._traits().codecs else "raw"
+        return self.traits
 
     def ready(self, timeout_s: float | None = None) -> bool:
         try:
@@ -352,7 +334,7 @@ class TailClient:
         """Block until the server answers ServerReady, or raise RemoteError."""
         lane = self._lane()
         try:
-            self._run(lane, lane.channel.channel_ready(), timeout_s)
+            self._run(lane, lane.session.channel.channel_ready(), timeout_s)
         except RemoteError as err:
             raise RemoteError(
                 f"UNAVAILABLE: edge server {self.address} not reachable within {timeout_s}s"
@@ -368,14 +350,9 @@ class TailClient:
             self._closed = True
             lanes, self._lanes = self._lanes, []
             pipe, self._pipe = self._pipe, None
-        if pipe is not None:
-            pipe.close()
-        for lane in lanes:
-            if lane.closed:
-                continue
-            lane.loop.run_until_complete(_close_lane(lane))
-            lane.closed = True
-            retire(lane.loop)
+        for lane in [*([pipe] if pipe is not None else []), *lanes]:
+            if not lane.session.closed:
+                lane.close()
 
     def __enter__(self) -> TailClient:
         return self
@@ -387,50 +364,69 @@ class TailClient:
 
     # -- internals --------------------------------------------------------------------
 
+    def _session(self, channel: grpc.aio.Channel) -> Session:
+        return Session(
+            self.address,
+            channel,
+            self.traits,
+            metadata=self._metadata,
+            connect_timeout_s=self.connect_timeout_s,
+        )
+
     def _lane(self) -> _Lane:
         lane: _Lane | None = getattr(self._local, "lane", None)
-        if lane is not None and not lane.closed:
+        if lane is not None and not lane.session.closed:
             return lane
         if self._closed:
-            raise RemoteError(f"CANCELLED: the client of {self.address} is closed", status="CANCELLED")
+            raise closed(self.address)
         loop = asyncio.new_event_loop()
         channel = loop.run_until_complete(_open_channel(self.address, self._credentials, self._options))
-        lane = _Lane(loop, channel, pb_grpc.GRPCInferenceServiceStub(channel))
+        lane = _Lane(loop, self._session(channel))
         with self._lock:
-            closed = self._closed
-            if not closed:
+            added = not self._closed
+            if added:
                 self._lanes.append(lane)
-        if closed:
-            loop.run_until_complete(channel.close())
-            retire(loop)
-            raise RemoteError(f"CANCELLED: the client of {self.address} is closed", status="CANCELLED")
+        if not added:
+            lane.close()
+            raise closed(self.address)
         self._local.lane = lane
         return lane
 
-    def _connected(self, lane: _Lane) -> None:
-        """Connect first, within ``connect_timeout_s``: a call's own deadline starts once it is set up."""
-        if lane.channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
-            work = until_connected(lane.channel, self.connect_timeout_s, self.address)
-            self._run(lane, work, self.connect_timeout_s + 1.0)
+    def _open_pipe(self) -> _Lane:
+        """The pipe: a session whose loop runs on a thread of its own, made on the first submit."""
+        with self._lock:
+            if self._closed:
+                raise closed(self.address)
+            if self._pipe is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="edge-pipe", daemon=True)
+                thread.start()
+                try:
+                    channel = asyncio.run_coroutine_threadsafe(
+                        _open_channel(self.address, self._credentials, self._options), loop
+                    ).result(10.0)
+                except BaseException:
+                    loop.call_soon_threadsafe(loop.stop)
+                    thread.join(1.0)
+                    raise
+                self._pipe = _Lane(loop, self._session(channel), thread)
+            return self._pipe
 
     def _run(self, lane: _Lane, work: Coroutine[Any, Any, T], timeout_s: float) -> T:
-        """Run ``work`` on the lane's loop, within ``timeout_s``.
-
-        Whatever goes wrong on the way, the caller gets a RemoteError: the device then finishes locally.
-        """
+        """Run ``work`` (a call other than inference) on the lane's loop, within ``timeout_s`` once
+        connected. Whatever goes wrong on the way, the caller gets a RemoteError."""
         loop = lane.loop
-        if lane.closed or _in_coroutine():
+        if lane.session.closed or _in_coroutine():
             work.close()
-            if lane.closed:
-                raise RemoteError(f"CANCELLED: the client of {self.address} is closed", status="CANCELLED")
+            if lane.session.closed:
+                raise closed(self.address)
             raise RuntimeError("TailClient is synchronous: call it from a thread, not from a coroutine")
         # A timer that cancels the task: lighter than asyncio.wait_for, which wraps it in a second task.
         task = loop.create_task(work)
-        timer = loop.call_later(timeout_s, task.cancel)
+        timer = loop.call_later(self.connect_timeout_s + timeout_s, task.cancel)
         try:
             return loop.run_until_complete(task)
         except asyncio.CancelledError as err:
-            lane.drop_stream()  # an answer may still be on its way: never read it as the next one's
             raise RemoteError(
                 f"DEADLINE_EXCEEDED: edge server {self.address} did not answer within {timeout_s}s",
                 status="DEADLINE_EXCEEDED",
@@ -441,7 +437,6 @@ class TailClient:
             raise
         except Exception as err:
             # A peer that breaks the protocol, or a channel in a state gRPC did not expect.
-            lane.drop_stream()
             logger.debug("call to %s failed", self.address, exc_info=err)
             raise RemoteError(
                 f"INTERNAL: the call to edge server {self.address} failed: {type(err).__name__}: {err}",
@@ -453,72 +448,7 @@ class TailClient:
     def _unary_call(self, method: str, message: object, timeout_s: float | None) -> Any:
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         lane = self._lane()
-        self._connected(lane)
-
-        async def call() -> Any:  # grpc.aio makes the call on the running loop, so inside it
-            return await getattr(lane.stub, method)(message, timeout=timeout, metadata=self._metadata)
-
-        return self._run(lane, call(), timeout)
-
-    async def _infer(self, lane: _Lane, message: Any, timeout_s: float) -> Any:
-        if self.streaming:
-            try:
-                return await self._exchange(lane, message)
-            except _NoStreamingError as err:
-                # If a unary call gets through, the server does not stream, or not in our dialect.
-                reply = await lane.stub.ModelInfer(message, timeout=timeout_s, metadata=self._metadata)
-                logger.info("edge server %s: %s; sending unary ModelInfer calls", self.address, err)
-                self.streaming = False
-                return reply
-        return await lane.stub.ModelInfer(message, timeout=timeout_s, metadata=self._metadata)
-
-    async def _exchange(self, lane: _Lane, message: Any) -> Any:
-        """One request and its answer on the lane's open stream, opening it first if need be."""
-        fresh = lane.stream is None or lane.stream.done()
-        if fresh:
-            lane.stream = lane.stub.ModelStreamInfer(metadata=self._metadata)
-        stream = lane.stream
-        try:
-            await stream.write(message)
-        except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as err:
-            # The stream ended before this request went out. An old one may simply be gone (the
-            # server restarted): send on a new one. A new one refused at once hides its status
-            # (gRPC reports INTERNAL), so let the caller find out with a unary call.
-            lane.stream = None
-            if fresh:
-                raise _NoStreamingError("it refuses ModelStreamInfer") from err
-            return await self._exchange(lane, message)
-        try:
-            reply = await stream.read()
-        except grpc.aio.AioRpcError as err:
-            lane.stream = None
-            if err.code() is grpc.StatusCode.UNIMPLEMENTED:
-                raise _NoStreamingError("it refuses ModelStreamInfer") from err
-            raise
-        if reply is grpc.aio.EOF:
-            lane.stream = None
-            status = await self._ended(stream)
-            raise RemoteError(f"{status}: edge server {self.address} ended the stream", status=status)
-        answer = read_answer(reply)
-        if answer.foreign is not None:  # the stream is of no use with this peer (MLServer's, for one)
-            lane.drop_stream()
-            raise _NoStreamingError(answer.foreign)
-        if answer.error is not None:
-            raise answer.error
-        return answer.response
-
-    @staticmethod
-    async def _ended(stream: Any) -> str:
-        """The status a finished stream ended with (OK reads as UNAVAILABLE: it is gone)."""
-        code = await stream.code()
-        if code is grpc.StatusCode.UNIMPLEMENTED:
-            raise _NoStreamingError("it refuses ModelStreamInfer")
-        return "UNAVAILABLE" if code is grpc.StatusCode.OK else str(code.name)
-
-
-class _NoStreamingError(Exception):
-    """The server answered ModelStreamInfer with UNIMPLEMENTED, refused a new stream at once, or
-    answered on it in a form this client cannot read."""
+        return self._run(lane, lane.session.unary(method, message, timeout), timeout)
 
 
 def _in_coroutine() -> bool:
@@ -527,12 +457,6 @@ def _in_coroutine() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-async def _close_lane(lane: _Lane) -> None:
-    lane.drop_stream()
-    await lane.channel.close()
-    await finish_tasks()
 
 
 async def _open_channel(

@@ -135,14 +135,14 @@ def test_requests_in_flight_when_the_server_stops_finish_on_the_device(graphs: d
         pipeline: Pipeline[int] = Pipeline(device, 8)
         results: dict[int, Any] = {}
         for i, f in enumerate(feeds[:8]):
-            for tag, result in pipeline.put(f, i):
-                results[tag] = result
+            for done in pipeline.put(f, i):
+                results[done.tag] = done.result
         srv.stop()
         for i, f in enumerate(feeds[8:], start=8):
-            for tag, result in pipeline.put(f, i):
-                results[tag] = result
-        for tag, result in pipeline.drain():
-            results[tag] = result
+            for done in pipeline.put(f, i):
+                results[done.tag] = done.result
+        for done in pipeline.drain():
+            results[done.tag] = done.result
     assert sorted(results) == list(range(len(feeds)))
     for i, result in results.items():
         assert same_outputs(result.outputs, expected[i]), i
@@ -158,7 +158,7 @@ def test_a_server_without_streaming_gets_concurrent_unary_calls(
     client = TailClient(unary_only_server, timeout_s=10.0)
     with CooperativeRunner(ModelRunner(graph), client, model_name=UNARY_MODEL, policy=6) as device:
         results = list(pipelined(device, feeds, WINDOW))
-        assert not client._open_pipe().streaming
+        assert not client.streaming  # learnt by the pipe, known to the client's every session
     assert not any(r.fallback for r in results), [r.fallback_reason for r in results]
     assert all(same_outputs(r.outputs, e) for r, e in zip(results, expected, strict=True))
 
@@ -199,7 +199,9 @@ def test_the_window_is_capped_by_the_servers_limit_per_device(graphs: dict[str, 
         with CooperativeRunner(ModelRunner(graph), client, model_name="digits_resnet", policy=6) as device:
             pipeline: Pipeline[int] = Pipeline(device, 16)
             assert pipeline.window == 2
-            results = [r for f in feeds for _, r in pipeline.put(f, 0)] + [r for _, r in pipeline.drain()]
+            results = [d.result for f in feeds for d in pipeline.put(f, 0)] + [
+                d.result for d in pipeline.drain()
+            ]
             # edge bench reports that window, not the one asked for.
             from edge.cli.bench_cmd import measure
 

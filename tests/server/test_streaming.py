@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,10 +45,9 @@ def counted() -> Iterator[tuple[BackgroundServer, list[int]]]:
     counts = [0, 0, 0]
 
     class Counting(InferenceServicer):
-        async def ModelStreamInfer(self, requests: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        async def ModelStreamInfer(self, requests: Any, context: Any) -> None:  # noqa: N802
             counts[0] += 1
-            async for response in super().ModelStreamInfer(requests, context):
-                yield response
+            await super().ModelStreamInfer(requests, context)
 
         async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
             counts[1] += 1

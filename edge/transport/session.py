@@ -1,0 +1,477 @@
+"""The one way a device talks to one edge server: a session, on one event loop and channel.
+
+A :class:`Session` sends ``ModelInferRequest`` messages and settles each one's future with its
+result or a :class:`~edge.errors.RemoteError`. It holds the whole dialect, once:
+
+- requests travel on one long-lived ``ModelStreamInfer`` stream (a message on an open stream
+  costs far less than a new call), several at once, matched to their answers by ``id``;
+- each request keeps its own deadline: one that expires fails alone (``DEADLINE_EXCEEDED``) and
+  its late answer is dropped. The requests after it go on a new stream, as the old one may be
+  stuck behind it (a server that answers in order, or a hung one); the old one is closed once
+  what it holds is answered;
+- a stream that ends or breaks fails only the requests it held (the device finishes those
+  locally); requests not yet written go on a new one;
+- a server without a readable stream (MLServer, KServe) gets unary ``ModelInfer`` calls instead,
+  and what the stream held is sent again that way, once. That finding is the server's
+  :class:`ServerTraits`, shared by every session of one client.
+
+Who drives the loop is the caller's choice: :class:`~edge.transport.client.TailClient` runs a
+session on the calling thread's own loop for one request at a time (no thread hand-off), and on a
+thread of its own for requests in flight while the device works on (pipelining). The call time
+runs from the moment a request is written to its answer, so time behind other requests in the
+device's write queue is not counted as transfer, and time behind them on the server is its
+``queue_us``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from .. import compression, packed, wire
+from ..errors import RemoteError
+from ..protocol import converters, pb, pb_grpc
+from .base import RemoteResult
+from .connect import until_connected
+from .loops import finish_tasks
+
+__all__ = ["MAX_PENDING", "Answer", "Request", "ServerTraits", "Session", "read_answer"]
+
+logger = logging.getLogger(__name__)
+
+MAX_PENDING = 256
+"""Requests one session holds at most; past it a request fails at once (RESOURCE_EXHAUSTED)."""
+
+_ID_CHARS = 200
+"""How much of the caller's request id goes on the wire, ahead of the session's own sequence number."""
+
+Finish = Callable[[Any, float], RemoteResult]
+"""Turns a ModelInferResponse and the call's milliseconds into the caller's result."""
+
+AnyFuture = asyncio.Future[RemoteResult] | concurrent.futures.Future[RemoteResult]
+
+
+@dataclass(slots=True)
+class ServerTraits:
+    """What one server is, as its metadata and its answers say; one record per client."""
+
+    codecs: tuple[str, ...] = ()
+    """The codecs it decodes."""
+    packed: bool = False
+    """It takes, and answers with, packed tensors (:mod:`edge.packed`)."""
+    cut_models: frozenset[str] = frozenset()
+    """``NAME@K``: the tails it serves under a name of their own."""
+    stream_window: int | None = None
+    """The requests one stream may hold; None when it names none."""
+    streaming: bool = True
+    """Requests go on a stream; False once the server turned out not to stream in our dialect."""
+
+    def read(self, extensions: tuple[str, ...]) -> None:
+        """Take what the server's metadata ``extensions`` say (``streaming`` is learnt from answers)."""
+        prefix = wire.CUT_MODEL_PREFIX
+        self.codecs = compression.offered(extensions)
+        self.packed = packed.EXTENSION in extensions
+        self.cut_models = frozenset(e[len(prefix) :] for e in extensions if e.startswith(prefix))
+        self.stream_window = wire.stream_window(extensions)
+
+
+@dataclass(slots=True)
+class Request:
+    """One request in a session: its message, its future, and what turns its answer into a result."""
+
+    message: Any
+    future: AnyFuture
+    finish: Finish
+    timeout_s: float
+    request_id: str = ""
+    deadline: float = 0.0
+    timer: asyncio.TimerHandle | None = None
+    written_at: float = 0.0
+    stream: int = -1
+    """The stream it was written on (its generation); -1 while queued or sent unary."""
+    resent: bool = False
+    probe: bool = False
+    """Sent unary because a new stream failed at once: its success means the server does not stream."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    generation: int
+    call: Any
+    outbox: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class Session:
+    """Requests to ``address`` over ``channel``, on the loop the channel was made on.
+
+    Every method runs on that loop; :meth:`start` is the only way in for a request. ``metadata``
+    goes on every call (a bearer token); ``traits`` is the server's record (``streaming`` False
+    sends unary calls from the start).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        channel: grpc.aio.Channel,
+        traits: ServerTraits,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+        max_pending: int = MAX_PENDING,
+        connect_timeout_s: float,
+    ) -> None:
+        self.address = address
+        self.channel = channel
+        self.stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        self.traits = traits
+        self.metadata = metadata
+        self.max_pending = max_pending
+        self.connect_timeout_s = connect_timeout_s
+        self.closed = False
+        self._connecting = 0
+        """Requests waiting for the channel to connect, before their deadline starts."""
+        self._pending: dict[str, Request] = {}
+        self._stream: _Stream | None = None
+        self._draining: dict[int, _Stream] = {}
+        """Streams no new request goes on (one missed a deadline), closed once they hold nothing."""
+        self._generations = itertools.count()
+        self._seq = itertools.count()
+        self._calls: set[asyncio.Task[None]] = set()
+
+    def start(self, request: Request) -> None:
+        """Take ``request``: connect first if need be (within the connect timeout, before its own
+        deadline starts), then send it on the stream or as a unary call."""
+        if self.closed:
+            _set(request.future, error=closed(self.address))
+            return
+        if len(self._pending) + self._connecting >= self.max_pending:
+            error = RemoteError(
+                f"RESOURCE_EXHAUSTED: {self.max_pending} requests already wait on {self.address}",
+                status="RESOURCE_EXHAUSTED",
+            )
+            _set(request.future, error=error)
+            return
+        if self.channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
+            self._spawn(self._connect_first(request))
+            return
+        self._admit(request)
+
+    async def unary(self, method: str, message: Any, timeout_s: float) -> Any:
+        """A unary call other than inference (metadata, readiness), connected first; RemoteError on failure."""
+        if self.channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
+            await until_connected(self.channel, self.connect_timeout_s, self.address)
+        try:
+            return await getattr(self.stub, method)(message, timeout=timeout_s, metadata=self.metadata)
+        except grpc.aio.AioRpcError as err:
+            raise RemoteError(f"{err.code().name}: {err.details()}", status=err.code().name) from err
+
+    async def close(self) -> None:
+        """Fail what is still pending (CANCELLED) and close the channel."""
+        self.closed = True
+        for wire_id in list(self._pending):
+            self._fail(wire_id, closed(self.address))
+        for stream in [*self._draining.values(), *([self._stream] if self._stream is not None else [])]:
+            self._retire(stream)
+        for task in list(self._calls):
+            task.cancel()
+        await self.channel.close()
+        await finish_tasks()  # gRPC's per-call status tasks among them
+
+    # -- sending ------------------------------------------------------------------------
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _connect_first(self, request: Request) -> None:
+        self._connecting += 1
+        try:
+            await until_connected(self.channel, self.connect_timeout_s, self.address)
+        except RemoteError as err:
+            _set(request.future, error=err)
+            return
+        except asyncio.CancelledError:
+            _set(request.future, error=closed(self.address))
+            raise
+        finally:
+            self._connecting -= 1
+        if self.closed:
+            _set(request.future, error=closed(self.address))
+            return
+        self._admit(request)
+
+    def _admit(self, request: Request) -> None:
+        wire_id = f"{request.request_id[:_ID_CHARS]}#{next(self._seq):x}"
+        request.message.id = wire_id
+        request.deadline = time.perf_counter() + request.timeout_s
+        self._pending[wire_id] = request
+        request.timer = asyncio.get_running_loop().call_later(request.timeout_s, self._expire, wire_id)
+        self._dispatch(wire_id, request)
+
+    def _dispatch(self, wire_id: str, request: Request) -> None:
+        if self.traits.streaming:
+            stream = self._stream if self._stream is not None else self._open_stream()
+            stream.outbox.put_nowait(wire_id)
+        else:
+            self._spawn(self._unary_infer(wire_id, request))
+
+    def _open_stream(self) -> _Stream:
+        loop = asyncio.get_running_loop()
+        stream = _Stream(next(self._generations), self.stub.ModelStreamInfer(metadata=self.metadata))
+        stream.tasks = [loop.create_task(self._write(stream)), loop.create_task(self._read(stream))]
+        self._stream = stream
+        return stream
+
+    async def _write(self, stream: _Stream) -> None:
+        while True:
+            wire_id = await stream.outbox.get()
+            request = self._pending.get(wire_id)
+            if request is None:  # expired while queued
+                continue
+            request.stream = stream.generation
+            request.written_at = time.perf_counter()
+            try:
+                await stream.call.write(request.message)
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                # The stream is over; the reader finds out how, and settles what it held (this one too).
+                return
+
+    async def _read(self, stream: _Stream) -> None:
+        answered = False
+        while True:
+            try:
+                reply = await stream.call.read()
+            except grpc.aio.AioRpcError as err:
+                if err.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    self._no_streaming(stream, "it refuses ModelStreamInfer")
+                elif not answered:
+                    # A new stream refused at once hides its status (gRPC reports INTERNAL): what it
+                    # held goes as unary calls, and if one gets through, the server does not stream.
+                    self._no_streaming(stream, "it refuses ModelStreamInfer", certain=False)
+                else:
+                    self._lost(stream, f"{err.code().name}: {err.details()}", status=err.code().name)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # a channel in a state gRPC did not expect
+                self._lost(stream, f"the stream broke: {type(err).__name__}: {err}", status="INTERNAL")
+                return
+            if reply is grpc.aio.EOF:
+                code = await stream.call.code()
+                if code is grpc.StatusCode.UNIMPLEMENTED:
+                    self._no_streaming(stream, "it refuses ModelStreamInfer")
+                else:
+                    status = "UNAVAILABLE" if code is grpc.StatusCode.OK else str(code.name)
+                    self._lost(stream, f"edge server {self.address} ended the stream", status=status)
+                return
+            answered = True
+            if not self._answer(stream, reply):
+                return
+
+    async def _unary_infer(self, wire_id: str, request: Request) -> None:
+        request.written_at = time.perf_counter()
+        try:
+            reply = await self.stub.ModelInfer(
+                request.message,
+                timeout=max(request.deadline - request.written_at, 0.001),
+                metadata=self.metadata,
+            )
+        except grpc.aio.AioRpcError as err:
+            name = err.code().name
+            self._fail(wire_id, RemoteError(f"{name}: {err.details()}", status=name))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self._fail(wire_id, RemoteError(f"INTERNAL: {type(err).__name__}: {err}", status="INTERNAL"))
+        else:
+            if request.probe and self.traits.streaming:
+                logger.info(
+                    "edge server %s refuses ModelStreamInfer; sending unary ModelInfer calls", self.address
+                )
+                self.traits.streaming = False
+            self._settle(wire_id, reply)
+
+    # -- answers ------------------------------------------------------------------------
+
+    def _answer(self, stream: _Stream, reply: Any) -> bool:
+        """Settle the request ``reply`` answers; False when the stream is of no use with this peer."""
+        answer = read_answer(reply)
+        if answer.foreign is not None:
+            self._no_streaming(stream, answer.foreign)
+            return False
+        wire_id = self._match(stream, answer.request_id)
+        if wire_id is not None:
+            if answer.error is not None:
+                self._fail(wire_id, answer.error)
+            else:
+                self._settle(wire_id, answer.response)
+        return True
+
+    def _match(self, stream: _Stream, wire_id: str) -> str | None:
+        """The pending request an answer is for: by id; an answer without one (a peer that does not
+        echo ids, or a request it could not read) goes to the oldest request on that stream."""
+        if wire_id:
+            return wire_id if wire_id in self._pending else None  # absent: it expired
+        for key, request in self._pending.items():
+            if request.stream == stream.generation:
+                return key
+        return None
+
+    def _settle(self, wire_id: str, response: Any) -> None:
+        request = self._pop(wire_id)
+        if request is None:
+            return
+        call_ms = (time.perf_counter() - request.written_at) * 1000.0
+        try:
+            result = request.finish(response, call_ms)
+        except RemoteError as err:
+            _set(request.future, error=err)
+        except Exception as err:
+            _set(request.future, error=RemoteError(f"INTERNAL: {err}", status="INTERNAL"))
+        else:
+            _set(request.future, result=result)
+
+    def _fail(self, wire_id: str, error: RemoteError) -> None:
+        request = self._pop(wire_id)
+        if request is not None:
+            _set(request.future, error=error)
+
+    def _pop(self, wire_id: str) -> Request | None:
+        request = self._pending.pop(wire_id, None)
+        if request is None:
+            return None
+        if request.timer is not None:
+            request.timer.cancel()
+        old = self._draining.get(request.stream)
+        if old is not None and not self._held(old):
+            self._retire(old)
+        return request
+
+    def _expire(self, wire_id: str) -> None:
+        request = self._pending.get(wire_id)
+        timeout = request.timeout_s if request is not None else 0.0
+        stream = self._stream
+        if request is not None and stream is not None and request.stream == stream.generation:
+            self._abandon(stream)
+        self._fail(
+            wire_id,
+            RemoteError(
+                f"DEADLINE_EXCEEDED: edge server {self.address} did not answer within {timeout:g}s",
+                status="DEADLINE_EXCEEDED",
+            ),
+        )
+
+    # -- streams that end ---------------------------------------------------------------
+
+    def _abandon(self, stream: _Stream) -> None:
+        """No new request goes on ``stream``: the ones queued on it and not yet written go on a new
+        one; it stays open for those it holds, and is closed once they are answered or expire."""
+        self._stream = None
+        self._draining[stream.generation] = stream
+        queued: list[str] = []
+        while not stream.outbox.empty():
+            queued.append(stream.outbox.get_nowait())
+        for wire_id in queued:
+            request = self._pending.get(wire_id)
+            if request is not None:
+                self._dispatch(wire_id, request)
+
+    def _held(self, stream: _Stream) -> list[str]:
+        return [k for k, r in self._pending.items() if r.stream == stream.generation]
+
+    def _retire(self, stream: _Stream) -> list[str]:
+        """Forget ``stream``; the ids still queued on it, not yet written."""
+        if self._stream is stream:
+            self._stream = None
+        self._draining.pop(stream.generation, None)
+        current = asyncio.current_task()
+        for task in stream.tasks:
+            if task is not current:
+                task.cancel()
+        stream.call.cancel()
+        queued: list[str] = []
+        while not stream.outbox.empty():
+            queued.append(stream.outbox.get_nowait())
+        return [k for k in queued if k in self._pending]
+
+    def _lost(self, stream: _Stream, reason: str, *, status: str = "UNAVAILABLE") -> None:
+        """The stream is gone: fail the requests it held; send the ones not yet written on a new one."""
+        queued = self._retire(stream)
+        for wire_id in self._held(stream):
+            self._fail(wire_id, RemoteError(f"{status}: {reason}", status=status))
+        for wire_id in queued:
+            self._dispatch(wire_id, self._pending[wire_id])
+
+    def _no_streaming(self, stream: _Stream, why: str, *, certain: bool = True) -> None:
+        """This peer does not stream in our dialect: what the stream held is sent again as unary calls,
+        once. When ``certain``, every request from now on is; otherwise once one of those gets through."""
+        if certain and self.traits.streaming:
+            logger.info("edge server %s: %s; sending unary ModelInfer calls", self.address, why)
+            self.traits.streaming = False
+        queued = self._retire(stream)
+        for wire_id in [*self._held(stream), *queued]:
+            request = self._pending[wire_id]
+            if request.resent:
+                self._fail(wire_id, RemoteError(f"INTERNAL: {why}", status="INTERNAL"))
+                continue
+            request.resent = True
+            request.stream = -1
+            request.probe = not certain
+            self._spawn(self._unary_infer(wire_id, request))
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One ModelStreamInfer answer, read: the request it answers (its id, "" when the peer gave none)
+    and its ModelInferResponse or its error; or, in ``foreign``, why this peer's stream cannot be
+    read as ours (it answers with another message, as MLServer does)."""
+
+    request_id: str = ""
+    response: Any = None
+    error: RemoteError | None = None
+    foreign: str | None = None
+
+
+def read_answer(reply: Any) -> Answer:
+    """Read one stream answer."""
+    if not isinstance(reply, pb.ModelStreamInferResponse):
+        # gRPC hands back None when the bytes do not parse as our message.
+        return Answer(foreign="its ModelStreamInfer answers cannot be read")
+    has_response = reply.HasField("infer_response")
+    request_id = reply.infer_response.id if has_response else ""
+    if reply.error_message:
+        status, detail = converters.stream_error_from_pb(reply.error_message)
+        if status == "UNKNOWN" and not has_response and converters.stream_answer_is_foreign(reply):
+            return Answer(foreign="its ModelStreamInfer answers are not ModelStreamInferResponse")
+        return Answer(request_id, error=RemoteError(f"{status}: {detail}", status=status))
+    if not has_response:
+        return Answer(foreign="its ModelStreamInfer answers carry no infer_response")
+    return Answer(request_id, response=reply.infer_response)
+
+
+def _set(
+    future: AnyFuture, *, result: RemoteResult | None = None, error: BaseException | None = None
+) -> None:
+    """Settle ``future`` unless its caller cancelled it."""
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+        pass
+
+
+def closed(address: str) -> RemoteError:
+    return RemoteError(f"CANCELLED: the client of {address} is closed", status="CANCELLED")
