@@ -7,8 +7,8 @@ import math
 from collections.abc import Callable
 from typing import NoReturn
 
+from .address import check_port, normalize
 from .errors import ConfigError
-from .transport.address import check_port, normalize
 
 __all__ = [
     "Parser",

@@ -20,6 +20,7 @@ from .cooperative import InferenceResult
 from .errors import EdgeError, ModelMismatchError, RemoteError
 from .graph import ModelGraph
 from .link import LinkEstimator, LinkProber
+from .measure import candidate_cuts
 from .planner import (
     DEFAULT_COMPUTE_WATTS,
     DEFAULT_RADIO_WATTS,
@@ -31,7 +32,7 @@ from .planner import (
     cut_costs,
     plan,
 )
-from .profiler import candidate_cuts, codec_profile, load_or_profile
+from .profiler import codec_profile, load_or_profile
 from .transport.base import RETRYABLE
 from .transport.circuit import Circuit
 
@@ -133,7 +134,7 @@ class AutoSplit:
         self.wire_ratio: dict[int, float] = {}
         """Compressed over raw bytes per cut, with a codec; empty: raw."""
         self.codec_ms: dict[int, float] = {}
-        """The cuts the policy may choose (see :func:`edge.profiler.candidate_cuts`)."""
+        """The cuts the policy may choose (see :func:`edge.measure.candidate_cuts`)."""
         self.last_plan: Plan | None = None
         self.replan()
 

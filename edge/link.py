@@ -313,8 +313,8 @@ def _probe_sizes(
     graph: ModelGraph, max_bytes: int | None, runner: ModelRunner | None
 ) -> list[tuple[int, int]]:
     """(bytes, cut) of every cut that sends something to a tail, within ``max_bytes``: with a
-    ``runner``, among the cuts its heads may be run at (:func:`edge.profiler.safe_cuts`)."""
-    from .profiler import safe_cuts
+    ``runner``, among the cuts its heads may be run at (:func:`edge.measure.safe_cuts`)."""
+    from .measure import safe_cuts
 
     cuts = safe_cuts(graph, runner) if runner is not None else range(graph.num_operators)
     return sorted(

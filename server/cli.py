@@ -23,7 +23,7 @@ from edge.argtypes import (
     positive_int,
 )
 from edge.backends import BACKENDS
-from edge.cli.pipes import quiet_closed_stdout
+from edge.console import quiet_closed_stdout
 from edge.cpu_latency import add_cpu_latency_arg, cpu_latency_hold
 from edge.errors import EdgeError
 from edge.systemd import notify, watchdog_interval

@@ -37,7 +37,7 @@ from edge.codec import (
 )
 from edge.errors import CutError, EdgeError, ModelMismatchError, ModelNotFoundError, TensorFormatError, echo
 from edge.graph import ModelGraph, TensorInfo
-from edge.profiler import ProfileCancelledError, profile_tails
+from edge.measure import ProfileCancelledError, profile_tails
 from edge.wire import (
     ACCEPT_ENCODING,
     BACKEND,

@@ -9,8 +9,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from edge.aio import finish_tasks, retire
 from edge.backends import DEFAULT_BACKEND
-from edge.transport.loops import finish_tasks, retire
 
 from .dataplane import DEFAULT_MAX_INFLIGHT, DataPlane
 from .grpc_service import EdgeServer

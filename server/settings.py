@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edge.address import check_host
 from edge.errors import ConfigError
-from edge.transport.address import check_host
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -17,9 +17,9 @@ import itertools
 
 from edge.graph import ModelGraph
 from edge.link import LinkEstimate
+from edge.measure import candidate_cuts, interpolate, operator_costs, profile_heads, profile_tails
 from edge.planner import OBJECTIVES, cut_costs, plan
 from edge.preprocess import random_inputs
-from edge.profiler import candidate_cuts, interpolate, operator_costs, profile_heads, profile_tails
 from edge.runner import ModelRunner
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..argtypes import Parser
+from ..console import quiet_closed_stdout
 from ..cpu_latency import cpu_latency_hold
 from ..errors import EdgeError
 from . import (
@@ -24,7 +25,6 @@ from . import (
     run_cmd,
     split_cmd,
 )
-from .pipes import quiet_closed_stdout
 
 __all__ = ["main"]
 

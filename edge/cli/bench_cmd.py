@@ -21,6 +21,7 @@ from rich.table import Table
 
 from ..argtypes import non_negative_int, positive_int
 from ..cascade import Calibration, Router, open_router
+from ..console import output_console
 from ..cooperative import CooperativeRunner, InferenceResult
 from ..pipeline import effective_window, pipelined
 from ..preprocess import random_inputs
@@ -28,7 +29,6 @@ from ..stats import summary
 from . import sweep
 from .cascade_cmd import load_dataset
 from .common import add_device_args, add_server_args, check_strict, load_graph, open_runner
-from .pipes import output_console
 
 __all__ = ["measure", "register"]
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .. import compression, models
+from ..address import DEFAULT_PORT
 from ..argtypes import address, positive_float, positive_int
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..backends.support import require_runnable
@@ -21,7 +22,6 @@ from ..policy import make_policy
 from ..preprocess import coerce_input
 from ..runner import ModelRunner
 from ..transport import TailClient, TLSOptions
-from ..transport.address import DEFAULT_PORT
 from ..transport.client import read_token
 from ..transport.connect import DEFAULT_CONNECT_TIMEOUT_S
 

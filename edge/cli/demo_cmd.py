@@ -14,17 +14,17 @@ from rich.table import Table
 from .. import models
 from ..argtypes import positive_int
 from ..cascade import Calibration, open_router
+from ..console import output_console
 from ..cooperative import CooperativeRunner
 from ..errors import EdgeError
 from ..graph import ModelGraph
+from ..measure import candidate_cuts
 from ..policy import make_policy
 from ..preprocess import random_inputs
-from ..profiler import candidate_cuts
 from ..runner import ModelRunner
 from ..stats import summary
 from ..transport import TailClient
 from .common import load_graph
-from .pipes import output_console
 
 __all__ = ["register"]
 

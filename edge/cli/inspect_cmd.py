@@ -15,12 +15,12 @@ from ..backends import BACKENDS
 from ..backends.support import check_support
 from ..cascade import exit_outputs
 from ..codec import encode
+from ..console import output_console
 from ..errors import EdgeError
 from ..graph import ModelGraph, TensorInfo
 from ..preprocess import random_inputs
 from ..runner import ModelRunner
 from .common import MODEL_HELP, load_graph, load_inputs
-from .pipes import output_console
 
 __all__ = ["describe", "register"]
 

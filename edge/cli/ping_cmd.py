@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import models, wire
+from ..address import parse_address
 from ..errors import EdgeError, RemoteError
 from ..graph import ModelGraph
 from ..transport import TailClient
-from ..transport.address import parse_address
 from .common import add_address_args, client_security
 
 __all__ = ["register"]

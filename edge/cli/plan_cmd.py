@@ -14,6 +14,7 @@ from rich.table import Table
 from ..argtypes import positive_float, positive_int
 from ..autosplit import AutoSplit
 from ..backends.support import require_runnable
+from ..console import output_console
 from ..errors import EdgeError
 from ..planner import DEFAULT_COMPUTE_WATTS, DEFAULT_RADIO_WATTS, OBJECTIVES, Plan
 from ..policy import make_policy
@@ -28,7 +29,6 @@ from .common import (
     client_security,
     load_graph,
 )
-from .pipes import output_console
 
 __all__ = ["register"]
 

@@ -14,10 +14,10 @@ import numpy as np
 from paho.mqtt.client import topic_matches_sub
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from ..address import check_host, normalize
 from ..errors import ConfigError
 from ..pipeline import MAX_WINDOW
 from ..transport import TLSOptions
-from ..transport.address import check_host, normalize
 from ..transport.connect import DEFAULT_CONNECT_TIMEOUT_S
 
 __all__ = [

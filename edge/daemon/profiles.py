@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ..address import parse_address
 from ..errors import ConfigError
-from ..transport.address import parse_address
 from .config import DeviceProfile, EdgeServerConfig
 
 if sys.version_info >= (3, 11):

@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..cli.common import load_graph
-from ..cli.pipes import output_console
+from .. import models
+from ..console import output_console
 from ..graph import ModelGraph
 from .netns import EmulationError, NetnsLink, check_privileges
 from .report import Summary, plot, summarize
@@ -78,7 +78,7 @@ def scenarios_from(
 
 def run(args: argparse.Namespace) -> int:
     check_privileges()
-    graph = load_graph(args.model)
+    graph = ModelGraph.from_file(models.resolve(args.model))
     scenarios = scenarios_from(args.bandwidths, args.rtts, args.slowdowns, args.scenarios)
     command = "edge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     console = Console(stderr=True)

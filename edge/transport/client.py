@@ -28,13 +28,13 @@ import grpc
 import numpy as np
 
 from .. import compression, packed, wire
+from ..aio import retire
 from ..codec import InferRequest, ModelMetadata, ParameterValue, decode, encode
 from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb
 from ..tlsfiles import check_ca, check_pair
 from .base import RemoteResult
 from .connect import DEFAULT_CONNECT_TIMEOUT_S, channel_options
-from .loops import retire
 from .session import Request, ServerTraits, Session, closed
 
 __all__ = ["TLSOptions", "TailClient", "read_token"]

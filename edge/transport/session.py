@@ -37,11 +37,11 @@ from typing import Any
 import grpc
 
 from .. import compression, packed, wire
+from ..aio import finish_tasks
 from ..errors import RemoteError
 from ..protocol import converters, pb, pb_grpc
 from .base import RemoteResult
 from .connect import until_connected
-from .loops import finish_tasks
 
 __all__ = ["MAX_PENDING", "Answer", "Request", "ServerTraits", "Session", "read_answer"]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from edge import models
+from edge.address import normalize, parse_address
 from edge.errors import ConfigError
-from edge.transport.address import normalize, parse_address
 
 
 def _run(*argv: str, module: str = "edge", timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -8,16 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.profiler import (
-    HeadProfile,
-    cache_dir,
-    candidate_cuts,
-    interpolate,
-    load_or_profile,
-    profile_heads,
-    profile_path,
-    profile_tails,
-)
+from edge.measure import candidate_cuts, interpolate, profile_heads, profile_tails
+from edge.profiler import HeadProfile, cache_dir, load_or_profile, profile_path
 from edge.runner import ModelRunner
 
 

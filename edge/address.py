@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 __all__ = [
     "DEFAULT_PORT",
