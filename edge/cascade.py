@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 Rule = Literal["maxprob", "margin", "entropy"]
-RULES: tuple[Rule, ...] = ("maxprob", "margin", "entropy")
+RULES: tuple[Rule, ...] = get_args(Rule)
 CALIBRATION_FORMAT = "edge-cascade-calibration/1"
 AnsweredBy = Literal["device-exit", "device-small", "server", "device-big"]
 

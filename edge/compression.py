@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -37,7 +37,11 @@ __all__ = [
 EXTENSION_PREFIX = f"{ENCODING}:"
 """ServerMetadata lists each codec the server decodes as ``edge_encoding:NAME``."""
 
-CODECS = ("zstd", "lz4")
+Lossless = Literal["zstd", "lz4"]
+Lossy = Literal["fp16", "int4"]
+CodecName = Literal["raw", Lossless, Lossy]
+"""Every codec a device may name: raw, the lossless ones, and the opt-in lossy ones."""
+CODECS: tuple[Lossless, ...] = get_args(Lossless)
 ZSTD_LEVEL = 1
 
 _local = threading.local()
@@ -169,7 +173,7 @@ def _int4_unpack(t: WireTensor, expected: int) -> bytes:
     return np.clip(base + step * codes[:expected], -128, 127).astype(np.int8).tobytes()
 
 
-LOSSY = ("fp16", "int4")
+LOSSY: tuple[Lossy, ...] = get_args(Lossy)
 """Opt-in codecs that change values: fp16 for FP32 tensors, int4 (two to a byte) for INT8 ones."""
 _LOSSY_PACKERS: dict[str, Callable[[WireTensor], WireTensor | None]] = {
     "fp16": _fp16_pack,

@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 from .errors import EdgeError
 from .graph import ModelGraph
@@ -42,7 +42,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Objective = Literal["latency", "energy", "bytes"]
-OBJECTIVES: tuple[Objective, ...] = ("latency", "energy", "bytes")
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 
 # A phone-class SoC under load, and a Wi-Fi radio while transmitting.
 DEFAULT_COMPUTE_WATTS = 2.0

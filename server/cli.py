@@ -8,23 +8,18 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
+
+import annotated_types
+from pydantic.fields import FieldInfo
 
 from edge import __version__
-from edge.argtypes import (
-    Parser,
-    at_least,
-    listen_port,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-)
-from edge.backends import BACKENDS
+from edge.argtypes import Parser, at_least, listen_port, non_negative_float, positive_float
 from edge.console import quiet_closed_stdout
-from edge.cpu_latency import add_cpu_latency_arg, cpu_latency_hold
+from edge.cpu_latency import cpu_latency_hold
 from edge.errors import EdgeError
 from edge.systemd import notify, watchdog_interval
 
@@ -33,15 +28,11 @@ from .grpc_service import EdgeServer, check_listen
 from .metrics import ServerMetrics, serve_metrics
 from .repository import ModelRepository
 from .security import Security
-from .settings import ServerSettings, default_workers, load_settings
+from .settings import ServerSettings, load_settings
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
-
-
-def _default(name: str) -> Any:
-    return ServerSettings.model_fields[name].default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,144 +47,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", type=Path, metavar="FILE.toml", help="settings file; its keys are the flags' names with _"
     )
-    p.add_argument(
-        "--models", type=Path, metavar="DIR", help="directory of .tflite files to serve (required)"
-    )
-    p.add_argument("--host", help=f"address to listen on (default: {_default('host')})")
-    p.add_argument(
-        "--port",
-        type=listen_port,
-        help=f"port to listen on, 0 for any free one (default: {_default('port')})",
-    )
-    p.add_argument(
-        "--backend", choices=sorted(BACKENDS), help=f"inference backend (default: {_default('backend')})"
-    )
-    p.add_argument(
-        "--threads", type=positive_int, help=f"interpreter threads per model (default: {_default('threads')})"
-    )
-    p.add_argument(
-        "--workers",
-        type=non_negative_int,
-        help="compute threads (default: one per core this process may use, here "
-        f"{default_workers()}); a lone request on a short route computes on the event loop; 0 computes "
-        "everything there, one request at a time",
-    )
-    p.add_argument(
-        "--max-inflight",
-        type=positive_int,
-        help="requests admitted at once, waiting or running, before RESOURCE_EXHAUSTED "
-        f"(default: {_default('max_inflight')})",
-    )
-    p.add_argument(
-        "--max-inflight-per-device",
-        type=positive_int,
-        help="requests one device (its token's id, else its address) may have admitted at once "
-        f"(default: {_default('max_inflight_per_device')})",
-    )
-    p.add_argument(
-        "--max-batch",
-        type=positive_int,
-        help="run up to N requests for the same model and cut as one batch, each with its own outputs "
-        f"(default: {_default('max_batch')}: off)",
-    )
-    p.add_argument(
-        "--max-batch-delay-us",
-        type=non_negative_int,
-        metavar="US",
-        help=f"how long a batch waits for more requests (default: {_default('max_batch_delay_us')})",
-    )
-    p.add_argument(
-        "--max-inflight-bytes",
-        type=positive_int,
-        help="tensor bytes admitted at once, waiting or computing, before RESOURCE_EXHAUSTED "
-        f"(default: {_default('max_inflight_bytes')})",
-    )
-    p.add_argument(
-        "--cache-size",
-        type=at_least(2),
-        help=f"tails kept loaded per model, LRU (default: {_default('cache_size')})",
-    )
-    p.add_argument(
-        "--max-model-bytes",
-        type=positive_int,
-        help=f"largest model file loaded; a larger one is skipped (default: {_default('max_model_bytes')})",
-    )
-    p.add_argument(
-        "--max-message-bytes",
-        type=positive_int,
-        help=f"largest gRPC message accepted or sent (default: {_default('max_message_bytes')})",
-    )
-    p.add_argument(
-        "--max-connections",
-        type=positive_int,
-        help=f"connections open at once; one past it is closed as it opens (default: {_default('max_connections')})",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        dest="idle_timeout_s",
-        type=positive_float,
-        metavar="S",
-        help=f"close a connection with no call for S seconds (default: {_default('idle_timeout_s'):g})",
-    )
-    p.add_argument(
-        "--max-connection-age",
-        dest="max_connection_age_s",
-        type=positive_float,
-        metavar="S",
-        help="close every connection after S seconds, its calls getting 30 s more: held-open streams cannot "
-        f"keep one for ever, and a revoked token ends on open streams (default: {_default('max_connection_age_s'):g})",
-    )
-    p.add_argument(
-        "--grace",
-        dest="grace_s",
-        type=non_negative_float,
-        help=f"seconds in-flight requests get at shutdown (default: {_default('grace_s'):g})",
-    )
-    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain: serve TLS")
-    p.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
-    p.add_argument(
-        "--tls-client-ca",
-        type=Path,
-        metavar="FILE",
-        help="PEM CA: clients must present a certificate it signed (mTLS), or the handshake fails",
-    )
-    p.add_argument(
-        "--auth-tokens",
-        type=Path,
-        metavar="FILE",
-        help="'DEVICE_ID TOKEN' lines (# comments); every call but health and server metadata then needs "
-        "'authorization: Bearer TOKEN'. Certificates and tokens are read again on SIGHUP",
-    )
-    p.add_argument(
-        "--watch",
-        dest="watch_s",
-        type=non_negative_float,
-        metavar="S",
-        help="look at the model directory every S seconds; 0: only at start and on SIGHUP "
-        f"(default: {_default('watch_s'):g})",
-    )
-    p.add_argument(
-        "--model-control",
-        action="store_true",
-        help="allow RepositoryModelLoad/Unload (OIP repository extension); RepositoryIndex is always served",
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=listen_port,
-        metavar="PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs the server extra)",
-    )
-    p.add_argument(
-        "--metrics-host",
-        metavar="HOST",
-        help=f"where the metrics endpoint listens (default: {_default('metrics_host')}: it has no TLS and no token)",
-    )
+    add_settings_flags(p)
     p.add_argument(
         "--check", action="store_true", help="validate the settings and files, print them, exit 0 or 2"
     )
-    add_cpu_latency_arg(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return p
+
+
+_METAVARS = {"models": "DIR", "metrics_port": "PORT", "metrics_host": "HOST", "host": "HOST", "port": "PORT"}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`ServerSettings` field, with its description, bounds and default: the
+    settings are said once. A field in seconds (``grace_s``) is the flag ``--grace S``."""
+    for name, field in ServerSettings.model_fields.items():
+        flag = name[: -len("_s")] if name.endswith("_s") else name
+        kind, optional = _kind(field.annotation)
+        kwargs: dict[str, Any] = {"dest": name, "help": _help(name, field, optional)}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        elif get_origin(kind) is Literal:
+            kwargs["choices"] = get_args(kind)
+        else:
+            kwargs["type"] = _parser_of(name, kind, field.metadata)
+            metavar = _METAVARS.get(name) or ("S" if name.endswith("_s") else None)
+            metavar = metavar or ("US" if name.endswith("_us") else "FILE" if kind is Path else None)
+            metavar = metavar or ("N" if kind is int else None)
+            if metavar:
+                kwargs["metavar"] = metavar
+        parser.add_argument("--" + flag.replace("_", "-"), **kwargs)
+
+
+def _kind(annotation: Any) -> tuple[Any, bool]:
+    """The field's type, and whether None is allowed (``int | None`` is int, optional)."""
+    args = get_args(annotation)
+    if get_origin(annotation) in (Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return annotation, False
+
+
+def _parser_of(name: str, kind: Any, metadata: list[Any]) -> Callable[[str], Any]:
+    """The argparse type: the field's own lower bound, so a bad value is one usage line (pydantic then
+    checks the upper bounds)."""
+    if name.endswith("port"):
+        return listen_port
+    if kind is int:
+        low = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge) and isinstance(m.ge, int)), 0)
+        return at_least(low)
+    if kind is float:
+        above = any(isinstance(m, annotated_types.Gt) for m in metadata)
+        return positive_float if above else non_negative_float
+    return Path if kind is Path else str
+
+
+def _help(name: str, field: FieldInfo, optional: bool) -> str:
+    text = (field.description or "").rstrip(".")
+    if field.is_required():
+        return f"{text} (required, here or in --config)"
+    if field.default_factory is not None:
+        return f"{text} (default here: {field.default_factory()})"  # type: ignore[call-arg]
+    if field.default is None or field.default is False:
+        return text if optional or field.default is False else f"{text} (default: unset)"
+    default = field.default
+    shown = (
+        f"{default:g}"
+        if isinstance(default, float)
+        else f"{default:,}"
+        if isinstance(default, int)
+        else default
+    )
+    return f"{text} (default: {shown})"
 
 
 def _flag_keys(parser: argparse.ArgumentParser) -> dict[str, str]:

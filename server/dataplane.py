@@ -56,10 +56,9 @@ from edge.wire import (
 
 from .errors import ControlDisabledError, ServerOverloadedError, ServerStoppingError
 from .repository import ModelRepository, ServedModel
+from .settings import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_BYTES
 
 __all__ = [
-    "DEFAULT_MAX_INFLIGHT",
-    "DEFAULT_MAX_INFLIGHT_BYTES",
     "SERVER_NAME",
     "DataPlane",
     "PreparedRequest",
@@ -71,8 +70,6 @@ SERVER_NAME = "edge-server"
 PLATFORM = "tflite"
 MODEL_VERSION = "1"
 
-DEFAULT_MAX_INFLIGHT = 64
-DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 MAX_NAME_CHARS = 256
 """The longest model name, version, request id or string parameter a request may carry."""
 MAX_TENSOR_NAME_CHARS = 4096

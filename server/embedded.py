@@ -12,9 +12,10 @@ from typing import Any
 from edge.aio import finish_tasks, retire
 from edge.backends import DEFAULT_BACKEND
 
-from .dataplane import DEFAULT_MAX_INFLIGHT, DataPlane
+from .dataplane import DataPlane
 from .grpc_service import EdgeServer
 from .repository import ModelRepository
+from .settings import DEFAULT_MAX_INFLIGHT
 
 __all__ = ["BackgroundServer"]
 

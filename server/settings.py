@@ -10,11 +10,12 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge.address import check_host
+from edge.backends import DEFAULT_BACKEND, BackendName
 from edge.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -27,6 +28,8 @@ __all__ = [
     "DEFAULT_MAX_BATCH_DELAY_US",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_CONNECTION_AGE_S",
+    "DEFAULT_MAX_INFLIGHT",
+    "DEFAULT_MAX_INFLIGHT_BYTES",
     "DEFAULT_MAX_INFLIGHT_PER_DEVICE",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_STREAMS_PER_CONNECTION",
@@ -38,6 +41,8 @@ __all__ = [
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 DEFAULT_MAX_CONNECTION_AGE_S = 3600.0
+DEFAULT_MAX_INFLIGHT = 64
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT_PER_DEVICE = 16
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_MAX_BATCH_DELAY_US = 500
@@ -60,7 +65,7 @@ class ServerSettings(BaseModel):
     models: Path = Field(description="Directory of .tflite files; each is served under its file stem.")
     host: str = Field(default="0.0.0.0", description="Address to listen on.")
     port: int = Field(default=8001, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
-    backend: Literal["litert", "tflite-runtime"] = Field(default="litert", description="Inference backend.")
+    backend: BackendName = Field(default=DEFAULT_BACKEND, description="Inference backend.")
     threads: int = Field(default=1, ge=1, le=64, description="Interpreter threads per model.")
     workers: int = Field(
         default_factory=default_workers,
@@ -71,7 +76,7 @@ class ServerSettings(BaseModel):
         "threads, so health checks never wait behind compute. 0 computes everything on the event loop.",
     )
     max_inflight: int = Field(
-        default=64,
+        default=DEFAULT_MAX_INFLIGHT,
         ge=1,
         le=100_000,
         description="Requests admitted at once, waiting or running; the next gets RESOURCE_EXHAUSTED.",
@@ -97,7 +102,7 @@ class ServerSettings(BaseModel):
         description="How long a batch waits for more requests before it runs (with max_batch > 1).",
     )
     max_inflight_bytes: int = Field(
-        default=256 * 1024 * 1024,
+        default=DEFAULT_MAX_INFLIGHT_BYTES,
         ge=1024,
         le=2**40,
         description="Tensor bytes admitted at once, waiting or computing; past it, RESOURCE_EXHAUSTED.",
@@ -146,7 +151,9 @@ class ServerSettings(BaseModel):
     auth_tokens: Path | None = Field(
         default=None,
         strict=False,
-        description="File of 'DEVICE_ID TOKEN' lines: requests need 'authorization: Bearer TOKEN' metadata.",
+        description="File of 'DEVICE_ID TOKEN' lines (# comments; 'DEVICE_ID TOKEN admin' may also load and "
+        "unload models): every call but health and server metadata then needs 'authorization: Bearer TOKEN' "
+        "metadata. Certificates and tokens are read again on SIGHUP.",
     )
     watch_s: float = Field(
         default=2.0,
@@ -158,10 +165,13 @@ class ServerSettings(BaseModel):
     model_control: bool = Field(
         default=False,
         description="Allow RepositoryModelLoad and RepositoryModelUnload (with --auth-tokens, only to callers "
-        "with a token).",
+        "with an admin token); RepositoryIndex is always served.",
     )
     metrics_port: int | None = Field(
-        default=None, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port."
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (needs the server extra).",
     )
     metrics_host: str = Field(
         default="127.0.0.1",
@@ -169,7 +179,11 @@ class ServerSettings(BaseModel):
         "(a Prometheus on another host: its address here, behind a firewall).",
     )
     cpu_latency_us: int | None = Field(
-        default=None, ge=0, le=2_000_000_000, description="Hold idle CPUs' wake-up latency (Linux PM QoS)."
+        default=None,
+        ge=0,
+        le=2_000_000_000,
+        description="While serving, keep idle CPUs able to wake within this many microseconds (Linux PM QoS, "
+        "/dev/cpu_dma_latency; needs root). 0 keeps them polling: lowest latency, most power.",
     )
 
     @field_validator("host", "metrics_host")

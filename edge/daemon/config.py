@@ -15,10 +15,15 @@ from paho.mqtt.client import topic_matches_sub
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from ..address import check_host, normalize
+from ..backends import BackendName
+from ..cascade import Rule
+from ..compression import CodecName
 from ..errors import ConfigError
 from ..pipeline import MAX_WINDOW
+from ..planner import Objective
 from ..transport import TLSOptions
 from ..transport.connect import DEFAULT_CONNECT_TIMEOUT_S
+from ..transport.failover import Policy
 
 __all__ = [
     "AutoSplitConfig",
@@ -76,7 +81,7 @@ def _check_address(value: str) -> str:
 
 
 class RuntimeConfig(_Strict):
-    backend: Literal["litert", "tflite-runtime"] = Field(
+    backend: BackendName = Field(
         default="litert", description="Interpreter that runs the model on the device."
     )
     threads: int = Field(default=1, ge=1, le=64, description="Interpreter threads on the device.")
@@ -121,9 +126,7 @@ class CascadeConfig(_Strict):
         max_length=4096,
         description="Without a calibration, instead of small: the model's early-exit output (edge inspect lists them).",
     )
-    rule: Literal["maxprob", "margin", "entropy"] = Field(
-        default="maxprob", description="Without a calibration: the confidence rule."
-    )
+    rule: Rule = Field(default="maxprob", description="Without a calibration: the confidence rule.")
     threshold: float | None = Field(
         default=None,
         ge=0.0,
@@ -182,7 +185,7 @@ class FixedSplitConfig(_Strict):
 
 class AutoSplitConfig(_Strict):
     type: Literal["auto"] = Field(description="Let the planner choose the cut from measurements.")
-    objective: Literal["latency", "energy", "bytes"] = Field(
+    objective: Objective = Field(
         default="latency",
         description="What the planner minimises: end-to-end latency, device energy, or bytes sent.",
     )
@@ -233,7 +236,7 @@ class EdgeServerConfig(_Strict):
         strict=False,
         description="File whose first line is a bearer token for this server (edge-server --auth-tokens).",
     )
-    codec: Literal["raw", "zstd", "lz4", "fp16", "int4"] = Field(
+    codec: CodecName = Field(
         default="raw",
         description="Compress the tensors sent to this server, when it decodes the codec (it says so in its "
         "metadata; else they go raw): zstd or lz4 losslessly (the codecs extra), or, opt-in and lossy, fp16 "
@@ -281,7 +284,7 @@ class EdgeConfig(_Strict):
         description="How often a server that failed is probed (OIP ServerReady) until it is ready again; until "
         "then it is tried only after the others.",
     )
-    policy: Literal["failover", "round-robin", "least-loaded"] = Field(
+    policy: Policy = Field(
         default="failover",
         description="Which of several servers gets a request: failover (the first healthy one, in order), "
         "round-robin (the healthy ones in turn) or least-loaded (the least work ahead: this device's requests "

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -36,7 +36,7 @@ __all__ = ["POLICIES", "FailoverClient", "Policy"]
 logger = logging.getLogger(__name__)
 
 Policy = Literal["failover", "round-robin", "least-loaded"]
-POLICIES: tuple[Policy, ...] = ("failover", "round-robin", "least-loaded")
+POLICIES: tuple[Policy, ...] = get_args(Policy)
 
 _SMOOTHING = 0.2
 """Weight of the newest sample in each server's moving averages (call time, queue time)."""
