@@ -12,7 +12,7 @@ import pytest
 
 from edge import models
 from edge.graph import ModelGraph
-from helpers import SHIPPED, free_port, wait_for_port
+from helpers import SHIPPED, RefusedAddress, start_logged
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -40,29 +40,19 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
     model_dir.mkdir()
     for name in ("digits_resnet", "digits_resnet_exit", "digits_tiny"):
         (model_dir / f"{name}.tflite").write_bytes(models.model_path(name).read_bytes())
-    port = free_port()
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "--models",
-            str(model_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    address = f"127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    args = [sys.executable, "-m", "server", "--models", str(model_dir), "--host", "127.0.0.1", "--port", "0"]
+    proc, port = start_logged(args, log)
     try:
-        wait_for_port(port, proc, log=tmp_path / "server.log")
-        yield proc, address
+        yield proc, f"127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
-        log.close()
+
+
+@pytest.fixture()
+def refused() -> Iterator[RefusedAddress]:
+    """A loopback address where nothing listens, held for the test (no other server can take it)."""
+    with RefusedAddress() as address:
+        yield address

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -22,6 +24,8 @@ from edge.protocol import pb_grpc
 from edge.runner import ModelRunner
 
 REPO = Path(__file__).resolve().parents[1]
+
+T = TypeVar("T")
 
 MLSERVER = Path(os.environ.get("EDGE_MLSERVER", REPO / ".venv-mlserver" / "bin" / "mlserver"))
 """MLServer's command, in the venv of its own tests/run.sh makes (MLServer 1.7.1 wants protobuf < 7)."""
@@ -71,10 +75,49 @@ def digit_inputs(graph: ModelGraph, count: int) -> list[dict[str, np.ndarray]]:
     return [{graph.inputs[0].name: x[i : i + 1]} for i in range(count)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_LISTENING = r"listening on (?:127\.0\.0\.1|\[::1\]|0\.0\.0\.0):(\d+)"
+
+
+def start_logged(args: list[str], log: Path, timeout_s: float = 30.0) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``args`` (a server told to listen on port 0) and read the port it took from its log
+    ("listening on 127.0.0.1:PORT", as edge-server and the delay proxy say)."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = re.search(_LISTENING, log.read_text(errors="replace"))
+        if found:
+            return proc, int(found.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(10)
+    raise AssertionError(f"{' '.join(args[:3])} did not start: {log.read_text(errors='replace')}")
+
+
+class RefusedAddress:
+    """A loopback address where nothing listens, held: a socket bound to it that never listens, so
+    a connection is refused at once and no other server can take the port. :meth:`release` frees it
+    for a server the test starts there later."""
+
+    def __init__(self) -> None:
+        self._socket: socket.socket | None = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = int(self._socket.getsockname()[1])
+        self.address = f"127.0.0.1:{self.port}"
+
+    def release(self) -> int:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        return self.port
+
+    def __enter__(self) -> RefusedAddress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def wait_for_port(

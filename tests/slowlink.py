@@ -4,10 +4,8 @@ one at RTT 400 ms (edge.emulation.proxy, which delays every byte in each directi
 from __future__ import annotations
 
 import contextlib
-import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,25 +13,9 @@ import numpy as np
 from certs import CA
 
 from edge import models
+from helpers import start_logged
 
 MODEL = "digits_resnet"
-_LISTENING = r"listening on 127\.0\.0\.1:(\d+)"
-
-
-def start_logged(args: list[str], log: Path, timeout_s: float = 30.0) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``args`` and read the port it listens on from its log ("listening on 127.0.0.1:PORT")."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = re.search(_LISTENING, log.read_text(errors="replace"))
-        if found:
-            return proc, int(found.group(1))
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"{args[2]} did not start: {log.read_text(errors='replace')}")
 
 
 @contextlib.contextmanager

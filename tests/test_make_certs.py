@@ -9,10 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slowlink import start_logged
-
 from edge import models
-from helpers import REPO
+from helpers import REPO, start_logged
 
 
 def test_the_recipe_gives_a_working_mtls_server_and_devices(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge import models
-from helpers import REPO, free_port, wait_for_port
+from helpers import REPO, RefusedAddress, wait_for_port
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
@@ -79,7 +79,10 @@ class Broker:
             pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
         self.binary: str = MOSQUITTO
         self.workdir = workdir
-        self.port = free_port()
+        # Its ports are held (bound, not listening) until it starts: mosquitto cannot take port 0
+        # and say which it took, and a test may need the address before the broker is up.
+        self._held = [RefusedAddress()]
+        self.port = self._held[0].port
         self.address = f"127.0.0.1:{self.port}"
         self.config = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
@@ -94,7 +97,8 @@ class Broker:
         lines.append(f"persistence_location {workdir}/")
         self.tls_port: int | None = None
         if tls is not None:
-            self.tls_port = free_port()
+            self._held.append(RefusedAddress())
+            self.tls_port = self._held[-1].port
             files = {
                 "cafile": tls.ca,
                 "certfile": tls.cert,
@@ -122,6 +126,8 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        for held in self._held:
+            held.release()
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -154,12 +160,14 @@ class ServerProcess:
         for name in served:
             shutil.copy(models.model_path(name), self.models / f"{name}.tflite")
         self.options = options
-        self.port = free_port()
+        self._held = RefusedAddress()  # the port, held until it starts (the address is known before)
+        self.port = self._held.port
         self.address = f"127.0.0.1:{self.port}"
         self.log = workdir / "edge-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self._held.release()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [

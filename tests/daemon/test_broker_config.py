@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from helpers import free_port, wait_for_port
+from helpers import RefusedAddress, wait_for_port
 
 DEBIAN_MAIN = """pid_file {dir}/mosquitto.pid
 persistence true
@@ -30,22 +30,24 @@ user {user}
 """
 
 
-def _debian_broker(tmp_path: Path, *snippets: Path) -> tuple[Path, int]:
+def _debian_broker(tmp_path: Path, *snippets: Path) -> tuple[Path, RefusedAddress]:
     """Debian's main config layout, with the shipped snippets copied into conf.d (on a free port)."""
     if MOSQUITTO is None:
         pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
     (tmp_path / "conf.d").mkdir()
     (tmp_path / "store").mkdir()
-    port = free_port()
+    held = RefusedAddress()  # mosquitto cannot take port 0: one the kernel gave, held until it starts
+    port = held.port
     for snippet in snippets:
         text = snippet.read_text().replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1")
         (tmp_path / "conf.d" / snippet.name).write_text(text)
     main = tmp_path / "mosquitto.conf"
     main.write_text(DEBIAN_MAIN.format(dir=tmp_path, user=getpass.getuser()))
-    return main, port
+    return main, held
 
 
-def _start(main: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def _start(main: Path, held: RefusedAddress, log: Path) -> subprocess.Popen[bytes]:
+    port = held.release()
     proc = subprocess.Popen(
         [str(MOSQUITTO), "-c", str(main)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -54,8 +56,8 @@ def _start(main: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
 
 
 def test_the_snippet_starts_under_debians_main_config(tmp_path: Path) -> None:
-    main, port = _debian_broker(tmp_path, SHIPPED_BROKER)
-    proc = _start(main, port, tmp_path / "mosquitto.log")
+    main, held = _debian_broker(tmp_path, SHIPPED_BROKER)
+    proc = _start(main, held, tmp_path / "mosquitto.log")
     try:
         assert proc.poll() is None
     finally:
@@ -71,9 +73,10 @@ def test_the_tls_snippet_sets_no_persistence_location_either() -> None:
 def test_a_killed_broker_keeps_all_but_the_last_autosave_interval(tmp_path: Path) -> None:
     interval = int(re.search(r"^autosave_interval (\d+)", SHIPPED_BROKER.read_text(), re.M).group(1))
     assert re.search(r"^autosave_on_changes true", SHIPPED_BROKER.read_text(), re.M)
-    main, port = _debian_broker(tmp_path, SHIPPED_BROKER)
+    main, held = _debian_broker(tmp_path, SHIPPED_BROKER)
+    port = held.port
     log = tmp_path / "mosquitto.log"
-    broker = _start(main, port, log)
+    broker = _start(main, held, log)
     sent = 2000
     session = Properties(PacketTypes.CONNECT)
     session.SessionExpiryInterval = 3600
@@ -94,7 +97,7 @@ def test_a_killed_broker_keeps_all_but_the_last_autosave_interval(tmp_path: Path
         sensor.disconnect()
         broker.send_signal(signal.SIGKILL)
         broker.wait(10)
-        broker = _start(main, port, log)
+        broker = _start(main, held, log)
         got: list[bytes] = []
         back = paho.Client(CallbackAPIVersion.VERSION2, client_id="daemon", protocol=paho.MQTTv5)
         back.on_message = lambda client, userdata, message: got.append(message.payload)

@@ -34,7 +34,7 @@ from edge import models
 from edge.daemon.messages import dequantize
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
-from helpers import free_port
+from helpers import RefusedAddress
 
 TOPIC = "sensors/s1/digits"
 EDGE_SERVER = '[[edge.servers]]\naddress = "localhost:8001"\n'
@@ -119,8 +119,9 @@ def test_every_format_gets_one_result_through_a_failover_server(
     probe: Probe,
     daemon_factory: Callable[..., DaemonProcess],
     reference: Callable[[int], list[dict[str, object]]],
+    refused: RefusedAddress,
 ) -> None:
-    dead = f"127.0.0.1:{free_port()}"  # nothing listens here: the daemon must fail over to the live server
+    dead = refused.address  # nothing listens here: the daemon must fail over to the live server
     daemon = daemon_factory([dead, edge_server.address])
     daemon.start()
     sample = models.digits_sample()

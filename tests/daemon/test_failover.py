@@ -17,7 +17,7 @@ from edge.graph import ModelGraph
 from edge.policy import make_policy
 from edge.runner import ModelRunner
 from edge.transport import FailoverClient, TailClient, TailTransport
-from helpers import free_port
+from helpers import RefusedAddress
 from server.embedded import BackgroundServer
 
 GRAPH = ModelGraph.from_file(models.model_path("digits_resnet"))
@@ -56,9 +56,9 @@ def infer(client: FailoverClient, cut: dict[str, np.ndarray]) -> dict[str, np.nd
 
 
 def test_a_dead_first_server_fails_over_to_the_next_and_stays_behind_it(
-    servers: list[BackgroundServer], cut_tensors: dict[str, np.ndarray]
+    servers: list[BackgroundServer], cut_tensors: dict[str, np.ndarray], refused: RefusedAddress
 ) -> None:
-    dead = f"127.0.0.1:{free_port()}"
+    dead = refused.address
     clock = Clock()
     clients = [TailClient(dead, timeout_s=1.0), TailClient(servers[0].address, timeout_s=1.0)]
     with FailoverClient(clients, retry_after_s=5.0, clock=clock) as client:
@@ -73,8 +73,12 @@ def test_a_dead_first_server_fails_over_to_the_next_and_stays_behind_it(
 
 
 def test_all_dead_raises_remote_error_naming_each(cut_tensors: dict[str, np.ndarray]) -> None:
-    dead = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    with FailoverClient([TailClient(a, timeout_s=0.5) for a in dead]) as client:
+    with (
+        RefusedAddress() as one,
+        RefusedAddress() as two,
+        FailoverClient([TailClient(a.address, timeout_s=0.5) for a in (one, two)]) as client,
+    ):
+        dead = [one.address, two.address]
         with pytest.raises(RemoteError) as err:
             infer(client, cut_tensors)
         assert err.value.status == "UNAVAILABLE"
@@ -84,17 +88,19 @@ def test_all_dead_raises_remote_error_naming_each(cut_tensors: dict[str, np.ndar
             client.wait_ready(0.5)
 
 
-def test_a_server_that_comes_back_is_preferred_again(cut_tensors: dict[str, np.ndarray]) -> None:
-    port = free_port()
+def test_a_server_that_comes_back_is_preferred_again(
+    cut_tensors: dict[str, np.ndarray], refused: RefusedAddress
+) -> None:
     backup = BackgroundServer.from_files([models.model_path("digits_resnet")])
     backup.start()
     try:
         clock = Clock()
-        primary_address = f"127.0.0.1:{port}"
+        primary_address = refused.address
         clients = [TailClient(primary_address, timeout_s=1.0), TailClient(backup.address, timeout_s=1.0)]
         with FailoverClient(clients, retry_after_s=1.0, clock=clock) as client:
             infer(client, cut_tensors)
             assert client.order() == [1, 0]
+            port = refused.release()  # held until now: the primary comes up where the device looks
             primary = BackgroundServer.from_files([models.model_path("digits_resnet")], port=port)
             primary.start()
             try:
@@ -119,11 +125,11 @@ def test_no_servers_is_a_config_error() -> None:
 
 
 def test_auto_split_plans_across_several_servers(
-    servers: list[BackgroundServer], tmp_path, monkeypatch: pytest.MonkeyPatch
+    servers: list[BackgroundServer], tmp_path, monkeypatch: pytest.MonkeyPatch, refused: RefusedAddress
 ) -> None:
     """Two or more servers with split type auto: the planner profiles and probes through the pool."""
     monkeypatch.setenv("EDGE_CACHE_DIR", str(tmp_path / "cache"))
-    dead = f"127.0.0.1:{free_port()}"
+    dead = refused.address
     clients: list[TailTransport] = [TailClient(dead, timeout_s=1.0)] + [
         TailClient(s.address, timeout_s=30.0) for s in servers
     ]

@@ -218,16 +218,15 @@ def test_the_threshold_relaxes_while_escalating_fails_and_returns_after() -> Non
     first escalation falls back to the device, and the router then answers locally down to 0.5
     (flagged by the threshold in force); the server comes back on its port, the hold expires, and
     the calibrated threshold is in force again, escalating to the server."""
-    from helpers import free_port
     from server.embedded import BackgroundServer
 
     big = ModelGraph.from_file(models.model_path("digits_resnet"))
     small = ModelGraph.from_file(models.model_path("digits_tiny"))
     sample = models.digits_sample()
     now = [0.0]
-    port = free_port()
     paths = [models.model_path("digits_resnet")]
-    server = BackgroundServer.from_files(paths, port=port).__enter__()
+    server = BackgroundServer.from_files(paths).__enter__()
+    port = server.server.port  # it comes back on the same port below
     device = CooperativeRunner(ModelRunner(big), TailClient(f"127.0.0.1:{port}", timeout_s=2.0),
                                model_name="digits_resnet", policy=8, retry_after_s=0.0)  # fmt: skip
     pressure = Pressure(0.99, 0.5, hold_s=5.0, clock=lambda: now[0])

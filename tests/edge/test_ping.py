@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 from certs import CA
-from slowlink import start_logged
 
 from edge import models
+from helpers import start_logged
 
 TOKEN = "device-token-0123456789abcdef"
 

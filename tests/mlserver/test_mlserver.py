@@ -40,7 +40,7 @@ from edge.policy import make_policy
 from edge.runner import ModelRunner
 from edge.transport import TailClient
 from edge.transport.base import ping, tail_profile
-from helpers import MLSERVER, free_port, same_outputs, seeded_inputs, slow_device_profile
+from helpers import MLSERVER, RefusedAddress, same_outputs, seeded_inputs, slow_device_profile
 from server.export import write_mlserver
 
 DIGITS = ["digits_resnet", "digits_resnet_exit", "digits_resnet_f32", "digits_tiny"]
@@ -60,8 +60,11 @@ class MLServer:
         if not MLSERVER.exists():
             raise RuntimeError(f"no MLServer at {MLSERVER}: bash tests/run.sh makes .venv-mlserver")
         settings = json.loads((self.folder / "settings.json").read_text())
-        port = free_port()
-        settings.update(grpc_port=port, http_port=free_port(), metrics_port=free_port())
+        # MLServer cannot take port 0 and say which it took: three ports the kernel gave, held
+        # (bound, not listening) until now.
+        held = [RefusedAddress() for _ in range(3)]
+        port, http_port, metrics_port = (h.release() for h in held)
+        settings.update(grpc_port=port, http_port=http_port, metrics_port=metrics_port)
         (self.folder / "settings.json").write_text(json.dumps(settings))
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(

@@ -16,7 +16,7 @@ from edge.errors import RemoteError
 from edge.policy import make_policy
 from edge.runner import ModelRunner
 from edge.transport import TailClient, tail_profile
-from helpers import digit_inputs, free_port
+from helpers import digit_inputs
 
 MODEL = "digits_resnet"
 
@@ -119,10 +119,10 @@ def test_auto_split_outputs_equal_the_whole_model(server, graphs, options, offlo
     assert all(r.split_point == policy.hysteresis.current for r in results[-1:])
 
 
-def test_auto_split_without_a_server_runs_locally(graphs):
+def test_auto_split_without_a_server_runs_locally(graphs, refused):
     graph = graphs[MODEL]
     runner = ModelRunner(graph)
-    client = TailClient(f"127.0.0.1:{free_port()}", timeout_s=0.5)
+    client = TailClient(refused.address, timeout_s=0.5)
     policy = make_policy(graph, "auto", runner=runner, client=client, model_name=MODEL, progress=False)
     assert isinstance(policy, AutoSplit) and not policy.reachable
     device = CooperativeRunner(runner, client, model_name=MODEL, policy=policy)

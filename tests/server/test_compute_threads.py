@@ -16,6 +16,7 @@ How long a health check takes under load is a benchmark (README, Serving a fleet
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import threading
@@ -34,7 +35,7 @@ from edge.graph import ModelGraph
 from edge.protocol import pb, pb_grpc
 from edge.runner import ModelRunner
 from edge.transport import TailClient
-from helpers import free_port, seeded_inputs, wait_for_port
+from helpers import seeded_inputs, start_logged
 from server.settings import default_workers
 
 MODEL = "slow"
@@ -49,20 +50,24 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextlib.contextmanager
 def _server(tmp: Path, model: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
     log = tmp / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--models", str(model.parent), "--host", "127.0.0.1",
-             "--port", str(port), *flags],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    proc, port = start_logged(
+        [sys.executable, "-m", "server", "--models", str(model.parent), "--host", "127.0.0.1",
+         "--port", "0", *flags],
+        log,
+    )  # fmt: skip
     try:
-        wait_for_port(port, proc, log=log)
         yield proc, f"127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _metrics_port(log: Path) -> int:
+    """The port edge-server said its metrics endpoint took (it was given 0)."""
+    found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log.read_text(errors="replace"))
+    assert found, log.read_text(errors="replace")
+    return int(found.group(1))
 
 
 def test_the_default_worker_count_is_the_cores_the_server_may_use() -> None:
@@ -140,11 +145,8 @@ def test_requests_past_their_deadline_are_dropped_before_compute(tmp_path: Path,
 
     graph = ModelGraph.from_file(slow_model)
     x = seeded_inputs(graph, 1)
-    metrics_port = free_port()
-    with _server(tmp_path, slow_model, "--workers", "1", "--metrics-port", str(metrics_port)) as (
-        proc,
-        address,
-    ):
+    with _server(tmp_path, slow_model, "--workers", "1", "--metrics-port", "0") as (proc, address):
+        metrics_port = _metrics_port(tmp_path / "server.log")
         with TailClient(address, timeout_s=30.0, streaming=False) as warm:
             warm.infer(MODEL, x)  # the route is built and timed: later requests go to the thread
         stop = threading.Event()

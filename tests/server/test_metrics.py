@@ -18,7 +18,7 @@ from edge import models
 from edge.errors import RemoteError
 from edge.runner import ModelRunner
 from edge.transport import TailClient
-from helpers import free_port, seeded_inputs
+from helpers import seeded_inputs
 
 MODEL = "digits_resnet"
 
@@ -116,7 +116,7 @@ def test_a_metrics_port_in_use_is_one_error_and_exit_2(tmp_path: Path) -> None:
         taken.listen()
         proc = subprocess.run(
             [sys.executable, "-m", "server", "--models", str(tmp_path), "--host", "127.0.0.1",
-             "--port", str(free_port()), "--metrics-port", str(taken.getsockname()[1])],
+             "--port", "0", "--metrics-port", str(taken.getsockname()[1])],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert proc.returncode == 2, proc.stderr

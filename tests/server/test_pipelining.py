@@ -33,7 +33,7 @@ from edge.graph import ModelGraph
 from edge.pipeline import Pipeline, pipelined
 from edge.runner import ModelRunner
 from edge.transport import FailoverClient, TailClient
-from helpers import SHIPPED, free_port, same_outputs, seeded_inputs, whole_model_outputs
+from helpers import SHIPPED, RefusedAddress, same_outputs, seeded_inputs, whole_model_outputs
 from server.dataplane import DataPlane
 from server.embedded import BackgroundServer
 from server.repository import ModelRepository
@@ -212,13 +212,13 @@ def test_the_window_is_capped_by_the_servers_limit_per_device(graphs: dict[str, 
 
 
 def test_a_failover_pool_submits_to_the_next_server(
-    server: BackgroundServer, graphs: dict[str, ModelGraph]
+    server: BackgroundServer, graphs: dict[str, ModelGraph], refused: RefusedAddress
 ) -> None:
     graph = graphs["digits_resnet"]
     feeds = seeded_inputs(graph, 3)
     expected = whole_model_outputs(graph, [feeds])[0]
     params = {wire.MODEL_SHA256: graph.sha256, wire.SPLIT_POINT: 0}
-    down = TailClient(f"127.0.0.1:{free_port()}", timeout_s=2.0)
+    down = TailClient(refused.address, timeout_s=2.0)
     with FailoverClient([down, TailClient(server.address, timeout_s=10.0)]) as pool:
         result = pool.submit("digits_resnet", feeds, parameters=params).result(30)
         assert same_outputs(result.outputs, expected)
@@ -226,17 +226,17 @@ def test_a_failover_pool_submits_to_the_next_server(
 
 
 def test_submitting_to_an_unreachable_server_fails_the_future_not_the_caller(
-    graphs: dict[str, ModelGraph],
+    graphs: dict[str, ModelGraph], refused: RefusedAddress
 ) -> None:
     graph = graphs["digits_resnet"]
     feeds = seeded_inputs(graph, 4)
-    with TailClient(f"127.0.0.1:{free_port()}", timeout_s=0.5) as client:
+    with TailClient(refused.address, timeout_s=0.5) as client:
         future = client.submit("digits_resnet", feeds, parameters={wire.MODEL_SHA256: graph.sha256})
         error = future.exception(10)
     assert isinstance(error, RemoteError) and error.status in {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
     with CooperativeRunner(
         ModelRunner(graph),
-        TailClient(f"127.0.0.1:{free_port()}", timeout_s=0.5),
+        TailClient(refused.address, timeout_s=0.5),
         model_name="digits_resnet",
         policy=6,
     ) as device:

@@ -14,7 +14,6 @@ through a proxy that adds 15 ms each way. Covered:
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -31,13 +30,7 @@ from edge.graph import ModelGraph
 from edge.policy import make_policy
 from edge.runner import ModelRunner
 from edge.transport import FailoverClient, TailClient
-from helpers import (
-    free_port,
-    same_outputs,
-    seeded_inputs,
-    slow_device_profile,
-    wait_for_port,
-)
+from helpers import same_outputs, seeded_inputs, slow_device_profile, start_logged
 from server.embedded import BackgroundServer
 from server.metrics import ServerMetrics
 
@@ -46,26 +39,21 @@ CUT = 6
 
 
 @pytest.fixture
-def three() -> Iterator[tuple[list[BackgroundServer], str, int]]:
+def three(tmp_path: Path) -> Iterator[tuple[list[BackgroundServer], str, int]]:
     """Servers A and B on loopback, C behind a 15 ms (each way) proxy; yields them, C's proxy address,
     and B's port (to start it again)."""
     path = models.model_path(MODEL)
-    b_port = free_port()
-    servers = [
-        BackgroundServer.from_files([path]),
-        BackgroundServer.from_files([path], port=b_port),
-        BackgroundServer.from_files([path]),
-    ]
+    servers = [BackgroundServer.from_files([path]) for _ in range(3)]
     for s in servers:
         s.start()
-    proxy_port = free_port()
-    proxy = subprocess.Popen(
-        [sys.executable, "-m", "edge.emulation.proxy", "--listen", f"127.0.0.1:{proxy_port}",
+    b_port = servers[1].server.port
+    assert b_port is not None
+    proxy, proxy_port = start_logged(
+        [sys.executable, "-m", "edge.emulation.proxy", "--listen", "127.0.0.1:0",
          "--upstream", servers[2].address, "--delay-ms", "15"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        tmp_path / "proxy.log",
     )  # fmt: skip
     try:
-        wait_for_port(proxy_port, proxy)
         yield servers, f"127.0.0.1:{proxy_port}", b_port
     finally:
         proxy.terminate()
@@ -157,15 +145,14 @@ def test_one_address_naming_two_servers_is_balanced_by_grpc(graphs: dict[str, Mo
     """Two servers on one port, on 127.0.0.1 and 127.0.0.2: ``ipv4:127.0.0.1:P,127.0.0.2:P``, as
     a DNS name with two records resolves."""
     graph = graphs[MODEL]
-    port = free_port()
     path = models.model_path(MODEL)
     metrics = [ServerMetrics(), ServerMetrics()]
-    servers = [
-        BackgroundServer.from_files([path], port=port, host=h, metrics=m)
-        for h, m in zip(("127.0.0.1", "127.0.0.2"), metrics, strict=True)
-    ]
-    for s in servers:
-        s.start()
+    first = BackgroundServer.from_files([path], host="127.0.0.1", metrics=metrics[0])
+    first.start()
+    port = first.server.port  # the kernel's choice on 127.0.0.1, taken on 127.0.0.2 too
+    assert port is not None
+    servers = [first, BackgroundServer.from_files([path], port=port, host="127.0.0.2", metrics=metrics[1])]
+    servers[1].start()
     try:
         cuts, expected = _cases(graph, 10)
         params = {wire.MODEL_SHA256: graph.sha256, wire.SPLIT_POINT: CUT}

@@ -106,22 +106,19 @@ def test_a_refresh_serves_added_models_swaps_replaced_ones_and_drops_removed_one
 
 
 def test_edge_server_watches_its_directory(tmp_path: Path) -> None:
-    import subprocess
     import sys
     import time
 
     from edge.transport import TailClient
-    from helpers import free_port, wait_for_port
+    from helpers import start_logged
 
     (tmp_path / "a.tflite").write_bytes(GOOD)
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--models", str(tmp_path), "--host", "127.0.0.1", "--port", str(port),
+    proc, port = start_logged(
+        [sys.executable, "-m", "server", "--models", str(tmp_path), "--host", "127.0.0.1", "--port", "0",
          "--watch", "0.2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        tmp_path.parent / f"{tmp_path.name}-server.log",
     )  # fmt: skip
     try:
-        wait_for_port(port, proc)
         with TailClient(f"127.0.0.1:{port}", timeout_s=5.0) as client:
             (tmp_path / "b.tflite").write_bytes(models.model_path("digits_resnet").read_bytes())
             deadline = time.monotonic() + 10
