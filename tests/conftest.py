@@ -9,10 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from peers import unary_only_server  # noqa: F401 (a fixture for the transport and server tests)
 
 from edge import models
 from edge.graph import ModelGraph
 from helpers import SHIPPED, RefusedAddress, start_logged
+from server.embedded import BackgroundServer
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -56,3 +58,10 @@ def refused() -> Iterator[RefusedAddress]:
     """A loopback address where nothing listens, held for the test (no other server can take it)."""
     with RefusedAddress() as address:
         yield address
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[BackgroundServer]:
+    """A real in-process grpc.aio edge server of every shipped model, on port 0."""
+    with BackgroundServer.from_files([models.model_path(name) for name in SHIPPED]) as srv:
+        yield srv
