@@ -21,9 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge import models
-from edge.codec import InferResponse, encode
 from edge.graph import ModelGraph
 from edge.protocol import SERVICE_NAME, converters, pb
+from edge.wire import InferResponse, encode
 
 
 def fixed_answer(model: str) -> tuple[bytes, bytes]:

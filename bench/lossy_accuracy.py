@@ -19,10 +19,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge import compression, models
-from edge.codec import decode, encode
+from edge import models
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
+from edge.wire import decode, encode, encodings
 
 
 def measure(name: str, codec: str) -> list[dict[str, float]]:
@@ -39,7 +39,7 @@ def measure(name: str, codec: str) -> list[dict[str, float]]:
             correct = changed = sent = raw = 0
             for i in range(len(x)):
                 head = runner.run_head(k, {graph.inputs[0].name: x[i : i + 1]})
-                packed = {t: compression.compress(encode(t, a), codec) for t, a in head.cut.items()}
+                packed = {t: encodings.compress(encode(t, a), codec) for t, a in head.cut.items()}
                 sent += sum(p.nbytes for p in packed.values())
                 raw += sum(a.nbytes for a in head.cut.values())
                 label = int(np.argmax(runner.run_tail(k, {t: decode(p) for t, p in packed.items()})[output]))

@@ -184,7 +184,7 @@ class AutoSplit:
             max_bytes=max_bytes,
             **options,
         )
-        codec = getattr(client, "codec", "raw")
+        codec = client.codec_sent() if reachable else "raw"
         if codec != "raw":
             policy.use_codec(codec, *codec_profile(runner, codec))
         members = getattr(client, "clients", None)

@@ -18,12 +18,12 @@ from typing import Protocol
 import numpy as np
 
 from . import wire
-from .codec import ParameterValue
 from .errors import RemoteError, TensorFormatError
 from .ratelog import RateLimitedLog
 from .runner import HALF_ERRORS, ModelRunner
 from .transport.base import DOWN, RETRYABLE, RemoteResult, TailTransport, ping
 from .transport.circuit import Circuit
+from .wire import ParameterValue
 
 __all__ = [
     "CooperativeRunner",

@@ -121,8 +121,7 @@ def codec_profile(runner: ModelRunner, codec: str, *, runs: int = 3) -> tuple[li
     """For every cut 0..N, on the activations of a seeded input: the share of its bytes ``codec`` leaves
     (compressed over raw; 1.0 for a cut that sends nothing) and the median ms to compress and
     decompress them, which the planner adds to the cut's cost."""
-    from . import compression
-    from .codec import decode, encode
+    from .wire import decode, encode, encodings
 
     graph = runner.graph
     activations = runner.activations(random_inputs(graph, 0))
@@ -134,7 +133,7 @@ def codec_profile(runner: ModelRunner, codec: str, *, runs: int = 3) -> tuple[li
         packed = tensors
         for _ in range(runs):
             started = time.perf_counter()
-            packed = [compression.compress(t, codec) for t in tensors]
+            packed = [encodings.compress(t, codec) for t in tensors]
             for t in packed:
                 decode(t)
             samples.append((time.perf_counter() - started) * 1000.0)

@@ -21,9 +21,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge import __version__, compression
-from edge.codec import (
+from edge import __version__
+from edge.errors import CutError, EdgeError, ModelMismatchError, ModelNotFoundError, TensorFormatError, echo
+from edge.graph import ModelGraph, TensorInfo
+from edge.measure import ProfileCancelledError, profile_tails
+from edge.wire import (
+    ACCEPT_ENCODING,
+    BACKEND,
+    BATCH_SIZE,
+    COMPUTE_US,
+    EXTENSIONS,
     MAX_ENTRIES,
+    MODEL_SHA256,
+    PING,
+    PROFILE,
+    PROFILE_OUTPUT,
+    PROFILE_RUNS,
+    QUEUE_US,
+    SPLIT_POINT,
+    THREADS,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -34,24 +50,7 @@ from edge.codec import (
     decode_expected,
     dtype_of,
     encode,
-)
-from edge.errors import CutError, EdgeError, ModelMismatchError, ModelNotFoundError, TensorFormatError, echo
-from edge.graph import ModelGraph, TensorInfo
-from edge.measure import ProfileCancelledError, profile_tails
-from edge.wire import (
-    ACCEPT_ENCODING,
-    BACKEND,
-    BATCH_SIZE,
-    COMPUTE_US,
-    EXTENSIONS,
-    MODEL_SHA256,
-    PING,
-    PROFILE,
-    PROFILE_OUTPUT,
-    PROFILE_RUNS,
-    QUEUE_US,
-    SPLIT_POINT,
-    THREADS,
+    encodings,
 )
 
 from .errors import ControlDisabledError, ServerOverloadedError, ServerStoppingError
@@ -112,7 +111,7 @@ class DataPlane:
     ) -> None:
         self.repository = repository
         self.model_control = model_control
-        self.codecs = compression.available() if codecs is None else codecs
+        self.codecs = encodings.available() if codecs is None else codecs
         """The codecs advertised in ServerMetadata as decoded here; the lossless ones among them also
         compress large outputs when a request accepts one."""
         self.max_inflight_bytes = max_inflight_bytes
@@ -149,7 +148,7 @@ class DataPlane:
         return (
             SERVER_NAME,
             __version__,
-            EXTENSIONS + tuple(compression.EXTENSION_PREFIX + c for c in self.codecs),
+            EXTENSIONS + tuple(encodings.EXTENSION_PREFIX + c for c in self.codecs),
         )
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
@@ -406,7 +405,7 @@ class _Route:
     @classmethod
     def of(cls, expected: Sequence[TensorInfo], produced: Sequence[TensorInfo]) -> _Route:
         datatypes = [datatype_of(t.dtype) for t in expected]
-        # The wire's little-endian dtype, as edge.codec.decode reads it.
+        # The wire's little-endian dtype, as edge.wire.decode reads it.
         wire = tuple(
             (t.name, datatype, t.shape, dtype_of(datatype), t.nbytes)
             for t, datatype in zip(expected, datatypes, strict=True)
@@ -461,11 +460,9 @@ def _outputs(
     codec the request accepts, when this server offers it."""
     tensors = tuple(encode(t.name, results[t.name]) for t in prepared.outputs)
     accepted = prepared.request.parameters.get(ACCEPT_ENCODING)
-    if not isinstance(accepted, str) or accepted not in codecs or accepted not in compression.CODECS:
+    if not isinstance(accepted, str) or accepted not in codecs or accepted not in encodings.CODECS:
         return tensors  # outputs go back losslessly or raw, never through a lossy codec
-    return tuple(
-        compression.compress(t, accepted) if t.nbytes >= COMPRESS_OUTPUTS_FROM else t for t in tensors
-    )
+    return tuple(encodings.compress(t, accepted) if t.nbytes >= COMPRESS_OUTPUTS_FROM else t for t in tensors)
 
 
 MIN_MESSAGE_BYTES = 1024 * 1024

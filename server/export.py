@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import edge
-from edge import packed, wire
+from edge import wire
 from edge.errors import ConfigError
 from edge.graph import ModelGraph
+from edge.wire import packed
 
 __all__ = ["RUNTIME", "write_mlserver"]
 

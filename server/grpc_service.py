@@ -23,7 +23,7 @@ from edge.errors import (
 )
 from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
 from edge.ratelog import RateLimitedLog
-from edge.wire import STREAM_WINDOW_PREFIX
+from edge.wire import BATCH_SIZE, COMPUTE_US, QUEUE_US, SPLIT_POINT, STREAM_WINDOW_PREFIX, InferResponse
 
 from .dataplane import MAX_NAME_CHARS, DataPlane
 from .errors import (
@@ -231,10 +231,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, message: Any, device: str, context: grpc.aio.ServicerContext | None = None) -> Any:
         if self.metrics is None:
-            return await self._run(message, device, context)
+            return converters.infer_response_to_pb(await self._run(message, device, context))
         received = time.perf_counter_ns()
+        self.metrics.inflight.inc()
         try:
-            reply = await self._run(message, device, context)
+            response = await self._run(message, device, context)
         except (Exception, asyncio.CancelledError) as err:
             model = getattr(message, "model_name", "")
             served = model if self.dataplane.model_ready(model) else "(unknown)"
@@ -247,39 +248,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 self.metrics.answered(served, "", status_for(err).name)
             raise
-        params = reply.parameters
-        cut = str(params["split_point"].int64_param) if "split_point" in params else "whole"
-        queue_us = params["queue_us"].int64_param if "queue_us" in params else 0
-        compute_us = params["compute_us"].int64_param if "compute_us" in params else 0
+        finally:
+            self.metrics.inflight.dec()
+        reply = converters.infer_response_to_pb(response)
+        params = response.parameters
         self.metrics.answered(
-            reply.model_name,
-            cut,
+            response.model_name,
+            str(params.get(SPLIT_POINT, "whole")),
             "OK",
-            queue_s=queue_us / 1e6,
-            compute_s=compute_us / 1e6,
+            queue_s=int(params.get(QUEUE_US, 0)) / 1e6,
+            compute_s=int(params.get(COMPUTE_US, 0)) / 1e6,
             total_s=(time.perf_counter_ns() - received) / 1e9,
-            bytes_in=sum(len(b) for b in message.raw_input_contents),
-            bytes_out=sum(len(b) for b in reply.raw_output_contents),
-            batch=params["batch_size"].int64_param if "batch_size" in params else 1,
+            bytes_in=sum(map(len, message.raw_input_contents)),
+            bytes_out=sum(map(len, reply.raw_output_contents)),
+            batch=int(params.get(BATCH_SIZE, 1)),
         )
         return reply
 
-    async def _run(self, message: Any, device: str, context: grpc.aio.ServicerContext | None) -> Any:
+    async def _run(
+        self, message: Any, device: str, context: grpc.aio.ServicerContext | None
+    ) -> InferResponse:
+        """The data plane's answer to one ModelInferRequest, through the scheduler."""
         received = time.perf_counter_ns()
         request = converters.infer_request_from_pb(_parsed(message))
         prepared = self.dataplane.prepare(request, received)
-        nbytes = sum(len(b) for b in message.raw_input_contents)
+        nbytes = sum(map(len, message.raw_input_contents))
         deadline = deadline_of(context.time_remaining() if context is not None else None)
-        if self.metrics is None:
-            return converters.infer_response_to_pb(
-                await self.scheduler.run(prepared, device, nbytes, deadline)
-            )
-        self.metrics.inflight.inc()
-        try:
-            response = await self.scheduler.run(prepared, device, nbytes, deadline)
-        finally:
-            self.metrics.inflight.dec()
-        return converters.infer_response_to_pb(response)
+        return await self.scheduler.run(prepared, device, nbytes, deadline)
 
 
 class EdgeServer:

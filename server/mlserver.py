@@ -20,7 +20,7 @@ model ``NAME@K`` with ``"split_point": K`` in ``extra`` serves only the tail of 
 tails of cut K there. Pings and profiles go to ``NAME``.
 
 **Raw contents without per-element conversion.** MLServer converts numeric raw contents to Python
-lists before a runtime sees them. A device sends :mod:`edge.packed` tensors instead (one BYTES
+lists before a runtime sees them. A device sends :mod:`edge.wire.packed` tensors instead (one BYTES
 element each; the server settings list ``edge_packed_tensors``), and gets its outputs back the
 same way. Clients that send plain tensors (tritonclient) are served too, at MLServer's own pace.
 """
@@ -47,8 +47,10 @@ from mlserver.types import (
 )
 from mlserver.utils import get_model_uri
 
-from edge import packed, wire
-from edge.codec import (
+from edge import wire
+from edge.errors import EdgeError
+from edge.graph import TensorInfo
+from edge.wire import (
     InferRequest,
     InferResponse,
     ParameterValue,
@@ -56,9 +58,8 @@ from edge.codec import (
     datatype_of,
     decode,
     dtype_of,
+    packed,
 )
-from edge.errors import EdgeError
-from edge.graph import TensorInfo
 
 from .dataplane import DataPlane
 from .repository import ModelRepository

@@ -29,8 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from edge.codec import InferResponse
-from edge.wire import COMPUTE_US
+from edge.wire import COMPUTE_US, InferResponse
 
 from .dataplane import DataPlane, PreparedRequest
 from .errors import DeadlineExpiredError

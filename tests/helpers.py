@@ -46,7 +46,7 @@ ZOO_RUNNABLE = [
 # What tools/build_models.py ships; a missing one fails at collection.
 SHIPPED = ["digits_resnet", "digits_resnet_exit", "digits_resnet_f32", "digits_tiny", "mobilenetv2_035"]
 
-# The numpy type each OIP datatype must map to, written out independently of edge.codec.
+# The numpy type each OIP datatype must map to, written out independently of edge.wire.
 NUMPY_TYPES = {
     "BOOL": np.bool_,
     "UINT8": np.uint8,

@@ -20,7 +20,7 @@ DEVICE_ONLY = (
     "edge.pipeline", "edge.cascade", "edge.link", "edge.daemon", "edge.emulation",
 )  # fmt: skip
 CORE = ("edge.graph", "edge.partition", "edge.backends", "edge.runner", "edge.errors")
-WIRE = ("edge.codec", "edge.compression", "edge.packed", "edge.wire", "edge.protocol")
+WIRE = ("edge.wire", "edge.protocol")
 ABOVE_WIRE = (*DEVICE_ONLY, "server")
 
 
@@ -101,7 +101,7 @@ def test_every_module_keeps_the_import_rules(path: Path) -> None:
         ("edge.cli.bad", "from server.embedded import BackgroundServer\n", "2"),
         ("edge.transport.bad", "from ..cli import common\n", "3"),
         ("edge.bad", "from .daemon import Daemon\n", "3"),
-        ("edge.codec", "from .transport import session\n", "4"),
+        ("edge.wire.tensors", "from ..transport import session\n", "4"),
         ("edge.graph", "import grpc\n", "4"),
         ("edge.runner", "import tensorflow as tf\n", "5"),
     ],

@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 
 from edge import models
-from edge.codec import InferRequest, decode, encode
 from edge.graph import ModelGraph
 from edge.preprocess import random_tensors
 from edge.protocol import converters, pb
+from edge.wire import InferRequest, decode, encode
 from server.dataplane import DataPlane
 from server.repository import ModelRepository
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import compression, models
+from .. import models
 from ..address import DEFAULT_PORT
 from ..argtypes import address, positive_float, positive_int
 from ..backends import BACKENDS, DEFAULT_BACKEND
@@ -24,6 +24,7 @@ from ..runner import ModelRunner
 from ..transport import TailClient, TLSOptions
 from ..transport.client import read_token
 from ..transport.connect import DEFAULT_CONNECT_TIMEOUT_S
+from ..wire import encodings
 
 __all__ = [
     "MODEL_HELP",
@@ -109,7 +110,7 @@ def add_address_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--codec",
-        choices=["raw", *compression.CODECS, *compression.LOSSY],
+        choices=["raw", *encodings.CODECS, *encodings.LOSSY],
         default="raw",
         help="compress the tensors sent when the server decodes the codec (it says so in its metadata; else "
         "they go raw): zstd or lz4 losslessly, accepting large outputs compressed too; or, lossy, fp16 "

@@ -10,16 +10,15 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from .. import compression
 from ..backends import BACKENDS
 from ..backends.support import check_support
 from ..cascade import exit_outputs
-from ..codec import encode
 from ..console import output_console
 from ..errors import EdgeError
 from ..graph import ModelGraph, TensorInfo
 from ..preprocess import random_inputs
 from ..runner import ModelRunner
+from ..wire import encode, encodings
 from .common import MODEL_HELP, load_graph, load_inputs
 
 __all__ = ["describe", "register"]
@@ -36,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     p.add_argument(
         "--codec",
-        choices=compression.CODECS,
+        choices=encodings.CODECS,
         help="also show each cut's bytes compressed with this codec, on the activations of --sample",
     )
     p.add_argument(
@@ -60,7 +59,7 @@ def compressed_sizes(graph: ModelGraph, codec: str, sample: Path | None) -> dict
     sizes = {}
     for cut in graph.cuts():
         sizes[cut.index] = sum(
-            compression.compress(encode(t.name, activations[t.name]), codec).nbytes for t in cut.tensors
+            encodings.compress(encode(t.name, activations[t.name]), codec).nbytes for t in cut.tensors
         )
     return sizes
 

@@ -18,8 +18,8 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from .. import compression
 from ..errors import EdgeError
+from ..wire import encodings
 
 __all__ = ["DEFAULT_MODEL", "register"]
 
@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of each request, seconds")
     p.add_argument(
         "--codec",
-        choices=["raw", *compression.CODECS, *compression.LOSSY],
+        choices=["raw", *encodings.CODECS, *encodings.LOSSY],
         default="raw",
         help="codec of the tensors the device sends, under auto and at every cut (default: %(default)s)",
     )

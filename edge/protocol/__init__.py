@@ -3,7 +3,7 @@
 ``pb`` holds the messages and ``pb_grpc`` the stub and servicer base, both generated from
 ``protos/grpc_service.proto`` by ``tools/gen_protos.py``. The converters in
 :mod:`edge.protocol.converters` are the only code that turns messages into
-:mod:`edge.codec` objects and back.
+:mod:`edge.wire` objects and back.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The one place where protobuf messages and the codec's objects meet.
 
-Everything outside ``edge.protocol`` works with :mod:`edge.codec` objects; protobuf types
+Everything outside ``edge.protocol`` works with :mod:`edge.wire` objects; protobuf types
 never leave this module. Tensors are written as raw bytes (``raw_input_contents`` and
 ``raw_output_contents``). Reading accepts raw bytes or the typed ``contents`` fields, since
 tritonclient and MLServer may send either.
@@ -17,7 +17,9 @@ import grpc
 import numpy as np
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from edge.codec import (
+from edge.errors import TensorFormatError
+from edge.protocol import grpc_service_pb2 as pb
+from edge.wire import (
     MAX_ENTRIES,
     MAX_NDIM,
     MAX_TENSORS,
@@ -31,8 +33,6 @@ from edge.codec import (
     dtype_of,
     element_count,
 )
-from edge.errors import TensorFormatError
-from edge.protocol import grpc_service_pb2 as pb
 
 __all__ = [
     "infer_request_from_pb",
@@ -287,7 +287,7 @@ def infer_request_from_pb(msg: pb.ModelInferRequest) -> InferRequest:
 
     Raises TensorFormatError if both are mixed, if the raw entries do not match the inputs
     one for one, or if typed contents do not fit the declared datatype and shape. Raw bytes
-    are checked later, by :func:`edge.codec.decode`.
+    are checked later, by :func:`edge.wire.decode`.
     """
     _check_counts("input", msg.parameters, msg.inputs, len(msg.outputs))
     return InferRequest(

@@ -16,8 +16,8 @@ from typing import Protocol
 import numpy as np
 
 from .. import wire
-from ..codec import ModelMetadata, ParameterValue
 from ..errors import RemoteError
+from ..wire import ModelMetadata, ParameterValue
 
 __all__ = ["DOWN", "RETRYABLE", "RemoteResult", "TailTransport", "ping", "tail_profile"]
 
@@ -101,6 +101,11 @@ class TailTransport(Protocol):
 
     def max_inflight(self) -> int | None:
         """How many requests the server lets one device keep in flight, if it says."""
+        ...
+
+    def codec_sent(self) -> str:
+        """What the tensors go as (:func:`edge.wire.sent_as`): the configured codec where the server
+        decodes it, else raw. Raises RemoteError when the server cannot be asked."""
         ...
 
     def ready(self, timeout_s: float | None = None) -> bool: ...

@@ -27,12 +27,12 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from .. import compression, packed, wire
+from .. import wire
 from ..aio import retire
-from ..codec import InferRequest, ModelMetadata, ParameterValue, decode, encode
 from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb
 from ..tlsfiles import check_ca, check_pair
+from ..wire import InferRequest, ModelMetadata, ParameterValue, decode, encode, encodings, packed
 from .base import RemoteResult
 from .connect import DEFAULT_CONNECT_TIMEOUT_S, channel_options
 from .session import Request, ServerTraits, Session, closed
@@ -144,10 +144,10 @@ class TailClient:
         self.balance = balance
         """``address`` names several servers (a DNS name with several records, ``ipv4:A:P,B:P``):
         gRPC's round_robin spreads the calls over them. Unary calls, then: a stream would stay on one."""
-        if codec != "raw" and codec not in compression.available():
+        if codec != "raw" and codec not in encodings.available():
             raise ConfigError(
                 f"codec {codec!r} is not available here (pip install zstandard lz4); "
-                f"choose one of: raw, {', '.join(compression.available()) or '(none installed)'}"
+                f"choose one of: raw, {', '.join(encodings.available()) or '(none installed)'}"
             )
         self.codec = codec
         """Lossless codec for the tensors sent, once the server says it decodes it (else raw)."""
@@ -230,6 +230,9 @@ class TailClient:
         names none. Raises RemoteError when the server cannot be asked."""
         return self._traits().stream_window
 
+    def codec_sent(self) -> str:
+        return encodings.sent_as(self.codec, self._traits().codecs)
+
     def _send(
         self,
         message: Any,
@@ -257,11 +260,11 @@ class TailClient:
         tensors = tuple(encode(name, array) for name, array in inputs.items())
         params = dict(parameters or {})
         traits = self._traits()
-        codec = self.codec if self.codec in traits.codecs else "raw"
+        codec = encodings.sent_as(self.codec, traits.codecs)
         lossy = False
         if codec != "raw":
-            tensors = tuple(compression.compress(tensor, codec) for tensor in tensors)
-            if codec in compression.CODECS:
+            tensors = tuple(encodings.compress(tensor, codec) for tensor in tensors)
+            if codec in encodings.CODECS:
                 params[wire.ACCEPT_ENCODING] = codec
             else:
                 lossy = any(t.parameters.get(wire.ENCODING) == codec for t in tensors)

@@ -27,8 +27,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from ..codec import ModelMetadata, ParameterValue
 from ..errors import ConfigError, RemoteError
+from ..wire import ModelMetadata, ParameterValue
 from .base import RemoteResult, TailTransport
 
 __all__ = ["POLICIES", "FailoverClient", "Policy"]
@@ -79,12 +79,16 @@ class FailoverClient:
         self._closed = threading.Event()
         self._prober: threading.Thread | None = None
 
-    @property
-    def codec(self) -> str:
-        """The codec every server in the pool is asked for, or raw when they differ (the planner then
-        plans with raw bytes)."""
-        codecs = {getattr(c, "codec", "raw") for c in self.clients}
-        return codecs.pop() if len(codecs) == 1 else "raw"
+    def codec_sent(self) -> str:
+        """What every server that answers is sent, or raw when they differ (the planner then plans
+        with raw bytes)."""
+        sent: set[str] = set()
+        for client in self.clients:
+            try:
+                sent.add(client.codec_sent())
+            except RemoteError:
+                continue  # a server down now is asked when it is back
+        return sent.pop() if len(sent) == 1 else "raw"
 
     @property
     def address(self) -> str:

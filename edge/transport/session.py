@@ -36,10 +36,11 @@ from typing import Any
 
 import grpc
 
-from .. import compression, packed, wire
+from .. import wire
 from ..aio import finish_tasks
 from ..errors import RemoteError
 from ..protocol import converters, pb, pb_grpc
+from ..wire import encodings, packed
 from .base import RemoteResult
 from .connect import until_connected
 
@@ -66,7 +67,7 @@ class ServerTraits:
     codecs: tuple[str, ...] = ()
     """The codecs it decodes."""
     packed: bool = False
-    """It takes, and answers with, packed tensors (:mod:`edge.packed`)."""
+    """It takes, and answers with, packed tensors (:mod:`edge.wire.packed`)."""
     cut_models: frozenset[str] = frozenset()
     """``NAME@K``: the tails it serves under a name of their own."""
     stream_window: int | None = None
@@ -77,7 +78,7 @@ class ServerTraits:
     def read(self, extensions: tuple[str, ...]) -> None:
         """Take what the server's metadata ``extensions`` say (``streaming`` is learnt from answers)."""
         prefix = wire.CUT_MODEL_PREFIX
-        self.codecs = compression.offered(extensions)
+        self.codecs = encodings.offered(extensions)
         self.packed = packed.EXTENSION in extensions
         self.cut_models = frozenset(e[len(prefix) :] for e in extensions if e.startswith(prefix))
         self.stream_window = wire.stream_window(extensions)

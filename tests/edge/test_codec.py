@@ -1,4 +1,4 @@
-"""edge.codec: tensors to wire bytes and back, and the checks made before decoding."""
+"""edge.wire: tensors to wire bytes and back, and the checks made before decoding."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from edge.codec import (
+from edge.errors import EdgeError, TensorFormatError
+from edge.wire import (
     DATATYPES,
     MAX_NDIM,
     WireTensor,
@@ -18,7 +19,6 @@ from edge.codec import (
     element_count,
     encode,
 )
-from edge.errors import EdgeError, TensorFormatError
 from helpers import NUMPY_TYPES
 
 SHAPES = [(), (0,), (3, 0, 2), (7,), (2, 3, 4), (1, 28, 28, 8)]

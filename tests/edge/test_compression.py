@@ -17,14 +17,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge import compression, models
-from edge.codec import DATATYPES, WireTensor, decode, dtype_of, encode
+from edge import models
 from edge.cooperative import CooperativeRunner
 from edge.errors import RemoteError, TensorFormatError
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
 from edge.transport import TailClient
-from edge.wire import ENCODING
+from edge.wire import DATATYPES, ENCODING, WireTensor, decode, dtype_of, encode, encodings
 from helpers import SHIPPED, seeded_inputs
 from server.dataplane import DataPlane
 from server.embedded import BackgroundServer
@@ -35,7 +34,7 @@ CODECS = ["zstd", "lz4"]
 
 
 def test_both_codecs_are_installed() -> None:
-    assert compression.available() == ("zstd", "lz4", "fp16", "int4")
+    assert encodings.available() == ("zstd", "lz4", "fp16", "int4")
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -50,7 +49,7 @@ def test_every_datatype_round_trips(codec: str, datatype: str) -> None:
         array[::3] = rng.standard_normal((22, 64)).astype(dtype)
     else:
         array = (rng.integers(0, 4, (64, 64))).astype(dtype)
-    packed = compression.compress(encode("t", array), codec)
+    packed = encodings.compress(encode("t", array), codec)
     assert packed.parameters.get(ENCODING) == codec and packed.nbytes < array.nbytes
     out = decode(packed)
     assert out.dtype == array.dtype and np.array_equal(out, array)
@@ -60,7 +59,7 @@ def test_every_datatype_round_trips(codec: str, datatype: str) -> None:
 def test_what_does_not_shrink_stays_raw(codec: str) -> None:
     noise = np.random.default_rng(1).integers(-128, 128, 256).astype(np.int8)
     tensor = encode("t", noise)
-    assert compression.compress(tensor, codec) is tensor
+    assert encodings.compress(tensor, codec) is tensor
 
 
 def _frame(codec: str, data: bytes) -> bytes:
@@ -161,16 +160,15 @@ def test_the_server_lists_its_codecs_and_compresses_large_outputs(server: Backgr
     import grpc
     from model_builder import slow_conv_model
 
-    from edge.codec import InferRequest
     from edge.protocol import converters, pb, pb_grpc
-    from edge.wire import ACCEPT_ENCODING
+    from edge.wire import ACCEPT_ENCODING, InferRequest
     from server.dataplane import COMPRESS_OUTPUTS_FROM
 
     with grpc.insecure_channel(server.address) as channel:
         meta = pb_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(
             pb.ServerMetadataRequest(), timeout=10
         )
-    assert compression.offered(list(meta.extensions)) == ("zstd", "lz4", "fp16", "int4")
+    assert encodings.offered(list(meta.extensions)) == ("zstd", "lz4", "fp16", "int4")
     path = tmp_path / "wide.tflite"
     path.write_bytes(slow_conv_model(size=16, channels=128))  # a float32 [1, 16, 16, 128] output: 128 KiB
     graph = ModelGraph.from_file(path)
@@ -194,8 +192,8 @@ def test_the_server_lists_its_codecs_and_compresses_large_outputs(server: Backgr
 def test_a_corrupt_compressed_tensor_is_refused_and_the_server_goes_on(server: BackgroundServer) -> None:
     graph = ModelGraph.from_file(models.model_path("digits_resnet"))
     with TailClient(server.address, timeout_s=10.0) as client:
-        from edge.codec import InferRequest
         from edge.protocol import converters
+        from edge.wire import InferRequest
 
         tensor = graph.inputs[0]
         bad = WireTensor(tensor.name, "INT8", tensor.shape, b"garbage", {ENCODING: "zstd"})
@@ -261,19 +259,19 @@ def test_a_profile_server_takes_a_codec(tmp_path) -> None:
 
 def test_fp16_halves_float_tensors_and_leaves_others() -> None:
     x = np.random.default_rng(3).standard_normal((4, 33)).astype(np.float32)
-    packed = compression.compress(encode("t", x), "fp16")
+    packed = encodings.compress(encode("t", x), "fp16")
     assert packed.parameters[ENCODING] == "fp16" and packed.nbytes == x.nbytes // 2
     assert np.array_equal(decode(packed), x.astype(np.float16).astype(np.float32))
     ints = encode("i", np.arange(10, dtype=np.int32))
-    assert compression.compress(ints, "fp16") is ints
+    assert encodings.compress(ints, "fp16") is ints
 
 
 def test_int4_packs_two_to_a_byte_around_the_most_common_value() -> None:
     rng = np.random.default_rng(4)
     x = np.full(101, -128, dtype=np.int8)  # a ReLU output: mostly its zero point
     x[::3] = rng.integers(-128, 128, 34).astype(np.int8)
-    packed = compression.compress(encode("t", x), "int4")
-    step = packed.parameters[compression.INT4_STEP]
+    packed = encodings.compress(encode("t", x), "int4")
+    step = packed.parameters[encodings.INT4_STEP]
     assert packed.parameters[ENCODING] == "int4" and packed.nbytes == 51 and step == 17
     out = decode(packed)
     assert out.dtype == np.int8 and out.shape == x.shape
@@ -290,7 +288,7 @@ def test_int4_packs_two_to_a_byte_around_the_most_common_value() -> None:
                 "INT8",
                 (4,),
                 b"\x00",
-                {ENCODING: "int4", compression.INT4_BASE: 0, compression.INT4_STEP: 1},
+                {ENCODING: "int4", encodings.INT4_BASE: 0, encodings.INT4_STEP: 1},
             ),
             "two elements a byte",
         ),
@@ -301,7 +299,7 @@ def test_int4_packs_two_to_a_byte_around_the_most_common_value() -> None:
                 "INT8",
                 (4,),
                 b"\x00\x00",
-                {ENCODING: "int4", compression.INT4_BASE: 0, compression.INT4_STEP: 0},
+                {ENCODING: "int4", encodings.INT4_BASE: 0, encodings.INT4_STEP: 0},
             ),
             "needs an int",
         ),

@@ -14,9 +14,9 @@ import struct
 import numpy as np
 import pytest
 
-from edge import compression, packed, wire
-from edge.codec import DATATYPES, WireTensor, decode, dtype_of, encode
+from edge import wire
 from edge.errors import TensorFormatError
+from edge.wire import DATATYPES, WireTensor, decode, dtype_of, encode, encodings, packed
 
 
 @pytest.mark.parametrize("datatype", DATATYPES)
@@ -33,7 +33,7 @@ def test_every_datatype_round_trips(datatype: str) -> None:
 
 def test_an_encoded_tensor_keeps_its_encoding() -> None:
     array = np.zeros((1, 64, 64), dtype=np.int8)
-    tensor = compression.compress(encode("x", array), "zstd")
+    tensor = encodings.compress(encode("x", array), "zstd")
     assert tensor.parameters.get(wire.ENCODING) == "zstd"
     back = packed.unpack(packed.pack(tensor))
     assert back.parameters == {wire.ENCODING: "zstd"}
@@ -82,8 +82,8 @@ def test_a_wrong_length_prefix_is_refused() -> None:
 
 def test_a_header_nested_thousands_deep_is_a_format_error() -> None:
     """It raised RecursionError (INTERNAL through MLServer) instead of INVALID_ARGUMENT's error."""
-    from edge import packed
     from edge.errors import TensorFormatError
+    from edge.wire import packed
 
     text = b"[" * 2000 + b"]" * 2000
     element = packed.MAGIC + packed._HEADER_LENGTH.pack(len(text)) + text

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge import models, packed, wire
+from edge import models, wire
 from edge.errors import ConfigError
 from edge.graph import ModelGraph
+from edge.wire import packed
 from helpers import MLSERVER, REPO
 from server.export import RUNTIME, write_mlserver
 

@@ -228,6 +228,26 @@ def test_connect_profiles_the_codec_on_real_activations(graphs) -> None:
     assert sum(r < 0.9 for r in policy.wire_ratio.values()) > 5  # ReLU activations compress
 
 
+def test_the_plan_counts_raw_bytes_for_a_server_that_does_not_decode_the_codec(graphs) -> None:
+    """The client sends raw tensors to a server that lists no codec; the planner plans with what is
+    sent (it planned with the configured codec's ratios, bytes that never went)."""
+    from edge import models
+    from edge.runner import ModelRunner
+    from edge.transport import TailClient
+    from server.dataplane import DataPlane
+    from server.embedded import BackgroundServer
+    from server.grpc_service import EdgeServer
+    from server.repository import ModelRepository
+
+    graph = graphs["digits_resnet"]
+    dataplane = DataPlane(ModelRepository.from_files([models.model_path("digits_resnet")]), codecs=())
+    with BackgroundServer(EdgeServer(dataplane)) as old, ModelRunner(graph) as runner:
+        with TailClient(old.address, timeout_s=10.0, codec="zstd") as client:
+            assert client.codec_sent() == "raw"
+            policy = AutoSplit.connect(runner, client, model_name="digits_resnet", progress=False)
+    assert policy.codec == "raw" and policy.wire_ratio == {}
+
+
 def test_a_pool_of_servers_with_one_codec_plans_with_it(graphs) -> None:
     from edge import models
     from edge.runner import ModelRunner
@@ -243,7 +263,7 @@ def test_a_pool_of_servers_with_one_codec_plans_with_it(graphs) -> None:
         pool = FailoverClient([TailClient(s.address, timeout_s=10.0, codec="lz4") for s in (a, b)])
         mixed = FailoverClient([TailClient(a.address, codec="lz4"), TailClient(b.address, codec="zstd")])
         try:
-            assert pool.codec == "lz4" and mixed.codec == "raw"
+            assert pool.codec_sent() == "lz4" and mixed.codec_sent() == "raw"
             policy = AutoSplit.connect(runner, pool, model_name="digits_resnet", progress=False)
         finally:
             pool.close()

@@ -13,16 +13,6 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import _utils as triton_utils
 from tritonclient.grpc import service_pb2 as triton_pb
 
-from edge.codec import (
-    Deferred,
-    InferRequest,
-    InferResponse,
-    ModelMetadata,
-    TensorMetadata,
-    WireTensor,
-    decode,
-    encode,
-)
 from edge.errors import TensorFormatError
 from edge.protocol import (
     infer_request_from_pb,
@@ -36,6 +26,16 @@ from edge.protocol import (
     pb,
     stream_error_from_pb,
     stream_error_to_pb,
+)
+from edge.wire import (
+    Deferred,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    TensorMetadata,
+    WireTensor,
+    decode,
+    encode,
 )
 from helpers import NUMPY_TYPES
 

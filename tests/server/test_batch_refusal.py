@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 from model_builder import shape_tensor_model
 
-from edge.codec import InferRequest, encode
 from edge.errors import EdgeError
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
-from edge.wire import SPLIT_POINT
+from edge.wire import SPLIT_POINT, InferRequest, encode
 from server.dataplane import DataPlane
 from server.repository import ModelRepository
 

@@ -18,10 +18,10 @@ import pytest
 
 from edge.backends import BACKENDS, BackendName
 from edge.cascade import RULES
-from edge.compression import CODECS, LOSSY, CodecName
 from edge.daemon.config import AutoSplitConfig, CascadeConfig, EdgeConfig, EdgeServerConfig, RuntimeConfig
 from edge.planner import OBJECTIVES
 from edge.transport.failover import POLICIES
+from edge.wire.encodings import CODECS, LOSSY, CodecName
 from server.cli import build_parser, settings_from
 from server.settings import ServerSettings
 

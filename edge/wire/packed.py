@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import struct
 
-from . import wire
-from .codec import ParameterValue, WireTensor
-from .errors import TensorFormatError
+from edge.errors import TensorFormatError
+
+from .names import ENCODING
+from .tensors import ParameterValue, WireTensor
 
 __all__ = [
     "EXTENSION",
@@ -46,7 +47,7 @@ _HEADER_LENGTH = struct.Struct("<H")
 def pack_element(t: WireTensor) -> bytes:
     """``t`` as one self-describing element (without the BYTES length prefix)."""
     header: dict[str, object] = {"datatype": t.datatype, "shape": list(t.shape)}
-    encoding = t.parameters.get(wire.ENCODING)
+    encoding = t.parameters.get(ENCODING)
     if isinstance(encoding, str) and encoding != "raw":
         header["encoding"] = encoding
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -79,7 +80,7 @@ def unpack_element(name: str, element: bytes | memoryview) -> WireTensor:
         or (encoding is not None and not isinstance(encoding, str))
     ):
         raise TensorFormatError(f"tensor {name!r}: a packed tensor's header is not datatype, shape, encoding")
-    parameters: dict[str, ParameterValue] = {wire.ENCODING: encoding} if encoding else {}
+    parameters: dict[str, ParameterValue] = {ENCODING: encoding} if encoding else {}
     return WireTensor(name, datatype, tuple(shape), view[start + size :], parameters)
 
 

@@ -1,7 +1,7 @@
 """The names both sides put on the wire: request and response parameters, and special outputs.
 
-The device, the codec and the server import these; none types them by hand. This module imports
-nothing, so the codec can use it without protobuf.
+The device, the encodings and the server import these; none types them by hand. This module imports
+nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ THREADS = "threads"
 
 # -- tensor parameters ------------------------------------------------------------------------
 ENCODING = "edge_encoding"
-"""string, on a tensor: how its bytes are encoded (absent: ``raw``); see :data:`edge.codec.ENCODINGS`."""
+"""string, on a tensor: how its bytes are encoded (absent: ``raw``); see :data:`edge.wire.encodings.ENCODINGS`."""
 
 # -- outputs ----------------------------------------------------------------------------------
 PROFILE_OUTPUT = "tail_ms"

@@ -1,10 +1,8 @@
-"""Tensors to wire bytes and back, independent of the transport.
+"""What travels: tensors, requests and responses, independent of the transport.
 
-A :class:`WireTensor` is what travels: an Open Inference Protocol datatype string, a shape,
-little-endian row-major bytes, and per-tensor parameters. :func:`encode` and :func:`decode`
-(with :func:`decode_expected`, the server's fast path for a tensor it knows) are the one way
-every tensor passes. How the bytes are encoded is the tensor's ``edge_encoding`` parameter,
-an entry of :data:`ENCODINGS`; absent means ``raw`` (:mod:`edge.compression` adds zstd and lz4). This module imports
+A :class:`WireTensor` is an Open Inference Protocol datatype string, a shape, little-endian
+row-major bytes, and per-tensor parameters. :func:`encode` makes one from an array; how its bytes
+are then encoded, and how they are read back, is :mod:`edge.wire.encodings`. This module imports
 neither protobuf nor grpc; ``edge.protocol.converters`` maps these objects to messages.
 """
 
@@ -20,16 +18,12 @@ from typing import TypeAlias
 import numpy as np
 
 from edge.errors import TensorFormatError
-from edge.wire import ENCODING
 
 __all__ = [
     "DATATYPES",
-    "ENCODING",
-    "ENCODINGS",
     "MAX_ENTRIES",
     "MAX_NDIM",
     "MAX_TENSORS",
-    "Decoder",
     "Deferred",
     "InferRequest",
     "InferResponse",
@@ -38,12 +32,9 @@ __all__ = [
     "TensorMetadata",
     "WireTensor",
     "datatype_of",
-    "decode",
-    "decode_expected",
     "dtype_of",
     "element_count",
     "encode",
-    "register_encoding",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,25 +69,6 @@ MAX_TENSORS = 1024
 MAX_NDIM = 32
 
 _NO_PARAMETERS: Mapping[str, ParameterValue] = MappingProxyType({})
-
-
-def _raw_bytes(t: WireTensor, expected: int) -> bytes | memoryview:
-    data = t.data
-    assert not isinstance(data, Deferred)
-    return data
-
-
-Decoder: TypeAlias = "Callable[[WireTensor, int], bytes | memoryview]"
-"""A tensor as it came and the raw size it must decode to (decode no more than that) -> raw bytes."""
-
-#: Encodings by name: each turns the wire bytes into the raw little-endian bytes.
-#: :mod:`edge.compression` registers zstd and lz4 when their libraries are installed.
-ENCODINGS: dict[str, Decoder] = {"raw": _raw_bytes}
-
-
-def register_encoding(name: str, decoder: Decoder) -> None:
-    """Make ``decoder`` the way tensors whose ``edge_encoding`` is ``name`` are read."""
-    ENCODINGS[name] = decoder
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,12 +170,8 @@ def datatype_of(dtype: np.dtype | type) -> str:
         ) from None
 
 
-def dtype_of(datatype: str) -> np.dtype:
-    """Return the little-endian numpy dtype for an OIP datatype string."""
-    return _lookup_dtype(datatype, None)
-
-
-def _lookup_dtype(datatype: str, tensor: str | None) -> np.dtype:
+def dtype_of(datatype: str, tensor: str | None = None) -> np.dtype:
+    """Return the little-endian numpy dtype for an OIP datatype string (errors name ``tensor``)."""
     try:
         return _DTYPES[datatype]
     except (KeyError, TypeError):
@@ -253,63 +221,3 @@ def _encode_datatype(name: str, dtype: np.dtype) -> str:
         return datatype_of(dtype)
     except TensorFormatError as err:
         raise TensorFormatError(f"tensor {name!r}: {err}") from err
-
-
-def _payload(t: WireTensor, expected: int) -> bytes | memoryview:
-    """``t``'s bytes as raw little-endian bytes, through its encoding (which decodes at most
-    ``expected`` bytes)."""
-    data = t.data
-    if isinstance(data, Deferred):
-        return data.load()
-    if not t.parameters:
-        return data
-    encoding = t.parameters.get(ENCODING, "raw")
-    unpack = ENCODINGS.get(encoding) if isinstance(encoding, str) else None
-    if unpack is None:
-        raise TensorFormatError(
-            f"tensor {t.name!r}: unknown encoding {str(encoding)[:40]!r}; supported: {', '.join(ENCODINGS)}"
-        )
-    return unpack(t, expected)
-
-
-def decode_expected(
-    t: WireTensor, name: str, datatype: str, shape: tuple[int, ...], dtype: np.dtype, nbytes: int
-) -> np.ndarray | None:
-    """The array, if ``t`` is exactly the tensor expected (name, datatype, shape, byte count, and raw
-    bytes); else None, and :func:`decode` after a full check says what is wrong. BOOL tensors are
-    never taken here: their bytes need a look."""
-    if (
-        t.parameters
-        or t.name != name
-        or t.datatype != datatype
-        or t.shape != shape
-        or type(t.data) is not bytes
-        or len(t.data) != nbytes
-        or dtype.kind == "b"
-    ):
-        return None
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
-
-
-def decode(t: WireTensor) -> np.ndarray:
-    """Unpack a WireTensor into a read-only array that shares its bytes.
-
-    Datatype, shape and byte count are checked before anything is allocated.
-    """
-    dtype = _lookup_dtype(t.datatype, t.name)
-    count = element_count(t.name, t.shape)
-    expected = count * dtype.itemsize
-    data = _payload(t, expected)
-    size = data.nbytes if isinstance(data, memoryview) else len(data)
-    if expected != size:
-        raise TensorFormatError(
-            f"tensor {t.name!r}: shape {list(t.shape)} of {t.datatype} needs {expected} bytes, got {size}"
-        )
-    try:
-        flat = np.frombuffer(data, dtype=dtype, count=count)
-    except ValueError as err:  # a memoryview that is not contiguous
-        raise TensorFormatError(f"tensor {t.name!r}: unreadable data: {err}") from err
-    if dtype.kind == "b" and count and flat.view(np.uint8).max() > 1:
-        # numpy would accept the bytes, but a bool that is neither 0 nor 1 misbehaves later.
-        raise TensorFormatError(f"tensor {t.name!r}: BOOL data holds bytes other than 0 and 1")
-    return flat.reshape(t.shape)
