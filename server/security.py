@@ -11,7 +11,8 @@ valid token when ``--auth-tokens`` is given.
 
 from __future__ import annotations
 
-import hmac
+import contextvars
+import hashlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -20,14 +21,18 @@ from typing import Any
 
 import grpc
 
+from edge.credentials import bearer_token, check_tls_files, check_token, read_secret
 from edge.errors import ConfigError
 from edge.ratelog import RateLimitedLog
-from edge.tlsfiles import check_ca, check_pair
 
 from .errors import ServerError
 from .fairness import peer_host
 
 __all__ = ["ADMIN_METHODS", "OPEN_METHODS", "Security", "TokenInterceptor", "read_token_table", "read_tokens"]
+
+_CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("edge_caller", default=None)
+"""The device a call's token names, set by :class:`TokenInterceptor` in the task that then runs the
+call: the servicer asks :meth:`Security.identify`, and the token is parsed and looked up once."""
 
 logger = logging.getLogger(__name__)
 _REFUSALS = RateLimitedLog(logger)
@@ -46,7 +51,6 @@ OPEN_METHODS = frozenset(
 
 _STREAMING = frozenset({"/inference.GRPCInferenceService/ModelStreamInfer"})
 MAX_TOKENS = 10_000
-MAX_TOKEN_CHARS = 512
 
 
 class UnauthenticatedError(ServerError):
@@ -87,8 +91,9 @@ def read_token_table(path: Path) -> tuple[dict[str, str], frozenset[str]]:
         device, token = parts[0], parts[1]
         if len(parts) == 3:
             admins.add(token)
-        if len(token) < 16 or len(token) > MAX_TOKEN_CHARS:
-            raise ConfigError(f"{path}:{number}: a token has 16 to {MAX_TOKEN_CHARS} characters")
+        problem = check_token(token)
+        if problem is not None:
+            raise ConfigError(f"{path}:{number}: {problem}")
         if token in tokens:
             raise ConfigError(f"{path}:{number}: this token is given to {tokens[token]!r} already")
         tokens[token] = device
@@ -100,11 +105,16 @@ def read_token_table(path: Path) -> tuple[dict[str, str], frozenset[str]]:
     return tokens, frozenset(admins)
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read the {what} {path}: {err.strerror or err}") from err
+def _digest(token: str) -> bytes:
+    """What a token is looked up by: a dict lookup on its digest takes the same time whichever
+    token is near, where comparing tokens would leak how much of one matched."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _table(path: Path) -> tuple[dict[bytes, str], frozenset[bytes]]:
+    """:func:`read_token_table`, keyed by the tokens' digests."""
+    tokens, admins = read_token_table(path)
+    return {_digest(t): device for t, device in tokens.items()}, frozenset(map(_digest, admins))
 
 
 class Security:
@@ -129,10 +139,10 @@ class Security:
         self._lock = threading.Lock()
         self._config = self._read_config()
         self._fresh = False
-        self._tokens: dict[str, str] | None = None
-        self._admins: frozenset[str] = frozenset()
+        self._tokens: dict[bytes, str] | None = None
+        self._admins: frozenset[bytes] = frozenset()
         if tokens is not None:
-            self._tokens, self._admins = read_token_table(tokens)
+            self._tokens, self._admins = _table(tokens)
 
     @property
     def tls(self) -> bool:
@@ -150,36 +160,25 @@ class Security:
         return [TokenInterceptor(self)] if self.tokens_file is not None else []
 
     def identify(self, context: grpc.aio.ServicerContext) -> str:
-        """The device a call comes from: its token's DEVICE_ID, else its address."""
-        if self.tokens_file is not None:
-            token = bearer_token(context.invocation_metadata())
-            device = self.device_for(token) if token else None
-            if device is not None:
-                return f"device {device}"
-        return peer_host(context)
+        """The device a call comes from: its token's DEVICE_ID (found by the interceptor), else its address."""
+        device = _CALLER.get()
+        return f"device {device}" if device is not None else peer_host(context)
 
     def device_for(self, token: str) -> str | None:
         with self._lock:
             tokens = self._tokens
-        if tokens is None:
-            return None
-        for known, device in tokens.items():
-            if hmac.compare_digest(known.encode(), token.encode()):
-                return device
-        return None
+        return None if tokens is None else tokens.get(_digest(token))
 
     def is_admin(self, token: str) -> bool:
         with self._lock:
             admins = self._admins
-        return any(hmac.compare_digest(known.encode(), token.encode()) for known in admins)
+        return _digest(token) in admins
 
     def reload(self) -> None:
         """Read the files again; on an error the old ones stay in force, and the error is logged."""
         try:
             config = self._read_config()
-            tokens, admins = (
-                read_token_table(self.tokens_file) if self.tokens_file is not None else (None, frozenset())
-            )
+            tokens, admins = _table(self.tokens_file) if self.tokens_file is not None else (None, frozenset())
         except ConfigError as err:
             logger.error("reload failed, keeping the current certificates and tokens: %s", err)
             return
@@ -190,11 +189,9 @@ class Security:
     def _read_config(self) -> Any:
         if self.cert is None or self.key is None:
             return None
-        pairs = [(_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))]
-        roots = _read(self.client_ca, "client CA") if self.client_ca is not None else None
-        check_pair(self.cert, self.key, what="TLS")
-        if self.client_ca is not None:
-            check_ca(self.client_ca, what="client CA")
+        pairs = [(read_secret(self.key, "the TLS key"), read_secret(self.cert, "the TLS certificate"))]
+        roots = read_secret(self.client_ca, "the client CA") if self.client_ca is not None else None
+        check_tls_files(cert=self.cert, key=self.key, ca=self.client_ca, what="TLS", ca_what="client CA")
         try:
             return grpc.ssl_server_certificate_configuration(pairs, root_certificates=roots)
         except (TypeError, ValueError) as err:
@@ -207,14 +204,6 @@ class Security:
                 return None
             self._fresh = False
             return self._config
-
-
-def bearer_token(metadata: Any) -> str:
-    """The token of an ``authorization: Bearer TOKEN`` entry; "" without one."""
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer ") :].strip()
-    return ""
 
 
 MAX_OPEN_WATCHES = 64
@@ -239,11 +228,13 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         method = details.method
         token = bearer_token(details.invocation_metadata)
-        if method == _WATCH and not (token and self.security.device_for(token) is not None):
+        device = self.security.device_for(token) if token else None
+        if device is None and method == _WATCH:
             return await self._counted_watch(continuation, details)
         if method in OPEN_METHODS:
+            _CALLER.set(device)
             return await continuation(details)
-        if token and self.security.device_for(token) is not None:
+        if device is not None:
             if method in ADMIN_METHODS and not self.security.is_admin(token):
                 self._refused("not_admin", method, "the token is not an admin's")
                 return _refusal(
@@ -251,6 +242,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
                     "repository control needs a token marked admin in the token file",
                     grpc.StatusCode.PERMISSION_DENIED,
                 )
+            _CALLER.set(device)
             return await continuation(details)
         why = "no bearer token" if not token else "an unknown bearer token"
         self._refused("unknown_token" if token else "no_token", method, why)

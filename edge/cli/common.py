@@ -15,14 +15,14 @@ from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..backends.support import require_runnable
 from ..cooperative import CooperativeRunner
 from ..cpu_latency import add_cpu_latency_arg
+from ..credentials import TLSOptions, read_token
 from ..errors import RemoteError, TensorFormatError
 from ..fileio import load_arrays
 from ..graph import ModelGraph
 from ..policy import make_policy
 from ..preprocess import coerce_input
 from ..runner import ModelRunner
-from ..transport import TailClient, TLSOptions
-from ..transport.client import read_token
+from ..transport import TailClient
 from ..transport.connect import DEFAULT_CONNECT_TIMEOUT_S
 from ..wire import encodings
 
@@ -140,8 +140,9 @@ def add_constraint_args(p: argparse.ArgumentParser, *, prefix: str = "") -> None
     )
 
 
-def client_security(args: argparse.Namespace) -> dict[str, Any]:
-    """``tls`` and ``token`` for a TailClient, from --tls-ca/--tls-cert/--tls-key and --token-file."""
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """A TailClient's options from the command line: ``tls`` (--tls-ca/--tls-cert/--tls-key), ``token``
+    (--token-file), ``codec`` and ``connect_timeout_s``."""
     ca, cert, key = (getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
     tls = TLSOptions(ca_file=ca, cert_file=cert, key_file=key) if ca or cert or key else None
     token_file = getattr(args, "token_file", None)
@@ -164,7 +165,7 @@ def open_runner(args: argparse.Namespace, graph: ModelGraph, *, local: bool = Fa
         None
         if local or not getattr(args, "server", None)
         else TailClient(
-            args.server, timeout_s=args.timeout, streaming=args.transport == "stream", **client_security(args)
+            args.server, timeout_s=args.timeout, streaming=args.transport == "stream", **client_options(args)
         )
     )
     name = getattr(args, "model_name", None) or Path(graph.source).stem

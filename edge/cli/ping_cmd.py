@@ -20,7 +20,7 @@ from ..address import parse_address
 from ..errors import EdgeError, RemoteError
 from ..graph import ModelGraph
 from ..transport import TailClient
-from .common import add_address_args, client_security
+from .common import add_address_args, client_options
 
 __all__ = ["register"]
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 _tls(sock, host, args, steps)
     except OSError as err:
         raise steps.fail("address", f"cannot connect to {host}:{port}: {err.strerror or err}") from err
-    security = client_security(args)
+    security = client_options(args)
     with TailClient(args.server, timeout_s=args.timeout, streaming=False, **security) as client:
         try:
             ready = client.ready(args.timeout)

@@ -26,7 +26,7 @@ from .common import (
     add_address_args,
     add_backend_args,
     add_constraint_args,
-    client_security,
+    client_options,
     load_graph,
 )
 
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             address = stack.enter_context(BackgroundServer.from_files([Path(graph.source)])).address
         require_runnable(graph, args.backend)
         runner = stack.enter_context(ModelRunner(graph, backend=args.backend, threads=args.threads))
-        client = stack.enter_context(TailClient(address, timeout_s=args.timeout, **client_security(args)))
+        client = stack.enter_context(TailClient(address, timeout_s=args.timeout, **client_options(args)))
         policy = make_policy(
             graph,
             "auto",

@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from ..address import check_host, normalize
 from ..backends import BackendName
 from ..cascade import Rule
+from ..credentials import TLSOptions
 from ..errors import ConfigError
 from ..pipeline import MAX_WINDOW
 from ..planner import Objective
-from ..transport import TLSOptions
 from ..transport.connect import DEFAULT_CONNECT_TIMEOUT_S
 from ..transport.failover import Policy
 from ..wire.encodings import CodecName

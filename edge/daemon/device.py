@@ -19,12 +19,12 @@ from ..backends import create_backend
 from ..backends.support import require_runnable
 from ..cascade import Calibration, Cascade, EarlyExit, Pressure, Router, Rule, check_pair, exit_cut
 from ..cooperative import CooperativeRunner
+from ..credentials import beside, read_token
 from ..errors import ConfigError, EdgeError
 from ..graph import ModelGraph
 from ..policy import make_policy
 from ..runner import ModelRunner
 from ..transport import FailoverClient, TailClient, TailTransport
-from ..transport.client import read_token
 from .config import DeviceProfile, FixedSplitConfig
 
 __all__ = ["CascadePlan", "ResolvedProfile", "open_cascade", "open_device", "preflight", "resolve"]
@@ -90,7 +90,7 @@ def _resolve_cascade(profile: DeviceProfile, graph: ModelGraph, source: Path) ->
     if config is None:
         return None
     if config.calibration is not None:
-        path = config.calibration if config.calibration.is_absolute() else source.parent / config.calibration
+        path = beside(config.calibration, source)
         try:
             calibration = Calibration.load(path)
             calibration.check_model(graph)
@@ -157,12 +157,12 @@ def preflight(resolved: ResolvedProfile) -> None:
     for i, server in enumerate(profile.edge.servers):
         if server.tls is not None:
             try:
-                server.tls.options().credentials()
+                server.tls.options().beside(source).credentials()
             except ConfigError as err:
                 raise ConfigError(f"{source}: edge.servers[{i}].tls: {err}") from err
         if server.token_file is not None:
             try:
-                read_token(server.token_file)
+                read_token(beside(server.token_file, source))
             except ConfigError as err:
                 raise ConfigError(f"{source}: edge.servers[{i}].token_file: {err}") from err
 
@@ -211,8 +211,8 @@ def _client(profile: DeviceProfile, source: Path) -> TailTransport | None:
     clients: list[TailTransport] = []
     for i, server in enumerate(edge.servers):
         try:
-            tls = server.tls.options() if server.tls else None
-            token = read_token(server.token_file) if server.token_file is not None else None
+            tls = server.tls.options().beside(source) if server.tls else None
+            token = read_token(beside(server.token_file, source)) if server.token_file is not None else None
             clients.append(
                 TailClient(
                     server.address,

@@ -14,6 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from ..credentials import beside, read_first_line, read_secret
 from ..errors import ConfigError
 from .config import DeviceProfile
 from .messages import ha_status_topic
@@ -50,26 +51,24 @@ def build_client(profile: DeviceProfile, *, source: str = "<profile>") -> paho.C
         client.username_pw_set(mqtt.username, _password(profile, source))
     if mqtt.tls is not None:
         tls = mqtt.tls
-        for key in ("ca_file", "cert_file", "key_file"):
-            path = getattr(tls, key)
-            if path is None:
-                continue
-            try:
-                Path(path).read_bytes()
-            except OSError as err:
-                raise ConfigError(
-                    f"{source}: mqtt.tls.{key}: cannot read {path}: {err.strerror or err}"
-                ) from err
+        files = {key: beside(getattr(tls, key), Path(source)) for key in ("ca_file", "cert_file", "key_file")}
+        for key, path in files.items():
+            if path is not None:
+                try:
+                    read_secret(path)
+                except ConfigError as err:
+                    raise ConfigError(f"{source}: mqtt.tls.{key}: {err}") from err
+        ca, cert, keyfile = files["ca_file"], files["cert_file"], files["key_file"]
         try:
             client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
+                ca_certs=str(ca) if ca else None,
+                certfile=str(cert) if cert else None,
+                keyfile=str(keyfile) if keyfile else None,
             )
         except (OSError, ValueError) as err:
-            files = ", ".join(str(p) for p in (tls.ca_file, tls.cert_file, tls.key_file) if p is not None)
+            named = ", ".join(str(p) for p in (ca, cert, keyfile) if p is not None)
             raise ConfigError(
-                f"{source}: mqtt.tls: cannot load {files or 'the system CA bundle'}: {err}"
+                f"{source}: mqtt.tls: cannot load {named or 'the system CA bundle'}: {err}"
             ) from err
         client.tls_insecure_set(not tls.verify_hostname)
     return client
@@ -111,15 +110,13 @@ def _password(profile: DeviceProfile, source: str) -> str | None:
     mqtt = profile.mqtt
     if mqtt.password is not None:
         return mqtt.password.get_secret_value()
-    if mqtt.password_file is None:
+    path = beside(mqtt.password_file, Path(source))
+    if path is None:
         return None
-    path = Path(mqtt.password_file)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(
-            f"{source}: mqtt.password_file: cannot read {path}: {getattr(err, 'strerror', None) or err}"
-        ) from err
-    if not lines or not lines[0]:
+        password = read_first_line(path)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: mqtt.password_file: {err}") from err
+    if not password:
         raise ConfigError(f"{source}: mqtt.password_file: {path} is empty")
-    return lines[0]
+    return password

@@ -2,14 +2,13 @@
 (:class:`FailoverClient`), both a :class:`TailTransport`."""
 
 from .base import RETRYABLE, RemoteResult, TailTransport, ping, tail_profile
-from .client import TailClient, TLSOptions
+from .client import TailClient
 from .failover import FailoverClient
 
 __all__ = [
     "RETRYABLE",
     "FailoverClient",
     "RemoteResult",
-    "TLSOptions",
     "TailClient",
     "TailTransport",
     "ping",

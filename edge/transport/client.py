@@ -20,7 +20,6 @@ import logging
 import threading
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -29,61 +28,19 @@ import numpy as np
 
 from .. import wire
 from ..aio import retire
+from ..credentials import TLSOptions, bearer_metadata
 from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb
-from ..tlsfiles import check_ca, check_pair
 from ..wire import InferRequest, ModelMetadata, ParameterValue, decode, encode, encodings, packed
 from .base import RemoteResult
 from .connect import DEFAULT_CONNECT_TIMEOUT_S, channel_options
 from .session import Request, ServerTraits, Session, closed
 
-__all__ = ["TLSOptions", "TailClient", "read_token"]
+__all__ = ["TailClient"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class TLSOptions:
-    """TLS for the channel: a CA to trust, and a client certificate for mTLS."""
-
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    server_name: str | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(path: Path | None) -> bytes | None:
-            if path is None:
-                return None
-            try:
-                return Path(path).read_bytes()
-            except OSError as err:
-                raise ConfigError(f"cannot read TLS file {path}: {err.strerror or err}") from err
-
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ConfigError("TLS needs both cert_file and key_file for a client certificate, or neither")
-        roots, key, chain = read(self.ca_file), read(self.key_file), read(self.cert_file)
-        if self.ca_file is not None:
-            check_ca(Path(self.ca_file), what="TLS CA")
-        if self.cert_file is not None and self.key_file is not None:
-            check_pair(Path(self.cert_file), Path(self.key_file), what="client TLS")
-        return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
-
-
-def read_token(path: Path) -> str:
-    """A bearer token from the first line of ``path``; ConfigError naming the file otherwise."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(
-            f"cannot read the token file {path}: {getattr(err, 'strerror', None) or err}"
-        ) from err
-    token = lines[0].strip() if lines else ""
-    if not token or any(c.isspace() for c in token):
-        raise ConfigError(f"the token file {path} must hold the token on its first line")
-    return token
 
 
 @dataclass(slots=True)
@@ -154,9 +111,7 @@ class TailClient:
         self.traits = ServerTraits(streaming=streaming and not balance)
         """What the server is; its metadata is read into it once, on the first request."""
         self._metadata_read = False
-        self._metadata: tuple[tuple[str, str], ...] | None = (
-            (("authorization", f"Bearer {token}"),) if token else None
-        )
+        self._metadata = bearer_metadata(token) if token else None
         self.timeout_s = timeout_s
         self._options: list[tuple[str, int | str]] = [
             *channel_options(connect_timeout_s),
@@ -406,7 +361,8 @@ class TailClient:
                 thread.start()
                 try:
                     channel = asyncio.run_coroutine_threadsafe(
-                        _open_channel(self.address, self._credentials, self._options), loop
+                        _open_channel(self.address, self._credentials, self._options),
+                        loop,
                     ).result(10.0)
                 except BaseException:
                     loop.call_soon_threadsafe(loop.stop)
@@ -463,7 +419,9 @@ def _in_coroutine() -> bool:
 
 
 async def _open_channel(
-    address: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, int | str]]
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: list[tuple[str, int | str]],
 ) -> grpc.aio.Channel:
     """Create the channel inside the private loop, which it binds to."""
     if credentials is None:

@@ -115,7 +115,7 @@ class Session:
     """Requests to ``address`` over ``channel``, on the loop the channel was made on.
 
     Every method runs on that loop; :meth:`start` is the only way in for a request. ``metadata``
-    goes on every call (a bearer token); ``traits`` is the server's record (``streaming`` False
+    goes on every call (:func:`edge.credentials.bearer_metadata`); ``traits`` is the server's record (``streaming`` False
     sends unary calls from the start).
     """
 

@@ -18,10 +18,11 @@ import pytest
 from certs import CA
 
 from edge import models
+from edge.credentials import TLSOptions
 from edge.errors import ConfigError, RemoteError
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
-from edge.transport import TailClient, TLSOptions
+from edge.transport import TailClient
 from helpers import seeded_inputs
 from server.dataplane import DataPlane
 from server.embedded import BackgroundServer

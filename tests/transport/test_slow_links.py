@@ -22,7 +22,8 @@ import pytest
 from slowlink import MODEL, slow_links
 
 from edge import models
-from edge.transport import TailClient, TLSOptions
+from edge.credentials import TLSOptions
+from edge.transport import TailClient
 
 CUT = 8
 
