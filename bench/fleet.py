@@ -17,6 +17,11 @@ previous one is answered, for ``--seconds``. Reported, from one run:
     python bench/fleet.py --devices 8 --server-cores 1 --device-cores 0 -- --workers 0
     python bench/fleet.py --devices 8 --server-cores 0,1 --device-cores 0,1 --json
     python bench/fleet.py --devices 8 --echo     # grpcio's floor: a server that computes nothing
+    python bench/fleet.py --devices 8 --profile /tmp/server.pstats -- --workers 0   # then
+    python tools/request_profile.py /tmp/server.pstats   # where each answer's server time goes
+
+``--profile`` runs the server under cProfile (its main thread: all of it with ``--workers 0``), which
+slows it; its ratio is not a figure to quote.
 """
 
 from __future__ import annotations
@@ -157,6 +162,7 @@ def main() -> int:
         help="drive bench/grpc_echo.py instead: grpcio's own floor, nothing computed",
     )
     p.add_argument("--devices-only", metavar="ADDRESS", help=argparse.SUPPRESS)
+    p.add_argument("--profile", metavar="OUT", help="run the server under cProfile, writing its stats to OUT")
     p.add_argument("server_args", nargs="*", help="edge-server flags, after --")
     args = p.parse_args()
     if args.devices_only:
@@ -180,7 +186,8 @@ def main() -> int:
     command = (
         [sys.executable, str(REPO / "bench" / "grpc_echo.py"), "--port", str(port), "--model", str(path)]
         if args.echo
-        else [sys.executable, "-m", "server", "--models", str(work), "--host", "127.0.0.1", "--port", str(port),
+        else [sys.executable, *(["-m", "cProfile", "-o", args.profile] if args.profile else []),
+              "-m", "server", "--models", str(work), "--host", "127.0.0.1", "--port", str(port),
               *args.server_args]
     )  # fmt: skip
     server = subprocess.Popen(
@@ -227,7 +234,7 @@ def main() -> int:
         server.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
     rps = measured["answers"] / measured["elapsed"]
-    result = {
+    result: dict[str, object] = {
         "model": models.resolve(args.model).stem,
         "cut": args.cut,
         "devices": args.devices,
@@ -241,6 +248,8 @@ def main() -> int:
         "server_cpu_s": round(cpu, 2),
         "per_cpu_ratio": round((measured["answers"] / cpu) / raw_per_cpu, 3) if cpu > 0 else None,
     }
+    if args.profile:
+        result["profiled"] = args.profile
     if args.json:
         print(json.dumps(result))
     else:

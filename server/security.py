@@ -25,10 +25,9 @@ from edge.credentials import bearer_token, check_tls_files, check_token, read_se
 from edge.errors import ConfigError
 from edge.ratelog import RateLimitedLog
 
-from .errors import ServerError
 from .fairness import peer_host
 
-__all__ = ["ADMIN_METHODS", "OPEN_METHODS", "Security", "TokenInterceptor", "read_token_table", "read_tokens"]
+__all__ = ["ADMIN_METHODS", "OPEN_METHODS", "Security", "TokenInterceptor", "read_token_table"]
 
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("edge_caller", default=None)
 """The device a call's token names, set by :class:`TokenInterceptor` in the task that then runs the
@@ -53,10 +52,6 @@ _STREAMING = frozenset({"/inference.GRPCInferenceService/ModelStreamInfer"})
 MAX_TOKENS = 10_000
 
 
-class UnauthenticatedError(ServerError):
-    """A request without a valid bearer token."""
-
-
 ADMIN_METHODS = frozenset(
     {
         "/inference.GRPCInferenceService/RepositoryModelLoad",
@@ -64,11 +59,6 @@ ADMIN_METHODS = frozenset(
     }
 )
 """What only a token marked ``admin`` may call (with --model-control): any device could unload any model."""
-
-
-def read_tokens(path: Path) -> dict[str, str]:
-    """``DEVICE_ID TOKEN [admin]`` per line, ``#`` comments: token -> device id."""
-    return read_token_table(path)[0]
 
 
 def read_token_table(path: Path) -> tuple[dict[str, str], frozenset[str]]:

@@ -123,14 +123,6 @@ class NetnsLink:
         self.rate_mbit = mbit
         logger.info("shaped %s <-> %s to %g Mbit/s (burst %d B)", self.device_ns, self.server_ns, mbit, burst)
 
-    def qdiscs(self) -> str:
-        """What ``tc`` reports for both ends, for the record."""
-        out = []
-        for ns, dev in ((self.device_ns, self.device_if), (self.server_ns, self.server_if)):
-            shown = _run(["tc", "-n", ns, "qdisc", "show", "dev", dev])
-            out.append(f"{ns}/{dev}: {shown.strip()}")
-        return "\n".join(out)
-
     # -- processes ----------------------------------------------------------------------
 
     def popen(self, ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:

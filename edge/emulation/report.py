@@ -30,11 +30,6 @@ class Summary:
     speedup_vs_device: float
     speedup_vs_server: float
 
-    @property
-    def within(self) -> float:
-        """How far above the best, as a fraction (0.04 = 4% slower)."""
-        return self.ratio - 1.0
-
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 

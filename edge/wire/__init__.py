@@ -12,79 +12,9 @@ Read in the order a tensor travels:
 None of it imports protobuf or grpc: :mod:`edge.protocol` maps these objects to messages.
 """
 
+from . import names, tensors
 from .encodings import compress, decode, decode_expected, sent_as
-from .names import (
-    ACCEPT_ENCODING,
-    BACKEND,
-    BATCH_SIZE,
-    COMPUTE_US,
-    CUT_MODEL_PREFIX,
-    ENCODING,
-    EXTENSIONS,
-    MODEL_SHA256,
-    PING,
-    PROFILE,
-    PROFILE_OUTPUT,
-    PROFILE_RUNS,
-    QUEUE_US,
-    SPLIT_POINT,
-    STREAM_WINDOW_PREFIX,
-    THREADS,
-    stream_window,
-)
-from .tensors import (
-    DATATYPES,
-    MAX_ENTRIES,
-    MAX_NDIM,
-    MAX_TENSORS,
-    Deferred,
-    InferRequest,
-    InferResponse,
-    ModelMetadata,
-    ParameterValue,
-    TensorMetadata,
-    WireTensor,
-    datatype_of,
-    dtype_of,
-    element_count,
-    encode,
-)
+from .names import *  # noqa: F403
+from .tensors import *  # noqa: F403
 
-__all__ = [
-    "ACCEPT_ENCODING",
-    "BACKEND",
-    "BATCH_SIZE",
-    "COMPUTE_US",
-    "CUT_MODEL_PREFIX",
-    "DATATYPES",
-    "ENCODING",
-    "EXTENSIONS",
-    "MAX_ENTRIES",
-    "MAX_NDIM",
-    "MAX_TENSORS",
-    "MODEL_SHA256",
-    "PING",
-    "PROFILE",
-    "PROFILE_OUTPUT",
-    "PROFILE_RUNS",
-    "QUEUE_US",
-    "SPLIT_POINT",
-    "STREAM_WINDOW_PREFIX",
-    "THREADS",
-    "Deferred",
-    "InferRequest",
-    "InferResponse",
-    "ModelMetadata",
-    "ParameterValue",
-    "TensorMetadata",
-    "WireTensor",
-    "compress",
-    "datatype_of",
-    "decode",
-    "decode_expected",
-    "dtype_of",
-    "element_count",
-    "encode",
-    "sent_as",
-    "stream_window",
-]
+__all__ = names.__all__ + tensors.__all__ + ["compress", "decode", "decode_expected", "sent_as"]

@@ -28,7 +28,7 @@ from server.dataplane import DataPlane
 from server.embedded import BackgroundServer
 from server.grpc_service import EdgeServer
 from server.repository import ModelRepository
-from server.security import Security, read_tokens
+from server.security import Security, read_token_table
 
 MODEL = "digits_resnet"
 CUT = 8
@@ -143,10 +143,10 @@ def test_bad_files_are_named(tmp_path: Path, pki) -> None:
     bad = tmp_path / "tokens"
     bad.write_text("only-one-field\n")
     with pytest.raises(ConfigError, match=r"tokens:1: expected DEVICE_ID TOKEN"):
-        read_tokens(bad)
+        read_token_table(bad)
     bad.write_text("dev short\n")
     with pytest.raises(ConfigError, match="16 to 512 characters"):
-        read_tokens(bad)
+        read_token_table(bad)
     with pytest.raises(ConfigError, match="cannot read the TLS key"):
         Security(cert=pki["server"].cert, key=tmp_path / "missing.key")
     with pytest.raises(ConfigError, match="--tls-client-ca needs --tls-cert"):
