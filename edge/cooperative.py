@@ -105,6 +105,10 @@ class Ticket:
 
     done: InferenceResult | None = None
     call: Future[RemoteResult] | None = None
+    """The call on its way (submitted without waiting)."""
+    remote: RemoteResult | None = None
+    error: RemoteError | None = None
+    """The call's answer or failure, when it was made waiting."""
     inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
     cut: Mapping[str, np.ndarray] = field(default_factory=dict)
     head_outputs: Mapping[str, np.ndarray] = field(default_factory=dict)
@@ -114,7 +118,9 @@ class Ticket:
 
     def ready(self) -> bool:
         """Collecting it would not wait."""
-        return self.done is not None or (self.call is not None and self.call.done())
+        if self.call is not None:
+            return self.call.done()
+        return self.done is not None or self.remote is not None or self.error is not None
 
 
 class SplitPolicy(Protocol):
@@ -207,17 +213,10 @@ class CooperativeRunner:
         on without waiting. :meth:`collect` the ticket for the result; meanwhile the next request's
         head can run. A request the device answers alone is answered here already. ``wait`` makes
         the call on the calling thread and waits for it (one request at a time: no thread hand-off)."""
-        self.check_inputs(inputs)
-        k = self.policy.choose()
-        done = self._alone(inputs, k, stop)
-        if done is None:
-            sent, done = self._head(inputs, k, stop if stop is not None and k >= stop.cut else None)
-        if done is not None:
-            if not done.exited:
-                self.policy.observe(done)
-            return Ticket(done=done)
+        sent, parameters = self._prologue(inputs, stop)
+        if sent.done is not None:
+            return sent
         assert self.client is not None
-        parameters: dict[str, ParameterValue] = {wire.MODEL_SHA256: self._sha256, wire.SPLIT_POINT: k}
         if not wait:
             sent.call = self.client.submit(
                 self.model_name,
@@ -227,9 +226,8 @@ class CooperativeRunner:
                 request_id=request_id,
             )
             return sent
-        sent.call = Future()
         try:
-            remote = self.client.infer(
+            sent.remote = self.client.infer(
                 self.model_name,
                 sent.cut,
                 parameters=parameters,
@@ -237,10 +235,28 @@ class CooperativeRunner:
                 request_id=request_id,
             )
         except RemoteError as err:
-            sent.call.set_exception(err)
-        else:
-            sent.call.set_result(remote)
+            sent.error = err
         return sent
+
+    def _prologue(
+        self, inputs: Mapping[str, np.ndarray], stop: EarlyStop | None
+    ) -> tuple[Ticket, dict[str, ParameterValue]]:
+        """What :meth:`infer` and :meth:`submit` share: check the inputs, choose the cut, and run the
+        head (or the whole model, when the request is the device's alone). The ticket is done when
+        nothing is to be sent; else it holds the cut, and the parameters go with it."""
+        self.check_inputs(inputs)
+        k = self.policy.choose()
+        done = self._alone(inputs, k, stop)
+        if done is None:
+            sent, done = self._head(inputs, k, stop if stop is not None and k >= stop.cut else None)
+        else:
+            sent = Ticket()
+        if done is not None:
+            if not done.exited:
+                self.policy.observe(done)
+            sent.done = done
+            return sent, {}
+        return sent, {wire.MODEL_SHA256: self._sha256, wire.SPLIT_POINT: k}
 
     def _alone(
         self, inputs: Mapping[str, np.ndarray], k: int, stop: EarlyStop | None
@@ -259,14 +275,19 @@ class CooperativeRunner:
         call failed. Waits for the call (its own deadline bounds the wait)."""
         if ticket.done is not None:
             return ticket.done
-        assert ticket.call is not None
-        error = ticket.call.exception()
-        if error is None:
-            result = self._joined(ticket, ticket.call.result())
-        elif isinstance(error, RemoteError):
-            result = self._fallback(ticket, error)
+        if ticket.call is not None:
+            error = ticket.call.exception()
+            if error is not None and not isinstance(error, RemoteError):
+                raise error
+            remote = ticket.call.result() if error is None else None
         else:
-            raise error
+            error, remote = ticket.error, ticket.remote
+        if remote is not None:
+            return self._finish(ticket, self._joined(ticket, remote))
+        assert error is not None
+        return self._finish(ticket, self._fallback(ticket, error))
+
+    def _finish(self, ticket: Ticket, result: InferenceResult) -> InferenceResult:
         ticket.done = result
         self.policy.observe(result)
         return result

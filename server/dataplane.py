@@ -492,15 +492,16 @@ def message_limit(graphs: Sequence[ModelGraph], cap: int) -> int:
 def _check_bounds(request: InferRequest) -> None:
     """Names, ids and parameters within :data:`MAX_NAME_CHARS` and :data:`MAX_PARAMETERS`, before anything
     is looked up with them."""
-    for what, value in (
-        ("model name", request.model_name),
-        ("model version", request.model_version),
-        ("id", request.id),
-    ):
-        if len(value) > MAX_NAME_CHARS:
-            raise TensorFormatError(
-                f"the {what} has {len(value):,} characters; at most {MAX_NAME_CHARS} are taken"
-            )
+    if max(len(request.model_name), len(request.model_version), len(request.id)) > MAX_NAME_CHARS:
+        for what, value in (
+            ("model name", request.model_name),
+            ("model version", request.model_version),
+            ("id", request.id),
+        ):
+            if len(value) > MAX_NAME_CHARS:
+                raise TensorFormatError(
+                    f"the {what} has {len(value):,} characters; at most {MAX_NAME_CHARS} are taken"
+                )
     params = request.parameters
     if len(params) > MAX_PARAMETERS:
         raise TensorFormatError(f"{len(params)} request parameters; at most {MAX_PARAMETERS} are taken")

@@ -153,7 +153,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return await _guard(context, self._infer(request, self._identify(context), context), self._rejected)
+        return await _guard(context, self._unary_infer(request, context), self._rejected)
+
+    async def _unary_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return converters.infer_response_to_pb(await self._infer(request, self._identify(context), context))
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -167,20 +170,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         is written by the task that computed it, one at a time: no queue, no hop to a writer.
         """
         device = self._identify(context)
-        window = asyncio.Semaphore(self.stream_window)
-        writing = asyncio.Lock()  # gRPC takes one message at a time on a call
-        inflight: set[asyncio.Task[None]] = set()
-        serial = self.scheduler.serial
 
-        async def answer(request: Any) -> None:
+        async def reply_to(request: Any) -> Any:
             try:
                 response = await self._infer(request, device)  # an Unparsed one is answered too
             except Exception as err:  # one bad request must not end the stream
-                reply = converters.stream_error_to_pb(
+                return converters.stream_error_to_pb(
                     _log(err, self._rejected).name, _describe(err), _request_id(request)
                 )
-            else:
-                reply = pb.ModelStreamInferResponse(infer_response=response)
+            return converters.stream_response_to_pb(response)
+
+        if self.scheduler.serial:
+            # Every request computes on this loop, one after another: each is answered where it is
+            # read, and the next is read once gRPC has taken the answer.
+            await self._serve_stream(request_iterator, reply_to, context)
+            return
+        window = asyncio.Semaphore(self.stream_window)
+        writing = asyncio.Lock()  # gRPC takes one message at a time on a call
+        inflight: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any) -> None:
+            reply = await reply_to(request)
             try:
                 async with writing:
                     await context.write(reply)
@@ -193,13 +203,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             async for request in request_iterator:
                 await window.acquire()
-                if serial and not inflight:
-                    # Computed on this loop either way: answered here, without a task of its own.
-                    await answer(request)
-                else:
-                    task = asyncio.create_task(answer(request))
-                    inflight.add(task)
-                    task.add_done_callback(inflight.discard)
+                task = asyncio.create_task(answer(request))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
                 if self._closing:
                     break
         except asyncio.CancelledError:
@@ -213,6 +219,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._readers.discard(reader)
         if inflight:
             await asyncio.wait(set(inflight))
+
+    async def _serve_stream(
+        self,
+        request_iterator: AsyncIterator[Any],
+        reply_to: Callable[[Any], Awaitable[Any]],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """A stream answered in turn: read, compute, write, then read the next."""
+        reader = asyncio.current_task()
+        assert reader is not None
+        self._readers.add(reader)
+        try:
+            async for request in request_iterator:
+                await context.write(await reply_to(request))
+                if self._closing:
+                    break
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # Ended by close_streams: the stream ends with OK, so the device reconnects or finishes locally.
+        finally:
+            self._readers.discard(reader)
 
     def shutdown(self) -> None:
         """Let the compute threads finish what they hold, then stop them."""
@@ -229,9 +257,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         meta = self.dataplane.model_metadata(request.name, request.version)
         return converters.model_metadata_to_pb(meta)
 
-    async def _infer(self, message: Any, device: str, context: grpc.aio.ServicerContext | None = None) -> Any:
+    async def _infer(
+        self, message: Any, device: str, context: grpc.aio.ServicerContext | None = None
+    ) -> InferResponse:
         if self.metrics is None:
-            return converters.infer_response_to_pb(await self._run(message, device, context))
+            return await self._run(message, device, context)
         received = time.perf_counter_ns()
         self.metrics.inflight.inc()
         try:
@@ -250,7 +280,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             self.metrics.inflight.dec()
-        reply = converters.infer_response_to_pb(response)
         params = response.parameters
         self.metrics.answered(
             response.model_name,
@@ -260,10 +289,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             compute_s=int(params.get(COMPUTE_US, 0)) / 1e6,
             total_s=(time.perf_counter_ns() - received) / 1e9,
             bytes_in=sum(map(len, message.raw_input_contents)),
-            bytes_out=sum(map(len, reply.raw_output_contents)),
+            bytes_out=sum(t.nbytes for t in response.outputs),
             batch=int(params.get(BATCH_SIZE, 1)),
         )
-        return reply
+        return response
 
     async def _run(
         self, message: Any, device: str, context: grpc.aio.ServicerContext | None

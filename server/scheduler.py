@@ -94,6 +94,15 @@ class Scheduler:
         """``prepared``'s response, once it took its places and its turn; ServerOverloadedError when
         its device or the server holds too many, DeadlineExpiredError when ``deadline`` (on the
         ``time.monotonic()`` clock) passed before it could compute."""
+        if self.serial and not prepared.profile:
+            # Everything computes on the loop, one request at a time, where it was read: nothing
+            # waits, so no device can hold more than one and no turn is taken. Admission still
+            # refuses while the server drains.
+            self.dataplane.admit(nbytes)
+            try:
+                return _execute_before(self.dataplane, prepared, deadline)
+            finally:
+                self.dataplane.release(nbytes)
         self.per_device.acquire(device)
         try:
             self.dataplane.admit(nbytes)

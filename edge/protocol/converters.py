@@ -45,6 +45,7 @@ __all__ = [
     "parameters_to_pb",
     "stream_error_from_pb",
     "stream_error_to_pb",
+    "stream_response_to_pb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -302,10 +303,24 @@ def infer_request_from_pb(msg: pb.ModelInferRequest) -> InferRequest:
 
 def infer_response_to_pb(resp: InferResponse) -> pb.ModelInferResponse:
     """Build a ModelInferResponse, with every output's bytes in ``raw_output_contents``."""
-    msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
+    msg = pb.ModelInferResponse()
+    _fill_response(msg, resp)
+    return msg
+
+
+def stream_response_to_pb(resp: InferResponse) -> pb.ModelStreamInferResponse:
+    """A stream's answer carrying ``resp``, built in place (wrapping a built ModelInferResponse copies it)."""
+    reply = pb.ModelStreamInferResponse()
+    _fill_response(reply.infer_response, resp)
+    if not resp.model_name:
+        reply.infer_response.SetInParent()  # present even when every field is empty
+    return reply
+
+
+def _fill_response(msg: pb.ModelInferResponse, resp: InferResponse) -> None:
+    msg.model_name, msg.model_version, msg.id = resp.model_name, resp.model_version, resp.id
     _put_tensors(resp.outputs, msg.outputs, msg.raw_output_contents)
     _set_parameters(msg.parameters, resp.parameters)
-    return msg
 
 
 def infer_response_from_pb(msg: pb.ModelInferResponse) -> InferResponse:

@@ -55,6 +55,29 @@ class _Lane:
     loop: asyncio.AbstractEventLoop
     session: Session
     thread: threading.Thread | None = None
+    waiting: Any = None
+    """The future the calling thread runs the loop for (its own lane only)."""
+
+    def stop_for(self, future: Any) -> None:
+        """Stop the loop, if it runs for ``future``: called when that future is settled (and again by
+        its done callback, a turn later, which then finds nothing to do)."""
+        if self.waiting is future:
+            self.waiting = None
+            if self.loop.is_running():
+                self.loop.stop()
+
+    def run_for(self, request: Request) -> Any:
+        """Take ``request`` and run the loop until it is settled: at once onto an open stream, else
+        through a turn of the loop. The loop stops in the turn that settles it."""
+        future = request.future
+        self.waiting = future
+        future.add_done_callback(self.stop_for)  # any other way a future is settled stops the loop too
+        if not self.session.start_on_open_stream(request):
+            self.loop.call_soon(self.session.start, request)
+        while not future.done():
+            self.loop.run_forever()
+        self.waiting = None
+        return future.result()
 
     def close(self) -> None:
         if self.thread is None:
@@ -201,8 +224,7 @@ class TailClient:
             raise RuntimeError("TailClient is synchronous: call it from a thread, not from a coroutine")
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         future: asyncio.Future[RemoteResult] = lane.loop.create_future()
-        lane.loop.call_soon(lane.session.start, Request(message, future, finish, timeout, request_id))
-        return lane.loop.run_until_complete(future)
+        return lane.run_for(Request(message, future, finish, timeout, request_id, wake=lane.stop_for))
 
     def _request(
         self,
@@ -322,11 +344,12 @@ class TailClient:
 
     # -- internals --------------------------------------------------------------------
 
-    def _session(self, channel: grpc.aio.Channel) -> Session:
+    def _session(self, channel: grpc.aio.Channel, loop: asyncio.AbstractEventLoop) -> Session:
         return Session(
             self.address,
             channel,
             self.traits,
+            loop,
             metadata=self._metadata,
             connect_timeout_s=self.connect_timeout_s,
         )
@@ -339,7 +362,7 @@ class TailClient:
             raise closed(self.address)
         loop = asyncio.new_event_loop()
         channel = loop.run_until_complete(_open_channel(self.address, self._credentials, self._options))
-        lane = _Lane(loop, self._session(channel))
+        lane = _Lane(loop, self._session(channel, loop))
         with self._lock:
             added = not self._closed
             if added:
@@ -368,7 +391,7 @@ class TailClient:
                     loop.call_soon_threadsafe(loop.stop)
                     thread.join(1.0)
                     raise
-                self._pipe = _Lane(loop, self._session(channel), thread)
+                self._pipe = _Lane(loop, self._session(channel, loop), thread)
             return self._pipe
 
     def _run(self, lane: _Lane, work: Coroutine[Any, Any, T], timeout_s: float) -> T:

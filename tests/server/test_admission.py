@@ -64,11 +64,25 @@ def graph() -> ModelGraph:
 
 
 def test_the_default_server_refuses_past_its_inflight_limit(graph: ModelGraph) -> None:
-    with BackgroundServer.from_files([models.model_path(MODEL)], max_inflight=2) as server:
+    """edge-server's default compute threads (one per core): requests wait for them, and past the
+    limit they are refused."""
+    from server.settings import default_workers
+
+    with BackgroundServer.from_files(
+        [models.model_path(MODEL)], max_inflight=2, workers=default_workers()
+    ) as server:
         outcomes = _hammer(server.address, graph)
     assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, outcomes
     assert outcomes["RESOURCE_EXHAUSTED"] > 0 and outcomes["OK"] > 0, outcomes
     assert sum(outcomes.values()) == CLIENTS * REQUESTS
+
+
+def test_computing_on_the_loop_holds_one_request_and_refuses_none(graph: ModelGraph) -> None:
+    """With ``workers=0`` each request computes where it is read, so the server never holds two: a
+    limit of 2 refuses nothing (it refused requests it could serve when each waited a turn first)."""
+    with BackgroundServer.from_files([models.model_path(MODEL)], max_inflight=2, workers=0) as server:
+        outcomes = _hammer(server.address, graph)
+    assert outcomes == Counter({"OK": CLIENTS * REQUESTS})
 
 
 def test_health_answers_while_compute_is_busy(graph: ModelGraph) -> None:
