@@ -8,7 +8,7 @@ Answers are counted as the calls of ``DataPlane.execute``. Each step's figure is
 over the answers, in microseconds: the steps nest (``scheduler`` holds ``compute``, which holds
 ``interpreter``), so the table says each step's own share as its time less its children's. What no
 step holds (grpcio reading and writing messages, the event loop) is the profile's total less the
-request path. cProfile adds its own cost to every Python call, so the absolute figures are larger
+request path, and the time the loop waited in epoll (idle) is said apart. cProfile adds its own cost to every Python call, so the absolute figures are larger
 than without it; the shares are what to read.
 """
 
@@ -19,39 +19,45 @@ import json
 import pstats
 import sys
 
-# (label, file suffix, function name, parent label): each step of one request, on the server.
-STEPS: tuple[tuple[str, str, str, str | None], ...] = (
-    ("request path (servicer)", "server/grpc_service.py", "_infer", None),
-    ("parse the request (converters)", "edge/protocol/converters.py", "infer_request_from_pb", "request path (servicer)"),
-    ("validate against the model (prepare)", "server/dataplane.py", "prepare", "request path (servicer)"),
-    ("scheduler (admission, turns)", "server/scheduler.py", "run", "request path (servicer)"),
-    ("compute (decode, invoke, outputs)", "server/dataplane.py", "execute", "scheduler (admission, turns)"),
-    ("backend run (set, invoke, get)", "edge/backends/base.py", "run", "compute (decode, invoke, outputs)"),
-    ("interpreter invoke", "~", "invoke", "backend run (set, invoke, get)"),
-    ("build the response (converters)", "edge/protocol/converters.py", "infer_response_to_pb", "request path (servicer)"),
-    ("metrics", "server/metrics.py", "answered", "request path (servicer)"),
+# (label, file suffix, function names, parent label): each step of one request, on the server.
+STEPS: tuple[tuple[str, str, tuple[str, ...], str | None], ...] = (
+    ("answer one request (servicer)", "server/grpc_service.py", ("reply_to", "_unary_infer"), None),
+    ("parse the request (converters)", "edge/protocol/converters.py", ("infer_request_from_pb",), "answer one request (servicer)"),
+    ("validate against the model (prepare)", "server/dataplane.py", ("prepare",), "answer one request (servicer)"),
+    ("scheduler (admission, turns)", "server/scheduler.py", ("run",), "answer one request (servicer)"),
+    ("compute (decode, invoke, outputs)", "server/dataplane.py", ("execute",), "scheduler (admission, turns)"),
+    ("backend run (set, invoke, get)", "edge/backends/base.py", ("run",), "compute (decode, invoke, outputs)"),
+    ("interpreter invoke", "~", ("Invoke", "invoke"), "backend run (set, invoke, get)"),
+    ("build the response (converters)", "edge/protocol/converters.py", ("stream_response_to_pb", "infer_response_to_pb"), "answer one request (servicer)"),
+    ("metrics", "server/metrics.py", ("answered",), "answer one request (servicer)"),
 )  # fmt: skip
 
 
-def _find(stats: pstats.Stats, suffix: str, name: str) -> tuple[int, float, float]:
-    """(calls, total time, cumulative time) of the functions named ``name`` in files ending ``suffix``."""
+def _find(stats: pstats.Stats, suffix: str, names: tuple[str, ...]) -> tuple[int, float, float]:
+    """(calls, total time, cumulative time) of the functions ``names`` in files ending ``suffix``; with
+    ``~``, of C functions whose name ends so (``<built-in method ….Invoke>``, ``<method 'invoke' …>``)."""
     calls, tt, ct = 0, 0.0, 0.0
     for (filename, _, function), (_, nc, own, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
-        builtin = suffix == "~" and filename == "~" and f"'{name}'" in function  # "<method 'invoke' of …>"
-        if builtin or (function == name and filename.replace("\\", "/").endswith(suffix)):
+        if suffix == "~":
+            found = filename == "~" and any(
+                function.endswith(f".{n}>") or f"'{n}'" in function for n in names
+            )
+        else:
+            found = function in names and filename.replace("\\", "/").endswith(suffix)
+        if found:
             calls, tt, ct = calls + nc, tt + own, ct + cum
     return calls, tt, ct
 
 
 def breakdown(path: str) -> dict[str, object]:
     stats = pstats.Stats(path)
-    answers = _find(stats, "server/dataplane.py", "execute")[0]
+    answers = _find(stats, "server/dataplane.py", ("execute",))[0]
     if answers == 0:
         raise SystemExit(
             f"{path}: no DataPlane.execute calls; was it edge-server under load with --workers 0?"
         )
     total_s = stats.total_tt  # type: ignore[attr-defined]
-    us = {label: _find(stats, suffix, name)[2] / answers * 1e6 for label, suffix, name, _ in STEPS}
+    us = {label: _find(stats, suffix, names)[2] / answers * 1e6 for label, suffix, names, _ in STEPS}
     children: dict[str, float] = {}
     for label, _, _, parent in STEPS:
         if parent is not None:
@@ -65,10 +71,12 @@ def breakdown(path: str) -> dict[str, object]:
         for label, *_ in STEPS
     ]
     per_answer = total_s / answers * 1e6
+    idle = _find(stats, "~", ("poll",))[1] / answers * 1e6  # the loop waiting in epoll: no CPU
     return {
         "answers": answers,
         "profile_us_per_answer": round(per_answer, 1),
-        "outside_request_path_us": round(per_answer - us[STEPS[0][0]], 1),
+        "idle_us": round(idle, 1),
+        "outside_request_path_us": round(per_answer - idle - us[STEPS[0][0]], 1),
         "steps": rows,
     }
 
@@ -91,6 +99,7 @@ def main() -> int:
     for row in result["steps"]:  # type: ignore[attr-defined]
         print(f"{row['step']:<40} {row['cumulative_us']:>14} {row['own_us']:>8}")
     print(f"{'outside the request path (grpcio, loop)':<40} {'':>14} {result['outside_request_path_us']:>8}")
+    print(f"{'waiting in epoll (idle, no CPU)':<40} {'':>14} {result['idle_us']:>8}")
     return 0
 
 
