@@ -180,11 +180,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             return converters.stream_response_to_pb(response)
 
-        if self.scheduler.serial:
-            # Every request computes on this loop, one after another: each is answered where it is
-            # read, and the next is read once gRPC has taken the answer.
-            await self._serve_stream(request_iterator, reply_to, context)
-            return
+        serial = self.scheduler.serial
         window = asyncio.Semaphore(self.stream_window)
         writing = asyncio.Lock()  # gRPC takes one message at a time on a call
         inflight: set[asyncio.Task[None]] = set()
@@ -202,10 +198,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._readers.add(reader)
         try:
             async for request in request_iterator:
-                await window.acquire()
-                task = asyncio.create_task(answer(request))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
+                if serial:
+                    # Everything computes on this loop, one request after another: each is answered
+                    # where it was read, and the next is read once gRPC has taken the answer.
+                    await context.write(await reply_to(request))
+                else:
+                    await window.acquire()
+                    task = asyncio.create_task(answer(request))
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
                 if self._closing:
                     break
         except asyncio.CancelledError:
@@ -219,28 +220,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._readers.discard(reader)
         if inflight:
             await asyncio.wait(set(inflight))
-
-    async def _serve_stream(
-        self,
-        request_iterator: AsyncIterator[Any],
-        reply_to: Callable[[Any], Awaitable[Any]],
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        """A stream answered in turn: read, compute, write, then read the next."""
-        reader = asyncio.current_task()
-        assert reader is not None
-        self._readers.add(reader)
-        try:
-            async for request in request_iterator:
-                await context.write(await reply_to(request))
-                if self._closing:
-                    break
-        except asyncio.CancelledError:
-            if not self._closing:
-                raise
-            # Ended by close_streams: the stream ends with OK, so the device reconnects or finishes locally.
-        finally:
-            self._readers.discard(reader)
 
     def shutdown(self) -> None:
         """Let the compute threads finish what they hold, then stop them."""

@@ -8,7 +8,6 @@ neither protobuf nor grpc; ``edge.protocol.converters`` maps these objects to me
 
 from __future__ import annotations
 
-import logging
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ __all__ = [
     "encode",
 ]
 
-logger = logging.getLogger(__name__)
 
 ParameterValue: TypeAlias = bool | int | float | str
 
