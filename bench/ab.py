@@ -66,8 +66,10 @@ def run_figure(figure: str, tree: Path, python: Path, args: argparse.Namespace) 
         command = ["taskset", "-c", "0", str(python), "-m", "edge", "bench", "--model", args.model,
                    "--split-at", str(args.cut), "-n", str(args.n), "--json"]  # fmt: skip
     else:
-        script = tree / "bench" / "_ab_fleet.py"  # this checkout's fleet script, the other's package
-        shutil.copy(REPO / "bench" / "fleet.py", script)
+        script = REPO / "bench" / "fleet.py"
+        if tree != REPO:  # this checkout's fleet script, run against the other commit's package
+            script = tree / "bench" / "_ab_fleet.py"
+            shutil.copy(REPO / "bench" / "fleet.py", script)
         command = [str(python), str(script), "--model", args.model, "--cut", str(args.cut),
                    "--devices", str(args.devices), "--seconds", str(args.seconds), "--json",
                    "--server-cores", "1", "--device-cores", "0", "--", "--workers", "0"]  # fmt: skip
