@@ -460,9 +460,12 @@ def _outputs(
     codec the request accepts, when this server offers it."""
     tensors = tuple(encode(t.name, results[t.name]) for t in prepared.outputs)
     accepted = prepared.request.parameters.get(ACCEPT_ENCODING)
-    if not isinstance(accepted, str) or accepted not in codecs or accepted not in encodings.CODECS:
+    encoding = encodings.ENCODINGS.get(accepted) if isinstance(accepted, str) and accepted in codecs else None
+    if encoding is None or encoding.lossy:
         return tensors  # outputs go back losslessly or raw, never through a lossy codec
-    return tuple(encodings.compress(t, accepted) if t.nbytes >= COMPRESS_OUTPUTS_FROM else t for t in tensors)
+    return tuple(
+        encodings.compress(t, encoding.name) if t.nbytes >= COMPRESS_OUTPUTS_FROM else t for t in tensors
+    )
 
 
 MIN_MESSAGE_BYTES = 1024 * 1024

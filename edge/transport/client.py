@@ -241,7 +241,7 @@ class TailClient:
         lossy = False
         if codec != "raw":
             tensors = tuple(encodings.compress(tensor, codec) for tensor in tensors)
-            if codec in encodings.CODECS:
+            if not encodings.ENCODINGS[codec].lossy:
                 params[wire.ACCEPT_ENCODING] = codec
             else:
                 lossy = any(t.parameters.get(wire.ENCODING) == codec for t in tensors)
