@@ -98,6 +98,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 lambda: [(m.name, m.runner) for m in self.dataplane.repository],
             )
         self._identify = identify if identify is not None else peer_host
+        if metrics is None:
+            self._infer = self._run  # type: ignore[method-assign]  # one coroutine less per request
         self._rejected = RateLimitedLog(logger)
         """One line a minute per status: one device's bad requests logged one each."""
         self.stream_window = max(1, max_inflight_per_device)
@@ -239,8 +241,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, message: Any, device: str, context: grpc.aio.ServicerContext | None = None
     ) -> InferResponse:
-        if self.metrics is None:
-            return await self._run(message, device, context)
+        """:meth:`_run`, counted in the metrics (without metrics, ``_infer`` is ``_run`` itself)."""
+        assert self.metrics is not None
         received = time.perf_counter_ns()
         self.metrics.inflight.inc()
         try:
@@ -274,7 +276,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def _run(
-        self, message: Any, device: str, context: grpc.aio.ServicerContext | None
+        self, message: Any, device: str, context: grpc.aio.ServicerContext | None = None
     ) -> InferResponse:
         """The data plane's answer to one ModelInferRequest, through the scheduler."""
         received = time.perf_counter_ns()
@@ -282,6 +284,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         prepared = self.dataplane.prepare(request, received)
         nbytes = sum(map(len, message.raw_input_contents))
         deadline = deadline_of(context.time_remaining() if context is not None else None)
+        if self.scheduler.serial and not prepared.profile:
+            return self.scheduler.run_serial(prepared, nbytes, deadline)  # no await: nothing waits
         return await self.scheduler.run(prepared, device, nbytes, deadline)
 
 

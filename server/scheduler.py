@@ -95,14 +95,7 @@ class Scheduler:
         its device or the server holds too many, DeadlineExpiredError when ``deadline`` (on the
         ``time.monotonic()`` clock) passed before it could compute."""
         if self.serial and not prepared.profile:
-            # Everything computes on the loop, one request at a time, where it was read: nothing
-            # waits, so no device can hold more than one and no turn is taken. Admission still
-            # refuses while the server drains.
-            self.dataplane.admit(nbytes)
-            try:
-                return _execute_before(self.dataplane, prepared, deadline)
-            finally:
-                self.dataplane.release(nbytes)
+            return self.run_serial(prepared, nbytes, deadline)
         self.per_device.acquire(device)
         try:
             self.dataplane.admit(nbytes)
@@ -122,6 +115,16 @@ class Scheduler:
                 self.dataplane.release(nbytes)
         finally:
             self.per_device.release(device)
+
+    def run_serial(self, prepared: PreparedRequest, nbytes: int, deadline: float | None) -> InferResponse:
+        """:meth:`run` when :attr:`serial` (a profile excepted), with no await: everything computes on
+        the loop, one request at a time, where it was read. Nothing waits, so no device holds more than
+        one and no turn is taken; admission still refuses while the server drains."""
+        self.dataplane.admit(nbytes)
+        try:
+            return _execute_before(self.dataplane, prepared, deadline)
+        finally:
+            self.dataplane.release(nbytes)
 
     def shutdown(self) -> None:
         """Let the compute threads finish what they hold, then stop them."""
