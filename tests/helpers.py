@@ -173,3 +173,19 @@ def whole_model_outputs(graph: ModelGraph, feeds: list[dict[str, np.ndarray]]) -
     """What the whole model gives for each of ``feeds``, run here."""
     with ModelRunner(graph) as whole:
         return [whole.run(f) for f in feeds]
+
+
+MINIMAL_PROFILE = """
+device_id = "dev-1"
+[model]
+path = "digits_resnet"
+[split]
+type = "fixed"
+k = 8
+[mqtt]
+host = "localhost"
+[[sensors]]
+topic = "sensors/+/digits"
+format = "json"
+"""
+"""The smallest device profile that loads: the daemon tests' base, edited per case."""

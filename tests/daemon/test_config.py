@@ -15,23 +15,11 @@ from edge.daemon import apply_overrides, available, find, load, resolve
 from edge.daemon.config import AutoSplitConfig, DeviceProfile, FixedSplitConfig
 from edge.daemon.profiles import parse
 from edge.errors import ConfigError
-from helpers import REPO
+from helpers import MINIMAL_PROFILE, REPO
 
 PROFILES = sorted((REPO / "firmware_config").glob("*.toml"))
 
-MINIMAL = """
-device_id = "dev-1"
-[model]
-path = "digits_resnet"
-[split]
-type = "fixed"
-k = 8
-[mqtt]
-host = "localhost"
-[[sensors]]
-topic = "sensors/+/digits"
-format = "json"
-"""
+MINIMAL = MINIMAL_PROFILE
 
 
 def test_the_four_profiles_ship() -> None:

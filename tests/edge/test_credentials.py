@@ -17,6 +17,7 @@ from certs import CA
 
 from edge.credentials import MAX_TOKEN_CHARS, MIN_TOKEN_CHARS, beside, read_secret, read_token
 from edge.errors import ConfigError
+from helpers import MINIMAL_PROFILE
 
 
 @pytest.mark.parametrize(
@@ -67,24 +68,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return {"ca": CA(root / "ca"), "tokens": tokens}
 
 
-PROFILE = """
-device_id = "dev-1"
-[model]
-path = "digits_resnet"
-[split]
-type = "fixed"
-k = 8
-[mqtt]
-host = "localhost"
-[[sensors]]
-topic = "sensors/+/digits"
-format = "json"
+PROFILE = (
+    MINIMAL_PROFILE
+    + """
 [[edge.servers]]
 address = "127.0.0.1:1"
 token_file = "secrets/token"
 [edge.servers.tls]
 ca_file = "secrets/ca.pem"
 """
+)
 
 
 def test_a_profiles_token_and_tls_files_resolve_beside_it(
