@@ -284,7 +284,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         prepared = self.dataplane.prepare(request, received)
         nbytes = sum(map(len, message.raw_input_contents))
         deadline = deadline_of(context.time_remaining() if context is not None else None)
-        if self.scheduler.serial and not prepared.profile:
+        if self.scheduler.computes_now(prepared):
             return self.scheduler.run_serial(prepared, nbytes, deadline)  # no await: nothing waits
         return await self.scheduler.run(prepared, device, nbytes, deadline)
 

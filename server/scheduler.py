@@ -94,7 +94,7 @@ class Scheduler:
         """``prepared``'s response, once it took its places and its turn; ServerOverloadedError when
         its device or the server holds too many, DeadlineExpiredError when ``deadline`` (on the
         ``time.monotonic()`` clock) passed before it could compute."""
-        if self.serial and not prepared.profile:
+        if self.computes_now(prepared):
             return self.run_serial(prepared, nbytes, deadline)
         self.per_device.acquire(device)
         try:
@@ -116,10 +116,16 @@ class Scheduler:
         finally:
             self.per_device.release(device)
 
+    def computes_now(self, prepared: PreparedRequest) -> bool:
+        """Whether :meth:`run_serial` answers ``prepared``: everything computes on the loop
+        (:attr:`serial`), and it is not a profile (which takes a thread of its own)."""
+        return self.serial and not prepared.profile
+
     def run_serial(self, prepared: PreparedRequest, nbytes: int, deadline: float | None) -> InferResponse:
-        """:meth:`run` when :attr:`serial` (a profile excepted), with no await: everything computes on
-        the loop, one request at a time, where it was read. Nothing waits, so no device holds more than
-        one and no turn is taken; admission still refuses while the server drains."""
+        """:meth:`run` for a request that :meth:`computes_now`, with no await: it computes on the loop
+        where it was read. Nothing waits, so no device holds more than one and no turn is taken;
+        admission still refuses while the server drains. A caller on the hot path calls it directly,
+        saving the coroutine :meth:`run` is."""
         self.dataplane.admit(nbytes)
         try:
             return _execute_before(self.dataplane, prepared, deadline)
