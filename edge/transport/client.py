@@ -352,6 +352,7 @@ class TailClient:
             loop,
             metadata=self._metadata,
             connect_timeout_s=self.connect_timeout_s,
+            reopen=lambda: _channel(self.address, self._credentials, self._options),
         )
 
     def _lane(self) -> _Lane:
@@ -447,6 +448,15 @@ async def _open_channel(
     options: list[tuple[str, int | str]],
 ) -> grpc.aio.Channel:
     """Create the channel inside the private loop, which it binds to."""
+    return _channel(address, credentials, options)
+
+
+def _channel(
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: list[tuple[str, int | str]],
+) -> grpc.aio.Channel:
+    """A channel bound to the running loop."""
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, credentials, options=options)

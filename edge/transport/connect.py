@@ -32,6 +32,9 @@ def channel_options(connect_timeout_s: float) -> list[tuple[str, int]]:
         ("grpc.min_reconnect_backoff_ms", max(100, int(connect_timeout_s * 1000))),
         ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.enable_retries", 0),
+        # A channel of its own connection: a new one is a new attempt, not the failed one of another
+        # channel to the same address (gRPC shares connections between channels by default).
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

@@ -118,8 +118,8 @@ class Session:
     """Requests to ``address`` over ``channel``, on the loop the channel was made on.
 
     Every method runs on that loop; :meth:`start` is the only way in for a request. ``metadata``
-    goes on every call (:func:`edge.credentials.bearer_metadata`); ``traits`` is the server's record (``streaming`` False
-    sends unary calls from the start).
+    goes on every call (:func:`edge.credentials.bearer_metadata`); ``traits`` is the server's record
+    (``streaming`` False sends unary calls from the start).
     """
 
     def __init__(
@@ -132,6 +132,7 @@ class Session:
         metadata: tuple[tuple[str, str], ...] | None = None,
         max_pending: int = MAX_PENDING,
         connect_timeout_s: float,
+        reopen: Callable[[], grpc.aio.Channel] | None = None,
     ) -> None:
         self.address = address
         self.channel = channel
@@ -142,6 +143,8 @@ class Session:
         self.metadata = metadata
         self.max_pending = max_pending
         self.connect_timeout_s = connect_timeout_s
+        self.reopen = reopen
+        """Makes a new channel to ``address`` on ``loop``: what a connect after a failed one uses."""
         self.closed = False
         self._connecting = 0
         """Requests waiting for the channel to connect, before their deadline starts."""
@@ -190,8 +193,7 @@ class Session:
 
     async def unary(self, method: str, message: Any, timeout_s: float) -> Any:
         """A unary call other than inference (metadata, readiness), connected first; RemoteError on failure."""
-        if self.channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
-            await until_connected(self.channel, self.connect_timeout_s, self.address)
+        await self._connected()
         try:
             return await getattr(self.stub, method)(message, timeout=timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as err:
@@ -216,10 +218,26 @@ class Session:
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
+    async def _connected(self) -> None:
+        """Return once the channel is ready, or raise RemoteError (UNAVAILABLE).
+
+        gRPC keeps a channel whose connection failed in TRANSIENT_FAILURE until it connects, and tries
+        again only as its backoff allows (up to 2 s later): a server that has come up meanwhile would
+        still be refused at once. A new channel tries now, so that is what a connect after a failed
+        one uses (a refused connection still fails at once, so the device finishes locally)."""
+        state = self.channel.get_state(try_to_connect=True)
+        if state is grpc.ChannelConnectivity.READY:
+            return
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and self.reopen is not None:
+            old, self.channel = self.channel, self.reopen()
+            self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+            await old.close()
+        await until_connected(self.channel, self.connect_timeout_s, self.address)
+
     async def _connect_first(self, request: Request) -> None:
         self._connecting += 1
         try:
-            await until_connected(self.channel, self.connect_timeout_s, self.address)
+            await self._connected()
         except RemoteError as err:
             _set(request.future, error=err)
             return

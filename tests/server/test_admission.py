@@ -19,7 +19,7 @@ from edge import models
 from edge.errors import RemoteError
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
-from edge.transport import TailClient
+from edge.transport import RemoteResult, TailClient
 from helpers import seeded_inputs
 from server.embedded import BackgroundServer
 
@@ -89,9 +89,17 @@ def test_health_answers_while_compute_is_busy(graph: ModelGraph) -> None:
     """A profile request keeps compute busy for a while; ServerReady still answers within a second."""
     with BackgroundServer.from_files([models.model_path(MODEL)]) as server:
         busy = TailClient(server.address, timeout_s=120.0)
-        profiling = threading.Thread(
-            target=lambda: busy.infer(MODEL, {}, parameters={"profile": True, "model_sha256": graph.sha256})
-        )
+        outcome: list[object] = []
+
+        def profile() -> None:
+            try:
+                outcome.append(
+                    busy.infer(MODEL, {}, parameters={"profile": True, "model_sha256": graph.sha256})
+                )
+            except Exception as err:
+                outcome.append(err)
+
+        profiling = threading.Thread(target=profile)
         profiling.start()
         try:
             time.sleep(0.3)
@@ -102,6 +110,8 @@ def test_health_answers_while_compute_is_busy(graph: ModelGraph) -> None:
         finally:
             profiling.join(timeout=120)
             busy.close()
+    # The busy request did run (had it failed to connect, nothing was busy and the probe proved nothing).
+    assert len(outcome) == 1 and isinstance(outcome[0], RemoteResult), outcome
 
 
 @pytest.mark.parametrize("workers", [0, 2])
