@@ -293,7 +293,7 @@ class EdgeServer:
     """An asyncio gRPC server holding the inference service, health and reflection.
 
     What it serves with is passed in: the ``servicer`` (by default an :class:`InferenceServicer`
-    over ``dataplane`` with ``workers`` compute threads), the ``credentials`` (None: plaintext)
+    over ``dataplane``, made with ``servicer_options``), the ``credentials`` (None: plaintext)
     and the ``interceptors``.
     """
 
@@ -303,7 +303,6 @@ class EdgeServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        workers: int = 0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         max_connection_age_s: float = DEFAULT_MAX_CONNECTION_AGE_S,
@@ -311,11 +310,7 @@ class EdgeServer:
         servicer: InferenceServicer | None = None,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-        metrics: ServerMetrics | None = None,
-        max_inflight_per_device: int = DEFAULT_MAX_INFLIGHT_PER_DEVICE,
-        identify: Callable[[grpc.aio.ServicerContext], str] | None = None,
-        max_batch: int = 1,
-        max_batch_delay_us: int = DEFAULT_MAX_BATCH_DELAY_US,
+        **servicer_options: Any,
     ) -> None:
         self.dataplane = dataplane
         self.host = host
@@ -324,19 +319,7 @@ class EdgeServer:
         self.idle_timeout_s = idle_timeout_s
         self.max_connection_age_s = max_connection_age_s
         self.max_connections = max_connections
-        self.servicer = (
-            servicer
-            if servicer is not None
-            else InferenceServicer(
-                dataplane,
-                workers=workers,
-                metrics=metrics,
-                max_inflight_per_device=max_inflight_per_device,
-                identify=identify,
-                max_batch=max_batch,
-                max_batch_delay_us=max_batch_delay_us,
-            )
-        )
+        self.servicer = servicer if servicer is not None else InferenceServicer(dataplane, **servicer_options)
         self.credentials = credentials
         self.interceptors = tuple(interceptors)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
