@@ -186,7 +186,8 @@ class AutoSplit:
         )
         codec = client.codec_sent() if reachable else "raw"
         if codec != "raw":
-            policy.use_codec(codec, *codec_profile(runner, codec))
+            encoder = getattr(client, "cut_encoder", None)  # a calibrated codec's file
+            policy.use_codec(codec, *codec_profile(runner, codec, encoder=encoder))
         members = getattr(client, "clients", None)
         if reachable and members is not None and len(members) > 1:
             policy.next_server = getattr(client, "next_address", None)

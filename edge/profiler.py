@@ -18,6 +18,8 @@ from .fileio import write_atomic
 from .measure import profile_heads
 from .preprocess import random_inputs
 from .runner import ModelRunner
+from .wire import WireTensor
+from .wire.encodings import CutEncoder
 
 __all__ = ["HeadProfile", "cache_dir", "codec_profile", "load_or_profile", "profile_path"]
 
@@ -117,11 +119,17 @@ def _write(path: Path, text: str) -> None:
     write_atomic(path, text.encode())
 
 
-def codec_profile(runner: ModelRunner, codec: str, *, runs: int = 3) -> tuple[list[float], list[float]]:
+def codec_profile(
+    runner: ModelRunner, codec: str, *, runs: int = 3, encoder: CutEncoder | None = None
+) -> tuple[list[float], list[float]]:
     """For every cut 0..N, on the activations of a seeded input: the share of its bytes ``codec`` leaves
     (compressed over raw; 1.0 for a cut that sends nothing) and the median ms to compress and
-    decompress them, which the planner adds to the cut's cost."""
+    decompress them, which the planner adds to the cut's cost. A calibrated codec's ``encoder``
+    encodes the cuts it has a codec for; the others go raw."""
     from .wire import decode, encode, encodings
+
+    def pack(t: WireTensor, k: int) -> WireTensor:
+        return encoder.compress(t, k, graph.sha256) if encoder is not None else encodings.compress(t, codec)
 
     graph = runner.graph
     activations = runner.activations(random_inputs(graph, 0))
@@ -133,7 +141,7 @@ def codec_profile(runner: ModelRunner, codec: str, *, runs: int = 3) -> tuple[li
         packed = tensors
         for _ in range(runs):
             started = time.perf_counter()
-            packed = [encodings.compress(t, codec) for t in tensors]
+            packed = [pack(t, cut.index) for t in tensors]
             for t in packed:
                 decode(t)
             samples.append((time.perf_counter() - started) * 1000.0)

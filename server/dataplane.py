@@ -111,7 +111,7 @@ class DataPlane:
     ) -> None:
         self.repository = repository
         self.model_control = model_control
-        self.codecs = encodings.available() if codecs is None else codecs
+        self.codecs = encodings.decoded() if codecs is None else codecs
         """The codecs advertised in ServerMetadata as decoded here; the lossless ones among them also
         compress large outputs when a request accepts one."""
         self.max_inflight_bytes = max_inflight_bytes

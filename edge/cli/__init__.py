@@ -15,6 +15,7 @@ from ..errors import EdgeError
 from . import (
     bench_cmd,
     cascade_cmd,
+    codec_cmd,
     demo_cmd,
     export_cmd,
     infer_cmd,
@@ -39,6 +40,7 @@ COMMANDS = [
     plan_cmd,
     ping_cmd,
     cascade_cmd,
+    codec_cmd,
     quantize_cmd,
     run_cmd,
     export_cmd,

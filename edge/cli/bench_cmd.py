@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         server=args.server,
         transport="stream" if getattr(client, "streaming", False) else "unary",
         backend=args.backend,
-        codec=args.codec,
+        codec=str(args.codec),
         threads=args.threads,
         cpu_latency_us=args.cpu_latency_us,
         input_bytes=sum(t.nbytes for t in graph.inputs),

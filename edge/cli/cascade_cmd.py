@@ -31,7 +31,7 @@ from ..outputs import dequantize
 from ..preprocess import coerce_input
 from ..runner import ModelRunner
 from ..stats import summary
-from .common import MODEL_HELP, add_backend_args, add_server_args, load_graph, open_runner
+from .common import MODEL_HELP, add_backend_args, add_server_args, load_graph, open_runner, plotting
 
 __all__ = ["register"]
 
@@ -234,7 +234,7 @@ def calibrate(args: argparse.Namespace) -> int:
             f"--split-at {split_point} comes before the exit, which the head computes from cut {stages.exit_cut} on"
         )
     if args.plot is not None:
-        _plotting()  # before the work, and before anything is written
+        plotting()  # before the work, and before anything is written
     feeds, labels = load_dataset(args.data, big)
     confidences, small_correct, big_correct = [], [], []
     try:
@@ -370,20 +370,8 @@ def _print(report: dict[str, Any], as_json: bool, footer: str) -> None:
     print(footer, file=sys.stderr)
 
 
-def _plotting() -> Any:
-    """matplotlib's pyplot, drawing to files; EdgeError naming the extra when it is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise EdgeError("--plot needs matplotlib: pip install 'edge-coop[plot]'") from err
-    return plt
-
-
 def _plot(calibration: Calibration, path: Path) -> None:
-    plt = _plotting()
+    plt = plotting()
     shares = [p.local_share * 100 for p in calibration.curve]
     accuracies = [p.accuracy * 100 for p in calibration.curve]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -13,10 +13,11 @@ from ..address import DEFAULT_PORT
 from ..argtypes import address, positive_float, positive_int
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..backends.support import require_runnable
+from ..codec import CodecFile
 from ..cooperative import CooperativeRunner
 from ..cpu_latency import add_cpu_latency_arg
 from ..credentials import TLSOptions, read_token
-from ..errors import RemoteError, TensorFormatError
+from ..errors import ConfigError, EdgeError, RemoteError, TensorFormatError
 from ..fileio import load_arrays
 from ..graph import ModelGraph
 from ..policy import make_policy
@@ -110,11 +111,13 @@ def add_address_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--codec",
-        choices=["raw", *encodings.CODECS, *encodings.LOSSY],
+        type=codec_arg,
         default="raw",
+        metavar="{" + ",".join(CODEC_NAMES) + "}|CODEC.json",
         help="compress the tensors sent when the server decodes the codec (it says so in its metadata; else "
         "they go raw): zstd or lz4 losslessly, accepting large outputs compressed too; or, lossy, fp16 "
-        "(float cuts) or int4 (int8 cuts), whose results are flagged (default: %(default)s)",
+        "(float cuts) or int4 (int8 cuts), or a codec calibrated on your data (edge codec calibrate), whose "
+        "results are flagged (default: %(default)s)",
     )
     p.add_argument(
         "--connect-timeout",
@@ -127,6 +130,35 @@ def add_address_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, metavar="FILE", help="connect with TLS, trusting this CA (PEM)")
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="with --tls-ca: a client certificate (mTLS)")
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="the private key of --tls-cert")
+
+
+CODEC_NAMES = ("raw", *encodings.CODECS, *encodings.LOSSY)
+
+
+def codec_arg(text: str) -> str | CodecFile:
+    """A codec's name, or a calibrated codec's file (CODEC.json)."""
+    if text in CODEC_NAMES:
+        return text
+    if not text.endswith(".json"):
+        raise argparse.ArgumentTypeError(
+            f"choose one of {', '.join(CODEC_NAMES)}, or a CODEC.json, not {text!r}"
+        )
+    try:
+        return CodecFile.load(Path(text))
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def plotting() -> Any:
+    """matplotlib's pyplot, drawing to files; EdgeError naming the extra when it is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise EdgeError("--plot needs matplotlib: pip install 'edge-coop[plot]'") from err
+    return plt
 
 
 def add_constraint_args(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
@@ -160,6 +192,8 @@ def load_graph(spec: str) -> ModelGraph:
 
 def open_runner(args: argparse.Namespace, graph: ModelGraph, *, local: bool = False) -> CooperativeRunner:
     require_runnable(graph, args.backend)  # the fallback is the whole model: it must run here
+    if isinstance(getattr(args, "codec", None), CodecFile):
+        args.codec.check_model(graph)
     runner = ModelRunner(graph, backend=args.backend, threads=args.threads)
     client = (
         None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 from paho.mqtt.client import topic_matches_sub
@@ -236,11 +236,13 @@ class EdgeServerConfig(_Strict):
         strict=False,
         description="File whose first line is a bearer token for this server (edge-server --auth-tokens).",
     )
-    codec: CodecName = Field(
+    codec: str = Field(
         default="raw",
+        max_length=4096,
         description="Compress the tensors sent to this server, when it decodes the codec (it says so in its "
         "metadata; else they go raw): zstd or lz4 losslessly (the codecs extra), or, opt-in and lossy, fp16 "
-        "(float cuts) or int4 (int8 cuts); results through a lossy codec carry lossy = true.",
+        "(float cuts), int4 (int8 cuts), or a CODEC.json from edge codec calibrate (a path beside the "
+        "profile); results through a lossy codec carry lossy = true.",
     )
     streaming: bool = Field(
         default=True,
@@ -254,6 +256,16 @@ class EdgeServerConfig(_Strict):
         "over them with gRPC's own round_robin balancing. Requests then go as unary calls (a stream stays on "
         "one server).",
     )
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        names = get_args(CodecName)
+        if value not in names and not value.endswith(".json"):
+            raise ValueError(
+                f"choose one of {', '.join(names)}, or the path of a CODEC.json, not {value[:60]!r}"
+            )
+        return value
 
     @field_validator("address")
     @classmethod

@@ -18,6 +18,7 @@ from .. import models
 from ..backends import create_backend
 from ..backends.support import require_runnable
 from ..cascade import Calibration, Cascade, EarlyExit, Pressure, Router, Rule, check_pair, exit_cut
+from ..codec import CodecFile
 from ..cooperative import CooperativeRunner
 from ..credentials import beside, read_token
 from ..errors import ConfigError, EdgeError
@@ -68,6 +69,8 @@ def resolve(profile: DeviceProfile, source: Path) -> ResolvedProfile:
     name = profile.model.name or model_path.stem
     _check_labels(profile, graph, source)
     _check_sensors(profile, graph, source)
+    for i, server in enumerate(profile.edge.servers):
+        _codec(server.codec, i, graph, source)
     cut = None
     if isinstance(profile.split, FixedSplitConfig):
         try:
@@ -171,7 +174,7 @@ def open_device(resolved: ResolvedProfile) -> CooperativeRunner:
     """The cooperative runner the profile describes (no request is sent yet)."""
     profile = resolved.profile
     runner = ModelRunner(resolved.graph, backend=profile.runtime.backend, threads=profile.runtime.threads)
-    client = _client(profile, resolved.source)
+    client = _client(profile, resolved.source, resolved.graph)
     split = profile.split
     try:
         if isinstance(split, FixedSplitConfig):
@@ -206,7 +209,19 @@ def open_device(resolved: ResolvedProfile) -> CooperativeRunner:
     )
 
 
-def _client(profile: DeviceProfile, source: Path) -> TailTransport | None:
+def _codec(codec: str, index: int, graph: ModelGraph, source: Path) -> str | CodecFile:
+    """A server's codec: its name, or a calibrated codec's file (beside the profile), checked against the model."""
+    if not codec.endswith(".json"):
+        return codec
+    try:
+        loaded = CodecFile.load(beside(Path(codec), source))
+        loaded.check_model(graph)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: edge.servers[{index}].codec: {err}") from err
+    return loaded
+
+
+def _client(profile: DeviceProfile, source: Path, graph: ModelGraph) -> TailTransport | None:
     edge = profile.edge
     clients: list[TailTransport] = []
     for i, server in enumerate(edge.servers):
@@ -221,7 +236,7 @@ def _client(profile: DeviceProfile, source: Path) -> TailTransport | None:
                     tls=tls,
                     streaming=server.streaming,
                     token=token,
-                    codec=server.codec,
+                    codec=_codec(server.codec, i, graph, source),
                     balance=server.balance,
                 )
             )

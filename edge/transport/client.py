@@ -31,7 +31,7 @@ from ..aio import retire
 from ..credentials import TLSOptions, bearer_metadata
 from ..errors import ConfigError, EdgeError, RemoteError
 from ..protocol import converters, pb
-from ..wire import InferRequest, ModelMetadata, ParameterValue, decode, encode, encodings, packed
+from ..wire import InferRequest, ModelMetadata, ParameterValue, calibrated, decode, encode, encodings, packed
 from .base import RemoteResult
 from .connect import DEFAULT_CONNECT_TIMEOUT_S, channel_options
 from .session import Request, ServerTraits, Session, closed
@@ -112,7 +112,7 @@ class TailClient:
         max_message_bytes: int = 64 * 1024 * 1024,
         streaming: bool = True,
         token: str | None = None,
-        codec: str = "raw",
+        codec: str | encodings.CutEncoder = "raw",
         balance: bool = False,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     ) -> None:
@@ -124,7 +124,11 @@ class TailClient:
         self.balance = balance
         """``address`` names several servers (a DNS name with several records, ``ipv4:A:P,B:P``):
         gRPC's round_robin spreads the calls over them. Unary calls, then: a stream would stay on one."""
-        if codec != "raw" and codec not in encodings.available():
+        self.cut_encoder = None if isinstance(codec, str) else codec
+        """Encodes cut tensors with a calibrated codec (a CODEC.json), where the server decodes it."""
+        if not isinstance(codec, str):
+            codec = calibrated.NAME
+        elif codec != "raw" and codec not in encodings.available():
             raise ConfigError(
                 f"codec {codec!r} is not available here (pip install zstandard lz4); "
                 f"choose one of: raw, {', '.join(encodings.available()) or '(none installed)'}"
@@ -240,7 +244,11 @@ class TailClient:
         codec = encodings.sent_as(self.codec, traits.codecs)
         lossy = False
         if codec != "raw":
-            tensors = tuple(encodings.compress(tensor, codec) for tensor in tensors)
+            if self.cut_encoder is not None:
+                cut, sha = params.get(wire.SPLIT_POINT), params.get(wire.MODEL_SHA256)
+                tensors = tuple(self.cut_encoder.compress(t, cut, sha) for t in tensors)
+            else:
+                tensors = tuple(encodings.compress(tensor, codec) for tensor in tensors)
             if not encodings.ENCODINGS[codec].lossy:
                 params[wire.ACCEPT_ENCODING] = codec
             else:

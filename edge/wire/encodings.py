@@ -6,7 +6,9 @@ raw. Every encoding is one entry of :data:`ENCODINGS`, registered here explicitl
 - ``raw``: the little-endian row-major bytes themselves;
 - ``zstd`` and ``lz4``: lossless, when their libraries are installed;
 - ``fp16`` (FP32 tensors, two bytes an element) and ``int4`` (INT8 tensors, two elements a byte):
-  lossy, opt-in, and every result sent through one is flagged.
+  lossy, opt-in, and every result sent through one is flagged;
+- ``calibrated``: lossy, a frame of a codec fitted on calibration data (:mod:`edge.wire.calibrated`),
+  which says how to decode it; a device sends it only with a CODEC.json (:mod:`edge.codec`).
 
 The receiver knows how many bytes a tensor must decode to (its datatype times its shape) and decodes
 at most that many: a frame that claims or yields more is refused before it is allocated, so a small
@@ -22,12 +24,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
 from edge.errors import TensorFormatError
 
+from . import calibrated
 from .names import ENCODING
 from .tensors import Deferred, WireTensor, dtype_of, element_count
 
@@ -39,11 +42,13 @@ __all__ = [
     "INT4_STEP",
     "LOSSY",
     "CodecName",
+    "CutEncoder",
     "Encoding",
     "available",
     "compress",
     "decode",
     "decode_expected",
+    "decoded",
     "extensions",
     "offered",
     "sent_as",
@@ -64,6 +69,15 @@ ZSTD_LEVEL = 1
 INT4_BASE = "edge_int4_base"
 INT4_STEP = "edge_int4_step"
 """int64s on an int4 tensor: 4-bit code u stands for the int8 value base + step * u."""
+
+
+class CutEncoder(Protocol):
+    """Encodes a model's cut tensors with parameters fitted to them (:class:`edge.codec.CodecFile`);
+    its tensors go as the ``calibrated`` encoding."""
+
+    def compress(self, tensor: WireTensor, split_point: object, model_sha256: object) -> WireTensor:
+        """``tensor`` encoded, or as it is when there is no codec for it at that cut of that model."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +231,12 @@ def _int4_unpack(t: WireTensor, expected: int) -> bytes:
     return np.clip(base + step * codes[:expected], -128, 127).astype(np.int8).tobytes()
 
 
+def _calibrated_unpack(t: WireTensor, expected: int) -> bytes:
+    if t.datatype != "INT8" or element_count(t.name, t.shape) != expected:
+        raise TensorFormatError(f"tensor {t.name!r}: a calibrated codec encodes INT8 tensors")
+    return calibrated.decode_frame(_bytes_of(t), t.shape).tobytes()
+
+
 # -- the registry --------------------------------------------------------------------------------
 
 
@@ -238,6 +258,8 @@ def _registry() -> dict[str, Encoding]:
         table.append(Encoding("zstd", False, _smaller(_zstd_compress, "zstd"), _zstd_decompress))
     if _installed(_lz4):
         table.append(Encoding("lz4", False, _smaller(_lz4_compress, "lz4"), _lz4_decompress))
+    if _installed(_zstd):
+        table.append(Encoding(calibrated.NAME, True, lambda t: None, _calibrated_unpack))
     return {e.name: e for e in table}
 
 
@@ -246,13 +268,19 @@ ENCODINGS: Mapping[str, Encoding] = _registry()
 
 
 def available() -> tuple[str, ...]:
-    """The codecs this process can encode and decode: the lossless ones installed, then the lossy ones."""
+    """The codecs this process can encode and decode by name: the lossless ones installed, then the
+    lossy ones."""
     return tuple(name for name in (*CODECS, *LOSSY) if name in ENCODINGS)
+
+
+def decoded() -> tuple[str, ...]:
+    """What a server decodes, and lists in its metadata: :func:`available`, and ``calibrated``."""
+    return tuple(name for name in (*available(), calibrated.NAME) if name in ENCODINGS)
 
 
 def extensions() -> tuple[str, ...]:
     """What a server lists in ServerMetadata for the codecs it decodes."""
-    return tuple(EXTENSION_PREFIX + name for name in available())
+    return tuple(EXTENSION_PREFIX + name for name in decoded())
 
 
 def offered(server_extensions: tuple[str, ...] | list[str]) -> tuple[str, ...]:

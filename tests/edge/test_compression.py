@@ -168,7 +168,7 @@ def test_the_server_lists_its_codecs_and_compresses_large_outputs(server: Backgr
         meta = pb_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(
             pb.ServerMetadataRequest(), timeout=10
         )
-    assert encodings.offered(list(meta.extensions)) == ("zstd", "lz4", "fp16", "int4")
+    assert encodings.offered(list(meta.extensions)) == ("zstd", "lz4", "fp16", "int4", "calibrated")
     path = tmp_path / "wide.tflite"
     path.write_bytes(slow_conv_model(size=16, channels=128))  # a float32 [1, 16, 16, 128] output: 128 KiB
     graph = ModelGraph.from_file(path)

@@ -1,0 +1,339 @@
+"""Calibrated feature codecs for the tensors that cross a cut: searched on the user's data, kept in
+a CODEC.json, used by the device to send fewer bytes.
+
+:func:`calibrate` runs the head on calibration samples, fits :class:`~edge.wire.calibrated.ChannelCodec`
+candidates on one half of them (bits 1–8, the channel ranges from percentiles, the channels of least
+energy dropped) and measures each on the other half: the bytes it sends, and the loss it costs at the
+model's output. With labels the loss is accuracy points against the exact model; without, the share
+of samples whose top-1 class differs from the exact model's. It keeps, per cut, the smallest
+candidate within ``max_loss_pp``, and the whole rate–loss curve.
+
+A :class:`CodecFile` holds the model's sha256 and, per cut, each tensor's codec; the device encodes a
+cut tensor with it only for that model and cut (else the tensor goes as it is).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, EdgeError, TensorFormatError
+from .fileio import write_atomic
+from .graph import ModelGraph
+from .runner import ModelRunner
+from .wire import ENCODING, WireTensor
+from .wire.calibrated import NAME, ChannelCodec
+
+__all__ = ["BITS", "CLIPS", "DROPS", "CodecFile", "CutCodec", "Point", "calibrate", "fit", "measure"]
+
+FORMAT = "edge-feature-codec/1"
+BITS = tuple(range(1, 9))
+CLIPS = (0.0, 0.001, 0.01)
+"""Share of each channel's calibration values left outside its range, at each end."""
+DROPS = (0.0, 0.25, 0.5)
+"""Share of each tensor's channels dropped, those of least energy first."""
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One candidate at one cut: its setting, the bytes it sends per request, and what it costs."""
+
+    bits: int
+    clip: float
+    drop: float
+    bytes: float
+    loss_pp: float
+    agreement: float
+    """Share of the samples whose top-1 class is the exact model's."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "clip": self.clip,
+            "drop": self.drop,
+            "bytes": round(self.bytes, 2),
+            "loss_pp": round(self.loss_pp, 4),
+            "agreement": round(self.agreement, 6),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CutCodec:
+    """The codec chosen at one cut, and the curve it was chosen from."""
+
+    split_point: int
+    raw_bytes: int
+    chosen: Point | None
+    """None: no candidate stays within the loss and sends fewer bytes than the raw tensors; they go as
+    they are."""
+    tensors: Mapping[str, ChannelCodec]
+    curve: tuple[Point, ...] = ()
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.chosen.bytes if self.chosen is not None else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "split_point": self.split_point,
+            "raw_bytes": self.raw_bytes,
+            "chosen": self.chosen.to_json() if self.chosen is not None else None,
+            "tensors": {name: codec.to_json() for name, codec in self.tensors.items()},
+            "curve": [p.to_json() for p in self.curve],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CodecFile:
+    """A calibration's result: what a device sends its cut tensors with, per cut, for one model."""
+
+    model_sha256: str
+    model: str
+    labels: bool
+    max_loss_pp: float
+    samples: int
+    cuts: Mapping[int, CutCodec]
+    chosen: int | None = None
+    """With several cuts: the one whose codec sends the fewest bytes within the loss."""
+    source: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        return f"calibrated ({Path(self.source).name or 'codec'})"
+
+    def check_model(self, graph: ModelGraph) -> None:
+        if graph.sha256 != self.model_sha256:
+            raise ConfigError(
+                f"{self.source or 'the codec'} was calibrated for another model (sha256 "
+                f"{self.model_sha256[:12]}…, not {graph.sha256[:12]}… of {Path(graph.source).name})"
+            )
+
+    def compress(self, tensor: WireTensor, split_point: object, model_sha256: object) -> WireTensor:
+        """``tensor`` encoded with its codec at ``split_point``; as it is when this file has none for it
+        (another model or cut, or a tensor that is not int8 with the codec's channels)."""
+        if model_sha256 != self.model_sha256 or not isinstance(split_point, int):
+            return tensor
+        cut = self.cuts.get(split_point)
+        codec = cut.tensors.get(tensor.name) if cut is not None else None
+        if (
+            codec is None
+            or tensor.datatype != "INT8"
+            or not tensor.shape
+            or not isinstance(tensor.data, bytes)
+        ):
+            return tensor
+        if tensor.shape[-1] != codec.channels:
+            return tensor
+        values = np.frombuffer(tensor.data, dtype=np.int8).reshape(tensor.shape)
+        frame = codec.encode(values)
+        return WireTensor(
+            tensor.name, tensor.datatype, tensor.shape, frame, {**tensor.parameters, ENCODING: NAME}
+        )
+
+    def to_json(self) -> str:
+        body = {
+            "format": FORMAT,
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "labels": self.labels,
+            "max_loss_pp": self.max_loss_pp,
+            "samples": self.samples,
+            "chosen": self.chosen,
+            "cuts": [cut.to_json() for cut in self.cuts.values()],
+        }
+        return json.dumps(body, indent=1) + "\n"
+
+    def save(self, path: Path) -> None:
+        write_atomic(path, self.to_json().encode())
+
+    @classmethod
+    def load(cls, path: Path) -> CodecFile:
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise ConfigError(f"{path}: {size:,} bytes; a codec file holds at most {MAX_FILE_BYTES:,}")
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(
+                f"{path}: cannot read the codec: {getattr(err, 'strerror', None) or err}"
+            ) from err
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not a codec file (not JSON: {err})") from err
+        return cls.from_json(body, str(path))
+
+    @classmethod
+    def from_json(cls, body: Any, source: str) -> CodecFile:
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise ConfigError(
+                f"{source}: not a codec file (its format is not {FORMAT!r}); make one with edge codec calibrate"
+            )
+        try:
+            cuts = {}
+            for entry in body["cuts"]:
+                k = int(entry["split_point"])
+                tensors = {
+                    str(name): ChannelCodec.from_json(codec, f"{source}: cut {k}, tensor {name[:60]!r}")
+                    for name, codec in entry["tensors"].items()
+                }
+                chosen = _point(entry["chosen"]) if entry["chosen"] is not None else None
+                curve = tuple(_point(p) for p in entry.get("curve", ()))
+                cuts[k] = CutCodec(k, int(entry["raw_bytes"]), chosen, tensors, curve)
+            return cls(
+                model_sha256=str(body["model_sha256"]),
+                model=str(body.get("model", "")),
+                labels=bool(body["labels"]),
+                max_loss_pp=float(body["max_loss_pp"]),
+                samples=int(body["samples"]),
+                cuts=cuts,
+                chosen=None if body.get("chosen") is None else int(body["chosen"]),
+                source=source,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(f"{source}: a malformed codec file ({type(err).__name__}: {err})") from err
+        except TensorFormatError as err:
+            raise ConfigError(str(err)) from err
+
+
+def _point(body: Mapping[str, Any]) -> Point:
+    return Point(
+        int(body["bits"]),
+        float(body["clip"]),
+        float(body["drop"]),
+        float(body["bytes"]),
+        float(body["loss_pp"]),
+        float(body["agreement"]),
+    )
+
+
+def fit(samples: Sequence[Feeds], bits: int, clip: float, drop: float) -> dict[str, ChannelCodec]:
+    """A codec per tensor of ``samples`` (each a cut's tensors): each channel's range spans its values but
+    the ``clip`` share at each end; the ``drop`` share of channels of least variance are rebuilt as their
+    mean, and so is any channel that never varies."""
+    codecs = {}
+    for name in samples[0]:
+        channels = samples[0][name].shape[-1]
+        x = np.concatenate([s[name].reshape(-1, channels) for s in samples]).astype(np.float64)
+        lo = np.floor(np.percentile(x, clip * 100, axis=0))
+        hi = np.ceil(np.percentile(x, 100 - clip * 100, axis=0))
+        variance = x.var(axis=0)
+        kept = variance > 0
+        kept[np.argsort(variance, kind="stable")[: int(drop * channels)]] = False
+        mean = np.clip(np.rint(x.mean(axis=0)), -128, 127)
+        lo, hi = np.where(kept, lo, mean), np.where(kept, hi, mean)
+        codecs[name] = ChannelCodec(
+            bits, tuple(int(v) for v in lo), tuple(int(v) for v in hi), tuple(bool(k) for k in kept)
+        )
+    return codecs
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """A codec on evaluation samples: bytes per request, and the top-1 classes the tail gave."""
+
+    bytes: float
+    classes: np.ndarray
+
+
+def measure(
+    runner: ModelRunner, k: int, heads: Sequence[Feeds], codecs: Mapping[str, ChannelCodec] | None
+) -> Measured:
+    """The tail of cut ``k`` on each head's tensors, sent through ``codecs`` (None: as they are)."""
+    output = runner.graph.cut(k).tail_outputs[0].name
+    total = 0
+    classes = np.empty(len(heads), dtype=np.int64)
+    for i, head in enumerate(heads):
+        sent: dict[str, np.ndarray] = {}
+        for name, values in head.items():
+            codec = codecs.get(name) if codecs is not None else None
+            if codec is None:
+                sent[name] = values
+                total += values.nbytes
+                continue
+            frame = codec.encode(values)
+            total += len(frame)
+            sent[name] = codec.decode(values.shape, frame)
+        classes[i] = int(np.argmax(runner.run_tail(k, sent)[output]))
+    return Measured(total / max(1, len(heads)), classes)
+
+
+def calibratable(graph: ModelGraph, k: int) -> str | None:
+    """Why cut ``k`` cannot be calibrated, or None."""
+    cut = graph.cut(k)
+    if not cut.tensors:
+        return "nothing crosses it"
+    if len(cut.tail_outputs) != 1:
+        return f"its tail computes {len(cut.tail_outputs)} outputs; the loss is measured on one"
+    for t in cut.tensors:
+        if t.dtype != np.int8 or len(t.shape) < 2:
+            return f"tensor {t.name[:60]!r} is {t.dtype.name}{list(t.shape)}, not an int8 feature map"
+    return None
+
+
+def calibrate(
+    runner: ModelRunner,
+    feeds: Sequence[Feeds],
+    labels: np.ndarray | None,
+    cuts: Iterable[int],
+    *,
+    max_loss_pp: float,
+    grid: Iterable[tuple[int, float, float]] | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> CodecFile:
+    """Search the codecs at each of ``cuts`` (see the module's docstring); ``feeds`` are split in two,
+    the first half to fit on and the second to measure on. ``progress`` is told each cut's name and
+    how many candidates it has."""
+    graph = runner.graph
+    if len(feeds) < 4:
+        raise EdgeError(
+            f"calibration needs at least 4 samples (half to fit, half to measure), not {len(feeds)}"
+        )
+    half = len(feeds) // 2
+    settings = list(grid if grid is not None else itertools.product(BITS, CLIPS, DROPS))
+    truth = labels[half:] if labels is not None else None
+    results: dict[int, CutCodec] = {}
+    for k in cuts:
+        problem = calibratable(graph, k)
+        if problem is not None:
+            raise EdgeError(f"cut {k} cannot take a calibrated codec: {problem}")
+        if progress is not None:
+            progress(f"cut {k}", len(settings))
+        heads = [runner.run_head(k, feed).cut for feed in feeds]
+        fitting, held = heads[:half], heads[half:]
+        exact = measure(runner, k, held, None)
+        reference = truth if truth is not None else exact.classes
+        exact_right = float(np.mean(exact.classes == reference))
+        curve = []
+        for bits, clip, drop in settings:
+            got = measure(runner, k, held, fit(fitting, bits, clip, drop))
+            loss = (exact_right - float(np.mean(got.classes == reference))) * 100
+            agreement = float(np.mean(got.classes == exact.classes))
+            curve.append(Point(bits, clip, drop, got.bytes, loss, agreement))
+            if progress is not None:
+                progress("", 1)
+        within = [p for p in curve if p.loss_pp <= max_loss_pp + 1e-9 and p.bytes < exact.bytes]
+        best = min(within, key=lambda p: (p.bytes, p.loss_pp)) if within else None
+        tensors = fit(fitting, best.bits, best.clip, best.drop) if best is not None else {}
+        results[k] = CutCodec(k, int(exact.bytes), best, tensors, tuple(curve))
+    chosen = min(
+        (c for c in results.values() if c.chosen is not None),
+        key=lambda c: c.chosen.bytes if c.chosen is not None else math.inf,
+        default=None,
+    )
+    return CodecFile(
+        model_sha256=graph.sha256,
+        model=Path(graph.source).name,
+        labels=labels is not None,
+        max_loss_pp=max_loss_pp,
+        samples=len(feeds),
+        cuts=results,
+        chosen=chosen.split_point if chosen is not None and len(results) > 1 else None,
+    )

@@ -1,0 +1,355 @@
+"""Calibrated feature codecs: the frame, its bounds, calibration, and a request through a real server.
+
+Covered:
+- frames round-trip to exactly the documented reconstruction, ``round(lo + (hi - lo) * code / top)``,
+  computed here independently, for every bit width 1..8, with kept, dropped and flat channels; at 8
+  bits on the full int8 range they are lossless;
+- every malformed frame (not zstd, no content size, a size the shape does not allow, bytes after it,
+  another version, channel count or bit width, a range upside down, codes too short) is one
+  TensorFormatError, and none is decompressed past what the shape allows;
+- a codec file is used only for its model and cuts; a file for another model, or a malformed one,
+  is one ConfigError;
+- ``edge codec calibrate`` on half of the shipped digits and ``edge codec eval`` on the other half:
+  at least 8x fewer bytes than the raw int8 cut at no more than 1 pp, with and without labels;
+- through a real server: the result is flagged lossy, its outputs equal the tail run here on the
+  decoded tensors, the bytes counted are the frames'; a server that does not list the codec gets
+  the raw tensors and answers exactly the whole model; outputs never come back through it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from edge import models
+from edge.cli import main
+from edge.codec import CodecFile, calibrate, fit
+from edge.errors import ConfigError, TensorFormatError
+from edge.graph import ModelGraph
+from edge.runner import ModelRunner
+from edge.transport import TailClient
+from edge.wire import ACCEPT_ENCODING, ENCODING, MODEL_SHA256, SPLIT_POINT, WireTensor, decode, encode
+from edge.wire.calibrated import NAME, ChannelCodec, decode_frame
+from server.dataplane import DataPlane
+from server.embedded import BackgroundServer
+from server.grpc_service import EdgeServer
+from server.repository import ModelRepository
+
+MODEL = "digits_resnet"
+GRAPH = ModelGraph.from_file(models.model_path(MODEL))
+CUT = 12
+"""Two int8 tensors cross it (32 and 64 channels)."""
+
+
+def _reference(values: np.ndarray, codec: ChannelCodec) -> np.ndarray:
+    """The documented reconstruction, computed element by element in plain Python."""
+    top = (1 << codec.bits) - 1
+    flat = values.reshape(-1, codec.channels)
+    out = np.empty_like(flat)
+    for c in range(codec.channels):
+        lo, hi = codec.lo[c], codec.hi[c]
+        for i, v in enumerate(flat[:, c]):
+            if not codec.kept[c]:
+                out[i, c] = lo
+                continue
+            code = 0 if hi == lo else min(max(round((int(v) - lo) * top / (hi - lo)), 0), top)
+            out[i, c] = min(max(round(lo + (hi - lo) * code / top), -128), 127)
+    return out.reshape(values.shape)
+
+
+def _values(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-128, 128, size=shape, dtype=np.int8)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_a_frame_decodes_to_the_documented_reconstruction(bits: int) -> None:
+    values = _values((1, 5, 3, 6), bits)
+    codec = ChannelCodec(
+        bits,
+        lo=(-128, -50, 10, 7, -128, 0),
+        hi=(127, 40, 90, 7, -100, 0),
+        kept=(True, True, True, True, True, False),
+    )
+    decoded = decode_frame(codec.encode(values), values.shape)
+    assert decoded.dtype == np.int8 and decoded.shape == values.shape
+    np.testing.assert_array_equal(decoded, _reference(values, codec))
+
+
+def test_eight_bits_on_the_full_range_are_lossless() -> None:
+    values = _values((2, 4, 4, 3))
+    codec = ChannelCodec(8, lo=(-128,) * 3, hi=(127,) * 3, kept=(True,) * 3)
+    np.testing.assert_array_equal(decode_frame(codec.encode(values), values.shape), values)
+
+
+def _frame(body: bytes, *, content_size: bool = True) -> bytes:
+    return bytes(zstandard.ZstdCompressor(write_content_size=content_size).compress(body))
+
+
+def _body(codec: ChannelCodec, values: np.ndarray) -> bytes:
+    return zstandard.ZstdDecompressor().decompress(codec.encode(values))
+
+
+CODEC = ChannelCodec(2, lo=(-10, -20), hi=(10, 20), kept=(True, True))
+VALUES = _values((1, 4, 4, 2))
+GOOD = _body(CODEC, VALUES)
+
+
+@pytest.mark.parametrize(
+    "frame, needle",
+    [
+        (b"not zstd at all", "not a calibrated frame"),
+        (_frame(GOOD, content_size=False), "does not say its size"),
+        (_frame(GOOD + bytes(10_000)), "bytes; a tensor of shape"),
+        (_frame(GOOD) + b"extra", "bytes after it"),
+        (_frame(bytes([2]) + GOOD[1:]), "format 2"),
+        (_frame(GOOD[:2] + (3).to_bytes(2, "little") + GOOD[4:]), "3 channels"),
+        (_frame(GOOD[:1] + bytes([9]) + GOOD[2:]), "9 bits"),
+        (_frame(GOOD[:5] + bytes([20, 10]) + GOOD[7:]), "hi is below its lo"),
+        (_frame(GOOD[:-1]), "code bytes"),
+    ],
+    ids=["not-zstd", "no-size", "too-large", "trailing", "version", "channels", "bits", "range", "short"],
+)
+def test_a_bad_frame_is_one_clear_error(frame: bytes, needle: str) -> None:
+    with pytest.raises(TensorFormatError, match=needle):
+        decode_frame(frame, VALUES.shape)
+
+
+def test_a_frame_claiming_more_than_the_shape_allows_is_refused_before_it_is_decompressed() -> None:
+    """A 1 MB body in a tiny frame, for a tensor of 32 bytes: refused on the size it declares."""
+    bomb = _frame(bytes(1 << 20))
+    assert len(bomb) < 1024
+    with pytest.raises(TensorFormatError, match="1,048,576 bytes"):
+        decode_frame(bomb, VALUES.shape)
+
+
+def test_the_registry_decodes_a_calibrated_tensor_and_checks_its_datatype() -> None:
+    tensor = WireTensor("x", "INT8", VALUES.shape, CODEC.encode(VALUES), {ENCODING: NAME})
+    np.testing.assert_array_equal(decode(tensor), _reference(VALUES, CODEC))
+    with pytest.raises(TensorFormatError, match="INT8"):
+        decode(WireTensor("x", "UINT8", VALUES.shape, CODEC.encode(VALUES), {ENCODING: NAME}))
+
+
+def test_bad_codec_parameters_are_refused() -> None:
+    with pytest.raises(TensorFormatError, match="1 to 8 bits"):
+        ChannelCodec(0, (0,), (1,), (True,))
+    with pytest.raises(TensorFormatError, match="lo <= hi"):
+        ChannelCodec(2, (5,), (1,), (True,))
+    with pytest.raises(TensorFormatError, match="channels"):
+        ChannelCodec(2, (0, 0), (1,), (True,))
+    with pytest.raises(TensorFormatError, match="int8 tensors of 2 channels"):
+        CODEC.encode(np.zeros((1, 3), dtype=np.int8))
+
+
+# -- calibration ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def halves(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """The shipped digits split in two: calibration (with labels, and without) and held out."""
+    folder = tmp_path_factory.mktemp("digits")
+    sample = models.digits_sample()
+    np.savez(folder / "calib.npz", x=sample.x[:100], y=sample.y[:100])
+    np.savez(folder / "calib_unlabelled.npz", x=sample.x[:100])
+    np.savez(folder / "held.npz", x=sample.x[100:], y=sample.y[100:])
+    return folder / "calib.npz", folder / "calib_unlabelled.npz", folder / "held.npz"
+
+
+@pytest.fixture(scope="module")
+def codec_file(halves: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("codec") / "codec.json"
+    args = ["codec", "calibrate", "--model", MODEL, "--data", str(halves[0]), "--split-at", str(CUT)]
+    assert main([*args, "--max-loss", "1", "--out", str(out)]) == 0
+    return out
+
+
+def _eval(codec: Path, data: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> dict:
+    capsys.readouterr()
+    assert main(["codec", "eval", "--codec", str(codec), "--data", str(data), "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_calibrated_on_half_the_digits_it_sends_8x_fewer_bytes_on_the_other_half_within_1pp(
+    codec_file: Path, halves: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = _eval(codec_file, halves[2], capsys)
+    assert report["split_point"] == CUT and report["samples"] == 100
+    assert report["raw_bytes_per_request"] == GRAPH.cut(CUT).nbytes == 3072
+    assert report["raw_bytes_per_request"] / report["bytes_per_request"] >= 8.0
+    assert (report["reference_accuracy"] - report["accuracy"]) * 100 <= 1.0
+    assert report["lossy_results"] == 100
+
+
+def test_without_labels_the_loss_is_disagreement_with_the_exact_model(
+    halves: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "codec.json"
+    args = ["codec", "calibrate", "--model", MODEL, "--data", str(halves[1]), "--split-at", str(CUT)]
+    assert main([*args, "--max-loss", "1", "--out", str(out), "--json"]) == 0
+    saved = CodecFile.load(out)
+    assert not saved.labels and saved.cuts[CUT].chosen is not None
+    # Without labels, a point's loss is its disagreement: 100 - agreement, in points.
+    for point in saved.cuts[CUT].curve:
+        assert point.loss_pp == pytest.approx((1 - point.agreement) * 100, abs=1e-3)
+    report = _eval(out, halves[1], capsys)
+    assert report["accuracy"] is None and report["agreement"] >= 0.99
+
+
+def test_the_curve_holds_every_candidate_and_the_choice_is_the_smallest_within_the_loss(
+    codec_file: Path,
+) -> None:
+    saved = CodecFile.load(codec_file)
+    cut = saved.cuts[CUT]
+    assert len(cut.curve) == 8 * 3 * 3
+    within = [p for p in cut.curve if p.loss_pp <= 1.0 and p.bytes < cut.raw_bytes]
+    assert cut.chosen == min(within, key=lambda p: (p.bytes, p.loss_pp))
+    assert set(cut.tensors) == set(GRAPH.cut(CUT).names)
+
+
+def test_calibrate_draws_the_rate_loss_plot(halves: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    png = tmp_path / "codec.png"
+    args = ["codec", "calibrate", "--model", MODEL, "--data", str(halves[0]), "--split-at", "15"]
+    assert main([*args, "--max-loss", "1", "--out", str(tmp_path / "c.json"), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_codec_applies_only_to_its_model_and_cuts(codec_file: Path) -> None:
+    saved = CodecFile.load(codec_file)
+    tensor = GRAPH.cut(CUT).tensors[0]
+    wire = encode(tensor.name, np.zeros(tensor.shape, dtype=np.int8))
+    assert saved.compress(wire, CUT, GRAPH.sha256).parameters[ENCODING] == NAME
+    assert saved.compress(wire, CUT - 1, GRAPH.sha256) is wire  # no codec for that cut
+    assert saved.compress(wire, CUT, "0" * 64) is wire  # another model
+    other = ModelGraph.from_file(models.model_path("digits_tiny"))
+    with pytest.raises(ConfigError, match="calibrated for another model"):
+        saved.check_model(other)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("not json", "not JSON"),
+        ('{"format": "other"}', "not a codec file"),
+        ('{"format": "edge-feature-codec/1"}', "malformed"),
+    ],
+)
+def test_a_bad_codec_file_is_one_clear_error(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "codec.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        CodecFile.load(path)
+
+
+def test_calibrate_refuses_a_cut_that_sends_no_int8_feature_map() -> None:
+    graph = ModelGraph.from_file(models.model_path("digits_resnet_f32"))
+    with ModelRunner(graph) as runner, pytest.raises(Exception, match="not an int8 feature map"):
+        calibrate(runner, [{}] * 4, None, [3], max_loss_pp=1.0)
+
+
+def test_fit_drops_channels_that_never_vary() -> None:
+    samples = [{"t": np.stack([_values((4, 4), s)[:, 0], np.full(4, 7, np.int8)], axis=-1)} for s in range(3)]
+    codec = fit(samples, 2, 0.0, 0.0)["t"]
+    assert codec.kept == (True, False) and codec.lo[1] == codec.hi[1] == 7
+
+
+# -- through a real server ------------------------------------------------------------------------
+
+
+def _cut_tensors(index: int) -> dict[str, np.ndarray]:
+    with ModelRunner(GRAPH) as runner:
+        return runner.run_head(CUT, {GRAPH.inputs[0].name: models.digits_sample().x[index : index + 1]}).cut
+
+
+def test_through_a_real_server_the_result_is_flagged_and_equals_the_tail_on_the_decoded_tensors(
+    codec_file: Path,
+) -> None:
+    saved = CodecFile.load(codec_file)
+    params: dict[str, str | int] = {SPLIT_POINT: CUT, MODEL_SHA256: GRAPH.sha256}
+    with BackgroundServer.from_files([models.model_path(MODEL)]) as server, ModelRunner(GRAPH) as runner:
+        with TailClient(server.address, codec=saved) as client:
+            for index in range(5):
+                cut = _cut_tensors(index)
+                result = client.infer(MODEL, cut, parameters=params)
+                frames = {n: saved.cuts[CUT].tensors[n].encode(v) for n, v in cut.items()}
+                decoded = {n: decode_frame(frames[n], v.shape) for n, v in cut.items()}
+                expected = runner.run_tail(CUT, decoded)
+                assert result.lossy
+                assert result.bytes_sent == sum(map(len, frames.values()))
+                assert set(result.outputs) == set(expected)
+                for name in expected:
+                    np.testing.assert_array_equal(result.outputs[name], expected[name])
+
+
+def test_a_server_that_does_not_list_the_codec_gets_raw_tensors_and_answers_exactly(codec_file: Path) -> None:
+    saved = CodecFile.load(codec_file)
+    dataplane = DataPlane(ModelRepository.from_files([models.model_path(MODEL)]), codecs=("zstd",))
+    params: dict[str, str | int] = {SPLIT_POINT: CUT, MODEL_SHA256: GRAPH.sha256}
+    with BackgroundServer(EdgeServer(dataplane)) as server, ModelRunner(GRAPH) as runner:
+        with TailClient(server.address, codec=saved) as client:
+            cut = _cut_tensors(0)
+            result = client.infer(MODEL, cut, parameters=params)
+            assert not result.lossy and result.bytes_sent == 3072
+            expected = runner.run({GRAPH.inputs[0].name: models.digits_sample().x[:1]})
+            for name in result.outputs:
+                np.testing.assert_array_equal(result.outputs[name], expected[name])
+
+
+def test_outputs_never_come_back_through_the_calibrated_codec(server: BackgroundServer) -> None:
+    whole = GRAPH.inputs[0]
+    with TailClient(server.address) as client:
+        result = client.infer(
+            MODEL,
+            {whole.name: models.digits_sample().x[:1]},
+            parameters={ACCEPT_ENCODING: NAME},
+        )
+    with ModelRunner(GRAPH) as runner:
+        expected = runner.run({whole.name: models.digits_sample().x[:1]})
+    for name in expected:
+        np.testing.assert_array_equal(result.outputs[name], expected[name])
+
+
+# -- in a device profile ------------------------------------------------------------------------
+
+
+def _profile(folder: Path, codec: str) -> Path:
+    from helpers import MINIMAL_PROFILE
+
+    path = folder / "device.toml"
+    path.write_text(
+        MINIMAL_PROFILE.replace("k = 8", f"k = {CUT}")
+        + f'[[edge.servers]]\naddress = "127.0.0.1:1"\ncodec = "{codec}"\n'
+    )
+    return path
+
+
+def test_a_profile_names_a_codec_file_beside_it(
+    codec_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "codecs").mkdir()
+    (tmp_path / "codecs" / "digits.json").write_bytes(codec_file.read_bytes())
+    profile = _profile(tmp_path, "codecs/digits.json")
+    monkeypatch.chdir(Path(profile.anchor))  # resolved beside the profile, not the working directory
+    assert main(["run", "--config", str(profile), "--check"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("codec", "needle"),
+    [
+        ("nowhere.json", "edge.servers[0].codec: "),
+        ("gzip", "edge.servers[0].codec: choose one of raw, zstd"),
+        ("other-model.json", "edge.servers[0].codec: "),
+    ],
+)
+def test_a_bad_codec_in_a_profile_is_one_line(
+    codec_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], codec: str, needle: str
+) -> None:
+    body = json.loads(codec_file.read_text())
+    body["model_sha256"] = "0" * 64
+    (tmp_path / "other-model.json").write_text(json.dumps(body))
+    profile = _profile(tmp_path, codec)
+    assert main(["run", "--config", str(profile), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
