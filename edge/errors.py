@@ -20,6 +20,7 @@ __all__ = [
     "ModelNotFoundError",
     "RemoteError",
     "TensorFormatError",
+    "UnknownCodecTableError",
     "UnsupportedModelError",
     "echo",
 ]
@@ -64,6 +65,11 @@ class ModelNotFoundError(EdgeError):
 
 class TensorFormatError(EdgeError):
     """A tensor's datatype, shape or bytes are malformed, or do not match what is expected."""
+
+
+class UnknownCodecTableError(TensorFormatError):
+    """A calibrated frame names a codec table this server does not hold (it restarted, or dropped it):
+    the device sends the table again."""
 
 
 class BackendError(EdgeError):

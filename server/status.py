@@ -16,6 +16,7 @@ from edge.errors import (
     ModelMismatchError,
     ModelNotFoundError,
     TensorFormatError,
+    UnknownCodecTableError,
     UnsupportedModelError,
 )
 
@@ -32,6 +33,7 @@ __all__ = ["STATUS_NAMES", "status_name"]
 STATUS_NAMES: tuple[tuple[type[BaseException], str], ...] = (
     (ModelNotFoundError, "NOT_FOUND"),
     (ModelMismatchError, "FAILED_PRECONDITION"),
+    (UnknownCodecTableError, "FAILED_PRECONDITION"),
     (TensorFormatError, "INVALID_ARGUMENT"),
     (CutError, "INVALID_ARGUMENT"),
     (BackendRunError, "INVALID_ARGUMENT"),  # a kernel refused the caller's values

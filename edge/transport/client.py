@@ -135,6 +135,8 @@ class TailClient:
             )
         self.codec = codec
         """Lossless codec for the tensors sent, once the server says it decodes it (else raw)."""
+        self._tables: set[bytes] = set()
+        """Calibrated codec tables the server has been sent (with a request it answered)."""
         self.traits = ServerTraits(streaming=streaming and not balance)
         """What the server is; its metadata is read into it once, on the first request."""
         self._metadata_read = False
@@ -179,7 +181,23 @@ class TailClient:
         With a ``codec`` the server decodes, the tensors go compressed (each only if that makes it
         smaller), and the server may compress large outputs too."""
         message, finish = self._request(model, inputs, parameters, request_id)
+        try:
+            return self._send(message, finish, timeout_s, request_id)
+        except RemoteError as err:
+            if not self._forgot_tables(err):
+                raise
+        # The server no longer holds a codec table (it restarted, or dropped it): once more, with them.
+        message, finish = self._request(model, inputs, parameters, request_id)
         return self._send(message, finish, timeout_s, request_id)
+
+    def _forgot_tables(self, err: BaseException | None) -> bool:
+        """``err`` says the server does not hold a calibrated codec table: the next requests carry them."""
+        if not (isinstance(err, RemoteError) and err.status == "FAILED_PRECONDITION" and self._tables):
+            return False
+        if "unknown codec table" not in str(err):
+            return False
+        self._tables.clear()
+        return True
 
     def submit(
         self,
@@ -201,6 +219,8 @@ class TailClient:
             return future
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         request = Request(message, future, finish, timeout, request_id)
+        if self.cut_encoder is not None:
+            future.add_done_callback(lambda done: self._forgot_tables(done.exception()))
         try:
             pipe.loop.call_soon_threadsafe(pipe.session.start, request)
         except RuntimeError:  # the loop was closed under us
@@ -243,10 +263,13 @@ class TailClient:
         traits = self._traits()
         codec = encodings.sent_as(self.codec, traits.codecs)
         lossy = False
+        inlined: set[bytes] = set()
         if codec != "raw":
             if self.cut_encoder is not None:
                 cut, sha = params.get(wire.SPLIT_POINT), params.get(wire.MODEL_SHA256)
-                tensors = tuple(self.cut_encoder.compress(t, cut, sha) for t in tensors)
+                encoded = [self.cut_encoder.compress(t, cut, sha, self._tables) for t in tensors]
+                tensors = tuple(t for t, _ in encoded)
+                inlined = {table for _, table in encoded if table is not None}
             else:
                 tensors = tuple(encodings.compress(tensor, codec) for tensor in tensors)
             if not encodings.ENCODINGS[codec].lossy:
@@ -272,6 +295,7 @@ class TailClient:
                     f"INTERNAL: edge server {self.address} sent an answer that cannot be read: {err}",
                     status="INTERNAL",
                 ) from err
+            self._tables.update(inlined)  # the server holds these now: later frames name them
             return RemoteResult(
                 outputs=outputs,
                 parameters=response.parameters,

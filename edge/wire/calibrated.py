@@ -4,36 +4,50 @@ An INT8 activation rarely uses its 256 levels evenly: after a ReLU most of a cha
 zero point, and some channels hardly vary at all. A :class:`ChannelCodec`, fitted on calibration
 data (:mod:`edge.codec`), keeps for each channel a range ``lo..hi`` (percentiles of what the
 calibration data put there, not its extremes) and sends each element as a code of ``bits`` bits
-on that range; a channel whose energy is negligible is not sent, and the server puts a constant of
-its own in its place. The codes go through zstd.
+on that range; a channel whose energy is negligible is not sent, and the receiver puts its constant
+in its place. The codes go through zstd.
 
-The frame says everything needed to decode it, so the server holds no state: the format version,
-the bits, the kept channels, each channel's range (or constant), then the packed codes, all
-compressed. The receiver knows the tensor's shape, so it knows exactly how many bytes the frame
-must decompress to, and refuses one that claims or yields more.
+A frame is zstd-compressed: a header (format, flags, channels), then the codec's *table* (the bits,
+which channels are kept, each channel's range) or, once the receiver holds that table, its 16-byte
+id, then the packed codes, channel after channel. The table costs two bytes a channel, often more
+than the codes, so the device sends it inline until the server has answered a request that carried
+it, and by id after that. A server keeps the tables it was sent in a bounded table
+(:data:`MAX_TABLES`, least recently used dropped); a frame naming one it does not hold is refused
+with :class:`~edge.errors.UnknownCodecTableError` (FAILED_PRECONDITION), and the device sends the
+table again.
 
-A value is rebuilt as ``round(lo + (hi - lo) * code / (2**bits - 1))``: the same integer on every
-machine, as it is computed from integers in float64.
+The receiver knows the tensor's shape, so it knows how many bytes the frame may decompress to, and
+refuses one that claims or yields more before it is allocated. A value is rebuilt as
+``round(lo + (hi - lo) * code / (2**bits - 1))``: the same integer on every machine.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from edge.errors import TensorFormatError
+from edge.errors import TensorFormatError, UnknownCodecTableError
 
-__all__ = ["FORMAT", "NAME", "ChannelCodec", "decode_frame"]
+__all__ = ["FORMAT", "MAX_TABLES", "NAME", "ChannelCodec", "decode_frame"]
 
 NAME = "calibrated"
 """The encoding's name on the wire (``edge_encoding = calibrated``)."""
 FORMAT = 1
 """The frame's version byte."""
 MAX_BITS = 8
+MAX_CHANNELS = 65535
 ZSTD_LEVEL = 19
 """Frames are small (a cut tensor), so zstd's strongest level costs little here."""
+ID_BYTES = 16
+_INLINE = 1
+"""Flag: the table is in the frame (else its id is)."""
+MAX_TABLES = 256
+"""Codec tables a process holds for frames that name them by id: at most 256 x 128 KiB."""
 
 
 def _zstd() -> Any:
@@ -56,9 +70,9 @@ class ChannelCodec:
         channels = len(self.lo)
         if not 1 <= self.bits <= MAX_BITS:
             raise TensorFormatError(f"a calibrated codec has 1 to {MAX_BITS} bits, not {self.bits}")
-        if not 1 <= channels <= 65535 or len(self.hi) != channels or len(self.kept) != channels:
+        if not 1 <= channels <= MAX_CHANNELS or len(self.hi) != channels or len(self.kept) != channels:
             raise TensorFormatError(
-                f"a calibrated codec needs lo, hi and kept for each of 1..65535 channels "
+                f"a calibrated codec needs lo, hi and kept for each of 1..{MAX_CHANNELS} channels "
                 f"(got {len(self.lo)}, {len(self.hi)}, {len(self.kept)})"
             )
         for lo, hi in zip(self.lo, self.hi, strict=True):
@@ -68,6 +82,18 @@ class ChannelCodec:
     @property
     def channels(self) -> int:
         return len(self.lo)
+
+    @property
+    def table(self) -> bytes:
+        """The bits, the kept channels (a bitmap) and each channel's lo and hi: what a frame refers to."""
+        bitmap = np.packbits(np.array(self.kept, dtype=np.uint8), bitorder="little").tobytes()
+        ranges = np.empty(2 * self.channels, dtype=np.int8)
+        ranges[0::2], ranges[1::2] = self.lo, self.hi
+        return bytes([self.bits]) + bitmap + ranges.tobytes()
+
+    @property
+    def table_id(self) -> bytes:
+        return hashlib.sha256(self.table).digest()[:ID_BYTES]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,8 +117,9 @@ class ChannelCodec:
         except TensorFormatError as err:
             raise TensorFormatError(f"{where}: {err}") from err
 
-    def encode(self, values: np.ndarray) -> bytes:
-        """The frame for ``values`` (int8, channels last)."""
+    def encode(self, values: np.ndarray, *, inline: bool = True) -> bytes:
+        """The frame for ``values`` (int8, channels last); with the table itself, or (``inline`` False)
+        its id, for a receiver that holds it."""
         if values.dtype != np.int8 or values.ndim == 0 or values.shape[-1] != self.channels:
             raise TensorFormatError(
                 f"this codec takes int8 tensors of {self.channels} channels (last axis), "
@@ -105,11 +132,13 @@ class ChannelCodec:
         x = values.reshape(-1, self.channels)[:, kept].astype(np.float64)
         scale = np.divide(top, span, out=np.zeros_like(span), where=span > 0)
         codes = np.clip(np.rint((x - lo) * scale), 0, top).astype(np.uint8)
-        body = _header(self) + _pack_bits(codes.T.reshape(-1), self.bits)  # channel after channel
+        header = bytes([FORMAT, _INLINE if inline else 0]) + self.channels.to_bytes(2, "little")
+        body = header + (self.table if inline else self.table_id) + _pack_bits(codes.T.reshape(-1), self.bits)
         return bytes(_zstd().ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(body))
 
     def decode(self, values_shape: tuple[int, ...], frame: bytes) -> np.ndarray:
-        """``frame`` rebuilt; for the tests and evaluation (the server uses :func:`decode_frame`)."""
+        """``frame`` rebuilt (the table inline, or this codec's own): for evaluation on the device."""
+        _remember(self.table_id, self.table)
         return decode_frame(frame, values_shape)
 
 
@@ -119,12 +148,26 @@ def _int(value: Any) -> int:
     return value
 
 
-def _header(codec: ChannelCodec) -> bytes:
-    channels = codec.channels
-    bitmap = np.packbits(np.array(codec.kept, dtype=np.uint8), bitorder="little").tobytes()
-    ranges = np.empty(2 * channels, dtype=np.int8)
-    ranges[0::2], ranges[1::2] = codec.lo, codec.hi
-    return bytes([FORMAT, codec.bits]) + channels.to_bytes(2, "little") + bitmap + ranges.tobytes()
+_tables: OrderedDict[bytes, bytes] = OrderedDict()
+_tables_lock = threading.Lock()
+
+
+def _remember(table_id: bytes, table: bytes) -> None:
+    with _tables_lock:
+        _tables[table_id] = table
+        _tables.move_to_end(table_id)
+        while len(_tables) > MAX_TABLES:
+            _tables.popitem(last=False)
+
+
+def _recall(table_id: bytes) -> bytes:
+    with _tables_lock:
+        table = _tables.get(table_id)
+        if table is not None:
+            _tables.move_to_end(table_id)
+    if table is None:
+        raise UnknownCodecTableError(f"unknown codec table {table_id.hex()}: send the table with the frame")
+    return table
 
 
 def _pack_bits(codes: np.ndarray, bits: int) -> bytes:
@@ -140,30 +183,30 @@ def _unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
 
 
 def decode_frame(frame: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
-    """The int8 tensor of ``shape`` a frame encodes; TensorFormatError for anything else.
+    """The int8 tensor of ``shape`` a frame encodes; TensorFormatError for anything else, and
+    UnknownCodecTableError for a frame naming a table this process does not hold.
 
     Nothing larger than the shape allows is decompressed: the frame's content size must be what
-    its header and the shape imply, and is checked before it is allocated."""
-    if not shape or shape[-1] < 1 or shape[-1] > 65535:
+    its header and the shape allow, and is checked before it is allocated."""
+    if not shape or not 1 <= shape[-1] <= MAX_CHANNELS:
         raise TensorFormatError(
-            f"a calibrated frame encodes a tensor of 1..65535 channels, not shape {list(shape)}"
+            f"a calibrated frame encodes a tensor of 1..{MAX_CHANNELS} channels, not shape {list(shape)}"
         )
     channels = shape[-1]
     positions = int(np.prod(shape[:-1], dtype=np.int64))
-    bitmap_bytes = (channels + 7) // 8
-    fixed = 4 + bitmap_bytes + 2 * channels
+    table_bytes = 1 + (channels + 7) // 8 + 2 * channels
     zstandard = _zstd()
     data = bytes(frame)
     try:
         size = zstandard.frame_content_size(data)
     except zstandard.ZstdError as err:
         raise TensorFormatError(f"not a calibrated frame: {err}") from err
-    largest = fixed + (positions * channels * MAX_BITS + 7) // 8
+    largest = 4 + max(table_bytes, ID_BYTES) + (positions * channels * MAX_BITS + 7) // 8
     if size < 0:  # a frame without its size could expand to anything
         raise TensorFormatError("a calibrated frame that does not say its size")
-    if size < fixed or size > largest:
+    if size < 4 + min(ID_BYTES, table_bytes) or size > largest:
         raise TensorFormatError(
-            f"a calibrated frame of {size:,} bytes; a tensor of shape {list(shape)} needs {fixed:,} to {largest:,}"
+            f"a calibrated frame of {size:,} bytes; a tensor of shape {list(shape)} needs at most {largest:,}"
         )
     try:
         decompressor = zstandard.ZstdDecompressor().decompressobj()
@@ -172,32 +215,42 @@ def decode_frame(frame: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarra
         raise TensorFormatError(f"not a calibrated frame: {err}") from err
     if decompressor.unused_data or len(body) != size:
         raise TensorFormatError("a calibrated frame with bytes after it, or shorter than it says")
-    version, bits = body[0], body[1]
+    version, flags, said = body[0], body[1], int.from_bytes(body[2:4], "little")
     if version != FORMAT:
         raise TensorFormatError(f"a calibrated frame of format {version}; this side reads {FORMAT}")
-    if int.from_bytes(body[2:4], "little") != channels:
+    if said != channels:
+        raise TensorFormatError(f"a calibrated frame of {said} channels, for a tensor of {channels}")
+    if flags & _INLINE:
+        table, codes_at = body[4 : 4 + table_bytes], 4 + table_bytes
+    else:
+        table, codes_at = _recall(body[4 : 4 + ID_BYTES]), 4 + ID_BYTES
+    if len(table) != table_bytes:
         raise TensorFormatError(
-            f"a calibrated frame of {int.from_bytes(body[2:4], 'little')} channels, for {channels}"
+            f"a calibrated frame whose table is for another number of channels than {channels}"
         )
-    kept_mask = np.unpackbits(np.frombuffer(body[4 : 4 + bitmap_bytes], dtype=np.uint8), bitorder="little")
-    kept_mask = kept_mask[:channels].astype(bool)
-    ranges = np.frombuffer(body[4 + bitmap_bytes : fixed], dtype=np.int8).astype(np.float64)
+    bits = table[0]
+    kept_mask = np.unpackbits(
+        np.frombuffer(table[1 : 1 + (channels + 7) // 8], dtype=np.uint8), bitorder="little"
+    )
+    kept = np.flatnonzero(kept_mask[:channels])
+    ranges = np.frombuffer(table[1 + (channels + 7) // 8 :], dtype=np.int8).astype(np.float64)
     lo, hi = ranges[0::2], ranges[1::2]
     if not 1 <= bits <= MAX_BITS or np.any(hi < lo):
         raise TensorFormatError(f"a calibrated frame with {bits} bits or a channel whose hi is below its lo")
-    kept = np.flatnonzero(kept_mask)
     count = positions * len(kept)
-    if len(body) != fixed + (count * bits + 7) // 8:
+    if len(body) - codes_at != (count * bits + 7) // 8:
         raise TensorFormatError(
-            f"a calibrated frame of {len(body) - fixed:,} code bytes; {count:,} codes of {bits} bits need "
+            f"a calibrated frame of {len(body) - codes_at:,} code bytes; {count:,} codes of {bits} bits need "
             f"{(count * bits + 7) // 8:,}"
         )
+    if flags & _INLINE:
+        _remember(hashlib.sha256(table).digest()[:ID_BYTES], bytes(table))
     top = (1 << bits) - 1
     out = np.empty((positions, channels), dtype=np.int8)
     out[:] = lo.astype(np.int8)  # dropped channels: their constant
     if count:
-        codes = _unpack_bits(body[fixed:], bits, count).reshape(len(kept), positions).T
-        table = np.rint(lo[kept, None] + (hi - lo)[kept, None] * np.arange(top + 1) / top)
-        table = np.clip(table, -128, 127).astype(np.int8)  # [kept channel, code] -> value
-        out[:, kept] = table[np.arange(len(kept))[None, :], codes]
+        codes = _unpack_bits(body[codes_at:], bits, count).reshape(len(kept), positions).T
+        levels = np.rint(lo[kept, None] + (hi - lo)[kept, None] * np.arange(top + 1) / top)
+        levels = np.clip(levels, -128, 127).astype(np.int8)  # [kept channel, code] -> value
+        out[:, kept] = levels[np.arange(len(kept))[None, :], codes]
     return out.reshape(shape)

@@ -22,7 +22,7 @@ asks the same question.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
 
@@ -75,8 +75,12 @@ class CutEncoder(Protocol):
     """Encodes a model's cut tensors with parameters fitted to them (:class:`edge.codec.CodecFile`);
     its tensors go as the ``calibrated`` encoding."""
 
-    def compress(self, tensor: WireTensor, split_point: object, model_sha256: object) -> WireTensor:
-        """``tensor`` encoded, or as it is when there is no codec for it at that cut of that model."""
+    def compress(
+        self, tensor: WireTensor, split_point: object, model_sha256: object, known: Container[bytes]
+    ) -> tuple[WireTensor, bytes | None]:
+        """``tensor`` encoded, and the id of the codec table it carries inline (a server ``known`` to
+        hold a table gets its id instead); as it is, and None, when there is no codec for it at that
+        cut of that model."""
         ...
 
 

@@ -19,6 +19,7 @@ Covered:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,13 @@ import zstandard
 from edge import models
 from edge.cli import main
 from edge.codec import CodecFile, calibrate, fit
-from edge.errors import ConfigError, TensorFormatError
+from edge.errors import ConfigError, RemoteError, TensorFormatError, UnknownCodecTableError
 from edge.graph import ModelGraph
 from edge.runner import ModelRunner
 from edge.transport import TailClient
 from edge.wire import ACCEPT_ENCODING, ENCODING, MODEL_SHA256, SPLIT_POINT, WireTensor, decode, encode
-from edge.wire.calibrated import NAME, ChannelCodec, decode_frame
+from edge.wire.calibrated import MAX_TABLES, NAME, ChannelCodec, decode_frame
+from helpers import RefusedAddress, start_logged
 from server.dataplane import DataPlane
 from server.embedded import BackgroundServer
 from server.grpc_service import EdgeServer
@@ -107,15 +109,43 @@ GOOD = _body(CODEC, VALUES)
         (_frame(GOOD) + b"extra", "bytes after it"),
         (_frame(bytes([2]) + GOOD[1:]), "format 2"),
         (_frame(GOOD[:2] + (3).to_bytes(2, "little") + GOOD[4:]), "3 channels"),
-        (_frame(GOOD[:1] + bytes([9]) + GOOD[2:]), "9 bits"),
-        (_frame(GOOD[:5] + bytes([20, 10]) + GOOD[7:]), "hi is below its lo"),
+        (_frame(GOOD[:4] + bytes([9]) + GOOD[5:]), "9 bits"),
+        (_frame(GOOD[:6] + bytes([20, 10]) + GOOD[8:]), "hi is below its lo"),
         (_frame(GOOD[:-1]), "code bytes"),
+        (_frame(bytes([1, 0, 2, 0]) + bytes(range(16)) + GOOD[10:]), "unknown codec table"),
     ],
-    ids=["not-zstd", "no-size", "too-large", "trailing", "version", "channels", "bits", "range", "short"],
-)
+    ids=[
+        "not-zstd", "no-size", "too-large", "trailing", "version", "channels", "bits", "range", "short",
+        "unknown-table",
+    ],
+)  # fmt: skip
 def test_a_bad_frame_is_one_clear_error(frame: bytes, needle: str) -> None:
     with pytest.raises(TensorFormatError, match=needle):
         decode_frame(frame, VALUES.shape)
+
+
+def test_a_frame_names_its_table_once_the_receiver_holds_it() -> None:
+    values = _values((1, 3, 3, 40))
+    codec = ChannelCodec(3, lo=tuple(range(-100, -60)), hi=tuple(range(0, 80, 2)), kept=(True,) * 40)
+    by_id = codec.encode(values, inline=False)
+    with pytest.raises(UnknownCodecTableError, match=codec.table_id.hex()):
+        decode_frame(by_id, values.shape)
+    inline = codec.encode(values)
+    assert len(by_id) < len(inline)
+    np.testing.assert_array_equal(decode_frame(inline, values.shape), _reference(values, codec))
+    np.testing.assert_array_equal(decode_frame(by_id, values.shape), _reference(values, codec))
+
+
+def test_the_tables_held_are_bounded_and_the_least_recently_used_goes() -> None:
+    first = ChannelCodec(1, lo=(-128,), hi=(127,), kept=(True,))
+    one = _values((1, 2, 1))
+    decode_frame(first.encode(one), one.shape)
+    for i in range(MAX_TABLES):
+        bits, hi = divmod(i, 200)
+        other = ChannelCodec(bits + 2, lo=(-128,), hi=(hi - 72,), kept=(True,))
+        decode_frame(other.encode(one), one.shape)
+    with pytest.raises(UnknownCodecTableError):
+        decode_frame(first.encode(one, inline=False), one.shape)
 
 
 def test_a_frame_claiming_more_than_the_shape_allows_is_refused_before_it_is_decompressed() -> None:
@@ -204,7 +234,8 @@ def test_the_curve_holds_every_candidate_and_the_choice_is_the_smallest_within_t
     saved = CodecFile.load(codec_file)
     cut = saved.cuts[CUT]
     assert len(cut.curve) == 8 * 3 * 3
-    within = [p for p in cut.curve if p.loss_pp <= 1.0 and p.bytes < cut.raw_bytes]
+    within = [p for p in cut.curve if p.within(1.0) and p.bytes < cut.raw_bytes]
+    assert all(p.loss_pp <= 1.0 and p.risk_pp <= 1.0 for p in within)
     assert cut.chosen == min(within, key=lambda p: (p.bytes, p.loss_pp))
     assert set(cut.tensors) == set(GRAPH.cut(CUT).names)
 
@@ -220,9 +251,12 @@ def test_a_codec_applies_only_to_its_model_and_cuts(codec_file: Path) -> None:
     saved = CodecFile.load(codec_file)
     tensor = GRAPH.cut(CUT).tensors[0]
     wire = encode(tensor.name, np.zeros(tensor.shape, dtype=np.int8))
-    assert saved.compress(wire, CUT, GRAPH.sha256).parameters[ENCODING] == NAME
-    assert saved.compress(wire, CUT - 1, GRAPH.sha256) is wire  # no codec for that cut
-    assert saved.compress(wire, CUT, "0" * 64) is wire  # another model
+    sent, table = saved.compress(wire, CUT, GRAPH.sha256, ())
+    assert sent.parameters[ENCODING] == NAME and table == saved.cuts[CUT].tensors[tensor.name].table_id
+    again, none = saved.compress(wire, CUT, GRAPH.sha256, {table})
+    assert none is None and again.nbytes < sent.nbytes  # by id, once the receiver holds the table
+    assert saved.compress(wire, CUT - 1, GRAPH.sha256, ()) == (wire, None)  # no codec for that cut
+    assert saved.compress(wire, CUT, "0" * 64, ()) == (wire, None)  # another model
     other = ModelGraph.from_file(models.model_path("digits_tiny"))
     with pytest.raises(ConfigError, match="calibrated for another model"):
         saved.check_model(other)
@@ -270,17 +304,71 @@ def test_through_a_real_server_the_result_is_flagged_and_equals_the_tail_on_the_
     params: dict[str, str | int] = {SPLIT_POINT: CUT, MODEL_SHA256: GRAPH.sha256}
     with BackgroundServer.from_files([models.model_path(MODEL)]) as server, ModelRunner(GRAPH) as runner:
         with TailClient(server.address, codec=saved) as client:
+            sizes = []
             for index in range(5):
                 cut = _cut_tensors(index)
                 result = client.infer(MODEL, cut, parameters=params)
-                frames = {n: saved.cuts[CUT].tensors[n].encode(v) for n, v in cut.items()}
-                decoded = {n: decode_frame(frames[n], v.shape) for n, v in cut.items()}
+                inline = {n: saved.cuts[CUT].tensors[n].encode(v) for n, v in cut.items()}
+                by_id = {n: saved.cuts[CUT].tensors[n].encode(v, inline=False) for n, v in cut.items()}
+                decoded = {n: decode_frame(inline[n], v.shape) for n, v in cut.items()}
                 expected = runner.run_tail(CUT, decoded)
                 assert result.lossy
-                assert result.bytes_sent == sum(map(len, frames.values()))
+                # The first request carries each codec table; the server holds them, and the next name them.
+                assert result.bytes_sent == sum(map(len, (inline if index == 0 else by_id).values()))
+                sizes.append(result.bytes_sent)
                 assert set(result.outputs) == set(expected)
                 for name in expected:
                     np.testing.assert_array_equal(result.outputs[name], expected[name])
+    assert sizes[0] > max(sizes[1:])
+
+
+def test_a_restarted_server_is_sent_the_tables_again_and_no_request_falls_back(
+    codec_file: Path, tmp_path: Path
+) -> None:
+    """A server in a process of its own: a restart loses the tables it held. The next request is
+    refused FAILED_PRECONDITION, and the client sends it again with the tables (infer); a pipelined
+    request (submit) falls back once, and the next carries them."""
+    saved = CodecFile.load(codec_file)
+    params: dict[str, str | int] = {SPLIT_POINT: CUT, MODEL_SHA256: GRAPH.sha256}
+    args = [
+        sys.executable,
+        "-m",
+        "server",
+        "--models",
+        str(models.model_path(MODEL).parent),
+        "--host",
+        "127.0.0.1",
+    ]
+    with RefusedAddress() as held:
+        port = held.release()
+        proc, _ = start_logged([*args, "--port", str(port)], tmp_path / "one.log")
+        with TailClient(held.address, codec=saved, timeout_s=10.0) as client:
+            try:
+                first = client.infer(MODEL, _cut_tensors(0), parameters=params)
+                second = client.infer(MODEL, _cut_tensors(1), parameters=params)
+                assert first.bytes_sent > second.bytes_sent
+            finally:
+                proc.kill()
+                proc.wait(10)
+            proc, _ = start_logged([*args, "--port", str(port)], tmp_path / "two.log")
+            try:
+                again = client.infer(MODEL, _cut_tensors(2), parameters=params)  # refused, then sent again
+                assert again.bytes_sent > second.bytes_sent  # with the tables
+                later = client.infer(MODEL, _cut_tensors(3), parameters=params)
+                assert later.bytes_sent < again.bytes_sent  # by id again
+            finally:
+                proc.kill()
+                proc.wait(10)
+            proc, _ = start_logged([*args, "--port", str(port)], tmp_path / "three.log")
+            try:
+                with pytest.raises(RemoteError, match="unknown codec table") as refused:
+                    client.submit(MODEL, _cut_tensors(4), parameters=params).result(10)
+                assert refused.value.status == "FAILED_PRECONDITION"
+                resent = client.submit(MODEL, _cut_tensors(5), parameters=params).result(10)
+                assert resent.bytes_sent > second.bytes_sent
+            finally:
+                proc.kill()
+                proc.wait(10)
 
 
 def test_a_server_that_does_not_list_the_codec_gets_raw_tensors_and_answers_exactly(codec_file: Path) -> None:
