@@ -184,20 +184,29 @@ def _plot(result: CodecFile, path: Path) -> None:
     plt = plotting()
     k = result.chosen if result.chosen is not None else next(iter(result.cuts))
     cut = result.cuts[k]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colours = plt.get_cmap("viridis")
+    markers = dict(zip(sorted({p.drop for p in cut.curve}), "os^v<>", strict=False))
     for bits in sorted({p.bits for p in cut.curve}):
-        points = [p for p in cut.curve if p.bits == bits]
-        ax.scatter([p.bytes for p in points], [p.loss_pp for p in points], s=14, label=f"{bits} bits")
-    ax.scatter([cut.raw_bytes], [0.0], marker="s", color="black", label="exact (raw int8)")
+        for drop, marker in markers.items():
+            points = [p for p in cut.curve if p.bits == bits and p.drop == drop]
+            label = f"{bits} bit{'s' if bits > 1 else ''}" if drop == min(markers) else None
+            ax.scatter([p.bytes for p in points], [p.loss_pp for p in points], s=16, marker=marker,
+                       color=colours((bits - 1) / 7), label=label)  # fmt: skip
+    for drop, marker in markers.items():
+        ax.scatter([], [], marker=marker, color="grey", label=f"{drop:.0%} channels dropped")
+    ax.scatter([cut.raw_bytes], [0.0], marker="s", s=40, color="black", label="exact (raw int8)")
     ax.axhline(result.max_loss_pp, color="grey", linestyle="--", label=f"{result.max_loss_pp:g} pp")
     if cut.chosen is not None:
-        ax.scatter([cut.chosen.bytes], [cut.chosen.loss_pp], s=80, facecolors="none", edgecolors="red",
+        ax.scatter([cut.chosen.bytes], [cut.chosen.loss_pp], s=110, facecolors="none", edgecolors="red",
                    label=f"chosen: {cut.ratio:.1f}x fewer bytes")  # fmt: skip
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("bytes per request")
     ax.set_ylabel("accuracy loss (pp)" if result.labels else "top-1 disagreement (pp)")
-    ax.set_title(f"{result.model}, cut {k}, {result.samples // 2 + result.samples % 2} held-out samples")
-    ax.legend(fontsize="small", ncol=2)
+    ax.set_title(f"{result.model}, cut {k}: {result.samples} samples, two-fold")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     try:

@@ -441,3 +441,19 @@ def test_a_bad_codec_in_a_profile_is_one_line(
     assert main(["run", "--config", str(profile), "--check"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
+
+
+def test_the_tables_held_are_bounded_in_bytes_too() -> None:
+    """Tables of 65,535 channels (128 KiB each): fewer than MAX_TABLES of them pass MAX_TABLE_BYTES."""
+    from edge.wire.calibrated import MAX_TABLE_BYTES
+
+    wide = _values((1, 65535))
+    codecs = [
+        ChannelCodec(1, lo=(-128,) * 65535, hi=(i - 100,) * 65535, kept=(True,) * 65535) for i in range(130)
+    ]
+    assert len(codecs) < MAX_TABLES and len(codecs) * len(codecs[0].table) > MAX_TABLE_BYTES
+    for codec in codecs:
+        decode_frame(codec.encode(wide), wide.shape)
+    with pytest.raises(UnknownCodecTableError):
+        decode_frame(codecs[0].encode(wide, inline=False), wide.shape)
+    decode_frame(codecs[-1].encode(wide, inline=False), wide.shape)  # the newest is held
