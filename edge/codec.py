@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from argparse import ArgumentTypeError
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,22 @@ from .errors import ConfigError, EdgeError, TensorFormatError
 from .fileio import write_atomic
 from .graph import ModelGraph
 from .runner import ModelRunner
-from .wire import ENCODING, WireTensor
+from .wire import ENCODING, WireTensor, encodings
 from .wire.calibrated import NAME, ChannelCodec
 
-__all__ = ["BITS", "CLIPS", "DROPS", "CodecFile", "CutCodec", "Point", "calibrate", "fit", "measure"]
+__all__ = [
+    "BITS",
+    "CLIPS",
+    "CODEC_NAMES",
+    "DROPS",
+    "CodecFile",
+    "CutCodec",
+    "Point",
+    "calibrate",
+    "codec_arg",
+    "fit",
+    "measure",
+]
 
 FORMAT = "edge-feature-codec/1"
 BITS = tuple(range(1, 9))
@@ -383,3 +396,18 @@ def calibrate(
         cuts=results,
         chosen=chosen.split_point if chosen is not None and len(results) > 1 else None,
     )
+
+
+CODEC_NAMES = ("raw", *encodings.CODECS, *encodings.LOSSY)
+
+
+def codec_arg(text: str) -> str | CodecFile:
+    """A codec's name, or a calibrated codec's file (CODEC.json)."""
+    if text in CODEC_NAMES:
+        return text
+    if not text.endswith(".json"):
+        raise ArgumentTypeError(f"choose one of {', '.join(CODEC_NAMES)}, or a CODEC.json, not {text!r}")
+    try:
+        return CodecFile.load(Path(text))
+    except ConfigError as err:
+        raise ArgumentTypeError(str(err)) from err

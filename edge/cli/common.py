@@ -13,11 +13,11 @@ from ..address import DEFAULT_PORT
 from ..argtypes import address, positive_float, positive_int
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..backends.support import require_runnable
-from ..codec import CodecFile
+from ..codec import CODEC_NAMES, CodecFile, codec_arg
 from ..cooperative import CooperativeRunner
 from ..cpu_latency import add_cpu_latency_arg
 from ..credentials import TLSOptions, read_token
-from ..errors import ConfigError, EdgeError, RemoteError, TensorFormatError
+from ..errors import EdgeError, RemoteError, TensorFormatError
 from ..fileio import load_arrays
 from ..graph import ModelGraph
 from ..policy import make_policy
@@ -25,7 +25,6 @@ from ..preprocess import coerce_input
 from ..runner import ModelRunner
 from ..transport import TailClient
 from ..transport.connect import DEFAULT_CONNECT_TIMEOUT_S
-from ..wire import encodings
 
 __all__ = [
     "MODEL_HELP",
@@ -130,23 +129,6 @@ def add_address_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, metavar="FILE", help="connect with TLS, trusting this CA (PEM)")
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="with --tls-ca: a client certificate (mTLS)")
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="the private key of --tls-cert")
-
-
-CODEC_NAMES = ("raw", *encodings.CODECS, *encodings.LOSSY)
-
-
-def codec_arg(text: str) -> str | CodecFile:
-    """A codec's name, or a calibrated codec's file (CODEC.json)."""
-    if text in CODEC_NAMES:
-        return text
-    if not text.endswith(".json"):
-        raise argparse.ArgumentTypeError(
-            f"choose one of {', '.join(CODEC_NAMES)}, or a CODEC.json, not {text!r}"
-        )
-    try:
-        return CodecFile.load(Path(text))
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def plotting() -> Any:

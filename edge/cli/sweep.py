@@ -18,8 +18,8 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+from ..codec import CODEC_NAMES, codec_arg
 from ..errors import EdgeError
-from ..wire import encodings
 
 __all__ = ["DEFAULT_MODEL", "register"]
 
@@ -75,9 +75,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of each request, seconds")
     p.add_argument(
         "--codec",
-        choices=["raw", *encodings.CODECS, *encodings.LOSSY],
+        type=codec_arg,
         default="raw",
-        help="codec of the tensors the device sends, under auto and at every cut (default: %(default)s)",
+        metavar="{" + ",".join(CODEC_NAMES) + "}|CODEC.json",
+        help="codec of the tensors the device sends, under auto and at every cut: a name, or a codec "
+        "calibrated for the model (edge codec calibrate) (default: %(default)s)",
     )
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="where JSON and PNG go")
     p.add_argument("--name", default="sweep", help="file stem of the outputs (default: %(default)s)")

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..autosplit import AutoSplit
+from ..codec import codec_arg
 from ..cooperative import CooperativeRunner, InferenceResult
 from ..graph import ModelGraph
 from ..policy import make_policy
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "slowdown": args.slowdown,
         "device_emulation": f"time dilation x{args.slowdown:g}" if args.slowdown > 1.0 else "none",
         "threads": args.threads,
-        "codec": args.codec,
+        "codec": str(args.codec),
         "connect_s": round(connect_s, 3),
         "first_choice": first_choice,
         "trajectory": trajectory,
@@ -181,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of each request, seconds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--codec", default="raw", help="codec of the tensors sent (raw, zstd, lz4, fp16, int4)")
+    p.add_argument(
+        "--codec", type=codec_arg, default="raw", help="codec of the tensors sent: a name, or a CODEC.json"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"

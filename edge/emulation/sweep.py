@@ -34,7 +34,7 @@ from ..graph import ModelGraph
 from .netns import EmulationError, NetnsLink, check_privileges
 from .report import Summary, plot, summarize
 
-__all__ = ["Scenario", "run", "scenarios_from"]
+__all__ = ["Scenario", "codec_path", "run", "scenarios_from"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _run_scenario(
             "--server", f"{link.server_ip}:{PROXY_PORT}", "--slowdown", f"{scenario.slowdown:g}",
             "--threads", str(args.threads), "--adapt", str(args.adapt), "--requests", str(args.requests),
             "--pilots", str(args.pilots), "--prune", str(args.prune), "--timeout", str(args.timeout),
-            "--gap-ms", f"{args.gap_ms:g}", "--codec", args.codec,
+            "--gap-ms", f"{args.gap_ms:g}", "--codec", codec_path(args.codec),
         ]  # fmt: skip
         if args.cuts:
             argv += ["--cuts", *map(str, args.cuts)]
@@ -151,6 +151,12 @@ def _run_scenario(
             _stop(device)
     finally:
         _stop(proxy)
+
+
+def codec_path(codec: object) -> str:
+    """How a codec is named on another process's command line: its name, or its file's full path."""
+    source = getattr(codec, "source", None)
+    return str(Path(source).resolve()) if source else str(codec)
 
 
 def _follow(
