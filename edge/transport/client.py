@@ -263,7 +263,7 @@ class TailClient:
         traits = self._traits()
         codec = encodings.sent_as(self.codec, traits.codecs)
         lossy = False
-        inlined: set[bytes] = set()
+        inlined: set[bytes] | tuple[()] = ()
         if codec != "raw":
             if self.cut_encoder is not None:
                 cut, sha = params.get(wire.SPLIT_POINT), params.get(wire.MODEL_SHA256)
@@ -295,7 +295,8 @@ class TailClient:
                     f"INTERNAL: edge server {self.address} sent an answer that cannot be read: {err}",
                     status="INTERNAL",
                 ) from err
-            self._tables.update(inlined)  # the server holds these now: later frames name them
+            if inlined:
+                self._tables.update(inlined)  # the server holds these now: later frames name them
             return RemoteResult(
                 outputs=outputs,
                 parameters=response.parameters,
