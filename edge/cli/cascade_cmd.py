@@ -31,7 +31,15 @@ from ..outputs import dequantize
 from ..preprocess import coerce_input
 from ..runner import ModelRunner
 from ..stats import summary
-from .common import MODEL_HELP, add_backend_args, add_server_args, load_graph, open_runner, plotting
+from .common import (
+    MODEL_HELP,
+    add_backend_args,
+    add_server_args,
+    load_graph,
+    open_runner,
+    plotting,
+    save_figure,
+)
 
 __all__ = ["register"]
 
@@ -391,10 +399,4 @@ def _plot(calibration: Calibration, path: Path) -> None:
     ax.set_title(f"{first}{Path(calibration.big.path).stem}, {calibration.samples} samples")
     ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as err:
-        raise EdgeError(f"cannot write {path}: {err.strerror or err}") from err
-    finally:
-        plt.close(fig)
+    save_figure(plt, fig, path)

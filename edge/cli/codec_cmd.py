@@ -18,7 +18,15 @@ from ..graph import ModelGraph
 from ..preprocess import coerce_input
 from ..runner import ModelRunner
 from .cascade_cmd import load_dataset
-from .common import MODEL_HELP, add_backend_args, add_server_args, load_graph, open_runner, plotting
+from .common import (
+    MODEL_HELP,
+    add_backend_args,
+    add_server_args,
+    load_graph,
+    open_runner,
+    plotting,
+    save_figure,
+)
 
 __all__ = ["register"]
 
@@ -208,13 +216,7 @@ def _plot(result: CodecFile, path: Path) -> None:
     ax.set_title(f"{result.model}, cut {k}: {result.samples} samples, two-fold")
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as err:
-        raise EdgeError(f"cannot write {path}: {err.strerror or err}") from err
-    finally:
-        plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

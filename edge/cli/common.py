@@ -143,6 +143,17 @@ def plotting() -> Any:
     return plt
 
 
+def save_figure(plt: Any, fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` (EdgeError when it cannot be written) and close it."""
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as err:
+        raise EdgeError(f"cannot write {path}: {err.strerror or err}") from err
+    finally:
+        plt.close(fig)
+
+
 def add_constraint_args(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
     p.add_argument(
         "--deadline-ms",
