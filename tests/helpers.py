@@ -44,7 +44,14 @@ ZOO_RUNNABLE = [
 """The zoo models every backend runs (unknown_custom_op is the one none does)."""
 
 # What tools/build_models.py ships; a missing one fails at collection.
-SHIPPED = ["digits_resnet", "digits_resnet_exit", "digits_resnet_f32", "digits_tiny", "mobilenetv2_035", "shapes_cnn"]
+SHIPPED = [
+    "digits_resnet",
+    "digits_resnet_exit",
+    "digits_resnet_f32",
+    "digits_tiny",
+    "mobilenetv2_035",
+    "shapes_cnn",
+]
 
 # The numpy type each OIP datatype must map to, written out independently of edge.wire.
 NUMPY_TYPES = {
