@@ -242,25 +242,40 @@ def _point(body: Mapping[str, Any]) -> Point:
     )
 
 
+class Fitter:
+    """What :func:`fit` needs of a set of samples, computed once for every candidate: each tensor's
+    per-channel percentiles (one sort), variance and mean."""
+
+    def __init__(self, samples: Sequence[Feeds]) -> None:
+        self.stats: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for name in samples[0]:
+            channels = samples[0][name].shape[-1]
+            x = np.concatenate([s[name].reshape(-1, channels) for s in samples])
+            ordered = np.sort(x, axis=0).astype(np.float64)
+            mean = np.clip(np.rint(ordered.mean(axis=0)), -128, 127)
+            self.stats[name] = (ordered, ordered.var(axis=0), mean)
+
+    def codecs(self, bits: int, clip: float, drop: float) -> dict[str, ChannelCodec]:
+        """A codec per tensor: each channel's range spans its values but the ``clip`` share at each
+        end; the ``drop`` share of channels of least variance are rebuilt as their mean, and so is any
+        channel that never varies."""
+        codecs = {}
+        for name, (ordered, variance, mean) in self.stats.items():
+            channels = ordered.shape[1]
+            lo = np.floor(np.percentile(ordered, clip * 100, axis=0))
+            hi = np.ceil(np.percentile(ordered, 100 - clip * 100, axis=0))
+            kept = variance > 0
+            kept[np.argsort(variance, kind="stable")[: int(drop * channels)]] = False
+            lo, hi = np.where(kept, lo, mean), np.where(kept, hi, mean)
+            codecs[name] = ChannelCodec(
+                bits, tuple(int(v) for v in lo), tuple(int(v) for v in hi), tuple(bool(k) for k in kept)
+            )
+        return codecs
+
+
 def fit(samples: Sequence[Feeds], bits: int, clip: float, drop: float) -> dict[str, ChannelCodec]:
-    """A codec per tensor of ``samples`` (each a cut's tensors): each channel's range spans its values but
-    the ``clip`` share at each end; the ``drop`` share of channels of least variance are rebuilt as their
-    mean, and so is any channel that never varies."""
-    codecs = {}
-    for name in samples[0]:
-        channels = samples[0][name].shape[-1]
-        x = np.concatenate([s[name].reshape(-1, channels) for s in samples]).astype(np.float64)
-        lo = np.floor(np.percentile(x, clip * 100, axis=0))
-        hi = np.ceil(np.percentile(x, 100 - clip * 100, axis=0))
-        variance = x.var(axis=0)
-        kept = variance > 0
-        kept[np.argsort(variance, kind="stable")[: int(drop * channels)]] = False
-        mean = np.clip(np.rint(x.mean(axis=0)), -128, 127)
-        lo, hi = np.where(kept, lo, mean), np.where(kept, hi, mean)
-        codecs[name] = ChannelCodec(
-            bits, tuple(int(v) for v in lo), tuple(int(v) for v in hi), tuple(bool(k) for k in kept)
-        )
-    return codecs
+    """:meth:`Fitter.codecs` on ``samples`` (each a cut's tensors)."""
+    return Fitter(samples).codecs(bits, clip, drop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,11 +379,12 @@ def calibrate(
         reference = labels if labels is not None else exact.classes
         exact_right = float(np.mean(exact.classes == reference))
         curve = []
+        fitters = [(Fitter(heads[fitting]), held) for fitting, held in folds]
         for bits, clip, drop in settings:
             scores = np.empty_like(exact.scores)
             sent = 0.0
-            for fitting, held in folds:
-                got = measure(runner, k, heads[held], fit(heads[fitting], bits, clip, drop))
+            for fitter, held in fitters:
+                got = measure(runner, k, heads[held], fitter.codecs(bits, clip, drop))
                 scores[held] = got.scores
                 sent += got.bytes * len(got.scores)
             classes = scores.argmax(axis=1)
