@@ -52,7 +52,7 @@ CLIPS = (0.0, 0.001, 0.01)
 """Share of each channel's calibration values left outside its range, at each end."""
 DROPS = (0.0, 0.25, 0.5)
 """Share of each tensor's channels dropped, those of least energy first."""
-MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_FILE_BYTES = 16 * 1024 * 1024
 
 Feeds = Mapping[str, np.ndarray]
 
