@@ -486,3 +486,34 @@ def test_on_the_shapes_model_it_sends_4x_fewer_bytes_on_held_out_shapes_within_1
     assert report["raw_bytes_per_request"] / report["bytes_per_request"] >= 4.0
     assert (report["reference_accuracy"] - report["accuracy"]) * 100 <= 1.0
     assert report["reference_accuracy"] > 0.9  # a trained model: the loss means something
+
+
+def test_mutated_frames_are_refused_or_decoded_to_the_shape_never_more() -> None:
+    """Two thousand frames with random bytes changed, cut or added: each is one TensorFormatError, or
+    an int8 array of exactly the tensor's shape."""
+    rng = np.random.default_rng(7)
+    values = _values((1, 6, 6, 8))
+    codec = ChannelCodec(3, lo=(-60,) * 8, hi=(60,) * 8, kept=(True,) * 7 + (False,))
+    frames = [codec.encode(values), codec.encode(values, inline=False), _frame(_body(codec, values))]
+    outcomes = {"refused": 0, "decoded": 0}
+    for i in range(2000):
+        frame = bytearray(frames[i % len(frames)])
+        for _ in range(int(rng.integers(1, 4))):
+            what = int(rng.integers(0, 3))
+            at = int(rng.integers(0, len(frame)))
+            if what == 0:
+                frame[at] = int(rng.integers(0, 256))
+            elif what == 1:
+                del frame[at:]
+            else:
+                frame[at:at] = rng.bytes(int(rng.integers(1, 64)))
+            if not frame:
+                frame = bytearray(b"\0")
+        try:
+            decoded = decode_frame(bytes(frame), values.shape)
+        except TensorFormatError:
+            outcomes["refused"] += 1
+        else:
+            assert decoded.dtype == np.int8 and decoded.shape == values.shape
+            outcomes["decoded"] += 1
+    assert outcomes["refused"] > 1000  # most mutations break the frame, and each says so
