@@ -91,6 +91,13 @@ class FailoverClient:
         return sent.pop() if len(sent) == 1 else "raw"
 
     @property
+    def cut_encoder(self) -> object | None:
+        """The calibrated codec every server is sent with, when they share one: the planner plans with
+        its bytes, as :meth:`codec_sent` says what goes."""
+        encoders = [getattr(client, "cut_encoder", None) for client in self.clients]
+        return encoders[0] if all(e is not None and e == encoders[0] for e in encoders) else None
+
+    @property
     def address(self) -> str:
         return ",".join(c.address for c in self.clients)
 

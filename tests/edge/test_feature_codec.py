@@ -517,3 +517,15 @@ def test_mutated_frames_are_refused_or_decoded_to_the_shape_never_more() -> None
             assert decoded.dtype == np.int8 and decoded.shape == values.shape
             outcomes["decoded"] += 1
     assert outcomes["refused"] > 1000  # most mutations break the frame, and each says so
+
+
+def test_a_pool_plans_with_the_codec_its_servers_share(codec_file: Path) -> None:
+    from edge.transport import FailoverClient
+
+    with RefusedAddress() as one, RefusedAddress() as two:
+        same = [TailClient(a.address, codec=CodecFile.load(codec_file)) for a in (one, two)]
+        with FailoverClient(same) as pool:
+            assert pool.cut_encoder == CodecFile.load(codec_file)
+        mixed = [TailClient(one.address, codec=CodecFile.load(codec_file)), TailClient(two.address)]
+        with FailoverClient(mixed) as pool:
+            assert pool.cut_encoder is None
