@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
 import signal
+import socket
 import sys
+import threading
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -20,10 +26,11 @@ from edge import __version__
 from edge.argtypes import Parser, at_least, listen_port, non_negative_float, positive_float
 from edge.console import quiet_closed_stdout
 from edge.cpu_latency import cpu_latency_hold
-from edge.errors import EdgeError
+from edge.errors import ConfigError, EdgeError
 from edge.systemd import notify, watchdog_interval
 
 from .dataplane import DataPlane, largest_message, message_limit
+from .errors import ListenError
 from .grpc_service import EdgeServer, check_listen
 from .metrics import ServerMetrics, serve_metrics
 from .repository import ModelRepository
@@ -139,9 +146,11 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return load_settings(flags, config, aliases=_flag_keys(parser))
 
 
-async def serve(settings: ServerSettings) -> None:
+async def serve(
+    settings: ServerSettings, *, reuse_port: bool = False, on_ready: Callable[[], None] | None = None
+) -> None:
     with cpu_latency_hold(settings.cpu_latency_us):
-        await _serve(settings)
+        await _serve(settings, reuse_port=reuse_port, on_ready=on_ready)
 
 
 def check(settings: ServerSettings) -> None:
@@ -172,8 +181,11 @@ def security_from(settings: ServerSettings) -> Security:
     )
 
 
-async def _serve(settings: ServerSettings) -> None:
-    check_listen(settings.host, settings.port)  # in milliseconds, before the models take seconds to load
+async def _serve(
+    settings: ServerSettings, *, reuse_port: bool = False, on_ready: Callable[[], None] | None = None
+) -> None:
+    if not reuse_port:
+        check_listen(settings.host, settings.port)  # in milliseconds, before the models take seconds to load
     security = security_from(settings)
     metrics = ServerMetrics() if settings.metrics_port is not None else None
     if metrics is not None:
@@ -186,13 +198,20 @@ async def _serve(settings: ServerSettings) -> None:
             f"edge-server: metrics on http://{settings.metrics_host}:{http.server_port}/metrics", flush=True
         )
     try:
-        await _serve_models(settings, security, metrics)
+        await _serve_models(settings, security, metrics, reuse_port=reuse_port, on_ready=on_ready)
     finally:
         if http is not None:
             http.shutdown()
 
 
-async def _serve_models(settings: ServerSettings, security: Security, metrics: ServerMetrics | None) -> None:
+async def _serve_models(
+    settings: ServerSettings,
+    security: Security,
+    metrics: ServerMetrics | None,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     # An interpreter per compute thread: they run at once.
     repository = repository_from(settings, replicas=max(1, settings.workers))
     # The bound gRPC applies before parsing, sized from the models served at start (within
@@ -224,10 +243,13 @@ async def _serve_models(settings: ServerSettings, security: Security, metrics: S
             identify=security.identify,
             max_batch=settings.max_batch,
             max_batch_delay_us=settings.max_batch_delay_us,
+            reuse_port=reuse_port,
         )
         await server.start()
         print(f"edge-server: serving {', '.join(m.name for m in repository)} on {server.address}", flush=True)
         notify("READY=1")
+        if on_ready is not None:
+            on_ready()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -309,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check(settings)
             print(settings.model_dump_json(indent=2))
             return 0
+        if settings.processes > 1:
+            return supervise(settings)
         asyncio.run(serve(settings))
     except EdgeError as err:
         if debug:
@@ -325,3 +349,109 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+# -- several processes on one port ---------------------------------------------------------------
+
+_READY_TIMEOUT_S = 600.0
+"""How long a process may take to load the models and listen."""
+
+
+def supervise(settings: ServerSettings) -> int:
+    """``--processes N``: N server processes listening on one port with SO_REUSEPORT, the kernel
+    spreading connections over them. This process starts them, says READY once every one listens,
+    passes SIGHUP and SIGTERM (or SIGINT) on to each, and waits for them; if one dies, it stops the
+    others and exits 1, so that systemd starts the whole set again."""
+    if settings.metrics_port is not None:
+        raise ConfigError(
+            "--processes with --metrics-port is not supported yet (each process keeps its own counters); "
+            "run one process per port to scrape each"
+        )
+    with _reserved_port(settings.host, settings.port) as port:  # in milliseconds, before the models load
+        check(settings)  # the files and models, once, before N processes load them
+        child = settings.model_copy(update={"port": port, "processes": 1})
+        context = multiprocessing.get_context("spawn")
+        pipes = [context.Pipe(duplex=False) for _ in range(settings.processes)]
+        procs = [
+            context.Process(
+                target=_child, args=(child.model_dump(mode="json"), sender), name=f"edge-server-{i}"
+            )
+            for i, (_, sender) in enumerate(pipes)
+        ]
+        waiting = [receiver for receiver, _ in pipes]
+        stopping = threading.Event()
+
+        def forward(signum: int, _frame: object) -> None:
+            if signum != signal.SIGHUP:
+                stopping.set()
+            for proc in procs:
+                if proc.pid is not None and proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM if signum != signal.SIGHUP else signal.SIGHUP)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        for proc in procs:
+            proc.start()
+        try:
+            deadline = time.monotonic() + _READY_TIMEOUT_S
+            while waiting and not stopping.is_set():
+                if any(not p.is_alive() for p in procs):
+                    raise EdgeError("a server process stopped while starting; see its log above")
+                if time.monotonic() > deadline:
+                    raise EdgeError(f"the server processes did not all listen within {_READY_TIMEOUT_S:g} s")
+                for receiver in multiprocessing.connection.wait(waiting, timeout=0.2):
+                    assert isinstance(receiver, multiprocessing.connection.Connection)
+                    receiver.recv()
+                    waiting.remove(receiver)
+            host = f"[{settings.host}]" if ":" in settings.host else settings.host
+            print(f"edge-server: {len(procs)} processes listening on {host}:{port}", flush=True)
+            notify("READY=1")
+            interval = watchdog_interval()
+            while not stopping.is_set():
+                if any(not p.is_alive() for p in procs):
+                    logger.error("edge-server: a server process stopped; stopping the others")
+                    return 1
+                if interval:
+                    notify("WATCHDOG=1")
+                stopping.wait(min(interval or 1.0, 1.0))
+            notify("STOPPING=1")
+            return 0
+        finally:
+            stopping.set()
+            for proc in procs:
+                if proc.is_alive() and proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGTERM)
+            for proc in procs:
+                proc.join(settings.grace_s + 30.0)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+
+
+@contextlib.contextmanager
+def _reserved_port(host: str, port: int) -> Iterator[int]:
+    """``port``, or a free one when it is 0, held by a socket bound with SO_REUSEPORT (not listening, so
+    no connection goes to it) while the server processes bind it too; ListenError when it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            held.bind((host, port))
+        except OSError as err:
+            raise ListenError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
+        yield int(held.getsockname()[1])
+
+
+def _child(settings: dict[str, Any], ready: multiprocessing.connection.Connection) -> None:
+    """One of ``--processes``: serve on the shared port; systemd hears from the supervisor only."""
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor says when to stop (SIGTERM)
+    try:
+        asyncio.run(
+            serve(ServerSettings(**settings), reuse_port=True, on_ready=lambda: ready.send(os.getpid()))
+        )
+    except EdgeError as err:
+        print(f"edge-server: error: {err}", file=sys.stderr)
+        sys.exit(2)

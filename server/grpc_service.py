@@ -310,6 +310,7 @@ class EdgeServer:
         servicer: InferenceServicer | None = None,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        reuse_port: bool = False,
         **servicer_options: Any,
     ) -> None:
         self.dataplane = dataplane
@@ -319,6 +320,8 @@ class EdgeServer:
         self.idle_timeout_s = idle_timeout_s
         self.max_connection_age_s = max_connection_age_s
         self.max_connections = max_connections
+        self.reuse_port = reuse_port
+        """Listen with SO_REUSEPORT: one of several processes on one port (``edge-server --processes``)."""
         self.servicer = servicer if servicer is not None else InferenceServicer(dataplane, **servicer_options)
         self.credentials = credentials
         self.interceptors = tuple(interceptors)
@@ -337,7 +340,7 @@ class EdgeServer:
         options = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(self.reuse_port)),
             # A connection with no call for this long is closed, so idle ones cannot hold file
             # descriptors for ever; a device reconnects by itself on its next request.
             ("grpc.max_connection_idle_ms", int(self.idle_timeout_s * 1000)),
@@ -354,7 +357,7 @@ class EdgeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=DESCRIPTOR_POOL)
-        port = bind(server, self.host, self.requested_port, self.credentials)
+        port = bind(server, self.host, self.requested_port, self.credentials, probe=not self.reuse_port)
         await server.start()
         self._server, self.port = server, port
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -461,13 +464,20 @@ async def _refuse_unparsed(context: grpc.aio.ServicerContext, request: Any, log:
         await _abort(context, err, log)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+def bind(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None,
+    *,
+    probe: bool = True,
+) -> int:
     """Add the listening port; a failure (in use, unknown host, not this machine's) is one ListenError.
 
     The address is tried with a plain socket first: gRPC says only that it failed, and says it
     on stderr in a line of its own.
     """
-    target = check_listen(host, port)
+    target = check_listen(host, port) if probe else (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     try:
         bound = (
             server.add_insecure_port(target)

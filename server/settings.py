@@ -167,6 +167,15 @@ class ServerSettings(BaseModel):
         description="Allow RepositoryModelLoad and RepositoryModelUnload (with --auth-tokens, only to callers "
         "with an admin token); RepositoryIndex is always served.",
     )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Server processes on one port (SO_REUSEPORT), each with its own models and compute threads: "
+        "the kernel spreads connections over them, so Python's per-request work runs on several cores. "
+        "SIGHUP and SIGTERM reach every one; per-device limits and fair turns hold within each. Not yet with "
+        "--metrics-port.",
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=0,
