@@ -53,7 +53,7 @@ VALUES = {
     "max_batch_delay_us": "900", "max_inflight_bytes": "4096", "cache_size": "3", "max_model_bytes": "5000",
     "max_message_bytes": "8192", "max_connections": "9", "idle_timeout_s": "1.5", "max_connection_age_s": "60",
     "grace_s": "0", "tls_cert": "/tmp/c.pem", "tls_key": "/tmp/k.pem", "tls_client_ca": "/tmp/ca.pem",
-    "auth_tokens": "/tmp/t", "watch_s": "0.5", "model_control": None, "metrics_port": "9100",
+    "auth_tokens": "/tmp/t", "watch_s": "0.5", "model_control": None, "processes": "3", "metrics_port": "9100",
     "metrics_host": "127.0.0.1", "cpu_latency_us": "10",
 }  # fmt: skip
 
