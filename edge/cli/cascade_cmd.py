@@ -140,29 +140,39 @@ def _share(text: str) -> float:
 
 def load_dataset(path: Path, graph: ModelGraph) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
     """(one feed per sample for ``graph``'s single input, the integer labels) from an .npz with x and y."""
+    feeds, labels = load_samples(path, graph, labelled=True)
+    assert labels is not None
+    return feeds, labels
+
+
+def load_samples(
+    path: Path, graph: ModelGraph, *, labelled: bool
+) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """:func:`load_dataset`, where y may be absent unless ``labelled`` (labels None then)."""
     if len(graph.inputs) != 1:
         raise TensorFormatError(f"a dataset feeds one input; the model has {len(graph.inputs)}")
     data = load_arrays(path)
-    if "x" not in data or "y" not in data:
-        raise TensorFormatError(f"{path}: needs arrays x and y, has {', '.join(data) or 'none'}")
-    x, y = data["x"], data["y"]
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise TensorFormatError(
-            f"{path}: y must be a vector of integer labels, not {y.dtype.name}{list(y.shape)}"
-        )
-    if len(x) != len(y) or len(y) == 0:
-        raise TensorFormatError(
-            f"{path}: x has {len(x)} samples and y {len(y)}; they must match, and not be empty"
-        )
-    classes = max((int(np.prod(t.shape)) for t in graph.outputs), default=0)
-    if y.min() < 0 or y.max() >= classes:
-        raise TensorFormatError(
-            f"{path}: labels must be classes 0..{classes - 1} of the model's output; found {y.min()}..{y.max()}"
-        )
+    if "x" not in data or ("y" not in data and labelled):
+        needs = "x and y" if labelled else "x (and optionally y)"
+        raise TensorFormatError(f"{path}: needs arrays {needs}, has {', '.join(data) or 'none'}")
+    x, y = data["x"], data.get("y")
+    if y is not None:
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise TensorFormatError(
+                f"{path}: y must be a vector of integer labels, not {y.dtype.name}{list(y.shape)}"
+            )
+        if len(x) != len(y) or len(y) == 0:
+            raise TensorFormatError(
+                f"{path}: x has {len(x)} samples and y {len(y)}; they must match, and not be empty"
+            )
+        classes = max((int(np.prod(t.shape)) for t in graph.outputs), default=0)
+        if y.min() < 0 or y.max() >= classes:
+            raise TensorFormatError(
+                f"{path}: labels must be classes 0..{classes - 1} of the model's output; found {y.min()}..{y.max()}"
+            )
     tensor = graph.inputs[0]
-    return [
-        {tensor.name: coerce_input(x[i], tensor, integers_as_reals=False)} for i in range(len(y))
-    ], y.astype(np.int64)
+    feeds = [{tensor.name: coerce_input(x[i], tensor, integers_as_reals=False)} for i in range(len(x))]
+    return feeds, y.astype(np.int64) if y is not None else None
 
 
 def _label(outputs: dict[str, np.ndarray], tensor: TensorInfo) -> tuple[int, np.ndarray]:

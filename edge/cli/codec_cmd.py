@@ -12,12 +12,10 @@ import numpy as np
 
 from ..argtypes import non_negative_float
 from ..codec import CodecFile, calibratable, calibrate, measure
-from ..errors import EdgeError, TensorFormatError
-from ..fileio import load_arrays
+from ..errors import EdgeError
 from ..graph import ModelGraph
-from ..preprocess import coerce_input
 from ..runner import ModelRunner
-from .cascade_cmd import load_dataset
+from .cascade_cmd import load_samples
 from .common import (
     MODEL_HELP,
     add_backend_args,
@@ -90,17 +88,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_evaluate)
 
 
-def _samples(path: Path, graph: ModelGraph) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
-    """One feed per sample, and the labels when the file has y."""
-    if "y" in load_arrays(path):
-        return load_dataset(path, graph)
-    data = load_arrays(path)
-    if "x" not in data or len(graph.inputs) != 1:
-        raise TensorFormatError(f"{path}: needs an array x (one sample per row) for the model's one input")
-    tensor = graph.inputs[0]
-    return [{tensor.name: coerce_input(row, tensor, integers_as_reals=False)} for row in data["x"]], None
-
-
 def _cuts(graph: ModelGraph, spec: str | None) -> list[int]:
     if spec == "auto":
         cuts = [k for k in range(1, graph.num_operators) if calibratable(graph, k) is None]
@@ -140,7 +127,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     graph = load_graph(args.model)
     if args.plot is not None:
         plotting()  # before the work
-    feeds, labels = _samples(args.data, graph)
+    feeds, labels = load_samples(args.data, graph, labelled=False)
     cuts = _cuts(graph, args.split_at)
     from ..codec import BITS, CLIPS, DROPS
 
@@ -225,7 +212,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise EdgeError("edge codec eval needs --codec CODEC.json (a file written by edge codec calibrate)")
     graph = load_graph(args.model or _beside(codec, Path(codec.source)))
     codec.check_model(graph)
-    feeds, labels = _samples(args.data, graph)
+    feeds, labels = load_samples(args.data, graph, labelled=False)
     cuts = [graph.resolve_cut(args.split_at)] if args.split_at is not None else list(codec.cuts)
     rows = []
     with ModelRunner(graph, backend=args.backend, threads=args.threads) as runner:
