@@ -34,7 +34,7 @@ import numpy as np
 
 from .cooperative import CooperativeRunner, EarlyStop, FixedSplit, InferenceResult, StageTimings
 from .errors import ConfigError, EdgeError
-from .fileio import write_atomic
+from .fileio import read_bounded, save_text
 from .graph import ModelGraph, TensorInfo
 from .outputs import dequantize, probabilities
 from .runner import ModelRunner
@@ -272,23 +272,11 @@ class Calibration:
         return relaxed_threshold(self.curve, self.chosen, max_extra_loss_pp)
 
     def save(self, path: Path) -> None:
-        try:
-            write_atomic(path, (self.to_json() + "\n").encode())
-        except OSError as err:
-            raise EdgeError(f"cannot write {path}: {err.strerror or err}") from err
+        save_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
-        try:
-            size = path.stat().st_size
-            if size > MAX_CALIBRATION_BYTES:  # before reading it: a 1 GB file took 63 s and 4.8 GB
-                raise ConfigError(
-                    f"{path}: {size:,} bytes; a calibration holds at most {MAX_CALIBRATION_BYTES:,}"
-                )
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read: {getattr(err, 'strerror', None) or err}") from err
-        return cls.from_json(text, str(path))
+        return cls.from_json(read_bounded(path, MAX_CALIBRATION_BYTES, "calibration"), str(path))
 
 
 def _finite(value: float) -> float | str:

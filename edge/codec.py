@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, EdgeError, TensorFormatError
-from .fileio import write_atomic
+from .fileio import read_bounded, save_text
 from .graph import ModelGraph
 from .runner import ModelRunner
 from .wire import ENCODING, WireTensor, encodings
@@ -180,19 +180,13 @@ class CodecFile:
         return json.dumps(body, indent=1) + "\n"
 
     def save(self, path: Path) -> None:
-        write_atomic(path, self.to_json().encode())
+        save_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> CodecFile:
+        text = read_bounded(path, MAX_FILE_BYTES, "codec file")
         try:
-            size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                raise ConfigError(f"{path}: {size:,} bytes; a codec file holds at most {MAX_FILE_BYTES:,}")
-            body = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(
-                f"{path}: cannot read the codec: {getattr(err, 'strerror', None) or err}"
-            ) from err
+            body = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not a codec file (not JSON: {err})") from err
         return cls.from_json(body, str(path))

@@ -529,3 +529,15 @@ def test_a_pool_plans_with_the_codec_its_servers_share(codec_file: Path) -> None
         mixed = [TailClient(one.address, codec=CodecFile.load(codec_file)), TailClient(two.address)]
         with FailoverClient(mixed) as pool:
             assert pool.cut_encoder is None
+
+
+def test_an_out_path_that_cannot_be_written_is_one_line(
+    halves: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was a traceback, after the search."""
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "codec.json"
+    args = ["codec", "calibrate", "--model", MODEL, "--data", str(halves[0]), "--split-at", "15"]
+    assert main([*args, "--max-loss", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write {out}" in err
