@@ -23,6 +23,7 @@ refuses one that claims or yields more before it is allocated. A value is rebuil
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
@@ -58,7 +59,7 @@ def _zstd() -> Any:
     return zstandard
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ChannelCodec:
     """How one INT8 tensor is sent: ``bits`` per element, and per channel (the last axis) a range
     ``lo..hi`` in the tensor's own int8 values; a channel not ``kept`` is rebuilt as ``lo``."""
@@ -85,15 +86,16 @@ class ChannelCodec:
     def channels(self) -> int:
         return len(self.lo)
 
-    @property
+    @functools.cached_property
     def table(self) -> bytes:
-        """The bits, the kept channels (a bitmap) and each channel's lo and hi: what a frame refers to."""
+        """The bits, the kept channels (a bitmap) and each channel's lo and hi: what a frame refers to
+        (made once: every request's frame carries it or its id)."""
         bitmap = np.packbits(np.array(self.kept, dtype=np.uint8), bitorder="little").tobytes()
         ranges = np.empty(2 * self.channels, dtype=np.int8)
         ranges[0::2], ranges[1::2] = self.lo, self.hi
         return bytes([self.bits]) + bitmap + ranges.tobytes()
 
-    @property
+    @functools.cached_property
     def table_id(self) -> bytes:
         return hashlib.sha256(self.table).digest()[:ID_BYTES]
 
