@@ -23,6 +23,7 @@ import annotated_types
 from pydantic.fields import FieldInfo
 
 from edge import __version__
+from edge.address import format_address
 from edge.argtypes import Parser, at_least, listen_port, non_negative_float, positive_float
 from edge.console import quiet_closed_stdout
 from edge.cpu_latency import cpu_latency_hold
@@ -403,8 +404,10 @@ def supervise(settings: ServerSettings) -> int:
                     assert isinstance(receiver, multiprocessing.connection.Connection)
                     receiver.recv()
                     waiting.remove(receiver)
-            host = f"[{settings.host}]" if ":" in settings.host else settings.host
-            print(f"edge-server: {len(procs)} processes listening on {host}:{port}", flush=True)
+            print(
+                f"edge-server: {len(procs)} processes listening on {format_address(settings.host, port)}",
+                flush=True,
+            )
             notify("READY=1")
             interval = watchdog_interval()
             while not stopping.is_set():
@@ -438,7 +441,9 @@ def _reserved_port(host: str, port: int) -> Iterator[int]:
         try:
             held.bind((host, port))
         except OSError as err:
-            raise ListenError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
+            raise ListenError(
+                f"cannot listen on {format_address(host, port)}: {err.strerror or err}"
+            ) from err
         yield int(held.getsockname()[1])
 
 

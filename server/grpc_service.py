@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edge.address import format_address
 from edge.errors import (
     EdgeError,
     TensorFormatError,
@@ -333,8 +334,7 @@ class EdgeServer:
     def address(self) -> str:
         if self.port is None:
             raise RuntimeError("the server is not started")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return format_address(self.host, self.port)
 
     async def start(self) -> int:
         options = [
@@ -477,7 +477,7 @@ def bind(
     The address is tried with a plain socket first: gRPC says only that it failed, and says it
     on stderr in a line of its own.
     """
-    target = check_listen(host, port) if probe else (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    target = check_listen(host, port) if probe else format_address(host, port)
     try:
         bound = (
             server.add_insecure_port(target)
@@ -493,7 +493,7 @@ def bind(
 
 def check_listen(host: str, port: int) -> str:
     """``host:port`` if this process can listen there now; raises ListenError saying why not."""
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    target = format_address(host, port)
     problem = _bind_problem(host, port)
     if problem is not None:
         raise ListenError(f"cannot listen on {target}: {problem}")
