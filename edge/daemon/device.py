@@ -46,6 +46,8 @@ class ResolvedProfile:
     cut: int | None
     """The fixed cut, or None when the planner chooses."""
     cascade: CascadePlan | None = None
+    codecs: tuple[str | CodecFile, ...] = ()
+    """Each of ``edge.servers``' codec: its name, or its calibrated codec's file, loaded and checked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +71,7 @@ def resolve(profile: DeviceProfile, source: Path) -> ResolvedProfile:
     name = profile.model.name or model_path.stem
     _check_labels(profile, graph, source)
     _check_sensors(profile, graph, source)
-    for i, server in enumerate(profile.edge.servers):
-        _codec(server.codec, i, graph, source)
+    codecs = tuple(_codec(server.codec, i, graph, source) for i, server in enumerate(profile.edge.servers))
     cut = None
     if isinstance(profile.split, FixedSplitConfig):
         try:
@@ -85,6 +86,7 @@ def resolve(profile: DeviceProfile, source: Path) -> ResolvedProfile:
         model_name=name,
         cut=cut,
         cascade=_resolve_cascade(profile, graph, source),
+        codecs=codecs,
     )
 
 
@@ -174,7 +176,7 @@ def open_device(resolved: ResolvedProfile) -> CooperativeRunner:
     """The cooperative runner the profile describes (no request is sent yet)."""
     profile = resolved.profile
     runner = ModelRunner(resolved.graph, backend=profile.runtime.backend, threads=profile.runtime.threads)
-    client = _client(profile, resolved.source, resolved.graph)
+    client = _client(resolved)
     split = profile.split
     try:
         if isinstance(split, FixedSplitConfig):
@@ -221,7 +223,8 @@ def _codec(codec: str, index: int, graph: ModelGraph, source: Path) -> str | Cod
     return loaded
 
 
-def _client(profile: DeviceProfile, source: Path, graph: ModelGraph) -> TailTransport | None:
+def _client(resolved: ResolvedProfile) -> TailTransport | None:
+    profile, source = resolved.profile, resolved.source
     edge = profile.edge
     clients: list[TailTransport] = []
     for i, server in enumerate(edge.servers):
@@ -236,7 +239,7 @@ def _client(profile: DeviceProfile, source: Path, graph: ModelGraph) -> TailTran
                     tls=tls,
                     streaming=server.streaming,
                     token=token,
-                    codec=_codec(server.codec, i, graph, source),
+                    codec=resolved.codecs[i],
                     balance=server.balance,
                 )
             )
