@@ -21,7 +21,7 @@ from argparse import ArgumentTypeError
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
@@ -408,7 +408,7 @@ def calibrate(
     )
 
 
-CODEC_NAMES = ("raw", *encodings.CODECS, *encodings.LOSSY)
+CODEC_NAMES: tuple[str, ...] = get_args(encodings.CodecName)
 
 
 def codec_arg(text: str) -> str | CodecFile:

@@ -194,7 +194,7 @@ class TailClient:
         """``err`` says the server does not hold a calibrated codec table: the next requests carry them."""
         if not (isinstance(err, RemoteError) and err.status == "FAILED_PRECONDITION" and self._tables):
             return False
-        if "unknown codec table" not in str(err):
+        if calibrated.UNKNOWN_TABLE not in str(err):
             return False
         self._tables.clear()
         return True
