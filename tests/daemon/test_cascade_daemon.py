@@ -25,6 +25,7 @@ from edge.errors import ConfigError
 from edge.graph import ModelGraph
 from edge.outputs import dequantize
 from edge.runner import ModelRunner
+from helpers import MINIMAL_PROFILE
 
 TOPIC = "sensors/s1/digits"
 
@@ -72,19 +73,7 @@ def test_the_daemon_answers_through_the_cascade(
     assert set(last["answered_by"]) <= {"device-small", "server"}
 
 
-BASE = """
-device_id = "c"
-[model]
-path = "digits_resnet"
-[split]
-type = "fixed"
-k = 8
-[mqtt]
-host = "localhost"
-[[sensors]]
-topic = "s/+"
-format = "json"
-"""
+BASE = MINIMAL_PROFILE
 
 
 @pytest.mark.parametrize(
