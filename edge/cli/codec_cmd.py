@@ -94,7 +94,11 @@ def _cuts(graph: ModelGraph, spec: str | None) -> list[int]:
         if not cuts:
             raise EdgeError("no cut of this model sends int8 feature maps to a tail with one output")
         return cuts
-    return [graph.resolve_cut(spec) if spec is not None else graph.num_operators // 2]
+    k = graph.resolve_cut(spec) if spec is not None else graph.num_operators // 2
+    problem = calibratable(graph, k)
+    if problem is not None:  # said before the samples are read and the heads run
+        raise EdgeError(f"cut {k} cannot take a calibrated codec: {problem}")
+    return [k]
 
 
 class _Progress:
@@ -127,8 +131,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     graph = load_graph(args.model)
     if args.plot is not None:
         plotting()  # before the work
-    feeds, labels = load_samples(args.data, graph, labelled=False)
     cuts = _cuts(graph, args.split_at)
+    feeds, labels = load_samples(args.data, graph, labelled=False)
     from ..codec import BITS, CLIPS, DROPS
 
     progress = _Progress(len(cuts) * len(BITS) * len(CLIPS) * len(DROPS), args.json)

@@ -541,3 +541,26 @@ def test_an_out_path_that_cannot_be_written_is_one_line(
     assert main([*args, "--max-loss", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot write {out}" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["codec", "eval", "--codec", "zstd", "--data", "x.npz"], "edge codec eval needs --codec CODEC.json"),
+        (
+            ["codec", "calibrate", "--model", "digits_resnet_f32", "--split-at", "8"],
+            "not an int8 feature map",
+        ),
+    ],
+)
+def test_codec_commands_refuse_what_they_cannot_do_in_one_line(
+    argv: list[str],
+    needle: str,
+    halves: tuple[Path, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    extra = ["--data", str(halves[0]), "--max-loss", "1", "--out", str(tmp_path / "c.json")]
+    assert main(argv + (extra if argv[1] == "calibrate" else [])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
