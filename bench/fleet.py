@@ -17,6 +17,7 @@ previous one is answered, for ``--seconds``. Reported, from one run:
     python bench/fleet.py --devices 8 --server-cores 1 --device-cores 0 -- --workers 0
     python bench/fleet.py --devices 8 --server-cores 0,1 --device-cores 0,1 --json
     python bench/fleet.py --devices 8 --echo     # grpcio's floor: a server that computes nothing
+    python bench/fleet.py --devices 8 --window 4 -- --workers 0   # edge devices, 4 requests in flight each
     python bench/fleet.py --devices 8 --profile /tmp/server.pstats -- --workers 0   # then
     python tools/request_profile.py /tmp/server.pstats   # where each answer's server time goes
 
@@ -154,6 +155,59 @@ async def devices(address: str, model: str, k: int, count: int, warmup: float, s
     return counted[0]
 
 
+async def pipelined(
+    address: str, model: str, k: int, count: int, window: int, warmup: float, seconds: float
+) -> int:
+    """:func:`devices`, each device an edge TailClient keeping ``window`` requests in flight (submit):
+    requests that queue for one cut go stacked to a server that takes them."""
+    from edge.transport import TailClient
+
+    feeds = cut_tensors(model, k)
+    name = models.resolve(model).stem
+    params = {"split_point": k}
+    counted = [0]
+    timing = [False]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def device() -> None:
+        with TailClient(address, timeout_s=30.0) as client:
+            client.infer(name, feeds, parameters=params)
+            places = threading.Semaphore(window)
+
+            def done(future) -> None:  # type: ignore[no-untyped-def]
+                if future.exception() is not None:
+                    errors.append(future.exception())
+                elif timing[0]:
+                    counted[0] += 1
+                places.release()
+
+            while not stop.is_set() and not errors:
+                if places.acquire(timeout=0.5):
+                    client.submit(name, feeds, parameters=params).add_done_callback(done)
+            for _ in range(window):
+                places.acquire(timeout=30)
+
+    threads = [threading.Thread(target=device, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    await asyncio.sleep(warmup)
+    timing[0] = True
+    print("start", flush=True)
+    started = time.perf_counter()
+    await asyncio.sleep(seconds)
+    timing[0] = False
+    elapsed = time.perf_counter() - started
+    print("end", flush=True)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    if errors:
+        raise SystemExit(f"a device failed: {errors[0]}")
+    print(json.dumps({"answers": counted[0], "elapsed": elapsed}), flush=True)
+    return counted[0]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mobilenetv2_035")
@@ -170,13 +224,27 @@ def main() -> int:
         action="store_true",
         help="drive bench/grpc_echo.py instead: grpcio's own floor, nothing computed",
     )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        metavar="W",
+        help="devices are edge TailClients keeping W requests in flight each (0: tritonclient streams, "
+        "one request at a time)",
+    )
     p.add_argument("--devices-only", metavar="ADDRESS", help=argparse.SUPPRESS)
     p.add_argument("--profile", metavar="OUT", help="run the server under cProfile, writing its stats to OUT")
     p.add_argument("server_args", nargs="*", help="edge-server flags, after --")
     args = p.parse_args()
     if args.devices_only:
         os.sched_setaffinity(0, args.device_cores)
-        asyncio.run(devices(args.devices_only, args.model, args.cut, args.devices, args.warmup, args.seconds))
+        if args.window > 0:
+            run = pipelined(
+                args.devices_only, args.model, args.cut, args.devices, args.window, args.warmup, args.seconds
+            )
+        else:
+            run = devices(args.devices_only, args.model, args.cut, args.devices, args.warmup, args.seconds)
+        asyncio.run(run)
         return 0
 
     raw, raw_per_cpu = raw_rate(args.model, args.cut, args.server_cores, min(args.seconds, 5.0))
@@ -223,6 +291,7 @@ def main() -> int:
         fleet = subprocess.Popen(
             [sys.executable, __file__, "--devices-only", address, "--model", args.model, "--cut", str(args.cut),
              "--devices", str(args.devices), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
+             "--window", str(args.window),
              "--device-cores", ",".join(str(c) for c in sorted(args.device_cores))],
             stdout=subprocess.PIPE, cwd=REPO,
         )  # fmt: skip
@@ -247,6 +316,7 @@ def main() -> int:
         "model": models.resolve(args.model).stem,
         "cut": args.cut,
         "devices": args.devices,
+        "window": args.window,
         "server_cores": sorted(args.server_cores),
         "device_cores": sorted(args.device_cores),
         "server": "grpc_echo" if args.echo else "edge-server",

@@ -33,6 +33,9 @@ HALF_ERRORS = (BackendError, ModelMismatchError)
 """What building a half raises when this backend cannot have it (a kernel it lacks, an XNNPACK set-up
 that fails, a boundary the built half does not keep): the whole model may still run."""
 
+MAX_STACK_CHUNK = 8
+"""The largest batch :meth:`ModelRunner.run_tail_stacked` builds a tail for; more samples run in chunks."""
+
 
 @dataclass(slots=True)
 class HeadResult:
@@ -129,6 +132,32 @@ class ModelRunner:
         stacked = {t.name: np.concatenate([feeds[t.name] for feeds in batch]) for t in cut.tensors}
         produced = backend.run(stacked)
         return [{name: array[i : i + 1] for name, array in produced.items()} for i in range(len(batch))]
+
+    def run_tail_stacked(self, k: int, stacked: Mapping[str, np.ndarray], size: int) -> Tensors:
+        """The tail of cut ``k`` on ``size`` samples stacked along the first axis of each cut tensor;
+        the outputs are stacked the same way, each sample's exactly what :meth:`run_tail` gives it
+        alone. The samples run in chunks of 8, 4, 2 and 1 (so at most three batched tails per cut are
+        built, whatever the sizes asked), a chunk one by one when the tail does not batch."""
+        cut = self.graph.cut(k)
+        if not cut.tail_outputs:
+            return {}
+        parts: list[Tensors] = []
+        start = 0
+        while start < size:
+            chunk = min(1 << ((size - start).bit_length() - 1), MAX_STACK_CHUNK)
+            feeds = {t.name: stacked[t.name][start : start + chunk] for t in cut.tensors}
+            backend = self._batched_tail(cut, chunk)
+            if backend is not None:
+                parts.append(backend.run(feeds))
+            else:
+                parts.extend(
+                    self.run_tail(k, {name: array[i : i + 1] for name, array in feeds.items()})
+                    for i in range(chunk)
+                )
+            start += chunk
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def batches(self, k: int, size: int) -> bool:
         """Whether the tail of cut ``k`` runs ``size`` requests at once (building it if need be)."""

@@ -229,6 +229,7 @@ async def _serve_models(
                 max_inflight=settings.max_inflight,
                 max_inflight_bytes=settings.max_inflight_bytes,
                 model_control=settings.model_control,
+                max_stack=settings.max_stack,
             ),
             host=settings.host,
             port=settings.port,

@@ -13,6 +13,7 @@ Everything is validated before any tensor is decoded or any model runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -39,6 +40,8 @@ from edge.wire import (
     PROFILE_RUNS,
     QUEUE_US,
     SPLIT_POINT,
+    STACK,
+    STACK_PREFIX,
     THREADS,
     InferRequest,
     InferResponse,
@@ -55,7 +58,7 @@ from edge.wire import (
 
 from .errors import ControlDisabledError, ServerOverloadedError, ServerStoppingError
 from .repository import ModelRepository, ServedModel
-from .settings import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_BYTES
+from .settings import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_STACK
 
 __all__ = [
     "SERVER_NAME",
@@ -95,6 +98,8 @@ class PreparedRequest:
     received_ns: int
     profile: bool = False
     ping: bool = False
+    stack: int = 1
+    """The samples it carries, stacked along the first axis of its tensors (:data:`edge.wire.STACK`)."""
 
 
 class DataPlane:
@@ -108,8 +113,11 @@ class DataPlane:
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         model_control: bool = False,
         codecs: tuple[str, ...] | None = None,
+        max_stack: int = DEFAULT_MAX_STACK,
     ) -> None:
         self.repository = repository
+        self.max_stack = max_stack
+        """The most samples one stacked request may carry (1: none are taken); advertised."""
         self.model_control = model_control
         self.codecs = encodings.decoded() if codecs is None else codecs
         """The codecs advertised in ServerMetadata as decoded here; the lossless ones among them also
@@ -125,9 +133,9 @@ class DataPlane:
         self._profile_lock = threading.Lock()
         self._stop_profiling = threading.Event()
         self._profiles: dict[str, np.ndarray] = {}
-        # What each (model bytes, cut) takes and gives; at most served models x (N + 1) entries once
-        # refresh() has dropped the ones of models no longer served.
-        self._routes: dict[tuple[str, int | None], _Route] = {}
+        # What each (model bytes, cut, samples) takes and gives; at most served models x (N + 1) x
+        # max_stack entries once refresh() has dropped the ones of models no longer served.
+        self._routes: dict[tuple[str, int | None, int], _Route] = {}
 
     # -- health and metadata ----------------------------------------------------------
 
@@ -145,10 +153,11 @@ class DataPlane:
         return not self._stopping
 
     def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
+        stacks = (f"{STACK_PREFIX}{self.max_stack}",) if self.max_stack > 1 else ()
         return (
             SERVER_NAME,
             __version__,
-            EXTENSIONS + tuple(encodings.EXTENSION_PREFIX + c for c in self.codecs),
+            EXTENSIONS + tuple(encodings.EXTENSION_PREFIX + c for c in self.codecs) + stacks,
         )
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
@@ -226,7 +235,8 @@ class DataPlane:
                 raise TensorFormatError(f"a {kind} request carries no inputs; got {len(request.inputs)}")
             return PreparedRequest(request, model, None, {}, (), received_ns, profile=profile, ping=ping)
         split_point = _split_point(params, graph.num_operators)
-        route = self._route(model, split_point)
+        stack = _stack(params, self.max_stack, split_point)
+        route = self._route(model, split_point, stack)
         feeds = route.decode(request.inputs)
         if feeds is None:  # not exactly as expected: the full check names the problem
             feeds = _decode_inputs(request.inputs, route.expected, request.model_name, split_point)
@@ -237,6 +247,7 @@ class DataPlane:
             feeds=feeds,
             outputs=_requested(route.produced, request.outputs),
             received_ns=received_ns,
+            stack=stack,
         )
 
     def execute(self, prepared: PreparedRequest) -> InferResponse:
@@ -249,12 +260,14 @@ class DataPlane:
             results: dict[str, np.ndarray] = {}
         elif prepared.split_point is None:
             results = runner.run(prepared.feeds)
+        elif prepared.stack > 1:
+            results = runner.run_tail_stacked(prepared.split_point, prepared.feeds, prepared.stack)
         else:
             results = runner.run_tail(prepared.split_point, prepared.feeds)
         return _response(prepared, results, started, time.perf_counter_ns(), codecs=self.codecs)
 
     def execute_batch(self, batch: Sequence[PreparedRequest]) -> list[InferResponse | EdgeError]:
-        """Run requests for one model and cut (admitted, neither pings nor profiles) as one batch.
+        """Run requests for one model and cut (admitted, neither pings, profiles nor stacked) as one batch.
 
         Each gets exactly the outputs it would get alone; ``compute_us`` is the batch's, ``queue_us``
         each request's own wait, and ``batch_size`` says how many ran together. When the batch fails
@@ -365,8 +378,8 @@ class DataPlane:
 
     # -- internals --------------------------------------------------------------------
 
-    def _route(self, model: ServedModel, split_point: int | None) -> _Route:
-        key = (model.graph.sha256, split_point)
+    def _route(self, model: ServedModel, split_point: int | None, stack: int = 1) -> _Route:
+        key = (model.graph.sha256, split_point, stack)
         route = self._routes.get(key)
         if route is None:
             graph = model.graph
@@ -374,7 +387,11 @@ class DataPlane:
                 route = _Route.of(graph.inputs, graph.outputs)
             else:
                 cut = graph.cut(split_point)
-                route = _Route.of(cut.tensors, cut.tail_outputs)
+                expected, produced = cut.tensors, cut.tail_outputs
+                if stack > 1:
+                    _stacked(produced, stack, model.name, split_point)  # the outputs split per sample too
+                    expected = _stacked(expected, stack, model.name, split_point)
+                route = _Route.of(expected, produced)
             self._routes[key] = route
         return route
 
@@ -444,6 +461,8 @@ def _response(
         params[SPLIT_POINT] = prepared.split_point
     if batch > 1:
         params[BATCH_SIZE] = batch
+    if prepared.stack > 1:
+        params[STACK] = prepared.stack
     return InferResponse(
         model_name=request.model_name,
         model_version=MODEL_VERSION,
@@ -562,6 +581,40 @@ def _split_point(params: Mapping[str, object], num_operators: int) -> int | None
             f"so a tail exists for 0 <= K < {num_operators}"
         )
     return value
+
+
+def _stack(params: Mapping[str, object], max_stack: int, split_point: int | None) -> int:
+    """The samples a request carries: its :data:`STACK` parameter, checked (1 when absent)."""
+    value = params.get(STACK)
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TensorFormatError(f"parameter {STACK!r} must be an int64, got {type(value).__name__}")
+    if max_stack < 2:
+        raise TensorFormatError("this server takes no stacked requests (edge-server --max-stack 1)")
+    if not 2 <= value <= max_stack:
+        raise TensorFormatError(
+            f"{STACK} {value} is out of range: this server takes 2 to {max_stack} samples"
+        )
+    if split_point is None:
+        raise TensorFormatError(
+            f"a stacked request names its cut ({SPLIT_POINT!r}); whole-model ones are sent one by one"
+        )
+    return value
+
+
+def _stacked(
+    tensors: Sequence[TensorInfo], stack: int, model: str, split_point: int
+) -> tuple[TensorInfo, ...]:
+    """``tensors`` as a request of ``stack`` samples carries them: the first axis ``stack`` times as long.
+    A tensor whose first axis is not 1 has no sample axis to stack along: CutError."""
+    for t in tensors:
+        if not t.shape or t.shape[0] != 1:
+            raise CutError(
+                f"model {echo(model)} cut {split_point} cannot take stacked requests: tensor {t.name!r} "
+                f"has shape {list(t.shape)}, not a first axis of 1"
+            )
+    return tuple(dataclasses.replace(t, shape=(stack, *t.shape[1:])) for t in tensors)
 
 
 def _decode_inputs(

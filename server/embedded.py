@@ -15,7 +15,7 @@ from edge.backends import DEFAULT_BACKEND
 from .dataplane import DataPlane
 from .grpc_service import EdgeServer
 from .repository import ModelRepository
-from .settings import DEFAULT_MAX_INFLIGHT
+from .settings import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_STACK
 
 __all__ = ["BackgroundServer"]
 
@@ -45,13 +45,14 @@ class BackgroundServer:
         port: int = 0,
         workers: int = 0,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_stack: int = DEFAULT_MAX_STACK,
         **server_options: Any,
     ) -> BackgroundServer:
         """A server of ``paths`` on loopback; ``server_options`` go to :class:`EdgeServer`."""
         repository = ModelRepository.from_files(
             paths, backend=backend, threads=threads, replicas=max(1, workers)
         )
-        dataplane = DataPlane(repository, max_inflight=max_inflight)
+        dataplane = DataPlane(repository, max_inflight=max_inflight, max_stack=max_stack)
         return cls(EdgeServer(dataplane, port=port, workers=workers, **server_options))
 
     @property

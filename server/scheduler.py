@@ -108,7 +108,7 @@ class Scheduler:
                     return self.dataplane.execute(prepared)
                 await asyncio.sleep(0)  # the other arrived requests take their places before this computes
                 route = (prepared.model.graph.sha256, prepared.split_point)
-                if self.max_batch > 1:
+                if self.max_batch > 1 and prepared.stack == 1:
                     return await self._batched(route, prepared, device, deadline)
                 return await self._single(route, prepared, device, deadline)
             finally:

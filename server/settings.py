@@ -46,6 +46,7 @@ DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT_PER_DEVICE = 16
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_MAX_BATCH_DELAY_US = 500
+DEFAULT_MAX_STACK = 8
 MAX_STREAMS_PER_CONNECTION = 128
 
 
@@ -100,6 +101,13 @@ class ServerSettings(BaseModel):
         ge=0,
         le=1_000_000,
         description="How long a batch waits for more requests before it runs (with max_batch > 1).",
+    )
+    max_stack: int = Field(
+        default=DEFAULT_MAX_STACK,
+        ge=1,
+        le=64,
+        description="Samples one stacked request may carry: a device with several requests queued for one "
+        "cut sends them as one message, paying a message's cost once (1: off). Each gets exactly its own outputs.",
     )
     max_inflight_bytes: int = Field(
         default=DEFAULT_MAX_INFLIGHT_BYTES,

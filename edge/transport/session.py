@@ -13,7 +13,11 @@ result or a :class:`~edge.errors.RemoteError`. It holds the whole dialect, once:
   locally); requests not yet written go on a new one;
 - a server without a readable stream (MLServer, KServe) gets unary ``ModelInfer`` calls instead,
   and what the stream held is sent again that way, once. That finding is the server's
-  :class:`ServerTraits`, shared by every session of one client.
+  :class:`ServerTraits`, shared by every session of one client;
+- requests for one cut that queue up behind a write (a burst, or answers that free several places
+  at once) go as one stacked message (:data:`edge.wire.STACK`) to a server that takes them: what a
+  message costs both sides is paid once for all of them. The answer is split again, each request
+  settled with exactly its own outputs. Nothing waits to be stacked: only what is already queued is.
 
 Who drives the loop is the caller's choice: :class:`~edge.transport.client.TailClient` runs a
 session on the calling thread's own loop for one request at a time (no thread hand-off), and on a
@@ -44,12 +48,16 @@ from ..wire import encodings, packed
 from .base import RemoteResult
 from .connect import until_connected
 
-__all__ = ["MAX_PENDING", "Answer", "Request", "ServerTraits", "Session", "read_answer"]
+__all__ = ["MAX_PENDING", "MAX_STACK_BYTES", "Answer", "Request", "ServerTraits", "Session", "read_answer"]
 
 logger = logging.getLogger(__name__)
 
 MAX_PENDING = 256
 """Requests one session holds at most; past it a request fails at once (RESOURCE_EXHAUSTED)."""
+
+MAX_STACK_BYTES = 256 * 1024
+"""The most tensor bytes one stacked message carries: well under the smallest message bound edge-server
+sets (1 MiB), whatever the models it serves."""
 
 _ID_CHARS = 200
 """How much of the caller's request id goes on the wire, ahead of the session's own sequence number."""
@@ -72,6 +80,8 @@ class ServerTraits:
     """``NAME@K``: the tails it serves under a name of their own."""
     stream_window: int | None = None
     """The requests one stream may hold; None when it names none."""
+    max_stack: int = 1
+    """The most requests it takes stacked in one message (1: none)."""
     streaming: bool = True
     """Requests go on a stream; False once the server turned out not to stream in our dialect."""
 
@@ -82,6 +92,7 @@ class ServerTraits:
         self.packed = packed.EXTENSION in extensions
         self.cut_models = frozenset(e[len(prefix) :] for e in extensions if e.startswith(prefix))
         self.stream_window = wire.stream_window(extensions)
+        self.max_stack = wire.max_stack(extensions)
 
 
 @dataclass(slots=True)
@@ -112,6 +123,18 @@ class _Stream:
     call: Any
     outbox: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    carry: str | None = None
+    """A request taken from the outbox that did not stack with the ones before it: written next."""
+    stacks: dict[str, list[str]] = field(default_factory=dict)
+    """The requests each stacked message written on it carries, by the message's id."""
+
+    def take_queued(self) -> list[str]:
+        """Empty the outbox (and the carried request): what was queued here and not yet written."""
+        queued = [self.carry] if self.carry is not None else []
+        self.carry = None
+        while not self.outbox.empty():
+            queued.append(self.outbox.get_nowait())
+        return queued
 
 
 class Session:
@@ -275,17 +298,49 @@ class Session:
 
     async def _write(self, stream: _Stream) -> None:
         while True:
-            wire_id = await stream.outbox.get()
+            if stream.carry is not None:
+                wire_id, stream.carry = stream.carry, None
+            else:
+                wire_id = await stream.outbox.get()
             request = self._pending.get(wire_id)
             if request is None:  # expired while queued
                 continue
-            request.stream = stream.generation
-            request.written_at = time.perf_counter()
+            message, members = self._stacked(stream, request) if not stream.outbox.empty() else (None, [])
+            written_at = time.perf_counter()
+            for member in members or (request,):
+                member.stream = stream.generation
+                member.written_at = written_at
             try:
-                await stream.call.write(request.message)
+                await stream.call.write(message if message is not None else request.message)
             except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
                 # The stream is over; the reader finds out how, and settles what it held (this one too).
                 return
+
+    def _stacked(self, stream: _Stream, first: Request) -> tuple[Any, list[Request]]:
+        """``first`` and the requests queued after it for the same cut, as one stacked message (and
+        its members), when the server takes them and more than one stacks; else (None, [])."""
+        limit = self.traits.max_stack
+        key = _stack_key(first.message) if limit > 1 else None
+        if key is None:
+            return None, []
+        members = [first]
+        nbytes = sum(map(len, first.message.raw_input_contents))
+        while len(members) < limit and not stream.outbox.empty():
+            wire_id = stream.outbox.get_nowait()
+            request = self._pending.get(wire_id)
+            if request is None:  # expired while queued
+                continue
+            size = sum(map(len, request.message.raw_input_contents))
+            if nbytes + size > MAX_STACK_BYTES or _stack_key(request.message) != key:
+                stream.carry = wire_id  # written next, on its own or at the head of the next stack
+                break
+            members.append(request)
+            nbytes += size
+        if len(members) == 1:
+            return None, []
+        stack_id = f"stack#{next(self._seq):x}"
+        stream.stacks[stack_id] = [m.message.id for m in members]
+        return _stack_message(stack_id, [m.message for m in members]), members
 
     async def _read(self, stream: _Stream) -> None:
         answered = False
@@ -350,6 +405,10 @@ class Session:
         if answer.foreign is not None:
             self._no_streaming(stream, answer.foreign)
             return False
+        members = stream.stacks.pop(answer.request_id, None) if answer.request_id else None
+        if members is not None:
+            self._answer_stack(members, answer)
+            return True
         wire_id = self._match(stream, answer.request_id)
         if wire_id is not None:
             if answer.error is not None:
@@ -357,6 +416,25 @@ class Session:
             else:
                 self._settle(wire_id, answer.response)
         return True
+
+    def _answer_stack(self, members: list[str], answer: Answer) -> None:
+        """Settle each request a stacked message carried, with its own slice of the answer."""
+        if answer.error is not None:
+            for wire_id in members:
+                self._fail(wire_id, answer.error)
+            return
+        try:
+            replies = _unstack(answer.response, members)
+        except ValueError as err:
+            error = RemoteError(
+                f"INTERNAL: edge server {self.address} sent a stacked answer that cannot be read: {err}",
+                status="INTERNAL",
+            )
+            for wire_id in members:
+                self._fail(wire_id, error)
+            return
+        for wire_id, reply in zip(members, replies, strict=True):
+            self._settle(wire_id, reply)
 
     def _match(self, stream: _Stream, wire_id: str) -> str | None:
         """The pending request an answer is for: by id; an answer without one (a peer that does not
@@ -423,10 +501,7 @@ class Session:
         one; it stays open for those it holds, and is closed once they are answered or expire."""
         self._stream = None
         self._draining[stream.generation] = stream
-        queued: list[str] = []
-        while not stream.outbox.empty():
-            queued.append(stream.outbox.get_nowait())
-        for wire_id in queued:
+        for wire_id in stream.take_queued():
             request = self._pending.get(wire_id)
             if request is not None:
                 self._dispatch(wire_id, request)
@@ -444,10 +519,7 @@ class Session:
             if task is not current:
                 task.cancel()
         stream.call.cancel()
-        queued: list[str] = []
-        while not stream.outbox.empty():
-            queued.append(stream.outbox.get_nowait())
-        return [k for k in queued if k in self._pending]
+        return [k for k in stream.take_queued() if k in self._pending]
 
     def _lost(self, stream: _Stream, reason: str, *, status: str = "UNAVAILABLE") -> None:
         """The stream is gone: fail the requests it held; send the ones not yet written on a new one."""
@@ -502,6 +574,82 @@ def read_answer(reply: Any) -> Answer:
     if not has_response:
         return Answer(foreign="its ModelStreamInfer answers carry no infer_response")
     return Answer(request_id, response=reply.infer_response)
+
+
+def _stack_key(message: Any) -> tuple[object, ...] | None:
+    """What requests must share to go stacked in one message: model, parameters and raw tensors of a
+    first axis of 1 (same names, types and shapes); None for one that cannot be stacked (the whole
+    model, a profile, compressed tensors, a tensor with no sample axis)."""
+    params = message.parameters
+    if (
+        wire.SPLIT_POINT not in params
+        or wire.STACK in params
+        or wire.PROFILE in params
+        or wire.PING in params
+    ):
+        return None
+    inputs = message.inputs
+    if len(message.raw_input_contents) != len(inputs):
+        return None
+    shapes = []
+    for tensor in inputs:
+        if tensor.parameters or not tensor.shape or tensor.shape[0] != 1:
+            return None  # an encoded tensor's bytes cannot be joined with another's
+        shapes.append((tensor.name, tensor.datatype, tuple(tensor.shape)))
+    settings = sorted(
+        (name, value.SerializeToString(deterministic=True))
+        for name, value in params.items()
+        if name != wire.ACCEPT_ENCODING
+    )
+    return (message.model_name, message.model_version, tuple(settings), tuple(shapes), tuple(message.outputs))
+
+
+def _stack_message(stack_id: str, messages: list[Any]) -> Any:
+    """One ModelInferRequest carrying ``messages`` (which share a :func:`_stack_key`) stacked."""
+    first = messages[0]
+    stacked = pb.ModelInferRequest(
+        model_name=first.model_name, model_version=first.model_version, id=stack_id, outputs=first.outputs
+    )
+    for name, value in first.parameters.items():
+        if name != wire.ACCEPT_ENCODING:  # the answer comes raw, to be split
+            stacked.parameters[name].CopyFrom(value)
+    stacked.parameters[wire.STACK].int64_param = len(messages)
+    for i, tensor in enumerate(first.inputs):
+        stacked.inputs.add(
+            name=tensor.name, datatype=tensor.datatype, shape=[len(messages), *tensor.shape[1:]]
+        )
+        stacked.raw_input_contents.append(b"".join(m.raw_input_contents[i] for m in messages))
+    return stacked
+
+
+def _unstack(response: Any, members: list[str]) -> list[Any]:
+    """A stacked message's answer as one ModelInferResponse per member, in order; ValueError when it
+    is not the answer of that many samples in raw tensors."""
+    count = len(members)
+    said = response.parameters.get(wire.STACK)
+    if said is None or said.int64_param != count:
+        raise ValueError(f"it names {said.int64_param if said is not None else 'no'} samples, not {count}")
+    outputs, contents = response.outputs, response.raw_output_contents
+    if len(contents) != len(outputs):
+        raise ValueError(f"{len(outputs)} outputs with {len(contents)} raw contents")
+    for tensor, data in zip(outputs, contents, strict=True):
+        if tensor.parameters or not tensor.shape or tensor.shape[0] != count or len(data) % count:
+            raise ValueError(f"output {tensor.name[:80]!r} is not {count} raw samples")
+    replies = []
+    for i, wire_id in enumerate(members):
+        reply = pb.ModelInferResponse(
+            model_name=response.model_name, model_version=response.model_version, id=wire_id
+        )
+        for name, value in response.parameters.items():
+            if name != wire.STACK:
+                reply.parameters[name].CopyFrom(value)
+        reply.parameters[wire.BATCH_SIZE].int64_param = count  # compute_us is the stack's
+        for tensor, data in zip(outputs, contents, strict=True):
+            size = len(data) // count
+            reply.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=[1, *tensor.shape[1:]])
+            reply.raw_output_contents.append(data[i * size : (i + 1) * size])
+        replies.append(reply)
+    return replies
 
 
 def _set(

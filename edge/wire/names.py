@@ -21,8 +21,11 @@ __all__ = [
     "PROFILE_RUNS",
     "QUEUE_US",
     "SPLIT_POINT",
+    "STACK",
+    "STACK_PREFIX",
     "STREAM_WINDOW_PREFIX",
     "THREADS",
+    "max_stack",
     "stream_window",
 ]
 
@@ -35,6 +38,11 @@ PROFILE = "profile"
 """bool, no inputs: answer with the server's median tail time per cut."""
 PING = "ping"
 """bool, no inputs: run nothing and answer at once (a probe of a request's fixed cost)."""
+STACK = "edge_stack"
+"""int64 W >= 2, with ``split_point``: the request carries W samples, stacked along the first axis of
+every cut tensor (whose first axis is 1 in the model); the answer's outputs carry W along theirs,
+sample i's being exactly what sample i alone gives. The answer names W again. One message for W
+samples: what a message costs is paid once."""
 ACCEPT_ENCODING = "edge_accept_encoding"
 """string: a codec the device decodes; the server may compress large outputs with it."""
 
@@ -66,11 +74,25 @@ STREAM_WINDOW_PREFIX = "edge_stream_window:"
 """ServerMetadata lists ``edge_stream_window:N``: the requests one stream may have in flight."""
 
 
+STACK_PREFIX = "edge_stack:"
+"""ServerMetadata lists ``edge_stack:N``: the most samples one stacked request (:data:`STACK`) may carry."""
+
+
 def stream_window(server_extensions: list[str] | tuple[str, ...]) -> int | None:
     """The stream window a server's metadata names; None when it names none (it answers in turn)."""
+    return _count(server_extensions, STREAM_WINDOW_PREFIX)
+
+
+def max_stack(server_extensions: list[str] | tuple[str, ...]) -> int:
+    """The most samples a server takes in one stacked request; 1 when it names none (it takes none)."""
+    return _count(server_extensions, STACK_PREFIX) or 1
+
+
+def _count(server_extensions: list[str] | tuple[str, ...], prefix: str) -> int | None:
+    """The positive count ``prefix`` + N in the extensions names; None when none does."""
     for extension in server_extensions:
-        if extension.startswith(STREAM_WINDOW_PREFIX):
-            value = extension[len(STREAM_WINDOW_PREFIX) :]
-            if value.isdigit() and int(value) > 0:
+        if extension.startswith(prefix):
+            value = extension[len(prefix) :]
+            if value.isdigit() and 0 < int(value) < 2**31:
                 return int(value)
     return None

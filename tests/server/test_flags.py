@@ -50,7 +50,7 @@ def test_every_setting_is_one_flag_with_its_description_and_default() -> None:
 VALUES = {
     "models": "/tmp/m", "host": "127.0.0.1", "port": "0", "backend": "tflite-runtime", "threads": "3",
     "workers": "0", "max_inflight": "7", "max_inflight_per_device": "5", "max_batch": "4",
-    "max_batch_delay_us": "900", "max_inflight_bytes": "4096", "cache_size": "3", "max_model_bytes": "5000",
+    "max_batch_delay_us": "900", "max_stack": "5", "max_inflight_bytes": "4096", "cache_size": "3", "max_model_bytes": "5000",
     "max_message_bytes": "8192", "max_connections": "9", "idle_timeout_s": "1.5", "max_connection_age_s": "60",
     "grace_s": "0", "tls_cert": "/tmp/c.pem", "tls_key": "/tmp/k.pem", "tls_client_ca": "/tmp/ca.pem",
     "auth_tokens": "/tmp/t", "watch_s": "0.5", "model_control": None, "processes": "3", "metrics_port": "9100",
