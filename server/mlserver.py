@@ -156,8 +156,9 @@ class EdgeRuntime(MLModel):
             self._repository = ModelRepository.from_files(
                 [path], backend=str(extra.get("backend", "litert")), threads=int(extra.get("threads", 1))
             )
-            # Outputs go back uncompressed: a batch merges the request parameters that would ask.
-            self._dataplane = DataPlane(self._repository, codecs=())
+            # Outputs go back uncompressed: a batch merges the request parameters that would ask; and
+            # MLServer batches rows itself, so it takes no stacked requests.
+            self._dataplane = DataPlane(self._repository, codecs=(), max_stack=1)
         except EdgeError as err:
             raise EdgeRuntimeError(f"model {self.name}: {err}", 422) from err
         self._served = path.stem

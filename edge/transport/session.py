@@ -59,6 +59,10 @@ MAX_STACK_BYTES = 256 * 1024
 """The most tensor bytes one stacked message carries: well under the smallest message bound edge-server
 sets (1 MiB), whatever the models it serves."""
 
+HOLD_BEHIND = 2
+"""To a server that takes stacks, a request that can be stacked waits while this many messages on its
+stream await answers, and goes stacked with what queued meanwhile."""
+
 _ID_CHARS = 200
 """How much of the caller's request id goes on the wire, ahead of the session's own sequence number."""
 
@@ -127,6 +131,10 @@ class _Stream:
     """A request taken from the outbox that did not stack with the ones before it: written next."""
     stacks: dict[str, list[str]] = field(default_factory=dict)
     """The requests each stacked message written on it carries, by the message's id."""
+    unanswered: int = 0
+    """Messages written on it whose answers have not come."""
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set as each answer comes."""
 
     def take_queued(self) -> list[str]:
         """Empty the outbox (and the carried request): what was queued here and not yet written."""
@@ -298,13 +306,16 @@ class Session:
 
     async def _write(self, stream: _Stream) -> None:
         while True:
-            if stream.carry is not None:
-                wire_id, stream.carry = stream.carry, None
-            else:
-                wire_id = await stream.outbox.get()
+            if stream.carry is None:
+                stream.carry = await stream.outbox.get()
+            await self._hold(stream)
+            if stream.carry is None:  # taken meanwhile, to go on another stream
+                continue
+            wire_id, stream.carry = stream.carry, None
             request = self._pending.get(wire_id)
             if request is None:  # expired while queued
                 continue
+            stream.unanswered += 1
             message, members = self._stacked(stream, request) if not stream.outbox.empty() else (None, [])
             written_at = time.perf_counter()
             for member in members or (request,):
@@ -315,6 +326,21 @@ class Session:
             except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
                 # The stream is over; the reader finds out how, and settles what it held (this one too).
                 return
+
+    async def _hold(self, stream: _Stream) -> None:
+        """Hold the next request (``stream.carry``, where a new stream finds it) while
+        :data:`HOLD_BEHIND` messages on ``stream`` await their answers, when the server takes stacks
+        and the request can be stacked: what queues meanwhile goes with it, in one message. The
+        server would have held it behind those anyway; with two in flight, one computes while the
+        next travels."""
+        if self.traits.max_stack < 2 or stream.unanswered < HOLD_BEHIND:
+            return
+        request = self._pending.get(stream.carry) if stream.carry is not None else None
+        if request is None or _stack_key(request.message) is None:
+            return
+        while stream.unanswered >= HOLD_BEHIND and stream.carry is not None:
+            stream.answered.clear()
+            await stream.answered.wait()
 
     def _stacked(self, stream: _Stream, first: Request) -> tuple[Any, list[Request]]:
         """``first`` and the requests queued after it for the same cut, as one stacked message (and
@@ -401,6 +427,8 @@ class Session:
 
     def _answer(self, stream: _Stream, reply: Any) -> bool:
         """Settle the request ``reply`` answers; False when the stream is of no use with this peer."""
+        stream.unanswered = max(0, stream.unanswered - 1)
+        stream.answered.set()
         answer = read_answer(reply)
         if answer.foreign is not None:
             self._no_streaming(stream, answer.foreign)

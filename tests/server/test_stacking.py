@@ -14,11 +14,15 @@ Covered, through real in-process servers and real clients:
   runs of 4) goes out stacked (answers say ``batch_size`` > 1, never more than the server's 8),
   and each request gets exactly the whole model's outputs for its input;
 - the same burst to a server that takes no stacks goes one message each, with the same outputs;
+- five requests sent 1 ms apart while a 20 ms tail computes go in at most three messages (the hold:
+  a request waits while two messages of its stream await answers), each with its own outputs;
 - an answer that does not split into the stack's samples fails each of them (INTERNAL), never
   hands one sample another's slice.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -187,3 +191,32 @@ def test_an_answer_splits_into_each_samples_own_slice() -> None:
         assert reply.raw_output_contents[0] == bytes(range(i * 10, i * 10 + 10))
         assert reply.parameters[wire.BATCH_SIZE].int64_param == 3
         assert wire.STACK not in reply.parameters
+
+
+def test_requests_that_come_while_two_messages_compute_wait_and_go_stacked(tmp_path) -> None:
+    """To a server that takes stacks, a request waits while two messages of its stream await answers.
+
+    Five requests are sent 1 ms apart while the first computes (about 20 ms): without the hold each
+    would go alone as it came, the writer being idle; with it, at most two go before the first answer
+    and the rest wait for it, then go as one message: three messages at most."""
+    from model_builder import slow_conv_model
+
+    path = tmp_path / "slow.tflite"
+    path.write_bytes(slow_conv_model(size=4, channels=1300))  # 83 kB a sample: three fit one stack
+    graph = ModelGraph.from_file(path)
+    inputs = [seeded_inputs(graph, 900 + i) for i in range(5)]
+    with ModelRunner(graph) as runner:
+        expected = [runner.run(x) for x in inputs]
+    with BackgroundServer.from_files([path]) as srv, TailClient(srv.address, timeout_s=60.0) as client:
+        # The pipe's stream open, the traits read, the tail built:
+        client.submit("slow", inputs[0], parameters={wire.SPLIT_POINT: 0}).result(timeout=60)
+        futures = []
+        for x in inputs:
+            futures.append(client.submit("slow", x, parameters={wire.SPLIT_POINT: 0}))
+            time.sleep(0.001)
+        results = [f.result(timeout=60) for f in futures]
+    for result, want in zip(results, expected, strict=True):
+        assert all(np.array_equal(result.outputs[t], a) for t, a in want.items())
+    sizes = [int(r.parameters.get(wire.BATCH_SIZE, 1)) for r in results]
+    messages = sum(1 / size for size in sizes)
+    assert round(messages) <= 3 and max(sizes) >= 2, sizes  # two alone at most, then the rest as one
