@@ -52,7 +52,10 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
             yield pb.ModelStreamInferResponse(infer_response=_response(self.handler_us))
 
 
-def _serve(port: multiprocessing.Queue, handler_us: int) -> None:
+def _serve(port: multiprocessing.Queue, handler_us: int, cores: set[int] | None = None) -> None:
+    if cores:
+        os.sched_setaffinity(0, cores)
+
     async def main() -> None:
         server = grpc.aio.server()
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(handler_us), server)
@@ -106,18 +109,24 @@ def main() -> int:
     p.add_argument("--bytes", type=int, default=4704, help="request payload (default: %(default)s)")
     p.add_argument("--gap-us", type=int, default=1200, help="client busy time before each request")
     p.add_argument("--handler-us", type=int, default=450, help="server busy time per request")
+    p.add_argument("--server-core", type=int, help="pin the server process to this core")
+    p.add_argument("--client-core", type=int, help="pin the client (this process) to this core")
+    p.add_argument("--modes", default="unary,stream", help="which to measure (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args()
+    if args.client_core is not None:
+        os.sched_setaffinity(0, {args.client_core})
     ctx = multiprocessing.get_context("spawn")
     ports: multiprocessing.Queue = ctx.Queue()
-    server = ctx.Process(target=_serve, args=(ports, args.handler_us), daemon=True)
+    server_cores = {args.server_core} if args.server_core is not None else None
+    server = ctx.Process(target=_serve, args=(ports, args.handler_us, server_cores), daemon=True)
     server.start()
     try:
         address = f"127.0.0.1:{ports.get(timeout=30)}"
         payload = os.urandom(args.bytes)
         result = {
             mode: round(_measure(address, mode, args.n, args.gap_us, payload), 3)
-            for mode in ("unary", "stream")
+            for mode in args.modes.split(",")
         }
     finally:
         server.terminate()
