@@ -9,9 +9,11 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -27,13 +29,13 @@ from edge.address import format_address
 from edge.argtypes import Parser, at_least, listen_port, non_negative_float, positive_float
 from edge.console import quiet_closed_stdout
 from edge.cpu_latency import cpu_latency_hold
-from edge.errors import ConfigError, EdgeError
+from edge.errors import EdgeError
 from edge.systemd import notify, watchdog_interval
 
 from .dataplane import DataPlane, largest_message, message_limit
 from .errors import ListenError
 from .grpc_service import EdgeServer, check_listen
-from .metrics import ServerMetrics, serve_metrics
+from .metrics import REFRESH_S, ServerMetrics, serve_metrics, serve_multiprocess
 from .repository import ModelRepository
 from .security import Security
 from .settings import ServerSettings, load_settings
@@ -148,10 +150,16 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 async def serve(
-    settings: ServerSettings, *, reuse_port: bool = False, on_ready: Callable[[], None] | None = None
+    settings: ServerSettings,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    metrics_endpoint: bool = True,
 ) -> None:
+    """Serve until SIGTERM or SIGINT. ``metrics_endpoint`` False: one of ``--processes``, whose
+    metrics the supervisor serves (this process writes them to its multiprocess directory)."""
     with cpu_latency_hold(settings.cpu_latency_us):
-        await _serve(settings, reuse_port=reuse_port, on_ready=on_ready)
+        await _serve(settings, reuse_port=reuse_port, on_ready=on_ready, metrics_endpoint=metrics_endpoint)
 
 
 def check(settings: ServerSettings) -> None:
@@ -183,26 +191,42 @@ def security_from(settings: ServerSettings) -> Security:
 
 
 async def _serve(
-    settings: ServerSettings, *, reuse_port: bool = False, on_ready: Callable[[], None] | None = None
+    settings: ServerSettings,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    metrics_endpoint: bool = True,
 ) -> None:
     if not reuse_port:
         check_listen(settings.host, settings.port)  # in milliseconds, before the models take seconds to load
     security = security_from(settings)
-    metrics = ServerMetrics() if settings.metrics_port is not None else None
+    metrics = ServerMetrics(multiprocess=not metrics_endpoint) if settings.metrics_port is not None else None
     if metrics is not None:
         security.on_refused = lambda reason: metrics.refused.labels(reason).inc()
     # The metrics endpoint binds before anything else starts: a port in use fails with nothing to undo.
     http = None
-    if metrics is not None and settings.metrics_port is not None:
+    if metrics is not None and settings.metrics_port is not None and metrics_endpoint:
         http = serve_metrics(metrics, settings.metrics_host, settings.metrics_port)
         print(
             f"edge-server: metrics on http://{settings.metrics_host}:{http.server_port}/metrics", flush=True
         )
+    refresher = (
+        asyncio.create_task(_refresh(metrics)) if metrics is not None and metrics.multiprocess else None
+    )
     try:
         await _serve_models(settings, security, metrics, reuse_port=reuse_port, on_ready=on_ready)
     finally:
         if http is not None:
             http.shutdown()
+        if refresher is not None:
+            refresher.cancel()
+
+
+async def _refresh(metrics: ServerMetrics) -> None:
+    """One of ``--processes``: write what a scrape reads live, every REFRESH_S."""
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(REFRESH_S)
 
 
 async def _serve_models(
@@ -363,73 +387,96 @@ def supervise(settings: ServerSettings) -> int:
     """``--processes N``: N server processes listening on one port with SO_REUSEPORT, the kernel
     spreading connections over them. This process starts them, says READY once every one listens,
     passes SIGHUP and SIGTERM (or SIGINT) on to each, and waits for them; if one dies, it stops the
-    others and exits 1, so that systemd starts the whole set again."""
-    if settings.metrics_port is not None:
-        raise ConfigError(
-            "--processes with --metrics-port is not supported yet (each process keeps its own counters); "
-            "run one process per port to scrape each"
-        )
-    with _reserved_port(settings.host, settings.port) as port:  # in milliseconds, before the models load
-        check(settings)  # the files and models, once, before N processes load them
-        child = settings.model_copy(update={"port": port, "processes": 1})
-        context = multiprocessing.get_context("spawn")
-        pipes = [context.Pipe(duplex=False) for _ in range(settings.processes)]
-        procs = [
-            context.Process(
-                target=_child, args=(child.model_dump(mode="json"), sender), name=f"edge-server-{i}"
-            )
-            for i, (_, sender) in enumerate(pipes)
-        ]
-        waiting = [receiver for receiver, _ in pipes]
-        stopping = threading.Event()
+    others and exits 1, so that systemd starts the whole set again.
 
-        def forward(signum: int, _frame: object) -> None:
-            if signum != signal.SIGHUP:
-                stopping.set()
-            for proc in procs:
-                if proc.pid is not None and proc.is_alive():
-                    os.kill(proc.pid, signal.SIGTERM if signum != signal.SIGHUP else signal.SIGHUP)
+    With ``--metrics-port`` the processes write their metrics to a directory of this process's own
+    (prometheus-client's multiprocess mode), and this process serves their sums; the directory goes
+    when it stops."""
+    with contextlib.ExitStack() as stack:
+        port = stack.enter_context(_reserved_port(settings.host, settings.port))  # before the models load
+        if settings.metrics_port is not None:
+            stack.enter_context(_multiprocess_metrics(settings.metrics_host, settings.metrics_port))
+        return _supervise(settings, port)
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, forward)
-        for proc in procs:
-            proc.start()
+
+@contextlib.contextmanager
+def _multiprocess_metrics(host: str, port: int) -> Iterator[None]:
+    """The metrics endpoint of ``--processes``: the sums of what they write to a new directory, named
+    to them (spawned after this) in ``PROMETHEUS_MULTIPROC_DIR``."""
+    directory = tempfile.mkdtemp(prefix="edge-metrics-")
+    try:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        http = serve_multiprocess(directory, host, port)
+        print(f"edge-server: metrics on http://{host}:{http.server_port}/metrics", flush=True)
         try:
-            deadline = time.monotonic() + _READY_TIMEOUT_S
-            while waiting and not stopping.is_set():
-                if any(not p.is_alive() for p in procs):
-                    raise EdgeError("a server process stopped while starting; see its log above")
-                if time.monotonic() > deadline:
-                    raise EdgeError(f"the server processes did not all listen within {_READY_TIMEOUT_S:g} s")
-                for receiver in multiprocessing.connection.wait(waiting, timeout=0.2):
-                    assert isinstance(receiver, multiprocessing.connection.Connection)
-                    receiver.recv()
-                    waiting.remove(receiver)
-            print(
-                f"edge-server: {len(procs)} processes listening on {format_address(settings.host, port)}",
-                flush=True,
-            )
-            notify("READY=1")
-            interval = watchdog_interval()
-            while not stopping.is_set():
-                if any(not p.is_alive() for p in procs):
-                    logger.error("edge-server: a server process stopped; stopping the others")
-                    return 1
-                if interval:
-                    notify("WATCHDOG=1")
-                stopping.wait(min(interval or 1.0, 1.0))
-            notify("STOPPING=1")
-            return 0
+            yield
         finally:
+            http.shutdown()
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _supervise(settings: ServerSettings, port: int) -> int:
+    """:func:`supervise` once the port (and the metrics endpoint) are held: start, watch, stop."""
+    check(settings)  # the files and models, once, before N processes load them
+    child = settings.model_copy(update={"port": port, "processes": 1})
+    context = multiprocessing.get_context("spawn")
+    pipes = [context.Pipe(duplex=False) for _ in range(settings.processes)]
+    procs = [
+        context.Process(target=_child, args=(child.model_dump(mode="json"), sender), name=f"edge-server-{i}")
+        for i, (_, sender) in enumerate(pipes)
+    ]
+    waiting = [receiver for receiver, _ in pipes]
+    stopping = threading.Event()
+
+    def forward(signum: int, _frame: object) -> None:
+        if signum != signal.SIGHUP:
             stopping.set()
-            for proc in procs:
-                if proc.is_alive() and proc.pid is not None:
-                    os.kill(proc.pid, signal.SIGTERM)
-            for proc in procs:
-                proc.join(settings.grace_s + 30.0)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM if signum != signal.SIGHUP else signal.SIGHUP)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for proc in procs:
+        proc.start()
+    try:
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while waiting and not stopping.is_set():
+            if any(not p.is_alive() for p in procs):
+                raise EdgeError("a server process stopped while starting; see its log above")
+            if time.monotonic() > deadline:
+                raise EdgeError(f"the server processes did not all listen within {_READY_TIMEOUT_S:g} s")
+            for receiver in multiprocessing.connection.wait(waiting, timeout=0.2):
+                assert isinstance(receiver, multiprocessing.connection.Connection)
+                receiver.recv()
+                waiting.remove(receiver)
+        print(
+            f"edge-server: {len(procs)} processes listening on {format_address(settings.host, port)}",
+            flush=True,
+        )
+        notify("READY=1")
+        interval = watchdog_interval()
+        while not stopping.is_set():
+            if any(not p.is_alive() for p in procs):
+                logger.error("edge-server: a server process stopped; stopping the others")
+                return 1
+            if interval:
+                notify("WATCHDOG=1")
+            stopping.wait(min(interval or 1.0, 1.0))
+        notify("STOPPING=1")
+        return 0
+    finally:
+        stopping.set()
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.join(settings.grace_s + 30.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
 
 
 @contextlib.contextmanager
@@ -456,7 +503,12 @@ def _child(settings: dict[str, Any], ready: multiprocessing.connection.Connectio
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor says when to stop (SIGTERM)
     try:
         asyncio.run(
-            serve(ServerSettings(**settings), reuse_port=True, on_ready=lambda: ready.send(os.getpid()))
+            serve(
+                ServerSettings(**settings),
+                reuse_port=True,
+                on_ready=lambda: ready.send(os.getpid()),
+                metrics_endpoint=False,
+            )
         )
     except EdgeError as err:
         print(f"edge-server: error: {err}", file=sys.stderr)

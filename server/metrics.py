@@ -4,6 +4,12 @@ Requests by model, cut and status; histograms of queue, compute and total time a
 sizes; requests in flight and waiting for a compute turn; bytes in and out; tail-cache hits and
 loads per model. Labels are bounded: models are the served ones, cuts at most N + 1
 per model, statuses the gRPC codes.
+
+Under ``edge-server --processes N`` each server process writes its values to files in the
+directory the supervisor names (prometheus-client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR``),
+and the supervisor serves their sums on one endpoint (:func:`serve_multiprocess`). What is read at
+scrape time in one process (requests waiting for a turn, tail-cache counts) is then written every
+:data:`REFRESH_S` instead (:meth:`ServerMetrics.refresh`).
 """
 
 from __future__ import annotations
@@ -14,18 +20,25 @@ from typing import Any
 
 from edge import prometheus
 
-__all__ = ["ServerMetrics", "serve_metrics"]
+__all__ = ["REFRESH_S", "ServerMetrics", "serve_metrics", "serve_multiprocess"]
 
 logger = logging.getLogger(__name__)
+
+REFRESH_S = 1.0
+"""How often a process of several writes what one process reads at scrape time."""
 
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class ServerMetrics:
-    """The server's metrics, in a registry of their own."""
+    """The server's metrics, in a registry of their own; ``multiprocess``: one process of several,
+    whose values the supervisor sums (prometheus-client's multiprocess mode, which must be set in the
+    environment before prometheus-client is imported)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, multiprocess: bool = False) -> None:
         prom = prometheus.load("--metrics-port", "server")
+        self.multiprocess = multiprocess
+        self._refreshers: list[Callable[[], None]] = []
         self.registry = prom.CollectorRegistry()
         self.requests = prom.Counter(
             "edge_requests",
@@ -61,7 +74,10 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.inflight = prom.Gauge(
-            "edge_requests_in_flight", "Requests admitted, waiting or computing.", registry=self.registry
+            "edge_requests_in_flight",
+            "Requests admitted, waiting or computing.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.bytes_in = prom.Counter(
             "edge_received_bytes", "Tensor bytes received.", ["model"], registry=self.registry
@@ -86,9 +102,36 @@ class ServerMetrics:
             "edge_compute_waiting",
             "Requests admitted and waiting for a compute turn.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
-        gauge.set_function(waiting)
-        self.registry.register(_TailCache(runners))
+        if not self.multiprocess:
+            gauge.set_function(waiting)
+            self.registry.register(_TailCache(runners))
+            return
+        hits = self._prom.Counter(
+            "edge_tail_cache_hits", "Model halves found loaded.", ["model"], registry=self.registry
+        )
+        loads = self._prom.Counter(
+            "edge_tail_loads", "Model halves built and loaded.", ["model"], registry=self.registry
+        )
+        seen: dict[tuple[str, int], tuple[int, int]] = {}
+
+        def refresh() -> None:
+            gauge.set(waiting())
+            for name, runner in runners():
+                key = (name, id(runner))  # a replaced model's runner counts from 0 again
+                was_hits, was_loads = seen.get(key, (0, 0))
+                now_hits, now_loads = runner.half_hits, runner.half_loads
+                hits.labels(name).inc(now_hits - was_hits)
+                loads.labels(name).inc(now_loads - was_loads)
+                seen[key] = (now_hits, now_loads)
+
+        self._refreshers.append(refresh)
+
+    def refresh(self) -> None:
+        """Write what a scrape of one process would read live (only in multiprocess mode)."""
+        for refresher in self._refreshers:
+            refresher()
 
     def answered(
         self,
@@ -134,3 +177,13 @@ class _TailCache:
 def serve_metrics(metrics: ServerMetrics, host: str, port: int) -> Any:
     """Serve ``/metrics`` over HTTP on a thread; returns the HTTP server (``shutdown()`` stops it)."""
     return prometheus.serve(metrics.registry, host, port)
+
+
+def serve_multiprocess(directory: str, host: str, port: int) -> Any:
+    """Serve the sums of what the processes writing to ``directory`` count, as :func:`serve_metrics`."""
+    prom = prometheus.load("--metrics-port", "server")
+    from prometheus_client import multiprocess
+
+    registry = prom.CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return prometheus.serve(registry, host, port)

@@ -4,7 +4,9 @@ Covered, with real edge-server processes: two processes start on port 0 and the 
 once both listen; separate clients (separate connections) all get the whole model's outputs; SIGHUP
 reaches every process (a token added to the file then works on every new connection); SIGTERM stops
 them all and the supervisor exits 0; a process that dies stops the rest, and the supervisor exits 1;
---metrics-port with --processes, and a port already taken, are each one line and status 2.
+--metrics-port serves the sums of every process's metrics on one endpoint (requests answered
+over 12 connections, tail loads, nothing in flight or waiting), and the supervisor removes the
+processes' metric files when it stops; a port already taken is one line and status 2.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from server_metrics import scrape
 
 from edge import models
 from edge.errors import RemoteError
@@ -124,11 +127,44 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_metrics_with_processes_is_one_line(tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "server", "--models", str(models.model_path(MODEL).parent), "--port", "0"]
-    done = subprocess.run([*args, "--processes", "2", "--metrics-port", "0"], capture_output=True, text=True)
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "--processes with --metrics-port is not supported" in done.stderr
+def test_the_metrics_of_every_process_are_summed_on_one_endpoint(tmp_path: Path) -> None:
+    proc, port, log = _start(tmp_path, "--metrics-port", "0", "--metrics-host", "127.0.0.1")
+    try:
+        found = re.search(r"metrics on (http://\S+/metrics)", log.read_text())
+        assert found, log.read_text()
+        url = found.group(1)
+        feeds = digit_inputs(GRAPH, 12)
+        with ModelRunner(GRAPH) as runner:
+            cuts = [dict(runner.run_head(8, feed).cut) for feed in feeds]
+        for cut in cuts:  # a connection each: spread over both processes
+            with TailClient(f"127.0.0.1:{port}", timeout_s=10.0) as client:
+                client.infer(MODEL, cut, parameters={"split_point": 8})
+        answered = ("edge_requests_total", (("cut", "8"), ("model", MODEL), ("status", "OK")))
+        loads = ("edge_tail_loads_total", (("model", MODEL),))
+        deadline = time.monotonic() + 15  # each process writes its tail-cache counts every second
+        samples = scrape(url)
+        while samples.get(loads, 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            samples = scrape(url)
+        assert samples[answered] == 12
+        assert samples[loads] >= 1
+        assert samples[("edge_requests_in_flight", ())] == 0
+        assert samples[("edge_compute_waiting", ())] == 0
+        directory = re.search(r"PROMETHEUS_MULTIPROC_DIR=(\S+)", _environ(_children(proc.pid)[0]))
+        assert directory and Path(directory.group(1)).is_dir()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not Path(directory.group(1)).exists(), "the supervisor removes the processes' metric files"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for child in _children(proc.pid):
+            os.kill(child, signal.SIGKILL)
+
+
+def _environ(pid: int) -> str:
+    return Path(f"/proc/{pid}/environ").read_bytes().replace(b"\0", b" ").decode(errors="replace")
 
 
 def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
