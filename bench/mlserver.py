@@ -2,7 +2,7 @@
 """One tail, one client, the same cores: edge-server against MLServer with our runtime and with a stock one.
 
 The tail of ``--model`` at ``--cut``, served in turn by:
-- ``edge-server``, unary calls and the stream;
+- ``edge-server``, unary calls and the stream, with and without stacked requests;
 - MLServer 1.7.1 with ``server.mlserver.EdgeRuntime`` (``edge export mlserver``), at
   ``parallel_workers`` 1 (on the server core) and 2 (on both cores);
 - MLServer with ``bench/mlserver_stock.py``, the runtime a user would write with MLServer's
@@ -144,17 +144,20 @@ def main() -> int:
         (folder / "settings.json").write_text(json.dumps(settings))
         return ["taskset", "-c", cores, str(MLSERVER), "start", str(folder)], Path(f"127.0.0.1:{port}")
 
-    setups = {
-        "edge-server, unary": ("edge", args.server_core, False),
-        "edge-server, stream": ("edge", args.server_core, True),
-        "MLServer + EdgeRuntime, in-process (parallel_workers 0)": ("ours-0", args.server_core, False),
-        "MLServer + EdgeRuntime, 1 worker": ("ours-1", args.server_core, False),
-        "MLServer + EdgeRuntime, 2 workers (both cores)": ("ours-2", both, False),
-        "MLServer + stock NumpyCodec runtime, 1 worker": ("stock", args.server_core, False),
-    }
+    setups: dict[str, tuple[str, int | str, bool, tuple[str, ...]]] = {
+        "edge-server, unary": ("edge", args.server_core, False, ()),
+        "edge-server, stream, one message a request (--max-stack 1)": (
+            "edge", args.server_core, True, ("--max-stack", "1")
+        ),
+        "edge-server, stream (stacks what queues)": ("edge", args.server_core, True, ()),
+        "MLServer + EdgeRuntime, in-process (parallel_workers 0)": ("ours-0", args.server_core, False, ()),
+        "MLServer + EdgeRuntime, 1 worker": ("ours-1", args.server_core, False, ()),
+        "MLServer + EdgeRuntime, 2 workers (both cores)": ("ours-2", both, False, ()),
+        "MLServer + stock NumpyCodec runtime, 1 worker": ("stock", args.server_core, False, ()),
+    }  # fmt: skip
     figures: dict[str, list[dict[str, float]]] = {}
     for _ in range(args.rounds):
-        for label, (folder, cores, streaming) in setups.items():
+        for label, (folder, cores, streaming, flags) in setups.items():
             if folder == "edge":
                 port = free_port()
                 command = [
@@ -166,6 +169,7 @@ def main() -> int:
                     str(work / "edge"),
                     "--port",
                     str(port),
+                    *flags,
                 ]
                 address = f"127.0.0.1:{port}"
             else:
