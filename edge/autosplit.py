@@ -283,7 +283,8 @@ class AutoSplit:
                 self.wire_ratio[k] = 0.7 * self.wire_ratio[k] + 0.3 * (result.bytes_sent / raw)
             received = sum(a.nbytes for a in remote.outputs.values())
             link = self.estimator_for(remote.server) if self.next_server is not None else self.estimator
-            link.observe_transfer(result.bytes_sent + received, t.transfer_ms)
+            # A stacked request's call carried every member's bytes, both ways, in its transfer time.
+            link.observe_transfer((result.bytes_sent + received) * remote.stacked, t.transfer_ms)
             self.queue_ms = 0.8 * self.queue_ms + 0.2 * t.queue_ms
             if t.tail_ms > 0:
                 self._live_tail.setdefault(k, deque(maxlen=8)).append((now, t.tail_ms))

@@ -56,6 +56,19 @@ class RemoteResult:
         """Call time not spent computing or queueing on the server: the network and both stacks."""
         return max(self.call_ms - self.compute_ms - self.queue_ms, 0.0)
 
+    @property
+    def stacked(self) -> int:
+        """The requests that travelled in one message with this one (itself included; 1: alone).
+        Its call time carried all of their bytes, each way."""
+        value = self.parameters.get(wire.STACK)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_STACKED:
+            return 1
+        return value
+
+
+MAX_STACKED = 64
+"""The most requests a stacked answer may say it carried (edge-server takes at most 64)."""
+
 
 def _number(value: object) -> float:
     # A peer may send anything under these names: only a number counts.

@@ -669,8 +669,7 @@ def _unstack(response: Any, members: list[str]) -> list[Any]:
             model_name=response.model_name, model_version=response.model_version, id=wire_id
         )
         for name, value in response.parameters.items():
-            if name != wire.STACK:
-                reply.parameters[name].CopyFrom(value)
+            reply.parameters[name].CopyFrom(value)  # edge_stack among them: its call carried them all
         reply.parameters[wire.BATCH_SIZE].int64_param = count  # compute_us is the stack's
         for tensor, data in zip(outputs, contents, strict=True):
             size = len(data) // count

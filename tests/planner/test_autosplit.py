@@ -314,3 +314,32 @@ def test_a_cut_the_device_cannot_run_is_never_planned_again(graph):
     assert policy.reachable
     assert policy.choose() != k
     assert policy.costs()[k].head_ms == float("inf")
+
+
+def test_a_stacked_answer_counts_every_members_bytes_on_the_link(graph):
+    """A request that went stacked with three others shared one call: its transfer time carried four
+    requests' bytes each way. Counted as its own bytes alone, the link would look 4x slower."""
+    head, tail = slow_device_profiles(graph)
+    estimates = {}
+    for stacked in (1, 4):
+        est = LinkEstimator(clock=Clock())
+        est.observe_rtt(1.0)
+        policy = AutoSplit(graph, head, tail, estimator=est)
+        for k in (1, 2, 3, graph.num_operators - 1) * 3:  # sizes that vary, so the bandwidth is fitted
+            outputs = {t.name: np.zeros(t.shape, t.dtype) for t in graph.outputs}
+            nbytes = graph.cut(k).nbytes
+            wire_bytes = (nbytes + sum(a.nbytes for a in outputs.values())) * stacked
+            transfer = 1.0 + wire_bytes / 125.0  # a 1 Mbit/s link
+            remote = RemoteResult(
+                outputs=outputs,
+                parameters={"compute_us": 1000, "queue_us": 0, "edge_stack": stacked},
+                call_ms=transfer + 1.0,
+                bytes_sent=nbytes,
+            )
+            timings = StageTimings(head_ms=0.0, transfer_ms=transfer, tail_ms=1.0, e2e_ms=transfer + 1.0)
+            policy.observe(InferenceResult(outputs, k, False, timings, bytes_sent=nbytes, remote=remote))
+        estimates[stacked] = est.estimate().bytes_per_ms
+    assert estimates[1] is not None and estimates[4] is not None
+    assert estimates[4] == pytest.approx(estimates[1], rel=0.05) and estimates[1] == pytest.approx(
+        125.0, rel=0.05
+    )

@@ -190,7 +190,7 @@ def test_an_answer_splits_into_each_samples_own_slice() -> None:
         assert list(reply.outputs[0].shape) == [1, 10]
         assert reply.raw_output_contents[0] == bytes(range(i * 10, i * 10 + 10))
         assert reply.parameters[wire.BATCH_SIZE].int64_param == 3
-        assert wire.STACK not in reply.parameters
+        assert reply.parameters[wire.STACK].int64_param == 3
 
 
 def test_requests_that_come_while_two_messages_compute_wait_and_go_stacked(tmp_path) -> None:
