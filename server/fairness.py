@@ -2,7 +2,8 @@
 
 :class:`FairTurns` is a semaphore whose waiters queue per device, and a freed turn goes to the
 devices in round robin: a device that has sent 50 requests waits its turn like one that sent
-one. :class:`DeviceLimit` bounds what one device may have in flight at once. Both run on the
+one. A stacked request of W samples is charged W turns: its device then lets the others go first
+W - 1 times while they wait. :class:`DeviceLimit` bounds what one device may have in flight at once. Both run on the
 event loop only (no locks), and hold nothing for a device with nothing in flight. A device is
 its token's DEVICE_ID when the server checks tokens, else its address (:func:`peer_host`).
 """
@@ -20,6 +21,10 @@ from .errors import ServerOverloadedError
 __all__ = ["DeviceLimit", "FairTurns", "peer_host"]
 
 
+MAX_OWING = 4096
+"""Devices whose owed turns are remembered at once."""
+
+
 class FairTurns:
     """At most ``capacity`` turns held at once; waiters are served device by device, in turn."""
 
@@ -29,6 +34,8 @@ class FairTurns:
         self.capacity = capacity
         self.held = 0
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        self._owed: dict[str, int] = {}
+        """Turns a device owes the others (:meth:`charge`); kept while it has requests waiting."""
 
     @property
     def waiting(self) -> int:
@@ -68,15 +75,33 @@ class FairTurns:
                         del self._waiting[device]
             raise
 
+    def charge(self, device: str, turns: int) -> None:
+        """``device`` took ``turns`` more turns' worth of compute with the one it holds (a stacked
+        request): while others wait, it lets them go first that many times."""
+        if turns > 0:
+            if len(self._owed) >= MAX_OWING and device not in self._owed:
+                self._owed.clear()  # bounded: forgiving every debt is fair enough
+            self._owed[device] = self._owed.get(device, 0) + turns
+
     def release(self) -> None:
-        """Hand the turn to the longest-waiting device's oldest request, or free it."""
+        """Hand the turn to the longest-waiting device's oldest request, or free it. A device that
+        owes turns is passed over, once per turn owed, while another device waits."""
         while self._waiting:
             device, queue = next(iter(self._waiting.items()))
+            owed = self._owed.get(device, 0)
+            if owed and len(self._waiting) > 1:
+                if owed > 1:
+                    self._owed[device] = owed - 1
+                else:
+                    del self._owed[device]
+                self._waiting.move_to_end(device)
+                continue
             future = queue.popleft()
             if queue:
                 self._waiting.move_to_end(device)  # its next request waits for the others' turns
             else:
                 del self._waiting[device]
+                self._owed.pop(device, None)  # nothing of it waits: it owes nobody
             if not future.done():
                 future.set_result(None)  # the turn passes to it: held stays the same
                 return

@@ -41,8 +41,8 @@ __all__ = ["INLINE_BUDGET_US", "ROUTE_TIMES", "Scheduler"]
 T = TypeVar("T")
 
 INLINE_BUDGET_US = 2000
-"""A request computes on the event loop when its route's last compute time, times the requests in
-flight, is at most this: what a health check may wait behind."""
+"""A request computes on the event loop when its route's last compute time per sample, times its
+samples and the requests in flight, is at most this: what a health check may wait behind."""
 
 ROUTE_TIMES = 4096
 """Routes whose last compute time is remembered (model sha256 x cut); the table is cleared past it."""
@@ -142,15 +142,17 @@ class Scheduler:
     ) -> InferResponse:
         if not self.turns.try_acquire():
             await self.turns.acquire(device)
+        samples = prepared.stack
+        self.turns.charge(device, samples - 1)  # a stack of W is W turns' worth of compute
         try:
             last_us = self._compute_us.get(route)
-            inline = last_us is not None and last_us * self.dataplane.inflight <= INLINE_BUDGET_US
+            inline = last_us is not None and last_us * samples * self.dataplane.inflight <= INLINE_BUDGET_US
             response = await self._compute(inline, _execute_before, self.dataplane, prepared, deadline)
         finally:
             self.turns.release()
         if len(self._compute_us) >= ROUTE_TIMES:
             self._compute_us.clear()
-        self._compute_us[route] = int(response.parameters[COMPUTE_US])
+        self._compute_us[route] = int(response.parameters[COMPUTE_US]) // samples  # a sample's time
         return response
 
     async def _compute(self, inline: bool, work: Callable[..., T], *args: Any) -> T:

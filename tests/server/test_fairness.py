@@ -4,6 +4,9 @@ Covered:
 - FairTurns: with one turn held and a device's 10 requests waiting, another device's request
   is served second, not eleventh; turns go round the devices in order; a waiter that is
   cancelled leaves its place, and a turn handed to one is passed on;
+- FairTurns.charge: a device that took a stack of 4 samples in one turn lets the other device go
+  first 3 times while it waits, then the turns alternate again; a debt is dropped once nothing of
+  that device waits;
 - DeviceLimit: the (n+1)-th request of one device is refused, another device's is not, and
   nothing is kept for a device once its requests end;
 - through a real server with bearer tokens: a device flooding with more concurrent requests than
@@ -63,6 +66,36 @@ def test_a_device_behind_a_backlog_is_served_next() -> None:
     order = asyncio.run(scenario())
     assert order[:5] == ["flood0", "flood1", "calm0", "third0", "flood2"], order
     assert sorted(order) == sorted([f"flood{n}" for n in range(10)] + ["calm0", "third0"])
+
+
+def test_a_stack_is_charged_its_samples_in_turns() -> None:
+    async def scenario() -> tuple[list[str], FairTurns]:
+        turns = FairTurns(1)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def request(device: str, n: int, first: bool = False) -> None:
+            async with turns.turn(device):
+                order.append(f"{device}{n}")
+                if first:
+                    turns.charge(device, 3)  # it carried 4 samples
+                    await release.wait()
+
+        tasks = [asyncio.create_task(request("stack", 0, first=True))]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(request("stack", n)) for n in range(1, 5)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(request("calm", n)) for n in range(6)]
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*tasks)
+        return order, turns
+
+    order, turns = asyncio.run(scenario())
+    assert order == [
+        "stack0", "calm0", "calm1", "calm2", "stack1", "calm3", "stack2", "calm4", "stack3", "calm5", "stack4"
+    ], order  # fmt: skip
+    assert not turns._owed and turns.held == 0
 
 
 def test_a_cancelled_waiter_leaves_and_its_turn_passes_on() -> None:
