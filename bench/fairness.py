@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchlib import free_port, wait_listening  # noqa: E402
 
 from edge import models  # noqa: E402
 from edge.graph import ModelGraph  # noqa: E402
@@ -110,9 +111,7 @@ def main() -> int:
     path = models.resolve(args.model)
     shutil.copy(path, work / f"{path.stem}.tflite")
     (work / "tokens").write_text("".join(f"{d} {t}\n" for d, t in TOKENS.items()))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         ["taskset", "-c", args.server_cores, sys.executable, "-m", "server", "--models", str(work), "--host",
          "127.0.0.1", "--port", str(port), "--auth-tokens", str(work / "tokens"), *args.server_args],
@@ -120,15 +119,7 @@ def main() -> int:
     )  # fmt: skip
     address = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("edge-server did not start") from None
-                time.sleep(0.1)
+        wait_listening(port, server)
         idle = calm(address, args.model, args.cut, args.n)
         flooding = subprocess.Popen(
             [sys.executable, __file__, "--flood-only", address, "--model", args.model, "--cut", str(args.cut),

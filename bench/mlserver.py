@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchlib import free_port  # noqa: E402
+
 from edge import models, wire  # noqa: E402
 from edge.graph import ModelGraph  # noqa: E402
 from edge.partition import split_model, write_split  # noqa: E402
@@ -46,12 +47,6 @@ from edge.transport.base import RemoteResult  # noqa: E402
 from server.export import write_mlserver  # noqa: E402
 
 MLSERVER = Path(os.environ.get("EDGE_MLSERVER", REPO / ".venv-mlserver" / "bin" / "mlserver"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(address: str, proc: subprocess.Popen[bytes], timeout_s: float = 90.0) -> None:

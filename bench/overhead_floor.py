@@ -21,25 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchlib import free_port, wait_listening  # noqa: E402
+
 from edge import models  # noqa: E402
 from edge.graph import ModelGraph  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def edge_round(model: Path, cut: int, n: int, server_core: int, device_core: int) -> dict[str, float]:
@@ -53,15 +47,7 @@ def edge_round(model: Path, cut: int, n: int, server_core: int, device_core: int
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("edge-server did not start") from None
-                time.sleep(0.1)
+        wait_listening(port, server)
         out = subprocess.run(
             ["taskset", "-c", str(device_core), sys.executable, "-m", "edge", "bench", "--model", str(model),
              "--server", f"127.0.0.1:{port}", "--split-at", str(cut), "-n", str(n), "--json"],

@@ -33,14 +33,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchlib import free_port  # noqa: E402
+
 from edge import models  # noqa: E402
 from edge.graph import ModelGraph  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def edge_json(core: int, *args: str) -> dict[str, object]:
