@@ -16,6 +16,8 @@ Covered, through real in-process servers and real clients:
 - the same burst to a server that takes no stacks goes one message each, with the same outputs;
 - five requests sent 1 ms apart while a 20 ms tail computes go in at most three messages (the hold:
   a request waits while two messages of its stream await answers), each with its own outputs;
+- a device pipelining 8 requests to mobilenetv2_035 at cut 32 goes stacked, and the server stops
+  mid-burst: all 24 requests get exactly the whole model's outputs, some finished on the device;
 - an answer that does not split into the stack's samples fails each of them (INTERNAL), never
   hands one sample another's slice.
 """
@@ -220,3 +222,34 @@ def test_requests_that_come_while_two_messages_compute_wait_and_go_stacked(tmp_p
     sizes = [int(r.parameters.get(wire.BATCH_SIZE, 1)) for r in results]
     messages = sum(1 / size for size in sizes)
     assert round(messages) <= 3 and max(sizes) >= 2, sizes  # two alone at most, then the rest as one
+
+
+def test_stacked_requests_when_the_server_stops_finish_on_the_device(graphs: dict[str, ModelGraph]) -> None:
+    """A device pipelining 8 requests goes stacked; the server stops mid-burst: every request still
+    gets exactly the whole model's outputs, the ones it held finished on the device."""
+    from edge.cooperative import CooperativeRunner
+    from edge.pipeline import Pipeline
+    from helpers import same_outputs, whole_model_outputs
+
+    graph = graphs["mobilenetv2_035"]
+    feeds = [seeded_inputs(graph, 700 + i) for i in range(24)]
+    expected = whole_model_outputs(graph, feeds)
+    srv = BackgroundServer.from_files([models.model_path("mobilenetv2_035")], workers=1)
+    srv.start()
+    client = TailClient(srv.address, timeout_s=10.0)
+    results = {}
+    with CooperativeRunner(ModelRunner(graph), client, model_name="mobilenetv2_035", policy=32) as device:
+        pipeline: Pipeline[int] = Pipeline(device, 8)
+        for i, f in enumerate(feeds):
+            if i == 16:
+                srv.stop()
+            for done in pipeline.put(f, i):
+                results[done.tag] = done.result
+        for done in pipeline.drain():
+            results[done.tag] = done.result
+    assert sorted(results) == list(range(len(feeds)))
+    for i, result in results.items():
+        assert same_outputs(result.outputs, expected[i]), i
+    assert any(r.fallback for r in results.values())
+    stacked = [r.remote.stacked for r in results.values() if r.remote is not None]
+    assert max(stacked) > 1, stacked
