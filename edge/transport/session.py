@@ -14,10 +14,11 @@ result or a :class:`~edge.errors.RemoteError`. It holds the whole dialect, once:
 - a server without a readable stream (MLServer, KServe) gets unary ``ModelInfer`` calls instead,
   and what the stream held is sent again that way, once. That finding is the server's
   :class:`ServerTraits`, shared by every session of one client;
-- requests for one cut that queue up behind a write (a burst, or answers that free several places
-  at once) go as one stacked message (:data:`edge.wire.STACK`) to a server that takes them: what a
-  message costs both sides is paid once for all of them. The answer is split again, each request
-  settled with exactly its own outputs. Nothing waits to be stacked: only what is already queued is.
+- requests for one cut that queue up go as one stacked message (:data:`edge.wire.STACK`) to a server
+  that takes them: what a message costs both sides is paid once for all of them. The answer is split
+  again, each request settled with exactly its own outputs. To such a server a request that could be
+  stacked waits while two messages of its stream await answers (one computing, one travelling), so
+  what a pipelining device queues meanwhile goes with it.
 
 Who drives the loop is the caller's choice: :class:`~edge.transport.client.TailClient` runs a
 session on the calling thread's own loop for one request at a time (no thread hand-off), and on a
