@@ -24,7 +24,15 @@ from edge.errors import (
 )
 from edge.protocol import DESCRIPTOR_POOL, SERVICE_NAME, converters, pb, pb_grpc
 from edge.ratelog import RateLimitedLog
-from edge.wire import BATCH_SIZE, COMPUTE_US, QUEUE_US, SPLIT_POINT, STREAM_WINDOW_PREFIX, InferResponse
+from edge.wire import (
+    BATCH_SIZE,
+    COMPUTE_US,
+    QUEUE_US,
+    SPLIT_POINT,
+    STACK,
+    STREAM_WINDOW_PREFIX,
+    InferResponse,
+)
 
 from .dataplane import MAX_NAME_CHARS, DataPlane
 from .errors import (
@@ -272,7 +280,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             total_s=(time.perf_counter_ns() - received) / 1e9,
             bytes_in=sum(map(len, message.raw_input_contents)),
             bytes_out=sum(t.nbytes for t in response.outputs),
-            batch=int(params.get(BATCH_SIZE, 1)),
+            batch=int(params.get(BATCH_SIZE, params.get(STACK, 1))),  # a stack's samples ran together
         )
         return response
 

@@ -1,7 +1,8 @@
 """edge-server's Prometheus metrics, scraped over HTTP from a real server process and parsed.
 
 Covered: requests counted by model, cut and status (OK and a refusal); the compute histogram
-holds one sample per answered request; bytes in and out; the in-flight gauge back at zero.
+holds one sample per answered request; bytes in and out; the in-flight gauge back at zero; a
+stacked request of 3 samples is one request whose batch size is 3.
 """
 
 from __future__ import annotations
@@ -147,6 +148,27 @@ def test_half_open_connections_cannot_take_the_metrics_threads(tmp_path: Path) -
             sock.close()
         time.sleep(0.2)
         assert ("edge_requests_in_flight", ()) in scrape(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_stacked_request_counts_its_samples_as_computed_together(tmp_path: Path, graphs: dict) -> None:
+    import numpy as np
+
+    proc, url, port, _ = serve_with_metrics(tmp_path)
+    try:
+        graph = graphs[MODEL]
+        with ModelRunner(graph) as runner:
+            cuts = [runner.run_head(8, seeded_inputs(graph, seed)).cut for seed in (1, 2, 3)]
+        stacked = {name: np.concatenate([c[name] for c in cuts]) for name in cuts[0]}
+        with TailClient(f"127.0.0.1:{port}", timeout_s=10.0) as client:
+            client.wait_ready(30.0)
+            client.infer(MODEL, stacked, parameters={"split_point": 8, "edge_stack": 3})
+        samples = scrape(url)
+        assert samples[("edge_requests_total", (("cut", "8"), ("model", MODEL), ("status", "OK")))] == 1
+        assert samples[("edge_batch_size_count", (("model", MODEL),))] == 1
+        assert samples[("edge_batch_size_sum", (("model", MODEL),))] == 3
     finally:
         proc.terminate()
         proc.wait(timeout=30)
