@@ -495,12 +495,27 @@ def _reserved_port(host: str, port: int) -> Iterator[int]:
         yield int(held.getsockname()[1])
 
 
+_PARENT_CHECK_S = 1.0
+"""How often a server process of ``--processes`` looks whether its supervisor is still there."""
+
+
+def _stop_with(supervisor: int) -> None:
+    """SIGTERM this process (a drain, as the supervisor's own would be) once ``supervisor`` is gone: a
+    supervisor killed outright (SIGKILL, a crash) cannot stop its processes, which would go on
+    serving the port with nobody to stop or restart them."""
+    while os.getppid() == supervisor:
+        time.sleep(_PARENT_CHECK_S)
+    logger.warning("edge-server: the supervisor (pid %d) is gone; stopping", supervisor)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _child(settings: dict[str, Any], ready: multiprocessing.connection.Connection) -> None:
     """One of ``--processes``: serve on the shared port; systemd hears from the supervisor only."""
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(name, None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor says when to stop (SIGTERM)
+    threading.Thread(target=_stop_with, args=(os.getppid(),), name="edge-orphan-watch", daemon=True).start()
     try:
         asyncio.run(
             serve(

@@ -4,6 +4,7 @@ Covered, with real edge-server processes: two processes start on port 0 and the 
 once both listen; separate clients (separate connections) all get the whole model's outputs; SIGHUP
 reaches every process (a token added to the file then works on every new connection); SIGTERM stops
 them all and the supervisor exits 0; a process that dies stops the rest, and the supervisor exits 1;
+a supervisor killed outright (SIGKILL) leaves no process serving: each sees it gone and drains;
 --metrics-port serves the sums of every process's metrics on one endpoint (requests answered
 over 12 connections, tail loads, nothing in flight or waiting), and the supervisor removes the
 processes' metric files when it stops; a port already taken is one line and status 2.
@@ -68,13 +69,19 @@ def two(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
     tokens = tmp_path / "tokens"
     tokens.write_text(ONE + "\n")
     started = _start(tmp_path, "--auth-tokens", str(tokens))
+    children = _children(started[0].pid)  # now: once the supervisor is gone they are nobody's
     try:
         yield started
     finally:
-        if started[0].poll() is None:
-            started[0].kill()
-            started[0].wait(10)
-        for child in _children(started[0].pid):
+        _stop_all(started[0], children)
+
+
+def _stop_all(proc: subprocess.Popen[bytes], children: list[int]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    for child in children:
+        if _alive(child):
             os.kill(child, signal.SIGKILL)
 
 
@@ -119,6 +126,19 @@ def test_a_process_that_dies_stops_the_others_and_the_supervisor_exits_1(two) ->
     assert "a server process stopped; stopping the others" in log.read_text()
 
 
+def test_the_processes_of_a_supervisor_killed_outright_stop_by_themselves(two) -> None:
+    proc, port, _ = two
+    children = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # nothing of it runs to stop them
+    proc.wait(10)
+    deadline = time.monotonic() + 30
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [c for c in children if _alive(c)], "orphaned server processes still serve the port"
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split()[2]
@@ -129,6 +149,7 @@ def _alive(pid: int) -> bool:
 
 def test_the_metrics_of_every_process_are_summed_on_one_endpoint(tmp_path: Path) -> None:
     proc, port, log = _start(tmp_path, "--metrics-port", "0", "--metrics-host", "127.0.0.1")
+    children = _children(proc.pid)
     try:
         found = re.search(r"metrics on (http://\S+/metrics)", log.read_text())
         assert found, log.read_text()
@@ -156,11 +177,7 @@ def test_the_metrics_of_every_process_are_summed_on_one_endpoint(tmp_path: Path)
         assert proc.wait(60) == 0
         assert not Path(directory.group(1)).exists(), "the supervisor removes the processes' metric files"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for child in _children(proc.pid):
-            os.kill(child, signal.SIGKILL)
+        _stop_all(proc, children)
 
 
 def _environ(pid: int) -> str:
