@@ -6,7 +6,9 @@ Covered:
   cancelled leaves its place, and a turn handed to one is passed on;
 - FairTurns.charge: a device that took a stack of 4 samples in one turn lets the other device go
   first 3 times while it waits, then the turns alternate again; a debt is dropped once nothing of
-  that device waits;
+  that device waits; and through the real Scheduler and DataPlane (one compute thread, a 10 ms
+  tail), a stack of 4 is followed by the calm device's 4 waiting requests before the stacking
+  device's next;
 - DeviceLimit: the (n+1)-th request of one device is refused, another device's is not, and
   nothing is kept for a device once its requests end;
 - through a real server with bearer tokens: a device flooding with more concurrent requests than
@@ -197,3 +199,56 @@ def test_a_flooding_device_is_refused_past_its_share_and_another_is_served(tmp_p
             t.join(timeout=120)
     assert outcomes["calm"] == ["OK"] * 4, outcomes
     assert set(outcomes["flood"]) == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
+
+
+def test_the_scheduler_charges_a_stack_its_samples_in_turns(tmp_path: Path) -> None:
+    """Through the real scheduler and data plane, one compute thread, a tail of about 10 ms: a device's
+    stack of 4 samples computes, then the calm device's 4 waiting requests go before that device's
+    next ones (without the charge they would alternate)."""
+    from edge.wire import InferRequest, encode
+    from server.scheduler import Scheduler
+
+    path = tmp_path / "slow.tflite"
+    path.write_bytes(slow_conv_model(size=4, channels=1300))
+    graph = ModelGraph.from_file(path)
+    with ModelRunner(graph) as runner:
+        cut = dict(runner.run_head(1, seeded_inputs(graph, 1)).cut)
+    dataplane = DataPlane(ModelRepository.from_files([path], replicas=1))
+
+    def prepared(samples: int):  # type: ignore[no-untyped-def]
+        tensors = {name: np.concatenate([array] * samples) for name, array in cut.items()}
+        params: dict[str, object] = {"split_point": 1}
+        if samples > 1:
+            params["edge_stack"] = samples
+        request = InferRequest(
+            model_name="slow",
+            inputs=tuple(encode(name, array) for name, array in tensors.items()),
+            parameters=params,  # type: ignore[arg-type]
+        )
+        return dataplane.prepare(request)
+
+    async def scenario() -> list[str]:
+        scheduler = Scheduler(dataplane, workers=1)
+        order: list[str] = []
+
+        async def run(label: str, device: str, samples: int = 1) -> None:
+            await scheduler.run(prepared(samples), device, 0, None)
+            order.append(label)
+
+        tasks = [asyncio.create_task(run("busy", "other"))]
+        await asyncio.sleep(0.005)  # it holds the one compute turn
+        tasks.append(asyncio.create_task(run("stack4", "stacker", samples=4)))
+        await asyncio.sleep(0.001)
+        for i in range(3):
+            tasks.append(asyncio.create_task(run(f"stacker{i}", "stacker")))
+            tasks.append(asyncio.create_task(run(f"calm{i}", "calm")))
+            await asyncio.sleep(0.001)
+        tasks.append(asyncio.create_task(run("calm3", "calm")))
+        await asyncio.gather(*tasks)
+        scheduler.shutdown()
+        return order
+
+    order = asyncio.run(scenario())
+    assert order == [
+        "busy", "stack4", "calm0", "calm1", "calm2", "calm3", "stacker0", "stacker1", "stacker2"
+    ], order  # fmt: skip
