@@ -9,6 +9,7 @@ flight each is a device's share; ``--flood 10`` is ten times that.
 
     python bench/fairness.py --model mobilenetv2_035 --cut 0 --flood 10
     python bench/fairness.py --flood 10 -- --max-inflight-per-device 64   # a looser bound
+    python bench/fairness.py --cut 32 --flood 10 --pipelined   # the flood on one pipe: it goes stacked
 """
 
 from __future__ import annotations
@@ -45,11 +46,15 @@ def cut_tensors(model: str, k: int) -> dict:
         return dict(runner.run_head(k, random_inputs(graph)).cut) if k else random_inputs(graph)
 
 
-def flood(address: str, model: str, k: int, threads: int, seconds: float) -> None:
+def flood(address: str, model: str, k: int, threads: int, seconds: float, pipelined: bool = False) -> None:
     feeds = cut_tensors(model, k)
     name = models.resolve(model).stem
     stop = time.monotonic() + seconds
     refused = [0]
+    if pipelined:
+        flood_pipelined(address, name, feeds, k, threads, stop, refused)
+        print(json.dumps({"refused": refused[0]}), flush=True)
+        return
 
     def one() -> None:
         with TailClient(address, timeout_s=30.0, token=TOKENS["flood"]) as client:
@@ -65,6 +70,27 @@ def flood(address: str, model: str, k: int, threads: int, seconds: float) -> Non
     for t in workers:
         t.join()
     print(json.dumps({"refused": refused[0]}), flush=True)
+
+
+def flood_pipelined(
+    address: str, name: str, feeds: dict, k: int, window: int, stop: float, refused: list[int]
+) -> None:
+    """One client keeping ``window`` requests in flight on its pipe: what queues goes stacked."""
+    places = threading.Semaphore(window)
+
+    def done(future) -> None:  # type: ignore[no-untyped-def]
+        if future.exception() is not None:
+            refused[0] += 1
+        places.release()
+
+    with TailClient(address, timeout_s=30.0, token=TOKENS["flood"]) as client:
+        while time.monotonic() < stop:
+            if places.acquire(timeout=0.5):
+                client.submit(name, feeds, parameters={"split_point": k} if k else None).add_done_callback(
+                    done
+                )
+        for _ in range(window):
+            places.acquire(timeout=30)
 
 
 def calm(address: str, model: str, k: int, n: int) -> list[float]:
@@ -99,13 +125,19 @@ def main() -> int:
     p.add_argument("--server-cores", default="1")
     p.add_argument("--device-cores", default="0")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--pipelined",
+        action="store_true",
+        help="the flooding device is one client keeping --flood requests in flight on its pipe (they go "
+        "stacked to a server that takes stacks), not one thread per request",
+    )
     p.add_argument("--flood-only", metavar="ADDRESS", help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("server_args", nargs="*", help="edge-server flags, after --")
     args = p.parse_args()
     os.sched_setaffinity(0, {int(c) for c in args.device_cores.split(",")})
     if args.flood_only:
-        flood(args.flood_only, args.model, args.cut, args.flood, args.seconds)
+        flood(args.flood_only, args.model, args.cut, args.flood, args.seconds, args.pipelined)
         return 0
     work = Path(tempfile.mkdtemp())
     path = models.resolve(args.model)
@@ -123,7 +155,8 @@ def main() -> int:
         idle = calm(address, args.model, args.cut, args.n)
         flooding = subprocess.Popen(
             [sys.executable, __file__, "--flood-only", address, "--model", args.model, "--cut", str(args.cut),
-             "--flood", str(args.flood), "--seconds", "3600", "--device-cores", args.device_cores],
+             "--flood", str(args.flood), "--seconds", "3600", "--device-cores", args.device_cores,
+             *(["--pipelined"] if args.pipelined else [])],
             stdout=subprocess.PIPE, cwd=REPO,
         )  # fmt: skip
         time.sleep(2.0)
