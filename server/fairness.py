@@ -35,7 +35,8 @@ class FairTurns:
         self.held = 0
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
         self._owed: dict[str, int] = {}
-        """Turns a device owes the others (:meth:`charge`); kept while it has requests waiting."""
+        """Turns a device owes the others (:meth:`charge`), taken while others waited; dropped once
+        it is the only device waiting, or has nothing waiting."""
 
     @property
     def waiting(self) -> int:
@@ -77,11 +78,14 @@ class FairTurns:
 
     def charge(self, device: str, turns: int) -> None:
         """``device`` took ``turns`` more turns' worth of compute with the one it holds (a stacked
-        request): while others wait, it lets them go first that many times."""
-        if turns > 0:
-            if len(self._owed) >= MAX_OWING and device not in self._owed:
-                self._owed.clear()  # bounded: forgiving every debt is fair enough
-            self._owed[device] = self._owed.get(device, 0) + turns
+        request): while others wait, it lets them go first that many times. With nobody else
+        waiting it took no one's turn, and owes nothing: a debt never builds up while a device is
+        alone, to starve it once another comes."""
+        if turns <= 0 or not any(other != device for other in self._waiting):
+            return
+        if len(self._owed) >= MAX_OWING and device not in self._owed:
+            self._owed.clear()  # bounded: forgiving every debt is fair enough
+        self._owed[device] = self._owed.get(device, 0) + turns
 
     def release(self) -> None:
         """Hand the turn to the longest-waiting device's oldest request, or free it. A device that
@@ -96,6 +100,8 @@ class FairTurns:
                     del self._owed[device]
                 self._waiting.move_to_end(device)
                 continue
+            if owed:
+                del self._owed[device]  # nobody else waits: it owes no one present
             future = queue.popleft()
             if queue:
                 self._waiting.move_to_end(device)  # its next request waits for the others' turns

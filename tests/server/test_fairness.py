@@ -6,7 +6,8 @@ Covered:
   cancelled leaves its place, and a turn handed to one is passed on;
 - FairTurns.charge: a device that took a stack of 4 samples in one turn lets the other device go
   first 3 times while it waits, then the turns alternate again; a debt is dropped once nothing of
-  that device waits; and through the real Scheduler and DataPlane (one compute thread, a 10 ms
+  that device waits; 100 stacks computed with nobody else waiting leave no debt (the turns then
+  alternate); and through the real Scheduler and DataPlane (one compute thread, a 10 ms
   tail), a stack of 4 is followed by the calm device's 4 waiting requests before the stacking
   device's next;
 - DeviceLimit: the (n+1)-th request of one device is refused, another device's is not, and
@@ -80,8 +81,8 @@ def test_a_stack_is_charged_its_samples_in_turns() -> None:
             async with turns.turn(device):
                 order.append(f"{device}{n}")
                 if first:
-                    turns.charge(device, 3)  # it carried 4 samples
-                    await release.wait()
+                    await release.wait()  # the others queue meanwhile
+                    turns.charge(device, 3)  # it carried 4 samples while they waited
 
         tasks = [asyncio.create_task(request("stack", 0, first=True))]
         await asyncio.sleep(0)
@@ -98,6 +99,33 @@ def test_a_stack_is_charged_its_samples_in_turns() -> None:
         "stack0", "calm0", "calm1", "calm2", "stack1", "calm3", "stack2", "calm4", "stack3", "calm5", "stack4"
     ], order  # fmt: skip
     assert not turns._owed and turns.held == 0
+
+
+def test_stacks_computed_alone_leave_no_debt_to_starve_a_device_later() -> None:
+    async def scenario() -> list[str]:
+        turns = FairTurns(1)
+        for _ in range(100):  # 100 stacks of 8 with nobody else waiting
+            async with turns.turn("stack"):
+                turns.charge("stack", 7)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def request(device: str, n: int, first: bool = False) -> None:
+            async with turns.turn(device):
+                order.append(f"{device}{n}")
+                if first:
+                    await release.wait()
+
+        tasks = [asyncio.create_task(request("other", 0, first=True))]
+        await asyncio.sleep(0)
+        for n in range(3):
+            tasks += [asyncio.create_task(request("stack", n)), asyncio.create_task(request("calm", n))]
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(scenario()) == ["other0", "stack0", "calm0", "stack1", "calm1", "stack2", "calm2"]
 
 
 def test_a_cancelled_waiter_leaves_and_its_turn_passes_on() -> None:
