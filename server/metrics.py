@@ -115,16 +115,21 @@ class ServerMetrics:
             "edge_tail_loads", "Model halves built and loaded.", ["model"], registry=self.registry
         )
         seen: dict[tuple[str, int], tuple[int, int]] = {}
+        """What was written of each served runner's counts; only the runners served now are kept."""
 
         def refresh() -> None:
             gauge.set(waiting())
+            now: dict[tuple[str, int], tuple[int, int]] = {}
             for name, runner in runners():
                 key = (name, id(runner))  # a replaced model's runner counts from 0 again
-                was_hits, was_loads = seen.get(key, (0, 0))
-                now_hits, now_loads = runner.half_hits, runner.half_loads
-                hits.labels(name).inc(now_hits - was_hits)
-                loads.labels(name).inc(now_loads - was_loads)
-                seen[key] = (now_hits, now_loads)
+                counts = now[key] = (runner.half_hits, runner.half_loads)
+                was = seen.get(key, (0, 0))
+                if counts[0] < was[0] or counts[1] < was[1]:
+                    was = (0, 0)  # another runner at a freed one's address: it counts from 0
+                hits.labels(name).inc(counts[0] - was[0])
+                loads.labels(name).inc(counts[1] - was[1])
+            seen.clear()
+            seen.update(now)
 
         self._refreshers.append(refresh)
 

@@ -2,7 +2,8 @@
 
 Covered: requests counted by model, cut and status (OK and a refusal); the compute histogram
 holds one sample per answered request; bytes in and out; the in-flight gauge back at zero; a
-stacked request of 3 samples is one request whose batch size is 3.
+stacked request of 3 samples is one request whose batch size is 3; in a process of several, the
+tail-cache counts written as increments, a runner that counts from 0 again adding its own.
 """
 
 from __future__ import annotations
@@ -172,3 +173,29 @@ def test_a_stacked_request_counts_its_samples_as_computed_together(tmp_path: Pat
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_process_of_several_writes_the_tail_cache_counts_as_increments() -> None:
+    """``ServerMetrics(multiprocess=True)``: each refresh adds what the served runners counted since
+    the last; a runner that counts from 0 again (a replaced model, even at a freed runner's address)
+    adds its own counts, never a negative step (which prometheus-client refuses, ending the refresh)."""
+    from types import SimpleNamespace
+
+    from server.metrics import ServerMetrics
+
+    metrics = ServerMetrics(multiprocess=True)
+    runner = SimpleNamespace(half_hits=5, half_loads=1)
+    served = [("m", runner)]
+    metrics.watch(lambda: 3, lambda: served)
+
+    def value(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"model": "m"})
+
+    metrics.refresh()
+    assert (value("edge_tail_cache_hits_total"), value("edge_tail_loads_total")) == (5, 1)
+    assert metrics.registry.get_sample_value("edge_compute_waiting") == 3
+    metrics.refresh()  # nothing new
+    assert (value("edge_tail_cache_hits_total"), value("edge_tail_loads_total")) == (5, 1)
+    runner.half_hits, runner.half_loads = 2, 1  # counts from 0 again, at the same address
+    metrics.refresh()
+    assert (value("edge_tail_cache_hits_total"), value("edge_tail_loads_total")) == (7, 2)
