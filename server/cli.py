@@ -149,19 +149,6 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return load_settings(flags, config, aliases=_flag_keys(parser))
 
 
-async def serve(
-    settings: ServerSettings,
-    *,
-    reuse_port: bool = False,
-    on_ready: Callable[[], None] | None = None,
-    metrics_endpoint: bool = True,
-) -> None:
-    """Serve until SIGTERM or SIGINT. ``metrics_endpoint`` False: one of ``--processes``, whose
-    metrics the supervisor serves (this process writes them to its multiprocess directory)."""
-    with cpu_latency_hold(settings.cpu_latency_us):
-        await _serve(settings, reuse_port=reuse_port, on_ready=on_ready, metrics_endpoint=metrics_endpoint)
-
-
 def check(settings: ServerSettings) -> None:
     """What start needs, short of listening: the TLS and token files (kinds, pair, expiry), and a model
     directory with a model it can serve (each file is loaded, as at start)."""
@@ -190,36 +177,42 @@ def security_from(settings: ServerSettings) -> Security:
     )
 
 
-async def _serve(
+async def serve(
     settings: ServerSettings,
     *,
     reuse_port: bool = False,
     on_ready: Callable[[], None] | None = None,
     metrics_endpoint: bool = True,
 ) -> None:
-    if not reuse_port:
-        check_listen(settings.host, settings.port)  # in milliseconds, before the models take seconds to load
-    security = security_from(settings)
-    metrics = ServerMetrics(multiprocess=not metrics_endpoint) if settings.metrics_port is not None else None
-    if metrics is not None:
-        security.on_refused = lambda reason: metrics.refused.labels(reason).inc()
-    # The metrics endpoint binds before anything else starts: a port in use fails with nothing to undo.
-    http = None
-    if metrics is not None and settings.metrics_port is not None and metrics_endpoint:
-        http = serve_metrics(metrics, settings.metrics_host, settings.metrics_port)
-        print(
-            f"edge-server: metrics on http://{settings.metrics_host}:{http.server_port}/metrics", flush=True
+    """Serve until SIGTERM or SIGINT. ``metrics_endpoint`` False: one of ``--processes``, whose
+    metrics the supervisor serves (this process writes them to its multiprocess directory)."""
+    with cpu_latency_hold(settings.cpu_latency_us):
+        if not reuse_port:  # in milliseconds, before the models take seconds to load
+            check_listen(settings.host, settings.port)
+        security = security_from(settings)
+        metrics = (
+            ServerMetrics(multiprocess=not metrics_endpoint) if settings.metrics_port is not None else None
         )
-    refresher = (
-        asyncio.create_task(_refresh(metrics)) if metrics is not None and metrics.multiprocess else None
-    )
-    try:
-        await _serve_models(settings, security, metrics, reuse_port=reuse_port, on_ready=on_ready)
-    finally:
-        if http is not None:
-            http.shutdown()
-        if refresher is not None:
-            refresher.cancel()
+        if metrics is not None:
+            security.on_refused = lambda reason: metrics.refused.labels(reason).inc()
+        # The metrics endpoint binds before anything else starts: a port in use fails with nothing to undo.
+        http = None
+        if metrics is not None and settings.metrics_port is not None and metrics_endpoint:
+            http = serve_metrics(metrics, settings.metrics_host, settings.metrics_port)
+            print(
+                f"edge-server: metrics on http://{settings.metrics_host}:{http.server_port}/metrics",
+                flush=True,
+            )
+        refresher = (
+            asyncio.create_task(_refresh(metrics)) if metrics is not None and metrics.multiprocess else None
+        )
+        try:
+            await _serve_models(settings, security, metrics, reuse_port=reuse_port, on_ready=on_ready)
+        finally:
+            if http is not None:
+                http.shutdown()
+            if refresher is not None:
+                refresher.cancel()
 
 
 async def _refresh(metrics: ServerMetrics) -> None:
