@@ -8,7 +8,7 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -17,7 +17,9 @@ import grpc
 import numpy as np
 
 from edge import models
+from edge.cooperative import CooperativeRunner, InferenceResult
 from edge.graph import ModelGraph
+from edge.pipeline import Pipeline
 from edge.preprocess import random_inputs
 from edge.profiler import HeadProfile, load_or_profile, profile_path
 from edge.protocol import pb_grpc
@@ -180,6 +182,27 @@ def whole_model_outputs(graph: ModelGraph, feeds: list[dict[str, np.ndarray]]) -
     """What the whole model gives for each of ``feeds``, run here."""
     with ModelRunner(graph) as whole:
         return [whole.run(f) for f in feeds]
+
+
+def pipelined_with_a_stop(
+    device: CooperativeRunner,
+    feeds: list[dict[str, np.ndarray]],
+    window: int,
+    stop_at: int,
+    stop: Callable[[], None],
+) -> dict[int, InferenceResult]:
+    """Each of ``feeds``' results by its index, put through a :class:`~edge.pipeline.Pipeline` of
+    ``window`` on ``device``; ``stop()`` (the server stopping) is called before feed ``stop_at`` goes."""
+    pipeline: Pipeline[int] = Pipeline(device, window)
+    results: dict[int, InferenceResult] = {}
+    for i, feed in enumerate(feeds):
+        if i == stop_at:
+            stop()
+        for done in pipeline.put(feed, i):
+            results[done.tag] = done.result
+    for done in pipeline.drain():
+        results[done.tag] = done.result
+    return results
 
 
 MINIMAL_PROFILE = """

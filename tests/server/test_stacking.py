@@ -228,8 +228,7 @@ def test_stacked_requests_when_the_server_stops_finish_on_the_device(graphs: dic
     """A device pipelining 8 requests goes stacked; the server stops mid-burst: every request still
     gets exactly the whole model's outputs, the ones it held finished on the device."""
     from edge.cooperative import CooperativeRunner
-    from edge.pipeline import Pipeline
-    from helpers import same_outputs, whole_model_outputs
+    from helpers import pipelined_with_a_stop, same_outputs, whole_model_outputs
 
     graph = graphs["mobilenetv2_035"]
     feeds = [seeded_inputs(graph, 700 + i) for i in range(24)]
@@ -237,16 +236,8 @@ def test_stacked_requests_when_the_server_stops_finish_on_the_device(graphs: dic
     srv = BackgroundServer.from_files([models.model_path("mobilenetv2_035")], workers=1)
     srv.start()
     client = TailClient(srv.address, timeout_s=10.0)
-    results = {}
     with CooperativeRunner(ModelRunner(graph), client, model_name="mobilenetv2_035", policy=32) as device:
-        pipeline: Pipeline[int] = Pipeline(device, 8)
-        for i, f in enumerate(feeds):
-            if i == 16:
-                srv.stop()
-            for done in pipeline.put(f, i):
-                results[done.tag] = done.result
-        for done in pipeline.drain():
-            results[done.tag] = done.result
+        results = pipelined_with_a_stop(device, feeds, 8, 16, srv.stop)
     assert sorted(results) == list(range(len(feeds)))
     for i, result in results.items():
         assert same_outputs(result.outputs, expected[i]), i

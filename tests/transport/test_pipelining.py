@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -33,7 +32,14 @@ from edge.graph import ModelGraph
 from edge.pipeline import Pipeline, pipelined
 from edge.runner import ModelRunner
 from edge.transport import FailoverClient, TailClient
-from helpers import SHIPPED, RefusedAddress, same_outputs, seeded_inputs, whole_model_outputs
+from helpers import (
+    SHIPPED,
+    RefusedAddress,
+    pipelined_with_a_stop,
+    same_outputs,
+    seeded_inputs,
+    whole_model_outputs,
+)
 from server.dataplane import DataPlane
 from server.embedded import BackgroundServer
 from server.repository import ModelRepository
@@ -132,17 +138,7 @@ def test_requests_in_flight_when_the_server_stops_finish_on_the_device(graphs: d
     srv.start()
     client = TailClient(srv.address, timeout_s=10.0)
     with CooperativeRunner(ModelRunner(graph), client, model_name="mobilenetv2_035", policy=10) as device:
-        pipeline: Pipeline[int] = Pipeline(device, 8)
-        results: dict[int, Any] = {}
-        for i, f in enumerate(feeds[:8]):
-            for done in pipeline.put(f, i):
-                results[done.tag] = done.result
-        srv.stop()
-        for i, f in enumerate(feeds[8:], start=8):
-            for done in pipeline.put(f, i):
-                results[done.tag] = done.result
-        for done in pipeline.drain():
-            results[done.tag] = done.result
+        results = pipelined_with_a_stop(device, feeds, 8, 8, srv.stop)
     assert sorted(results) == list(range(len(feeds)))
     for i, result in results.items():
         assert same_outputs(result.outputs, expected[i]), i
