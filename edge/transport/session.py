@@ -120,6 +120,14 @@ class Request:
     wake: Callable[[AnyFuture], None] | None = None
     """Called once the future is settled: a calling thread's lane stops its loop there, in the same
     turn of the loop, instead of one more turn later (as a done callback would)."""
+    _key: tuple[object, ...] | bool | None = False
+    """:meth:`stack_key`, once read (False: not yet)."""
+
+    def stack_key(self) -> tuple[object, ...] | None:
+        """What requests must share to go stacked with this one (:func:`_stack_key`), read once."""
+        if self._key is False:
+            self._key = _stack_key(self.message)
+        return self._key  # type: ignore[return-value]
 
 
 @dataclass(slots=True)
@@ -337,7 +345,7 @@ class Session:
         if self.traits.max_stack < 2 or stream.unanswered < HOLD_BEHIND:
             return
         request = self._pending.get(stream.carry) if stream.carry is not None else None
-        if request is None or _stack_key(request.message) is None:
+        if request is None or request.stack_key() is None:
             return
         while stream.unanswered >= HOLD_BEHIND and stream.carry is not None:
             stream.answered.clear()
@@ -347,7 +355,7 @@ class Session:
         """``first`` and the requests queued after it for the same cut, as one stacked message (and
         its members), when the server takes them and more than one stacks; else (None, [])."""
         limit = self.traits.max_stack
-        key = _stack_key(first.message) if limit > 1 else None
+        key = first.stack_key() if limit > 1 else None
         if key is None:
             return None, []
         members = [first]
@@ -358,7 +366,7 @@ class Session:
             if request is None:  # expired while queued
                 continue
             size = sum(map(len, request.message.raw_input_contents))
-            if nbytes + size > MAX_STACK_BYTES or _stack_key(request.message) != key:
+            if nbytes + size > MAX_STACK_BYTES or request.stack_key() != key:
                 stream.carry = wire_id  # written next, on its own or at the head of the next stack
                 break
             members.append(request)
