@@ -7,7 +7,8 @@ them all and the supervisor exits 0; a process that dies stops the rest, and the
 a supervisor killed outright (SIGKILL) leaves no process serving: each sees it gone and drains;
 --metrics-port serves the sums of every process's metrics on one endpoint (requests answered
 over 12 connections, tail loads, nothing in flight or waiting), and the supervisor removes the
-processes' metric files when it stops; a port already taken is one line and status 2.
+processes' metric files when it stops; a port already taken, and a metrics port already taken,
+are each one line and status 2 (no metrics directory left behind).
 """
 
 from __future__ import annotations
@@ -194,3 +195,18 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
         done = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_a_metrics_port_in_use_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [sys.executable, "-m", "server", "--models", str(models.model_path(MODEL).parent)]
+        args += ["--host", "127.0.0.1", "--port", "0", "--processes", "2"]
+        args += ["--metrics-host", "127.0.0.1", "--metrics-port", str(port)]
+        env = {**os.environ, "TMPDIR": str(tmp_path)}  # where its metrics directory would be made
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr
+    assert not list(tmp_path.glob("edge-metrics-*")), "its metrics directory is left"
