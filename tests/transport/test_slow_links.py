@@ -6,7 +6,8 @@ its own (--connect-timeout, default 5 s), apart from each request's.
 Covered: `edge infer` over TLS at RTT 200 ms and plaintext at RTT 400 ms offloads every request
 (and, with the old 100 ms connect limit given back as --connect-timeout 0.1, falls back: the
 check can fail); `edge plan` sees the server through the slow link; a TailClient's first request
-is not charged for connecting (its deadline is shorter than the set-up and it still succeeds).
+is not charged for connecting (its deadline is shorter than the set-up and it still succeeds); a
+burst of 24 pipelined requests over the TLS link goes stacked, each with the whole model's outputs.
 """
 
 from __future__ import annotations
@@ -88,3 +89,31 @@ def test_connecting_does_not_count_against_a_request_deadline(link: dict[str, ob
         result = client.infer(MODEL, cut, parameters={MODEL_SHA256: graph.sha256, SPLIT_POINT: CUT})
         assert time.perf_counter() - started > 0.6  # the set-up really was slower than the deadline
         assert result.outputs
+
+
+def test_a_burst_over_the_slow_tls_link_goes_stacked_and_each_gets_its_own_outputs(
+    link: dict[str, object],
+) -> None:
+    """24 requests submitted at once over TLS at RTT 200 ms: two go alone, the rest wait for the first
+    answer and go stacked (at most 8 a message); each equals the whole model's outputs for its input."""
+    import numpy as np
+
+    from edge import wire
+    from edge.graph import ModelGraph
+    from edge.runner import ModelRunner
+    from helpers import same_outputs, seeded_inputs
+
+    graph = ModelGraph.from_file(models.model_path(MODEL))
+    inputs = [seeded_inputs(graph, 300 + i) for i in range(24)]
+    with ModelRunner(graph) as runner:
+        expected = [runner.run(x) for x in inputs]
+        cuts = [dict(runner.run_head(CUT, x).cut) for x in inputs]
+    tls = TLSOptions(ca_file=Path(str(link["ca"])))
+    with TailClient(str(link["tls"]), tls=tls, timeout_s=30.0) as client:
+        futures = [client.submit(MODEL, c, parameters={wire.SPLIT_POINT: CUT}) for c in cuts]
+        results = [f.result(timeout=120) for f in futures]
+    for i, (result, want) in enumerate(zip(results, expected, strict=True)):
+        assert same_outputs(result.outputs, want), i
+    sizes = [int(r.parameters.get(wire.BATCH_SIZE, 1)) for r in results]
+    assert 1 < max(sizes) <= 8, sizes
+    assert np.mean(sizes) > 2, sizes  # most of the burst went stacked
