@@ -4,7 +4,9 @@
 Starts ``edge-server`` pinned to ``--server-cores`` with a token per device, serving MODEL. The
 calm device sends ``-n`` requests one after another (cut K), first alone, then while the flooding
 device keeps ``--flood`` requests in flight (one stream per thread, in another process), and the
-medians and p99 of its round trips are compared, in one run. With two devices, one request in
+medians and p99 of its round trips are compared, in one run, with the server's queue time of its
+requests (``queue_us``: what it waited there for a compute turn; the rest of a round trip is both
+devices' and the server's gRPC and Python, on shared cores). With two devices, one request in
 flight each is a device's share; ``--flood 10`` is ten times that.
 
     python bench/fairness.py --model mobilenetv2_035 --cut 0 --flood 10
@@ -93,26 +95,35 @@ def flood_pipelined(
             places.acquire(timeout=30)
 
 
-def calm(address: str, model: str, k: int, n: int) -> list[float]:
+def calm(address: str, model: str, k: int, n: int) -> tuple[list[float], list[float]]:
+    """The calm device's round trips, and the server's queue time of each (``queue_us``), in ms."""
     feeds = cut_tensors(model, k)
     name = models.resolve(model).stem
-    times = []
+    times, queued = [], []
     with TailClient(address, timeout_s=30.0, token=TOKENS["calm"]) as client:
         for _ in range(20):
             client.infer(name, feeds, parameters={"split_point": k} if k else None)
         for _ in range(n):
             started = time.perf_counter()
-            client.infer(name, feeds, parameters={"split_point": k} if k else None)
+            result = client.infer(name, feeds, parameters={"split_point": k} if k else None)
             times.append((time.perf_counter() - started) * 1000)
+            queued.append(result.queue_ms)
             time.sleep(0.002)
-    return times
+    return times, queued
 
 
-def summary(times: list[float]) -> dict[str, float]:
-    ordered = sorted(times)
+def summary(times: list[float], queued: list[float]) -> dict[str, float]:
+    """Round trip and server queue time, p50 and p99."""
+
+    def p99(values: list[float]) -> float:
+        ordered = sorted(values)
+        return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3)
+
     return {
-        "p50_ms": round(statistics.median(ordered), 3),
-        "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
+        "p50_ms": round(statistics.median(times), 3),
+        "p99_ms": p99(times),
+        "queue_p50_ms": round(statistics.median(queued), 3),
+        "queue_p99_ms": p99(queued),
     }
 
 
@@ -172,8 +183,8 @@ def main() -> int:
         "cut": args.cut,
         "flood_inflight": args.flood,
         "server_args": args.server_args,
-        "idle": summary(idle),
-        "flooded": summary(loaded),
+        "idle": summary(*idle),
+        "flooded": summary(*loaded),
     }
     result["p99_ratio"] = round(result["flooded"]["p99_ms"] / result["idle"]["p99_ms"], 2)
     result["p50_ratio"] = round(result["flooded"]["p50_ms"] / result["idle"]["p50_ms"], 2)

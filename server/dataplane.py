@@ -26,6 +26,7 @@ from edge import __version__
 from edge.errors import CutError, EdgeError, ModelMismatchError, ModelNotFoundError, TensorFormatError, echo
 from edge.graph import ModelGraph, TensorInfo
 from edge.measure import ProfileCancelledError, profile_tails
+from edge.runner import Tensors
 from edge.wire import (
     ACCEPT_ENCODING,
     BACKEND,
@@ -265,6 +266,28 @@ class DataPlane:
         else:
             results = runner.run_tail(prepared.split_point, prepared.feeds)
         return _response(prepared, results, started, time.perf_counter_ns(), codecs=self.codecs)
+
+    def execute_part(self, prepared: PreparedRequest, start: int, count: int) -> tuple[Tensors, int]:
+        """Samples ``start`` to ``start + count`` of a stacked request, computed, and the nanoseconds
+        they took: a part of it, for :meth:`join_parts` (each sample's outputs are exactly those of
+        the whole stack computed at once)."""
+        started = time.perf_counter_ns()
+        feeds = {name: array[start : start + count] for name, array in prepared.feeds.items()}
+        assert prepared.split_point is not None  # stacks name their cut
+        results = prepared.model.runner.run_tail_stacked(prepared.split_point, feeds, count)
+        return results, time.perf_counter_ns() - started
+
+    def join_parts(
+        self, prepared: PreparedRequest, parts: Sequence[Tensors], compute_ns: int
+    ) -> InferResponse:
+        """The response of a stacked request computed in ``parts`` (in order) taking ``compute_ns`` in
+        all: ``compute_us`` is theirs, and ``queue_us`` the rest of its time here, waits between parts
+        included."""
+        results = parts[0] if len(parts) == 1 else {
+            name: np.concatenate([part[name] for part in parts]) for name in parts[0]
+        }  # fmt: skip
+        finished = time.perf_counter_ns()
+        return _response(prepared, results, finished - compute_ns, finished, codecs=self.codecs)
 
     def execute_batch(self, batch: Sequence[PreparedRequest]) -> list[InferResponse | EdgeError]:
         """Run requests for one model and cut (admitted, neither pings, profiles nor stacked) as one batch.

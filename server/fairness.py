@@ -2,8 +2,8 @@
 
 :class:`FairTurns` is a semaphore whose waiters queue per device, and a freed turn goes to the
 devices in round robin: a device that has sent 50 requests waits its turn like one that sent
-one. A stacked request of W samples is charged W turns: its device then lets the others go first
-W - 1 times while they wait. :class:`DeviceLimit` bounds what one device may have in flight at once. Both run on the
+one. A stacked request computes a part per turn, a part of n samples charged n turns: its device
+then lets the others go first n - 1 times while they wait. :class:`DeviceLimit` bounds what one device may have in flight at once. Both run on the
 event loop only (no locks), and hold nothing for a device with nothing in flight. A device is
 its token's DEVICE_ID when the server checks tokens, else its address (:func:`peer_host`).
 """
@@ -57,24 +57,36 @@ class FairTurns:
             return True
         return False
 
-    async def acquire(self, device: str) -> None:
+    async def acquire(self, device: str, *, first: bool = False) -> None:
+        """Wait for a turn; ``first`` goes ahead of the device's other waiting requests (the next part
+        of work it already began)."""
         if self.try_acquire():
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(device, deque()).append(future)
+        queue = self._waiting.setdefault(device, deque())
+        if first:
+            queue.appendleft(future)
+        else:
+            queue.append(future)
         try:
             await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release()  # the turn was handed over as the caller went away: pass it on
             else:
-                queue = self._waiting.get(device)
-                if queue is not None:
+                waiting = self._waiting.get(device)
+                if waiting is not None:
                     with contextlib.suppress(ValueError):
-                        queue.remove(future)
-                    if not queue:
+                        waiting.remove(future)
+                    if not waiting:
                         del self._waiting[device]
             raise
+
+    def others_wait(self, device: str) -> bool:
+        """Whether a device other than ``device`` waits for a turn. Safe from a compute thread: a
+        length and a key lookup, each atomic."""
+        waiting = self._waiting
+        return len(waiting) > (device in waiting)
 
     def charge(self, device: str, turns: int) -> None:
         """``device`` took ``turns`` more turns' worth of compute with the one it holds (a stacked

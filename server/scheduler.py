@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from edge.runner import Tensors
 from edge.wire import COMPUTE_US, InferResponse
 
 from .dataplane import DataPlane, PreparedRequest
@@ -43,6 +44,11 @@ T = TypeVar("T")
 INLINE_BUDGET_US = 2000
 """A request computes on the event loop when its route's last compute time per sample, times its
 samples and the requests in flight, is at most this: what a health check may wait behind."""
+
+STACK_PART_US = 1000
+"""A stacked request computes a part at a time, each part a compute turn of its own of about this
+much (at least one sample): a request of another device then waits behind one part, not the whole
+stack, and the loop reads what arrived between parts."""
 
 ROUTE_TIMES = 4096
 """Routes whose last compute time is remembered (model sha256 x cut); the table is cleared past it."""
@@ -71,8 +77,11 @@ class Scheduler:
         max_inflight_per_device: int = DEFAULT_MAX_INFLIGHT_PER_DEVICE,
         max_batch: int = 1,
         max_batch_delay_us: int = DEFAULT_MAX_BATCH_DELAY_US,
+        stack_part_us: int = STACK_PART_US,
     ) -> None:
         self.dataplane = dataplane
+        self.stack_part_us = stack_part_us
+        """A stacked request's compute per turn (:data:`STACK_PART_US`)."""
         self.max_batch = max_batch
         self.batch_delay_s = max_batch_delay_us / 1e6
         self.executor = (
@@ -108,7 +117,9 @@ class Scheduler:
                     return self.dataplane.execute(prepared)
                 await asyncio.sleep(0)  # the other arrived requests take their places before this computes
                 route = (prepared.model.graph.sha256, prepared.split_point)
-                if self.max_batch > 1 and prepared.stack == 1:
+                if prepared.stack > 1:
+                    return await self._stack_in_parts(route, prepared, device, deadline)
+                if self.max_batch > 1:
                     return await self._batched(route, prepared, device, deadline)
                 return await self._single(route, prepared, device, deadline)
             finally:
@@ -118,7 +129,9 @@ class Scheduler:
 
     def computes_now(self, prepared: PreparedRequest) -> bool:
         """Whether :meth:`run_serial` answers ``prepared``: everything computes on the loop
-        (:attr:`serial`), and it is not a profile (which takes a thread of its own)."""
+        (:attr:`serial`), and it is not a profile (which takes a thread of its own). A stack computes
+        at once there too: its device's stream is answered in order, and the others wait for it as
+        they would for its samples sent one by one."""
         return self.serial and not prepared.profile
 
     def run_serial(self, prepared: PreparedRequest, nbytes: int, deadline: float | None) -> InferResponse:
@@ -142,18 +155,56 @@ class Scheduler:
     ) -> InferResponse:
         if not self.turns.try_acquire():
             await self.turns.acquire(device)
-        samples = prepared.stack
-        self.turns.charge(device, samples - 1)  # a stack of W is W turns' worth of compute
         try:
             last_us = self._compute_us.get(route)
-            inline = last_us is not None and last_us * samples * self.dataplane.inflight <= INLINE_BUDGET_US
+            inline = last_us is not None and last_us * self.dataplane.inflight <= INLINE_BUDGET_US
             response = await self._compute(inline, _execute_before, self.dataplane, prepared, deadline)
         finally:
             self.turns.release()
-        if len(self._compute_us) >= ROUTE_TIMES:
-            self._compute_us.clear()
-        self._compute_us[route] = int(response.parameters[COMPUTE_US]) // samples  # a sample's time
+        self._remember(route, int(response.parameters[COMPUTE_US]))
         return response
+
+    async def _stack_in_parts(
+        self, route: Route, prepared: PreparedRequest, device: str, deadline: float | None
+    ) -> InferResponse:
+        """A stacked request, computed in parts of about :attr:`stack_part_us` (a power of two samples,
+        at least one). Its turn ends after the part during which another device came to wait for one:
+        that device goes next, and the stack's next part goes before its own device's later requests.
+        The samples computed in a turn are charged as that many turns (:meth:`FairTurns.charge`). A
+        stack small enough to compute on the loop (:data:`INLINE_BUDGET_US`) computes in one part."""
+        samples, done, compute_ns = prepared.stack, 0, 0
+        parts: list[Tensors] = []
+        while done < samples:
+            if not self.turns.try_acquire():
+                await self.turns.acquire(device, first=done > 0)  # its next part, before its later requests
+            try:
+                per_sample = self._compute_us.get(route)  # read with the turn: what ran before it counts
+                left = samples - done
+                if per_sample is not None and per_sample * left * self.dataplane.inflight <= INLINE_BUDGET_US:
+                    computed = [(*_part_before(self.dataplane, prepared, done, left, deadline), left)]
+                else:
+                    fits = max(1, self.stack_part_us // max(per_sample, 1)) if per_sample else 1
+                    computed = await self._compute(
+                        False, _parts_until, self.dataplane, prepared, done, 1 << (fits.bit_length() - 1),
+                        deadline, lambda: self.turns.others_wait(device),
+                    )  # fmt: skip
+                count = 0
+                for part, took_ns, samples_in_part in computed:
+                    parts.append(part)
+                    compute_ns += took_ns
+                    count += samples_in_part
+                self.turns.charge(device, count - 1)
+            finally:
+                self.turns.release()
+            self._remember(route, compute_ns // 1000 // (done + count))
+            done += count
+        return self.dataplane.join_parts(prepared, parts, compute_ns)
+
+    def _remember(self, route: Route, sample_us: int) -> None:
+        """Keep ``route``'s last compute time per sample (bounded: the table is cleared when full)."""
+        if len(self._compute_us) >= ROUTE_TIMES and route not in self._compute_us:
+            self._compute_us.clear()
+        self._compute_us[route] = sample_us
 
     async def _compute(self, inline: bool, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` on the event loop when ``inline`` or there are no compute threads, else on one."""
@@ -224,6 +275,34 @@ def _check_deadline(deadline: float | None) -> None:
     """A request whose caller's deadline has passed is not computed: its answer would go nowhere."""
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExpiredError("the request's deadline passed before it could be computed")
+
+
+def _parts_until(
+    dataplane: DataPlane,
+    prepared: PreparedRequest,
+    start: int,
+    size: int,
+    deadline: float | None,
+    others_wait: Callable[[], bool],
+) -> list[tuple[Tensors, int, int]]:
+    """A stack's samples from ``start`` on, computed ``size`` at a time until they are done or, after a
+    part, ``others_wait()``: each part's outputs, nanoseconds and samples."""
+    computed = []
+    while start < prepared.stack:
+        count = min(size, prepared.stack - start)
+        computed.append((*_part_before(dataplane, prepared, start, count, deadline), count))
+        start += count
+        if others_wait():
+            break
+    return computed
+
+
+def _part_before(
+    dataplane: DataPlane, prepared: PreparedRequest, start: int, count: int, deadline: float | None
+) -> tuple[Tensors, int]:
+    """:meth:`DataPlane.execute_part`, unless the deadline passed while the part waited its turn."""
+    _check_deadline(deadline)
+    return dataplane.execute_part(prepared, start, count)
 
 
 def _execute_before(dataplane: DataPlane, prepared: PreparedRequest, deadline: float | None) -> InferResponse:

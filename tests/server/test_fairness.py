@@ -128,6 +128,46 @@ def test_stacks_computed_alone_leave_no_debt_to_starve_a_device_later() -> None:
     assert asyncio.run(scenario()) == ["other0", "stack0", "calm0", "stack1", "calm1", "stack2", "calm2"]
 
 
+def test_a_part_asked_first_goes_before_its_devices_later_requests_and_others_waiting_is_seen() -> None:
+    """What a stack computed in parts uses: ``others_wait`` says whether a device other than the one
+    asking waits, and ``first`` puts a device's next part ahead of its own waiting requests (not
+    ahead of other devices)."""
+
+    async def scenario() -> tuple[list[str], list[bool]]:
+        turns = FairTurns(1)
+        order: list[str] = []
+        seen: list[bool] = []
+        release = asyncio.Event()
+
+        async def request(device: str, label: str, *, hold: bool = False, first: bool = False) -> None:
+            await turns.acquire(device, first=first)
+            try:
+                order.append(label)
+                if hold:
+                    await release.wait()
+            finally:
+                turns.release()
+
+        tasks = [asyncio.create_task(request("stack", "part0", hold=True))]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(request("stack", "later")))
+        await asyncio.sleep(0)
+        seen.append(turns.others_wait("stack"))  # only its own request waits
+        tasks.append(asyncio.create_task(request("calm", "calm")))
+        await asyncio.sleep(0)
+        seen += [turns.others_wait("stack"), turns.others_wait("calm")]
+        tasks.append(asyncio.create_task(request("stack", "part1", first=True)))
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*tasks)
+        return order, seen
+
+    order, seen = asyncio.run(scenario())
+    assert seen == [False, True, True]
+    # The turn goes round the devices: stack's queue is [part1, later], calm's [calm].
+    assert order == ["part0", "part1", "calm", "later"], order
+
+
 def test_a_cancelled_waiter_leaves_and_its_turn_passes_on() -> None:
     async def scenario() -> None:
         turns = FairTurns(1)
@@ -229,10 +269,22 @@ def test_a_flooding_device_is_refused_past_its_share_and_another_is_served(tmp_p
     assert set(outcomes["flood"]) == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
 
 
-def test_the_scheduler_charges_a_stack_its_samples_in_turns(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("part_us", "expected"),
+    [
+        # The default: a part per turn, one sample of this tail. The calm device's requests go between
+        # the stack's parts, and the stack's parts before its device's later requests.
+        (None, ["busy", "calm0", "calm1", "calm2", "stack4", "calm3", "stacker0", "stacker1", "stacker2"]),
+        # The whole stack in one part, charged its 4 samples: the calm device's 4 waiting requests then
+        # go before the stacking device's next ones (without the charge they would alternate).
+        (10**9, ["busy", "stack4", "calm0", "calm1", "calm2", "calm3", "stacker0", "stacker1", "stacker2"]),
+    ],
+)
+def test_the_scheduler_computes_a_stack_in_parts_each_charged_its_samples(
+    tmp_path: Path, part_us: int | None, expected: list[str]
+) -> None:
     """Through the real scheduler and data plane, one compute thread, a tail of about 10 ms: a device's
-    stack of 4 samples computes, then the calm device's 4 waiting requests go before that device's
-    next ones (without the charge they would alternate)."""
+    stack of 4 samples, its next 3 requests and the calm device's 4, all waiting for the turn."""
     from edge.wire import InferRequest, encode
     from server.scheduler import Scheduler
 
@@ -256,7 +308,7 @@ def test_the_scheduler_charges_a_stack_its_samples_in_turns(tmp_path: Path) -> N
         return dataplane.prepare(request)
 
     async def scenario() -> list[str]:
-        scheduler = Scheduler(dataplane, workers=1)
+        scheduler = Scheduler(dataplane, workers=1, **({} if part_us is None else {"stack_part_us": part_us}))
         order: list[str] = []
 
         async def run(label: str, device: str, samples: int = 1) -> None:
@@ -277,6 +329,4 @@ def test_the_scheduler_charges_a_stack_its_samples_in_turns(tmp_path: Path) -> N
         return order
 
     order = asyncio.run(scenario())
-    assert order == [
-        "busy", "stack4", "calm0", "calm1", "calm2", "calm3", "stacker0", "stacker1", "stacker2"
-    ], order  # fmt: skip
+    assert order == expected, order

@@ -5,7 +5,9 @@ Covered, through real in-process servers and real clients:
 - every cut 0..N-1 of every shipped model (digits_resnet, digits_resnet_exit, digits_resnet_f32,
   digits_tiny, mobilenetv2_035, shapes_cnn): one request of 3 seeded samples stacked; each sample's
   slice of every output equals what its tail alone gives (np.array_equal: dtype, shape, values).
-  digits_tiny's cuts 0 and 1 do not batch, so their samples run one by one, with the same outputs;
+  digits_tiny's cuts 0 and 1 do not batch, so their samples run one by one, with the same outputs.
+  Twice: on a server computing on its loop (each stack at once), and on one with a compute thread
+  whose stacks compute in parts of one sample each, joined again;
 - a cut whose tensor has no first axis of 1 (the shape-tensor model's cut 2) is refused in one line;
 - refusals, each one INVALID_ARGUMENT naming the problem: 1 sample, more than the server's limit, a
   bool or string count, the whole model, samples short of the count, and any stack to a server
@@ -25,6 +27,7 @@ Covered, through real in-process servers and real clients:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -48,8 +51,29 @@ def _stacked(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
 
 
+@pytest.fixture(scope="module")
+def parted() -> Iterator[BackgroundServer]:
+    """A server of every shipped model with a compute thread, computing stacks one sample per part."""
+    with BackgroundServer.from_files([models.model_path(name) for name in SHIPPED], workers=1) as srv:
+        srv.server.servicer.scheduler.stack_part_us = 1
+        dataplane = srv.server.dataplane
+        compute = dataplane.execute_part
+        srv.parts = []  # type: ignore[attr-defined]  # the samples of each part computed, in order
+
+        def counted(prepared, start, count):  # type: ignore[no-untyped-def]
+            srv.parts.append(count)  # type: ignore[attr-defined]
+            return compute(prepared, start, count)
+
+        dataplane.execute_part = counted  # type: ignore[method-assign]
+        yield srv
+
+
+@pytest.mark.parametrize("where", ["server", "parted"])
 @pytest.mark.parametrize("name", SHIPPED)
-def test_a_stacked_request_answers_each_sample_as_it_alone(name: str, server: BackgroundServer) -> None:
+def test_a_stacked_request_answers_each_sample_as_it_alone(
+    name: str, where: str, request: pytest.FixtureRequest
+) -> None:
+    server: BackgroundServer = request.getfixturevalue(where)
     graph = ModelGraph.from_file(models.model_path(name))
     checked = []
     with ModelRunner(graph) as runner, TailClient(server.address, timeout_s=60.0) as client:
@@ -57,8 +81,11 @@ def test_a_stacked_request_answers_each_sample_as_it_alone(name: str, server: Ba
         for k in range(graph.num_operators):
             cuts = [dict(runner.run_head(k, x).cut) for x in inputs]
             alone = [runner.run_tail(k, c) for c in cuts]
+            parts = getattr(server, "parts", [])
+            parts.clear()
             result = client.infer(name, _stacked(cuts), parameters={wire.SPLIT_POINT: k, wire.STACK: SAMPLES})
             assert result.parameters[wire.STACK] == SAMPLES
+            assert parts == ([1] * SAMPLES if where == "parted" else []), (name, k, parts)
             assert set(result.outputs) == set(alone[0]), (name, k)
             for i, want in enumerate(alone):
                 for tensor, array in want.items():
