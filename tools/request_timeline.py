@@ -172,7 +172,13 @@ def main() -> int:
         for label, a, b in STEPS
     }
     total = round(statistics.median((marks["returned"][i] - marks["head"][i]) / 1000 for i in timed), 1)
-    result = {"model": model.stem, "cut": args.cut, "requests": len(timed), "steps_us": steps, "total_us": total}
+    result = {
+        "model": model.stem,
+        "cut": args.cut,
+        "requests": len(timed),
+        "steps_us": steps,
+        "total_us": total,
+    }
     if args.json:
         print(json.dumps(result))
         return 0
