@@ -105,6 +105,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             metrics.watch(
                 lambda: self.scheduler.turns.waiting,
                 lambda: [(m.name, m.runner) for m in self.dataplane.repository],
+                lambda: self.dataplane.inflight,
             )
         self._identify = identify if identify is not None else peer_host
         if metrics is None:
@@ -253,7 +254,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """:meth:`_run`, counted in the metrics (without metrics, ``_infer`` is ``_run`` itself)."""
         assert self.metrics is not None
         received = time.perf_counter_ns()
-        self.metrics.inflight.inc()
         try:
             response = await self._run(message, device, context)
         except (Exception, asyncio.CancelledError) as err:
@@ -268,8 +268,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 self.metrics.answered(served, "", status_for(err).name)
             raise
-        finally:
-            self.metrics.inflight.dec()
         params = response.parameters
         self.metrics.answered(
             response.model_name,

@@ -3,7 +3,8 @@
 Covered: requests counted by model, cut and status (OK and a refusal); the compute histogram
 holds one sample per answered request; bytes in and out; the in-flight gauge back at zero; a
 stacked request of 3 samples is one request whose batch size is 3; in a process of several, the
-tail-cache counts written as increments, a runner that counts from 0 again adding its own.
+tail-cache counts written as increments, a runner that counts from 0 again adding its own; the
+answers one process tallies export the same samples as prometheus-client's own metrics would.
 """
 
 from __future__ import annotations
@@ -199,3 +200,43 @@ def test_a_process_of_several_writes_the_tail_cache_counts_as_increments() -> No
     runner.half_hits, runner.half_loads = 2, 1  # counts from 0 again, at the same address
     metrics.refresh()
     assert (value("edge_tail_cache_hits_total"), value("edge_tail_loads_total")) == (7, 2)
+
+
+def test_answers_tallied_in_one_process_export_what_prometheus_clients_own_metrics_would() -> None:
+    """One process tallies each answer in plain Python and builds the metric families when scraped; a
+    process of several counts into prometheus-client's Counter and Histogram. The same answers give
+    the same samples in both (every sample but the ``_created`` times, which only the latter has):
+    values exactly on bucket bounds (a bound holds its own value), past the last bound, several models,
+    cuts and statuses, error answers (counted, with no times or sizes)."""
+    from server.metrics import ServerMetrics
+
+    answers = [
+        ("a", "8", "OK", 0.0001, 0.00025, 0.0005, 1, 100, 10),
+        ("a", "8", "OK", 0.00011, 0.0025, 2.5, 8, 200, 20),
+        ("a", "12", "OK", 0.0, 3.0, 7.0, 300, 50, 5),
+        ("a", "12", "RESOURCE_EXHAUSTED", 0.0, 0.0, 0.0, 1, 0, 0),
+        ("b", "whole", "OK", 1.0, 0.05, 0.1, 3, 7, 1),
+        ("(unknown)", "", "NOT_FOUND", 0.0, 0.0, 0.0, 1, 0, 0),
+        ("a", "8", "OK", 0.001, 0.001, 0.001, 2, 1, 1),
+    ]
+
+    def samples(metrics: ServerMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        for answer in answers:
+            model, cut, status, queue_s, compute_s, total_s, batch, bytes_in, bytes_out = answer
+            metrics.answered(
+                model, cut, status, queue_s=queue_s, compute_s=compute_s, total_s=total_s, batch=batch,
+                bytes_in=bytes_in, bytes_out=bytes_out,
+            )  # fmt: skip
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created") and s.name != "edge_refused_total"
+        }
+
+    tallied, counted = samples(ServerMetrics()), samples(ServerMetrics(multiprocess=True))
+    assert tallied == counted
+    assert tallied[("edge_requests_total", (("cut", "8"), ("model", "a"), ("status", "OK")))] == 3
+    assert tallied[("edge_compute_seconds_bucket", (("cut", "8"), ("le", "0.00025"), ("model", "a")))] == 1
+    assert tallied[("edge_batch_size_bucket", (("le", "+Inf"), ("model", "a")))] == 4
+    assert tallied[("edge_batch_size_bucket", (("le", "256.0"), ("model", "a")))] == 3
