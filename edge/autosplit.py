@@ -29,12 +29,15 @@ from .planner import (
     Hysteresis,
     Objective,
     Plan,
+    Prediction,
+    choose,
     cut_costs,
-    plan,
+    predict,
 )
 from .profiler import codec_profile, load_or_profile
 from .transport.base import RETRYABLE
 from .transport.circuit import Circuit
+from .wire import encodings
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
@@ -63,6 +66,11 @@ class AutoSplit:
     When the link has been idle for ``probe_interval_s`` a ping refreshes the RTT, and while the device runs alone a payload probe now and then refreshes the bandwidth.
     When the server fails the policy goes local (K = N) and re-probes every ``reprobe_s``
     seconds. Probes run in the request that finds them due.
+
+    With a codec (:meth:`use_codec`), each cut is planned both coded and raw, and goes coded only
+    where that is predicted better: a lossless codec wherever it is faster, a lossy one only where it
+    beats the raw cut by more than ``margin``. Where no lossy cut pays (a fast link), results stay
+    exact. :meth:`coded` tells the runner which.
     """
 
     def __init__(
@@ -131,10 +139,14 @@ class AutoSplit:
         self._last_bandwidth_probe = clock()
         self.candidates = frozenset(candidate_cuts(graph))
         self.codec = "raw"
+        self.lossy = False
+        """The codec loses information (its results are flagged lossy)."""
         self.wire_ratio: dict[int, float] = {}
         """Compressed over raw bytes per cut, with a codec; empty: raw."""
         self.codec_ms: dict[int, float] = {}
-        """The cuts the policy may choose (see :func:`edge.measure.candidate_cuts`)."""
+        """Each cut's time to compress and decompress, with a codec."""
+        self.coded_cuts: frozenset[int] = frozenset()
+        """The cuts the last plan sends coded (with a codec); the others go raw."""
         self.last_plan: Plan | None = None
         self.replan()
 
@@ -292,22 +304,26 @@ class AutoSplit:
 
     # -- planning -------------------------------------------------------------------------
 
-    def costs(self) -> list[CutCost]:
+    def coded(self, k: int) -> bool:
+        """Whether a request at cut ``k`` goes through the codec, as the last plan chose."""
+        return k in self.coded_cuts
+
+    def costs(self, *, coded: bool = True) -> list[CutCost]:
         """Each cut's head and tail: its own recent median where it has run enough, else the profile.
 
-        With a codec, a cut sends its bytes times the codec's ratio there (profiled on real
-        activations, then the ratio its requests actually achieved), and its head pays the codec's
-        time."""
+        With a codec (and ``coded``), a cut sends its bytes times the codec's ratio there (profiled
+        on real activations, then the ratio its requests actually achieved), and its head pays the
+        codec's time (compressing and decompressing, which the head's own time does not hold)."""
         profile_tail = self._tail if self._tail is not None else [0.0] * (self.n + 1)
         head, tail = [], []
         for k in range(self.n + 1):
             live_head, live_tail = self._live(self._live_head, k), self._live(self._live_tail, k)
             head.append(_median(live_head, 0.0) if len(live_head) >= self.min_live else self._head[k])
             tail.append(_median(live_tail, 0.0) if len(live_tail) >= self.min_live else profile_tail[k])
-            if k in self.wire_ratio and len(live_head) < self.min_live:
-                head[-1] += self.codec_ms.get(k, 0.0)  # a live head time includes the codec already
+            if coded and k in self.wire_ratio:
+                head[-1] += self.codec_ms.get(k, 0.0)
         costs = cut_costs(self.graph, head, tail)
-        if not self.wire_ratio:
+        if not coded or not self.wire_ratio:
             return costs
         return [
             replace(c, nbytes=round(c.nbytes * self.wire_ratio[c.index])) if c.index in self.wire_ratio else c
@@ -317,8 +333,13 @@ class AutoSplit:
     def use_codec(self, codec: str, ratios: Sequence[float], codec_ms: Sequence[float]) -> None:
         """Plan with ``codec``: each cut's bytes scaled by its ratio, its head charged the codec's time."""
         self.codec = codec
+        self.lossy = encodings.ENCODINGS[codec].lossy
         self.wire_ratio = {k: float(r) for k, r in enumerate(ratios) if k < self.n}
         self.codec_ms = {k: float(ms) for k, ms in enumerate(codec_ms) if k < self.n}
+        # A cut the codec shrinks may now send fewer bytes than the cuts before it: a candidate too.
+        sent = [self.graph.cut(k).nbytes * min(1.0, self.wire_ratio.get(k, 1.0)) for k in range(self.n + 1)]
+        self.candidates = frozenset(candidate_cuts(self.graph, sent))
+        self.hysteresis.reset()  # planned from the start with the codec, not moved to from a plan without
         self.replan()
 
     def _live(self, samples: dict[int, deque[tuple[float, float]]], k: int) -> list[float]:
@@ -349,16 +370,23 @@ class AutoSplit:
     def replan(self) -> Plan:
         link = self.estimator.estimate() if self.reachable else None
         compute, radio, idle = self._watts
-        new = plan(
-            self.costs(),
-            link,
+        options = {
+            "queue_ms": self.queue_ms,
+            "compute_watts": compute,
+            "radio_watts": radio,
+            "idle_watts": idle,
+        }
+        predictions = predict(self.costs(coded=False), link, **options)
+        if self.wire_ratio:
+            coded = predict(self.costs(), link, **options)
+            picks = [self._coded_pays(c, r) for c, r in zip(coded, predictions, strict=True)]
+            self.coded_cuts = frozenset(c.index for c, pick in zip(coded, picks, strict=True) if pick)
+            predictions = [c if pick else r for c, r, pick in zip(coded, predictions, picks, strict=True)]
+        new = choose(
+            predictions,
             objective=self.objective,
             deadline_ms=self.deadline_ms,
             max_bytes=self.max_bytes,
-            queue_ms=self.queue_ms,
-            compute_watts=compute,
-            radio_watts=radio,
-            idle_watts=idle,
             allowed=self.candidates,
         )
         if self.last_plan is not None and new.note and new.note != self.last_plan.note:
@@ -366,6 +394,20 @@ class AutoSplit:
         self.last_plan = new
         self.hysteresis.update(new)
         return new
+
+    def _coded_pays(self, coded: Prediction, raw: Prediction) -> bool:
+        """Whether a cut goes coded: it meets the deadline and byte limit where raw does not, or (both
+        meeting them, or neither) scores better; a lossy codec by more than the margin."""
+
+        def meets(p: Prediction) -> bool:
+            return (self.deadline_ms is None or p.predicted_ms <= self.deadline_ms) and (
+                self.max_bytes is None or p.nbytes <= self.max_bytes
+            )
+
+        if coded.local or meets(coded) != meets(raw):
+            return not coded.local and meets(coded)
+        bar = raw.score(self.objective) * (1.0 - self.hysteresis.margin if self.lossy else 1.0)
+        return coded.score(self.objective) < bar
 
     # -- probing --------------------------------------------------------------------------
 

@@ -128,6 +128,10 @@ class SplitPolicy(Protocol):
 
     def choose(self) -> int: ...
 
+    def coded(self, k: int) -> bool:
+        """Whether a request at cut ``k`` goes through the client's codec (else its tensors go raw)."""
+        ...
+
     def observe(self, result: InferenceResult) -> None: ...
 
     def bind(self, circuit: Circuit) -> None:
@@ -143,6 +147,9 @@ class FixedSplit:
 
     def choose(self) -> int:
         return self.k
+
+    def coded(self, k: int) -> bool:
+        return True
 
     def observe(self, result: InferenceResult) -> None:
         return None
@@ -224,6 +231,7 @@ class CooperativeRunner:
                 parameters=parameters,
                 timeout_s=self.timeout_s,
                 request_id=request_id,
+                coded=self.policy.coded(sent.k),
             )
             return sent
         try:
@@ -233,6 +241,7 @@ class CooperativeRunner:
                 parameters=parameters,
                 timeout_s=self.timeout_s,
                 request_id=request_id,
+                coded=self.policy.coded(sent.k),
             )
         except RemoteError as err:
             sent.error = err

@@ -96,8 +96,9 @@ class ProfileCancelledError(EdgeError):
     """A profile was stopped before it finished (the server is shutting down)."""
 
 
-def candidate_cuts(graph: ModelGraph) -> list[int]:
-    """The cuts a planner can pick: 0, N, and each cut that sends fewer bytes than every earlier one.
+def candidate_cuts(graph: ModelGraph, sent: Sequence[float] | None = None) -> list[int]:
+    """The cuts a planner can pick: 0, N, and each cut that sends fewer bytes than every earlier one
+    (``sent``: the bytes each cut sends, where a codec makes them fewer than its tensors' own).
 
     A cut that sends at least as many bytes as an earlier cut also runs more of the model on the
     device: it costs more head time, more transfer and more device energy, and wins back only
@@ -105,12 +106,12 @@ def candidate_cuts(graph: ModelGraph) -> list[int]:
     device computes faster than the server, where the device alone (K = N) wins anyway.
     """
     n = graph.num_operators
+    sizes = sent if sent is not None else [graph.cut(k).nbytes for k in range(n + 1)]
     chosen = [0]
-    fewest = graph.cut(0).nbytes
+    fewest = sizes[0]
     for k in range(1, n):
-        cut = graph.cut(k)
-        if cut.tail_outputs and cut.nbytes < fewest:
-            fewest = cut.nbytes
+        if graph.cut(k).tail_outputs and sizes[k] < fewest:
+            fewest = sizes[k]
             chosen.append(k)
     return [*chosen, n]
 

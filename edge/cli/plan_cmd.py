@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _print(report, chosen, graph.num_operators, policy.candidates, args.all)
+        _print(report, chosen, graph.num_operators, policy.candidates, args.all, policy.coded_cuts)
     return 0
 
 
@@ -151,6 +151,7 @@ def _report(
             {
                 **p.as_dict(),
                 "candidate": p.index in policy.candidates,
+                "coded": p.index in policy.coded_cuts,
                 **(
                     {"codec_ratio": round(policy.wire_ratio[p.index], 4)}
                     if p.index in policy.wire_ratio
@@ -163,14 +164,29 @@ def _report(
 
 
 def _print(
-    report: dict[str, object], chosen: Plan, n: int, candidates: frozenset[int], show_all: bool
+    report: dict[str, object],
+    chosen: Plan,
+    n: int,
+    candidates: frozenset[int],
+    show_all: bool,
+    coded: frozenset[int] = frozenset(),
 ) -> None:
     console = output_console(min_width=100)
     table = Table(
         title=f"{report['model']}: {n} operators, objective {chosen.objective}; times in ms",
         box=box.SIMPLE_HEAD,
     )
-    for column in ("K", "head", "bytes", "transfer", "rtt+queue", "tail", "predicted", "mJ", ""):
+    codec = str(report["codec"])
+    columns = (
+        "K",
+        "head",
+        "bytes",
+        *(("sent as",) if codec != "raw" else ()),
+        "transfer",
+        "rtt+queue",
+        "tail",
+    )
+    for column in (*columns, "predicted", "mJ", ""):
         table.add_column(column, justify="right", no_wrap=True)
     shown = [p for p in chosen.predictions if show_all or p.index in candidates]
     for p in shown:
@@ -185,6 +201,7 @@ def _print(
             str(p.index),
             f"{p.head_ms:.3f}",
             f"{p.nbytes:,}",
+            *((codec if p.index in coded else "raw" if remote else "-",) if codec != "raw" else ()),
             f"{p.transfer_ms:.3f}" if remote else "-",
             f"{p.rtt_ms + p.queue_ms:.3f}" if remote else "-",
             f"{p.tail_ms:.3f}" if remote else "-",

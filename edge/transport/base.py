@@ -98,7 +98,10 @@ class TailTransport(Protocol):
         parameters: Mapping[str, ParameterValue] | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
-    ) -> RemoteResult: ...
+        coded: bool = True,
+    ) -> RemoteResult:
+        """``inputs`` to ``model`` on the server; ``coded`` False sends them raw, whatever the codec."""
+        ...
 
     def submit(
         self,
@@ -108,6 +111,7 @@ class TailTransport(Protocol):
         parameters: Mapping[str, ParameterValue] | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
+        coded: bool = True,
     ) -> Future[RemoteResult]:
         """:meth:`infer` without waiting; the future holds the RemoteResult or the RemoteError."""
         ...

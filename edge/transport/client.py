@@ -175,19 +175,20 @@ class TailClient:
         parameters: Mapping[str, ParameterValue] | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
+        coded: bool = True,
     ) -> RemoteResult:
         """Send ``inputs`` to ``model``; raises RemoteError with the gRPC status name on failure.
 
         With a ``codec`` the server decodes, the tensors go compressed (each only if that makes it
-        smaller), and the server may compress large outputs too."""
-        message, finish = self._request(model, inputs, parameters, request_id)
+        smaller), and the server may compress large outputs too; ``coded`` False sends them raw."""
+        message, finish = self._request(model, inputs, parameters, request_id, coded)
         try:
             return self._send(message, finish, timeout_s, request_id)
         except RemoteError as err:
             if not self._forgot_tables(err):
                 raise
         # The server no longer holds a codec table (it restarted, or dropped it): once more, with them.
-        message, finish = self._request(model, inputs, parameters, request_id)
+        message, finish = self._request(model, inputs, parameters, request_id, coded)
         return self._send(message, finish, timeout_s, request_id)
 
     def _forgot_tables(self, err: BaseException | None) -> bool:
@@ -207,12 +208,13 @@ class TailClient:
         parameters: Mapping[str, ParameterValue] | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
+        coded: bool = True,
     ) -> concurrent.futures.Future[RemoteResult]:
         """:meth:`infer` without waiting: the request goes to the client's pipe (a session on a thread
         of its own, several requests in flight), and the future holds its RemoteResult or RemoteError."""
         future: concurrent.futures.Future[RemoteResult] = concurrent.futures.Future()
         try:
-            message, finish = self._request(model, inputs, parameters, request_id)
+            message, finish = self._request(model, inputs, parameters, request_id, coded)
             pipe = self._open_pipe()
         except RemoteError as err:  # the server's metadata could not be had: this request's failure
             future.set_exception(err)
@@ -256,12 +258,14 @@ class TailClient:
         inputs: Mapping[str, np.ndarray],
         parameters: Mapping[str, ParameterValue] | None,
         request_id: str,
+        coded: bool = True,
     ) -> tuple[Any, Callable[[Any, float], RemoteResult]]:
-        """The ModelInferRequest for ``inputs``, and what turns its answer into a RemoteResult."""
+        """The ModelInferRequest for ``inputs`` (raw unless ``coded``), and what turns its answer into
+        a RemoteResult."""
         tensors = tuple(encode(name, array) for name, array in inputs.items())
         params = dict(parameters or {})
         traits = self._traits()
-        codec = encodings.sent_as(self.codec, traits.codecs)
+        codec = encodings.sent_as(self.codec, traits.codecs) if coded else "raw"
         lossy = False
         inlined: set[bytes] | tuple[()] = ()
         if codec != "raw":

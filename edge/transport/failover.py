@@ -113,6 +113,7 @@ class FailoverClient:
         parameters: Mapping[str, ParameterValue] | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
+        coded: bool = True,
     ) -> RemoteResult:
         """The first answer, trying the servers in the policy's order; RemoteError (the last server's
         status) when none answered."""
@@ -123,7 +124,12 @@ class FailoverClient:
             self._started(index)
             try:
                 result = client.infer(
-                    model, inputs, parameters=parameters, timeout_s=timeout_s, request_id=request_id
+                    model,
+                    inputs,
+                    parameters=parameters,
+                    timeout_s=timeout_s,
+                    request_id=request_id,
+                    coded=coded,
                 )
             except RemoteError as err:
                 self._failed(index, err)
@@ -143,6 +149,7 @@ class FailoverClient:
         parameters: Mapping[str, ParameterValue] | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
+        coded: bool = True,
     ) -> Future[RemoteResult]:
         """:meth:`infer` without waiting: the same order of servers, tried one after another until
         one answers; the future holds its RemoteResult, or a RemoteError when none answered."""
@@ -181,7 +188,12 @@ class FailoverClient:
             self._started(index)
             try:
                 inner = client.submit(
-                    model, inputs, parameters=parameters, timeout_s=timeout_s, request_id=request_id
+                    model,
+                    inputs,
+                    parameters=parameters,
+                    timeout_s=timeout_s,
+                    request_id=request_id,
+                    coded=coded,
                 )
             except RemoteError as err:
                 failed(err)

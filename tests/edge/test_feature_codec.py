@@ -564,3 +564,40 @@ def test_codec_commands_refuse_what_they_cannot_do_in_one_line(
     assert main(argv + (extra if argv[1] == "calibrate" else [])) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
+
+
+@pytest.mark.parametrize(("mbit", "lossy"), [(10_000.0, False), (1.0, True)])
+def test_the_planner_sends_a_cut_through_the_codec_only_where_it_pays(
+    codec_file: Path, mbit: float, lossy: bool
+) -> None:
+    """A device whose profiles make cut 12 the only good one (its head free, every later head and
+    every earlier tail 50 ms), planning with the calibrated codec's real ratios and times: on a fast
+    link the codec does not beat the raw cut by the margin, and requests go raw, exactly the whole
+    model's outputs; at 1 Mbit/s it does, and they go coded, flagged lossy. Through a real server."""
+    from edge.autosplit import AutoSplit
+    from edge.cooperative import CooperativeRunner
+    from edge.link import LinkEstimator
+    from edge.profiler import codec_profile
+
+    n = GRAPH.num_operators
+    head = [0.0 if k <= CUT else 50.0 for k in range(n + 1)]
+    tail = [50.0 if k < CUT else 1.0 for k in range(n)] + [0.0]
+    link = LinkEstimator()
+    link.observe_rtt(1.0)
+    for k in (0, CUT) * 3:
+        sent = GRAPH.cut(k).nbytes + sum(t.nbytes for t in GRAPH.cut(k).tail_outputs)
+        link.observe_transfer(sent, 1.0 + sent / (mbit * 125.0))
+    digits = models.digits_sample().x
+    with BackgroundServer.from_files([models.model_path(MODEL)]) as server, ModelRunner(GRAPH) as runner:
+        with TailClient(server.address, codec=CodecFile.load(codec_file)) as client:
+            policy = AutoSplit(GRAPH, head, tail, estimator=link, reachable=True, explore_every=0)
+            policy.use_codec("calibrated", *codec_profile(runner, "calibrated", encoder=client.cut_encoder))
+            device = CooperativeRunner(runner, client, model_name=MODEL, policy=policy)
+            for i in range(3):
+                x = {GRAPH.inputs[0].name: digits[i : i + 1]}
+                result = device.infer(x)
+                assert (result.split_point, result.fallback, result.lossy) == (CUT, False, lossy)
+                assert policy.coded(CUT) is lossy
+                if not lossy:
+                    whole = runner.run(x)
+                    assert all(np.array_equal(result.outputs[name], whole[name]) for name in whole)

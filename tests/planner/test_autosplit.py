@@ -343,3 +343,46 @@ def test_a_stacked_answer_counts_every_members_bytes_on_the_link(graph):
     assert estimates[4] == pytest.approx(estimates[1], rel=0.05) and estimates[1] == pytest.approx(
         125.0, rel=0.05
     )
+
+
+@pytest.mark.parametrize(
+    ("codec", "mbit", "coded"),
+    [
+        # A lossy codec at a quarter of the bytes: on a slow link it pays, on a fast one it does not
+        # beat the raw cut by the margin (10 %), so the chosen cut goes raw and results stay exact.
+        ("int4", 1.0, True),
+        ("int4", 10_000.0, False),
+        # A lossless one goes wherever it is faster at all: not where its time exceeds what it saves.
+        ("zstd", 1.0, True),
+        ("zstd", 10_000.0, False),
+    ],
+)
+def test_each_cut_is_planned_coded_and_raw_and_goes_coded_only_where_that_pays(
+    graph, codec: str, mbit: float, coded: bool
+) -> None:
+    head, tail = slow_device_profiles(graph)
+    n = graph.num_operators
+    policy = AutoSplit(graph, head, tail, estimator=link_with(mbit, 1.0, graph))
+    policy.use_codec(codec, [0.25] * (n + 1), [0.2] * (n + 1))
+    k = policy.choose()
+    assert k < n  # the server is used either way
+    assert policy.coded(k) is coded
+    prediction = policy.last_plan.prediction(k)
+    raw_bytes = graph.cut(k).nbytes
+    assert prediction.nbytes == (round(raw_bytes * 0.25) if coded else raw_bytes)
+    if coded:
+        assert max(range(n), key=lambda c: graph.cut(c).nbytes) in policy.coded_cuts  # it saves most there
+    else:
+        assert policy.coded_cuts == set()
+
+
+def test_a_lossy_cut_that_alone_meets_the_byte_limit_goes_coded(graph) -> None:
+    """On a fast link the raw cut would score better, but --max-bytes leaves only the coded one: cut 0
+    (1,024 bytes raw, 256 coded) against a limit of 1,023; raw, only the slow last cuts fit."""
+    head, tail = slow_device_profiles(graph)
+    n = graph.num_operators
+    policy = AutoSplit(graph, head, tail, estimator=link_with(10_000.0, 1.0, graph), max_bytes=1023)
+    assert policy.choose() > 8
+    policy.use_codec("int4", [0.25] * (n + 1), [0.2] * (n + 1))  # planned again from the start
+    assert policy.choose() == 0 and policy.coded(0)
+    assert policy.last_plan.met_constraints and policy.last_plan.prediction(0).nbytes == 256
