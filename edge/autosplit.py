@@ -291,7 +291,7 @@ class AutoSplit:
         remote = result.remote
         if remote is not None and k < self.n:
             raw = self.graph.cut(k).nbytes
-            if k in self.wire_ratio and raw:  # the ratio this cut's requests actually achieve
+            if k in self.wire_ratio and raw and remote.coded:  # the ratio its coded requests achieve
                 self.wire_ratio[k] = 0.7 * self.wire_ratio[k] + 0.3 * (result.bytes_sent / raw)
             received = sum(a.nbytes for a in remote.outputs.values())
             link = self.estimator_for(remote.server) if self.next_server is not None else self.estimator

@@ -42,6 +42,9 @@ class RemoteResult:
     """The tensors went through a lossy codec (fp16, int4): the outputs may differ from the model's."""
     server: str = ""
     """The address of the server that answered."""
+    coded: bool = False
+    """The tensors were offered to the client's codec (each went compressed where that made it
+    smaller); False: they went raw."""
 
     @property
     def compute_ms(self) -> float:

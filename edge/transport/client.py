@@ -308,6 +308,7 @@ class TailClient:
                 bytes_sent=bytes_sent,
                 lossy=lossy,
                 server=self.address,
+                coded=codec != "raw",
             )
 
         return converters.infer_request_to_pb(request), finish

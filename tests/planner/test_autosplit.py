@@ -202,7 +202,12 @@ def test_a_codec_scales_each_cuts_bytes_charges_its_time_and_learns_the_ratio(gr
     assert policy.codec == "zstd"
     assert costs[8].nbytes == round(raw[8].nbytes * 0.25) and costs[n].nbytes == raw[n].nbytes == 0
     assert costs[8].head_ms == pytest.approx(raw[8].head_ms + 0.5)
+    result = remote_result(graph, 8, transfer_ms=5.0)  # sent raw: it says nothing of the codec's ratio
+    policy.observe(result)
+    assert policy.wire_ratio[8] == 0.25
     result = remote_result(graph, 8, transfer_ms=5.0)
+    assert result.remote is not None
+    result.remote.coded = True
     result.bytes_sent = graph.cut(8).nbytes // 2  # the live ratio is 0.5
     policy.observe(result)
     assert policy.wire_ratio[8] == pytest.approx(0.7 * 0.25 + 0.3 * 0.5)
