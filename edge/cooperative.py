@@ -140,16 +140,17 @@ class SplitPolicy(Protocol):
 
 
 class FixedSplit:
-    """Always the same cut."""
+    """Always the same cut; ``coded`` False sends it raw, whatever the client's codec."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, *, coded: bool = True) -> None:
         self.k = k
+        self._coded = coded
 
     def choose(self) -> int:
         return self.k
 
     def coded(self, k: int) -> bool:
-        return True
+        return self._coded
 
     def observe(self, result: InferenceResult) -> None:
         return None

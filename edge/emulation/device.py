@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..autosplit import AutoSplit
 from ..codec import codec_arg
-from ..cooperative import CooperativeRunner, InferenceResult
+from ..cooperative import CooperativeRunner, FixedSplit, InferenceResult
 from ..graph import ModelGraph
 from ..policy import make_policy
 from ..preprocess import random_tensors
@@ -125,12 +125,14 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     for i, k in enumerate(order):
         if k < n:
             runner.run_head(k, feeds)  # build the head now: building is not what is measured
-        fixed = CooperativeRunner(runner, client, model_name=name, policy=k, timeout_s=args.timeout)
+        # Each cut as the plan sends it: through the codec, or raw where the codec does not pay there.
+        as_planned = FixedSplit(k, coded=policy.coded(k))
+        fixed = CooperativeRunner(runner, client, model_name=name, policy=as_planned, timeout_s=args.timeout)
         prune = None if k in always or not math.isfinite(best) else best * args.prune
         row = measure_cut(
             fixed, feeds, pilots=args.pilots, requests=args.requests, prune_above_ms=prune, gap_s=gap_s
         )
-        measured[k] = row
+        measured[k] = {**row, "coded": policy.coded(k)}
         if not row["pruned"]:
             best = min(best, float(row["median_ms"]))  # type: ignore[arg-type]
         _emit("progress", stage="measure", done=i + 1, total=len(order), cut=k)
@@ -148,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "first_choice": first_choice,
         "trajectory": trajectory,
         "choice": choice,
+        "choice_coded": policy.coded(choice),
         "plan_note": plan.note,
         "link": estimate.as_dict(),
         "probe_rtt_ms": [round(x, 4) for x in policy.estimator.probe_rtts],

@@ -120,3 +120,38 @@ def test_summary_compares_choice_with_best(choice, ratio, best):
     assert s.ratio == pytest.approx(ratio)
     assert s.speedup_vs_device == pytest.approx(12.0 / s.chosen_ms)
     assert s.speedup_vs_server == pytest.approx(40.0 / s.chosen_ms)
+
+
+def test_the_sweeps_device_measures_each_cut_as_the_plan_sends_it(monkeypatch, tmp_path) -> None:
+    """The sweep's device process, on loopback (no root, no namespace) against a real server, with the
+    lossy int4 codec (half the bytes of an int8 cut), measuring cuts 0, 8 and 16: each measured cut
+    goes as the plan sends it, through the codec (fewer bytes than the cut's own) or raw (exactly
+    them). Cut 16 sends 64 bytes: halving them saves far less than the 10 % a lossy codec must win
+    by on any loopback link, so it goes raw, where it used to go through the codec whatever the plan
+    said."""
+    from edge import models
+    from edge.emulation import device
+    from edge.graph import ModelGraph
+    from server.embedded import BackgroundServer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the device's profile, measured afresh
+    path = models.model_path("digits_resnet")
+    graph = ModelGraph.from_file(path)
+    n = graph.num_operators
+    results: list[dict] = []
+    monkeypatch.setattr(
+        device, "_emit", lambda kind, **fields: results.append(fields) if kind == "result" else None
+    )
+    with BackgroundServer.from_files([path]) as server:
+        argv = ["--model", str(path), "--server", server.address, "--codec", "int4", "--adapt", "2",
+                "--requests", "2", "--pilots", "1", "--gap-ms", "0", "--prune", "1000", "--cuts", "8", "16"]  # fmt: skip
+        assert device.main(argv) == 0
+    result = results[0]["result"]
+    rows = {row["index"]: row for row in result["cuts"]}
+    assert set(rows) >= {0, 8, 16, n}
+    assert result["choice_coded"] is rows[result["choice"]]["coded"]
+    for k, row in rows.items():
+        assert not row["fallbacks"], row
+        raw = graph.cut(k).nbytes
+        assert row["bytes_sent"] < raw if row["coded"] else row["bytes_sent"] == raw, (k, row)
+    assert rows[16]["coded"] is False and rows[n]["coded"] is False
