@@ -76,9 +76,23 @@ class ServerMetrics:
         counted: _Tallies | _Children = _Children(prom, self.registry) if multiprocess else _Tallies()
         if isinstance(counted, _Tallies):
             self.registry.register(counted)
-        self.answered: Callable[..., None] = counted.answered
-        """``answered(model, cut, status, queue_s, compute_s, total_s, batch, bytes_in, bytes_out)``: one
-        answer, counted (the times and sizes only for status OK)."""
+        self._count = counted.count
+
+    def answered(
+        self,
+        model: str,
+        cut: str,
+        status: str,
+        *,
+        queue_s: float = 0.0,
+        compute_s: float = 0.0,
+        total_s: float = 0.0,
+        batch: int = 1,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+    ) -> None:
+        """One answer, counted; its times, batch and sizes only for status OK."""
+        self._count((model, cut, status), (queue_s, compute_s, total_s, batch), bytes_in, bytes_out)
 
     def watch(
         self,
@@ -154,30 +168,20 @@ class _Tallies:
         """By (model, cut, status): bounded as the labels are (served models, their cuts, the codes)."""
         self._bounds = [bounds for _, _, _, bounds in _HISTOGRAMS]
 
-    def answered(
-        self,
-        model: str,
-        cut: str,
-        status: str,
-        queue_s: float = 0.0,
-        compute_s: float = 0.0,
-        total_s: float = 0.0,
-        batch: int = 1,
-        bytes_in: int = 0,
-        bytes_out: int = 0,
-    ) -> None:
-        record = self._records.get((model, cut, status))
+    def count(self, key: tuple[str, str, str], observed: tuple[float, ...], received: int, sent: int) -> None:
+        """One answer of (model, cut, status) ``key``: its :data:`_HISTOGRAMS` values, and its bytes."""
+        record = self._records.get(key)
         if record is None:
-            record = self._records[(model, cut, status)] = _Record()
+            record = self._records[key] = _Record()
         record.answers += 1
-        if status != "OK":
+        if key[2] != "OK":
             return
         buckets, sums, bounds = record.buckets, record.sums, self._bounds
-        for i, value in enumerate((queue_s, compute_s, total_s, batch)):
+        for i, value in enumerate(observed):
             buckets[i][bisect.bisect_left(bounds[i], value)] += 1  # le: the first bound at or above it
             sums[i] += value
-        record.received += bytes_in
-        record.sent += bytes_out
+        record.received += received
+        record.sent += sent
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -227,22 +231,13 @@ class _Children:
         self._bytes = [prom.Counter(name, text, ["model"], registry=registry) for name, text in _BYTES]
         self._children: dict[tuple[str, str, str], tuple[Any, ...]] = {}
 
-    def answered(
-        self,
-        model: str,
-        cut: str,
-        status: str,
-        queue_s: float = 0.0,
-        compute_s: float = 0.0,
-        total_s: float = 0.0,
-        batch: int = 1,
-        bytes_in: int = 0,
-        bytes_out: int = 0,
-    ) -> None:
-        children = self._children.get((model, cut, status))
+    def count(self, key: tuple[str, str, str], observed: tuple[float, ...], received: int, sent: int) -> None:
+        """:meth:`_Tallies.count`, into prometheus-client's metrics."""
+        model, cut, status = key
+        children = self._children.get(key)
         if children is None:
             # An error answer counts in edge_requests alone: no times or sizes, so no series of them.
-            children = self._children[(model, cut, status)] = (
+            children = self._children[key] = (
                 self._requests.labels(model, cut, status),
                 *(
                     (
@@ -261,11 +256,10 @@ class _Children:
         children[0].inc()
         if status != "OK":
             return
-        _, queue, compute, total, batches, received, sent = children
-        for histogram, value in ((queue, queue_s), (compute, compute_s), (total, total_s), (batches, batch)):
+        for histogram, value in zip(children[1:5], observed, strict=True):
             histogram.observe(value)
-        received.inc(bytes_in)
-        sent.inc(bytes_out)
+        children[5].inc(received)
+        children[6].inc(sent)
 
 
 class _TailCache:
