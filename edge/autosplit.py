@@ -13,7 +13,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .cooperative import InferenceResult
@@ -138,6 +137,8 @@ class AutoSplit:
         self._next_reprobe = clock() + reprobe_s
         self._last_bandwidth_probe = clock()
         self.candidates = frozenset(candidate_cuts(graph))
+        self._sizes = [(c.nbytes, c.nbytes_back) for c in cut_costs(graph, self._head, self._head)]
+        """Each cut's bytes sent and received, raw: the graph's, worked out once."""
         self.codec = "raw"
         self.lossy = False
         """The codec loses information (its results are flagged lossy)."""
@@ -314,20 +315,32 @@ class AutoSplit:
         With a codec (and ``coded``), a cut sends its bytes times the codec's ratio there (profiled
         on real activations, then the ratio its requests actually achieved), and its head pays the
         codec's time (compressing and decompressing, which the head's own time does not hold)."""
+        return self._costs(self._times(), coded=coded)
+
+    def _times(self) -> tuple[list[float], list[float]]:
+        """Each cut's head and tail time, as :meth:`costs` takes them."""
         profile_tail = self._tail if self._tail is not None else [0.0] * (self.n + 1)
-        head, tail = [], []
-        for k in range(self.n + 1):
-            live_head, live_tail = self._live(self._live_head, k), self._live(self._live_tail, k)
-            head.append(_median(live_head, 0.0) if len(live_head) >= self.min_live else self._head[k])
-            tail.append(_median(live_tail, 0.0) if len(live_tail) >= self.min_live else profile_tail[k])
-            if coded and k in self.wire_ratio:
-                head[-1] += self.codec_ms.get(k, 0.0)
-        costs = cut_costs(self.graph, head, tail)
-        if not coded or not self.wire_ratio:
-            return costs
+        oldest = self._clock() - self.live_max_age_s
+        head, tail = list(self._head), list(profile_tail)
+        for times, live in ((head, self._live_head), (tail, self._live_tail)):
+            for k, samples in live.items():  # the cuts that have run: few
+                recent = [ms for t, ms in samples if t >= oldest]
+                if len(recent) >= self.min_live:
+                    times[k] = _median(recent, 0.0)
+        return head, tail
+
+    def _costs(self, times: tuple[list[float], list[float]], *, coded: bool) -> list[CutCost]:
+        head, tail = times
+        ratio, codec_ms = (self.wire_ratio, self.codec_ms) if coded else ({}, {})
         return [
-            replace(c, nbytes=round(c.nbytes * self.wire_ratio[c.index])) if c.index in self.wire_ratio else c
-            for c in costs
+            CutCost(
+                k,
+                head[k] + codec_ms.get(k, 0.0) if k in ratio else head[k],
+                tail[k],
+                round(sent * ratio[k]) if k in ratio else sent,
+                back,
+            )
+            for k, (sent, back) in enumerate(self._sizes)
         ]
 
     def use_codec(self, codec: str, ratios: Sequence[float], codec_ms: Sequence[float]) -> None:
@@ -337,7 +350,7 @@ class AutoSplit:
         self.wire_ratio = {k: float(r) for k, r in enumerate(ratios) if k < self.n}
         self.codec_ms = {k: float(ms) for k, ms in enumerate(codec_ms) if k < self.n}
         # A cut the codec shrinks may now send fewer bytes than the cuts before it: a candidate too.
-        sent = [self.graph.cut(k).nbytes * min(1.0, self.wire_ratio.get(k, 1.0)) for k in range(self.n + 1)]
+        sent = [raw * min(1.0, self.wire_ratio.get(k, 1.0)) for k, (raw, _) in enumerate(self._sizes)]
         self.candidates = frozenset(candidate_cuts(self.graph, sent))
         self.hysteresis.reset()  # planned from the start with the codec, not moved to from a plan without
         self.replan()
@@ -376,9 +389,10 @@ class AutoSplit:
             "radio_watts": radio,
             "idle_watts": idle,
         }
-        predictions = predict(self.costs(coded=False), link, **options)
+        times = self._times()
+        predictions = predict(self._costs(times, coded=False), link, **options)
         if self.wire_ratio:
-            coded = predict(self.costs(), link, **options)
+            coded = predict(self._costs(times, coded=True), link, **options)
             picks = [self._coded_pays(c, r) for c, r in zip(coded, predictions, strict=True)]
             self.coded_cuts = frozenset(c.index for c, pick in zip(coded, picks, strict=True) if pick)
             predictions = [c if pick else r for c, r, pick in zip(coded, predictions, picks, strict=True)]

@@ -52,7 +52,9 @@ DEFAULT_RADIO_WATTS = 1.2
 # -- the pure planner -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+# Plain slotted dataclasses, not frozen ones: a plan makes two of each per cut on every request, and a
+# frozen one's __init__ sets each field through object.__setattr__ (3 times slower to build).
+@dataclass(slots=True)
 class CutCost:
     """What one cut costs before the link is known: device head, server tail, bytes sent."""
 
@@ -65,7 +67,7 @@ class CutCost:
     """Bytes received: the outputs the tail computes."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prediction:
     """The predicted cost of one cut under one link estimate."""
 
@@ -198,14 +200,13 @@ def choose(
     """
     if objective not in OBJECTIVES:
         raise EdgeError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
-    marked = tuple(
-        replace(
-            p,
-            feasible=(deadline_ms is None or p.predicted_ms <= deadline_ms)
-            and (max_bytes is None or p.nbytes <= max_bytes),
+
+    def meets(p: Prediction) -> bool:
+        return (deadline_ms is None or p.predicted_ms <= deadline_ms) and (
+            max_bytes is None or p.nbytes <= max_bytes
         )
-        for p in predictions
-    )
+
+    marked = tuple(p if meets(p) == p.feasible else replace(p, feasible=not p.feasible) for p in predictions)
     reachable = [
         p
         for p in marked
