@@ -232,8 +232,9 @@ def _print(
     )
     if report["codec"] != "raw":
         console.print(
-            f"bytes are {report['codec']}-compressed, at each cut's ratio on the activations of a seeded input (corrected from "
-            "live traffic), and the head pays the codec's time"
+            f"a cut sent as {report['codec']} goes through the codec only where that is predicted better than raw"
+            " (a lossy codec by more than 10 %); its bytes are at the cut's ratio on the activations of a seeded"
+            " input (corrected from live traffic), and its head pays the codec's time"
         )
     if report["note"]:
         console.print(f"note: {report['note']}")
