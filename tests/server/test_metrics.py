@@ -187,7 +187,7 @@ def test_a_process_of_several_writes_the_tail_cache_counts_as_increments() -> No
     metrics = ServerMetrics(multiprocess=True)
     runner = SimpleNamespace(half_hits=5, half_loads=1)
     served = [("m", runner)]
-    metrics.watch(lambda: 3, lambda: served)
+    metrics.watch(lambda: 3, lambda: served, lambda: 2)
 
     def value(name: str) -> float | None:
         return metrics.registry.get_sample_value(name, {"model": "m"})
@@ -195,6 +195,7 @@ def test_a_process_of_several_writes_the_tail_cache_counts_as_increments() -> No
     metrics.refresh()
     assert (value("edge_tail_cache_hits_total"), value("edge_tail_loads_total")) == (5, 1)
     assert metrics.registry.get_sample_value("edge_compute_waiting") == 3
+    assert metrics.registry.get_sample_value("edge_requests_in_flight") == 2  # written, not read live
     metrics.refresh()  # nothing new
     assert (value("edge_tail_cache_hits_total"), value("edge_tail_loads_total")) == (5, 1)
     runner.half_hits, runner.half_loads = 2, 1  # counts from 0 again, at the same address
