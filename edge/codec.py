@@ -6,7 +6,9 @@ candidates (bits 1–8, the channel ranges from percentiles, the channels of lea
 one half of them and measures each on the other, both ways: the bytes it sends, and the loss it costs at the
 model's output. With labels the loss is accuracy points against the exact model; without, the share
 of samples whose top-1 class differs from the exact model's. It keeps, per cut, the smallest
-candidate within ``max_loss_pp``, and the whole rate–loss curve.
+candidate within ``max_loss_pp``, the whole rate–loss curve, and the fitted codecs of the curve's
+front (each smaller than every codec of less loss), so that a device can be given another loss
+bound later (:meth:`CodecFile.within`) without the calibration data.
 
 A :class:`CodecFile` holds the model's sha256 and, per cut, each tensor's codec; the device encodes a
 cut tensor with it only for that model and cut (else the tensor goes as it is).
@@ -17,7 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from argparse import ArgumentTypeError
+from argparse import ArgumentParser, ArgumentTypeError, Namespace
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any, get_args
 
 import numpy as np
 
+from .argtypes import non_negative_float
 from .errors import ConfigError, EdgeError, TensorFormatError
 from .fileio import read_bounded, save_text
 from .graph import ModelGraph
@@ -40,6 +43,8 @@ __all__ = [
     "CodecFile",
     "CutCodec",
     "Point",
+    "add_max_loss_arg",
+    "bound_codec",
     "calibrate",
     "codec_arg",
     "fit",
@@ -52,6 +57,8 @@ CLIPS = (0.0, 0.001, 0.01)
 """Share of each channel's calibration values left outside its range, at each end."""
 DROPS = (0.0, 0.25, 0.5)
 """Share of each tensor's channels dropped, those of least energy first."""
+FRONT_LOSS_PP = 10.0
+"""The front's codecs kept in a file lose at most this much (they are few: one per loss level)."""
 MAX_FILE_BYTES = 16 * 1024 * 1024
 
 Feeds = Mapping[str, np.ndarray]
@@ -98,10 +105,18 @@ class CutCodec:
     they are."""
     tensors: Mapping[str, ChannelCodec]
     curve: tuple[Point, ...] = ()
+    front: tuple[tuple[Point, Mapping[str, ChannelCodec]], ...] = ()
+    """The curve's front, fitted: each setting smaller than every one of less loss, the chosen among them."""
 
     @property
     def ratio(self) -> float:
         return self.raw_bytes / self.chosen.bytes if self.chosen is not None else 1.0
+
+    def within(self, max_loss_pp: float) -> CutCodec:
+        """The front's smallest codec within ``max_loss_pp`` (none: the tensors go raw)."""
+        fits = [option for option in self.front if option[0].within(max_loss_pp)]
+        point, tensors = min(fits, key=lambda o: o[0].bytes) if fits else (None, {})
+        return CutCodec(self.split_point, self.raw_bytes, point, tensors, self.curve, self.front)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +125,10 @@ class CutCodec:
             "chosen": self.chosen.to_json() if self.chosen is not None else None,
             "tensors": {name: codec.to_json() for name, codec in self.tensors.items()},
             "curve": [p.to_json() for p in self.curve],
+            "front": [
+                {"point": p.to_json(), "tensors": {name: c.to_json() for name, c in tensors.items()}}
+                for p, tensors in self.front
+            ],
         }
 
 
@@ -129,6 +148,16 @@ class CodecFile:
 
     def __str__(self) -> str:
         return f"calibrated ({Path(self.source).name or 'codec'})"
+
+    def within(self, max_loss_pp: float) -> CodecFile:
+        """This file with each cut's codec chosen again, the smallest of its front within ``max_loss_pp``."""
+        if not math.isfinite(max_loss_pp) or max_loss_pp < 0:
+            raise ConfigError(f"a loss bound is a number of points, 0 or more, not {max_loss_pp}")
+        cuts = {k: cut.within(max_loss_pp) for k, cut in self.cuts.items()}
+        return CodecFile(
+            self.model_sha256, self.model, self.labels, max_loss_pp, self.samples, cuts,
+            _fewest(cuts), self.source,
+        )  # fmt: skip
 
     def check_model(self, graph: ModelGraph) -> None:
         if graph.sha256 != self.model_sha256:
@@ -207,7 +236,14 @@ class CodecFile:
                 }
                 chosen = _point(entry["chosen"]) if entry["chosen"] is not None else None
                 curve = tuple(_point(p) for p in entry.get("curve", ()))
-                cuts[k] = CutCodec(k, int(entry["raw_bytes"]), chosen, tensors, curve)
+                front = tuple(
+                    (_point(option["point"]), {
+                        str(name): ChannelCodec.from_json(codec, f"{source}: cut {k}, front, tensor {name[:60]!r}")
+                        for name, codec in option["tensors"].items()
+                    })
+                    for option in entry.get("front", ())
+                ) or (((chosen, tensors),) if chosen is not None else ())  # fmt: skip
+                cuts[k] = CutCodec(k, int(entry["raw_bytes"]), chosen, tensors, curve, front)
             return cls(
                 model_sha256=str(body["model_sha256"]),
                 model=str(body.get("model", "")),
@@ -388,15 +424,12 @@ def calibrate(
             curve.append(Point(bits, clip, drop, sent / len(heads), loss, agreement, risk))
             if progress is not None:
                 progress("", 1)
-        within = [p for p in curve if p.within(max_loss_pp) and p.bytes < exact.bytes]
-        best = min(within, key=lambda p: (p.bytes, p.loss_pp)) if within else None
-        tensors = fit(heads, best.bits, best.clip, best.drop) if best is not None else {}
-        results[k] = CutCodec(k, int(exact.bytes), best, tensors, tuple(curve))
-    chosen = min(
-        (c for c in results.values() if c.chosen is not None),
-        key=lambda c: c.chosen.bytes if c.chosen is not None else math.inf,
-        default=None,
-    )
+        everyone = Fitter(heads)
+        fitted = tuple(
+            (p, everyone.codecs(p.bits, p.clip, p.drop))
+            for p in front(curve, exact.bytes, max(FRONT_LOSS_PP, max_loss_pp))
+        )
+        results[k] = CutCodec(k, int(exact.bytes), None, {}, tuple(curve), fitted).within(max_loss_pp)
     return CodecFile(
         model_sha256=graph.sha256,
         model=Path(graph.source).name,
@@ -404,8 +437,31 @@ def calibrate(
         max_loss_pp=max_loss_pp,
         samples=len(feeds),
         cuts=results,
-        chosen=chosen.split_point if chosen is not None and len(results) > 1 else None,
+        chosen=_fewest(results),
     )
+
+
+def front(curve: Iterable[Point], raw_bytes: float, limit_pp: float = FRONT_LOSS_PP) -> list[Point]:
+    """The points smaller than the raw tensors and than every point of less loss, smallest first; a
+    point's loss here is the larger of its loss and its risk, as :meth:`Point.within` bounds both.
+    Those losing more than ``limit_pp`` are left out."""
+    kept: list[Point] = []
+    for p in sorted(curve, key=lambda p: (p.bytes, _cost(p))):
+        if p.bytes < raw_bytes and _cost(p) <= limit_pp and (not kept or _cost(p) < _cost(kept[-1])):
+            kept.append(p)
+    return kept
+
+
+def _cost(p: Point) -> float:
+    return max(p.loss_pp, p.risk_pp)
+
+
+def _fewest(cuts: Mapping[int, CutCodec]) -> int | None:
+    """With several cuts, the one whose codec sends the fewest bytes."""
+    coded = [c for c in cuts.values() if c.chosen is not None]
+    if len(cuts) < 2 or not coded:
+        return None
+    return min(coded, key=lambda c: c.chosen.bytes if c.chosen is not None else math.inf).split_point
 
 
 CODEC_NAMES: tuple[str, ...] = get_args(encodings.CodecName)
@@ -421,3 +477,26 @@ def codec_arg(text: str) -> str | CodecFile:
         return CodecFile.load(Path(text))
     except ConfigError as err:
         raise ArgumentTypeError(str(err)) from err
+
+
+def add_max_loss_arg(p: ArgumentParser) -> None:
+    p.add_argument(
+        "--max-loss",
+        type=non_negative_float,
+        dest="codec_max_loss",
+        metavar="PP",
+        help="with --codec CODEC.json: the loss allowed, in points; each cut's codec is chosen again from "
+        "the calibration's front, the smallest within it (default: the --max-loss it was calibrated with)",
+    )
+
+
+def bound_codec(args: Namespace) -> None:
+    """Apply ``--max-loss`` to a calibrated ``--codec``; it means nothing to any other."""
+    max_loss = getattr(args, "codec_max_loss", None)
+    if max_loss is None:
+        return
+    if not isinstance(getattr(args, "codec", None), CodecFile):
+        raise ConfigError(
+            "--max-loss chooses among a calibrated codec's settings: it goes with --codec CODEC.json"
+        )
+    args.codec = args.codec.within(max_loss)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..argtypes import Parser
+from ..codec import bound_codec
 from ..console import quiet_closed_stdout
 from ..cpu_latency import cpu_latency_hold
 from ..errors import EdgeError
@@ -94,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        bound_codec(args)
         with cpu_latency_hold(getattr(args, "cpu_latency_us", None)):
             return int(args.func(args) or 0)
     except EdgeError as err:

@@ -13,7 +13,7 @@ from ..address import DEFAULT_PORT
 from ..argtypes import address, positive_float, positive_int
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..backends.support import require_runnable
-from ..codec import CODEC_NAMES, CodecFile, codec_arg
+from ..codec import CODEC_NAMES, CodecFile, add_max_loss_arg, codec_arg
 from ..cooperative import CooperativeRunner
 from ..cpu_latency import add_cpu_latency_arg
 from ..credentials import TLSOptions, read_token
@@ -118,6 +118,7 @@ def add_address_args(p: argparse.ArgumentParser) -> None:
         "(float cuts) or int4 (int8 cuts), or a codec calibrated on your data (edge codec calibrate), whose "
         "results are flagged (default: %(default)s)",
     )
+    add_max_loss_arg(p)
     p.add_argument(
         "--connect-timeout",
         type=positive_float,

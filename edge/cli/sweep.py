@@ -18,7 +18,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from ..codec import CODEC_NAMES, codec_arg
+from ..codec import CODEC_NAMES, add_max_loss_arg, codec_arg
 from ..errors import EdgeError
 
 __all__ = ["DEFAULT_MODEL", "register"]
@@ -81,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="codec of the tensors the device sends, under auto and at every cut: a name, or a codec "
         "calibrated for the model (edge codec calibrate) (default: %(default)s)",
     )
+    add_max_loss_arg(p)
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="where JSON and PNG go")
     p.add_argument("--name", default="sweep", help="file stem of the outputs (default: %(default)s)")
     p.set_defaults(func=run)

@@ -244,6 +244,13 @@ class EdgeServerConfig(_Strict):
         "(float cuts), int4 (int8 cuts), or a CODEC.json from edge codec calibrate (a path beside the "
         "profile); results through a lossy codec carry lossy = true.",
     )
+    max_loss: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="With a CODEC.json: the accuracy loss allowed, in points; each cut's codec is chosen again "
+        "from the calibration's front, the smallest within it. Absent: the loss it was calibrated with.",
+    )
     streaming: bool = Field(
         default=True,
         description="Send tail requests on one long-lived ModelStreamInfer stream. False sends a unary "
@@ -271,6 +278,14 @@ class EdgeServerConfig(_Strict):
     @classmethod
     def _address(cls, value: str) -> str:
         return _check_address(value)
+
+    @model_validator(mode="after")
+    def _max_loss_with_a_file(self) -> EdgeServerConfig:
+        if self.max_loss is not None and not self.codec.endswith(".json"):
+            raise ValueError(
+                'max_loss chooses among a calibrated codec\'s settings: it goes with codec = "CODEC.json"'
+            )
+        return self
 
 
 class EdgeConfig(_Strict):

@@ -71,7 +71,10 @@ def resolve(profile: DeviceProfile, source: Path) -> ResolvedProfile:
     name = profile.model.name or model_path.stem
     _check_labels(profile, graph, source)
     _check_sensors(profile, graph, source)
-    codecs = tuple(_codec(server.codec, i, graph, source) for i, server in enumerate(profile.edge.servers))
+    codecs = tuple(
+        _codec(server.codec, server.max_loss, i, graph, source)
+        for i, server in enumerate(profile.edge.servers)
+    )
     cut = None
     if isinstance(profile.split, FixedSplitConfig):
         try:
@@ -211,8 +214,11 @@ def open_device(resolved: ResolvedProfile) -> CooperativeRunner:
     )
 
 
-def _codec(codec: str, index: int, graph: ModelGraph, source: Path) -> str | CodecFile:
-    """A server's codec: its name, or a calibrated codec's file (beside the profile), checked against the model."""
+def _codec(
+    codec: str, max_loss: float | None, index: int, graph: ModelGraph, source: Path
+) -> str | CodecFile:
+    """A server's codec: its name, or a calibrated codec's file (beside the profile), checked against the
+    model, its codecs chosen within ``max_loss`` when that is given."""
     if not codec.endswith(".json"):
         return codec
     try:
@@ -220,7 +226,7 @@ def _codec(codec: str, index: int, graph: ModelGraph, source: Path) -> str | Cod
         loaded.check_model(graph)
     except ConfigError as err:
         raise ConfigError(f"{source}: edge.servers[{index}].codec: {err}") from err
-    return loaded
+    return loaded if max_loss is None else loaded.within(max_loss)
 
 
 def _client(resolved: ResolvedProfile) -> TailTransport | None:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..autosplit import AutoSplit
-from ..codec import codec_arg
+from ..codec import add_max_loss_arg, bound_codec, codec_arg
 from ..cooperative import CooperativeRunner, FixedSplit, InferenceResult
 from ..graph import ModelGraph
 from ..policy import make_policy
@@ -188,7 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--codec", type=codec_arg, default="raw", help="codec of the tensors sent: a name, or a CODEC.json"
     )
+    add_max_loss_arg(p)
     args = p.parse_args(argv)
+    bound_codec(args)
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )

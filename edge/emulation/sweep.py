@@ -143,6 +143,8 @@ def _run_scenario(
         ]  # fmt: skip
         if args.cuts:
             argv += ["--cuts", *map(str, args.cuts)]
+        if args.codec_max_loss is not None:
+            argv += ["--max-loss", f"{args.codec_max_loss:g}"]
         env = {**os.environ, "EDGE_CACHE_DIR": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
         device = link.popen(link.device_ns, argv, stdout=subprocess.PIPE, stderr=log.open("w"), env=env)
         try:

@@ -240,6 +240,49 @@ def test_the_curve_holds_every_candidate_and_the_choice_is_the_smallest_within_t
     assert set(cut.tensors) == set(GRAPH.cut(CUT).names)
 
 
+def test_the_file_keeps_the_fitted_front_and_another_loss_bound_chooses_from_it(codec_file: Path) -> None:
+    """The front holds each setting smaller than every one of less loss, fitted; choosing within a
+    bound takes the smallest of them within it, the same as calibrating with that bound would."""
+    saved = CodecFile.load(codec_file)
+    cut = saved.cuts[CUT]
+    costs = [max(p.loss_pp, p.risk_pp) for p, _ in cut.front]
+    sizes = [p.bytes for p, _ in cut.front]
+    assert len(cut.front) >= 2 and sizes == sorted(sizes) and costs == sorted(costs, reverse=True)
+    assert len(set(costs)) == len(costs)
+    for p in cut.curve:  # nothing on the curve beats a front point in both
+        assert not any(
+            p.bytes < q.bytes and max(p.loss_pp, p.risk_pp) <= c
+            for (q, _), c in zip(cut.front, costs, strict=True)
+        )
+    assert (cut.chosen, dict(cut.tensors)) in [(p, dict(t)) for p, t in cut.front]
+    for bound in (0.0, 0.5, 1.0, 2.0, 5.0, 10.0):
+        again = saved.within(bound).cuts[CUT]
+        within = [p for p in cut.curve if p.within(bound) and p.bytes < cut.raw_bytes]
+        expected = min(within, key=lambda p: p.bytes) if within else None
+        assert again.chosen == expected, bound
+        if expected is not None:
+            assert again.tensors == fit(
+                [_cut_tensors(i) for i in range(100)], expected.bits, expected.clip, expected.drop
+            )
+    assert saved.within(1.0).to_json() == saved.to_json()
+
+
+def test_max_loss_chooses_the_codec_sent_through_a_real_server(
+    codec_file: Path,
+    halves: tuple[Path, Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    server: BackgroundServer,
+) -> None:
+    through = ("--server", server.address)
+    tight = _eval(codec_file, halves[2], capsys, *through, "--max-loss", "0")
+    loose = _eval(codec_file, halves[2], capsys, *through, "--max-loss", "10")
+    default = _eval(codec_file, halves[2], capsys, *through)
+    assert tight["bytes_per_request"] > default["bytes_per_request"] >= loose["bytes_per_request"]
+    assert tight["lossy_results"] == default["lossy_results"] == loose["lossy_results"] == 100
+    assert main(["codec", "eval", "--codec", "zstd", "--data", str(halves[2]), "--max-loss", "1"]) == 2
+    assert "--max-loss chooses among a calibrated codec's settings" in capsys.readouterr().err
+
+
 def test_calibrate_draws_the_rate_loss_plot(halves: tuple[Path, Path, Path], tmp_path: Path) -> None:
     png = tmp_path / "codec.png"
     args = ["codec", "calibrate", "--model", MODEL, "--data", str(halves[0]), "--split-at", "15"]
