@@ -42,13 +42,18 @@ def _mask(kind: int, u: np.ndarray, v: np.ndarray, r: float, rng: np.random.Gene
     return ((np.abs(v - gap) < r * 0.18) | (np.abs(v + gap) < r * 0.18)) & (np.abs(u) < r)
 
 
-def make(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` images, float32 [count, 32, 32, 3] in [0, 1], and their labels, balanced."""
+def make(count: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` images, float32 [count, size, size, 3] in [0, 1], and their labels, balanced.
+
+    At another ``size`` every length (the shape, its stripes, the blot) scales with it, so the
+    scene is the same one drawn at a finer resolution; ``size=32`` gives the images it always gave.
+    """
     rng = np.random.default_rng(seed)
     y = np.arange(count) % len(CLASSES)
     rng.shuffle(y)
-    x = np.empty((count, SIZE, SIZE, 3), dtype=np.float32)
-    rows, cols = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    x = np.empty((count, size, size, 3), dtype=np.float32)
+    scale = size / SIZE
+    rows, cols = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / scale - 0.5
     for i, kind in enumerate(y):
         r = rng.uniform(6.0, 12.0)
         cy, cx = rng.uniform(r * 0.7, SIZE - r * 0.7, size=2)

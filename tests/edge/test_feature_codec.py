@@ -486,6 +486,27 @@ def test_a_bad_codec_in_a_profile_is_one_line(
     assert err.count("\n") == 1 and needle in err, err
 
 
+def test_a_profile_bounds_a_codec_files_loss_and_max_loss_needs_a_file(
+    codec_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge.daemon import profiles
+    from edge.daemon.device import resolve
+
+    (tmp_path / "digits.json").write_bytes(codec_file.read_bytes())
+    profile = _profile(tmp_path, "digits.json")
+    profile.write_text(profile.read_text() + "max_loss = 0\n")
+    assert main(["run", "--config", str(profile), "--check"]) == 0, capsys.readouterr().err
+    (codec,) = resolve(profiles.load(profile), profile).codecs
+    assert isinstance(codec, CodecFile)
+    assert codec.cuts[CUT].chosen == CodecFile.load(codec_file).within(0).cuts[CUT].chosen
+    assert codec.cuts[CUT].chosen != CodecFile.load(codec_file).cuts[CUT].chosen
+    zstd = _profile(tmp_path, "zstd")
+    zstd.write_text(zstd.read_text() + "max_loss = 0\n")
+    assert main(["run", "--config", str(zstd), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_loss chooses among a calibrated codec's settings" in err, err
+
+
 def test_the_tables_held_are_bounded_in_bytes_too() -> None:
     """Tables of 65,535 channels (128 KiB each): fewer than MAX_TABLES of them pass MAX_TABLE_BYTES."""
     from edge.wire.calibrated import MAX_TABLE_BYTES
