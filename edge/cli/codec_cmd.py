@@ -52,9 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--split-at",
         default=None,
-        metavar="K|TENSOR|auto",
-        help="the cut (an index or a tensor name), or auto: every cut that sends int8 feature maps, and the "
-        "smallest within the loss is chosen (default: the middle cut)",
+        metavar="K[,K...]|auto",
+        help="the cut (an index or a tensor name), several separated by commas (the planner's candidates, "
+        "from edge plan), or auto: every cut that sends int8 feature maps; with several, the smallest within "
+        "the loss is named (default: the middle cut)",
     )
     c.add_argument(
         "--max-loss",
@@ -94,11 +95,18 @@ def _cuts(graph: ModelGraph, spec: str | None) -> list[int]:
         if not cuts:
             raise EdgeError("no cut of this model sends int8 feature maps to a tail with one output")
         return cuts
-    k = graph.resolve_cut(spec) if spec is not None else graph.num_operators // 2
-    problem = calibratable(graph, k)
-    if problem is not None:  # said before the samples are read and the heads run
-        raise EdgeError(f"cut {k} cannot take a calibrated codec: {problem}")
-    return [k]
+    if spec is None:
+        specs: list[str | int] = [graph.num_operators // 2]
+    elif "," in spec and spec.strip() not in graph.tensor_by_name:
+        specs = [one.strip() for one in spec.split(",")]
+    else:
+        specs = [spec]
+    cuts = sorted({graph.resolve_cut(one) for one in specs})
+    for k in cuts:
+        problem = calibratable(graph, k)
+        if problem is not None:  # said before the samples are read and the heads run
+            raise EdgeError(f"cut {k} cannot take a calibrated codec: {problem}")
+    return cuts
 
 
 class _Progress:

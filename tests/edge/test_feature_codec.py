@@ -283,6 +283,18 @@ def test_max_loss_chooses_the_codec_sent_through_a_real_server(
     assert "--max-loss chooses among a calibrated codec's settings" in capsys.readouterr().err
 
 
+def test_calibrate_searches_the_cuts_listed_and_names_the_smallest(
+    halves: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "codec.json"
+    args = ["codec", "calibrate", "--model", MODEL, "--data", str(halves[0]), "--split-at", "15, 12,15"]
+    assert main([*args, "--max-loss", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+    saved = CodecFile.load(out)
+    assert sorted(saved.cuts) == [12, 15]
+    smallest = min(saved.cuts.values(), key=lambda c: c.chosen.bytes if c.chosen else np.inf)
+    assert saved.chosen == smallest.split_point
+
+
 def test_calibrate_draws_the_rate_loss_plot(halves: tuple[Path, Path, Path], tmp_path: Path) -> None:
     png = tmp_path / "codec.png"
     args = ["codec", "calibrate", "--model", MODEL, "--data", str(halves[0]), "--split-at", "15"]
@@ -615,6 +627,7 @@ def test_an_out_path_that_cannot_be_written_is_one_line(
             ["codec", "calibrate", "--model", "digits_resnet_f32", "--split-at", "8"],
             "not an int8 feature map",
         ),
+        (["codec", "calibrate", "--model", MODEL, "--split-at", "12,99"], "cut 99 is out of range"),
     ],
 )
 def test_codec_commands_refuse_what_they_cannot_do_in_one_line(
