@@ -802,7 +802,11 @@ def build_shapes_only(out: Path, name: str) -> int:
         "with the input's scale and zero point; drawn again where needed (nothing shipped)",
     }
     manifest_path = out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest = (
+        json.loads(manifest_path.read_text())
+        if manifest_path.is_file()
+        else {"tensorflow_version": tf.__version__, "seed": SEED, "models": {}}
+    )
     manifest["models"][name] = entry
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     _print_summary(manifest)
