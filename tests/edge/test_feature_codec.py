@@ -678,3 +678,43 @@ def test_the_planner_sends_a_cut_through_the_codec_only_where_it_pays(
                 if not lossy:
                     whole = runner.run(x)
                     assert all(np.array_equal(result.outputs[name], whole[name]) for name in whole)
+
+
+def test_slow_link_sets_the_lossy_plan_against_the_best_measured_lossless_cut(tmp_path: Path) -> None:
+    """bench/slow_link.py on the committed shapes128 sweeps: the lossless figure is the fastest fully
+    measured cut of either lossless run, the lossy one the measured time of the planner's choice."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slow_link", REPO / "bench" / "slow_link.py")
+    assert spec is not None and spec.loader is not None
+    slow_link = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slow_link)
+    results = REPO / "bench" / "results"
+    lossless = [results / "shapes128_raw.json", results / "shapes128_zstd.json"]
+    rows = slow_link.compare(lossless, results / "shapes128_calibrated.json")
+    runs = [json.loads(path.read_text()) for path in lossless]
+    lossy = json.loads((results / "shapes128_calibrated.json").read_text())
+    assert [r["scenario"] for r in rows] == [s["key"] for s in lossy["scenarios"]]
+    for row, scenario in zip(rows, lossy["scenarios"], strict=True):
+        measured = [
+            (c["median_ms"], c["index"])
+            for run in runs
+            for s in run["scenarios"]
+            if s["key"] == row["scenario"]
+            for c in s["result"]["cuts"]
+            if not c["pruned"] and not c["fallbacks"]
+        ]
+        assert (row["lossless_best_ms"], row["lossless_best_cut"]) == min(
+            (round(ms, 2), k) for ms, k in measured
+        )
+        chosen = next(c for c in scenario["result"]["cuts"] if c["index"] == scenario["result"]["choice"])
+        assert row["lossy_choice_ms"] == round(chosen["median_ms"], 2)
+        assert (
+            row["speedup"] == round(row["lossless_best_ms"] / row["lossy_choice_ms"], 3)
+            or abs(row["speedup"] - row["lossless_best_ms"] / row["lossy_choice_ms"]) < 1e-3
+        )
+    other = json.loads(lossless[0].read_text())
+    other["model"] = "another"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="measured another"):
+        slow_link.compare([tmp_path / "other.json"], results / "shapes128_calibrated.json")
