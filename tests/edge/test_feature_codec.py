@@ -709,10 +709,7 @@ def test_slow_link_sets_the_lossy_plan_against_the_best_measured_lossless_cut(tm
         )
         chosen = next(c for c in scenario["result"]["cuts"] if c["index"] == scenario["result"]["choice"])
         assert row["lossy_choice_ms"] == round(chosen["median_ms"], 2)
-        assert (
-            row["speedup"] == round(row["lossless_best_ms"] / row["lossy_choice_ms"], 3)
-            or abs(row["speedup"] - row["lossless_best_ms"] / row["lossy_choice_ms"]) < 1e-3
-        )
+        assert abs(row["speedup"] - row["lossless_best_ms"] / row["lossy_choice_ms"]) < 1e-3
     other = json.loads(lossless[0].read_text())
     other["model"] = "another"
     (tmp_path / "other.json").write_text(json.dumps(other))
