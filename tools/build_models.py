@@ -736,36 +736,32 @@ SHAPES_HELD_OUT = 2_000
 SHAPES_EPOCHS = 12
 
 
-def build_shapes(batch_size: int | None = None) -> tf.keras.Model:
-    """A small residual network for the colour shapes of tools/shapes_data.py, 32x32x3 in, 8 classes."""
+def _shapes_net(batch_size: int | None, size: int, stem: tuple[int, int, int], name: str) -> tf.keras.Model:
+    """A stem (filters, kernel, stride) to 32x32, then five residual blocks (32x32x24 -> 16x16x48 ->
+    8x8x96), pooling and 8 classes."""
     layers = tf.keras.layers
-    inputs = layers.Input((32, 32, 3), batch_size=batch_size, name="image")
-    x = _conv_bn(inputs, 24, 3, 1, relu=True, name="stem")  # 32x32x24
+    inputs = layers.Input((size, size, 3), batch_size=batch_size, name="image")
+    x = _conv_bn(inputs, *stem, relu=True, name="stem")
     x = _residual_block(x, 24, 1, "block1")
-    x = _residual_block(x, 48, 2, "block2")  # 16x16x48
+    x = _residual_block(x, 48, 2, "block2")
     x = _residual_block(x, 48, 1, "block3")
-    x = _residual_block(x, 96, 2, "block4")  # 8x8x96
+    x = _residual_block(x, 96, 2, "block4")
     x = _residual_block(x, 96, 1, "block5")
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = layers.Dense(8, name="logits")(x)
-    return tf.keras.Model(inputs, outputs, name="shapes_cnn")
+    return tf.keras.Model(inputs, outputs, name=name)
+
+
+def build_shapes(batch_size: int | None = None) -> tf.keras.Model:
+    """A small residual network for the colour shapes of tools/shapes_data.py, 32x32x3 in, 8 classes."""
+    return _shapes_net(batch_size, 32, (24, 3, 1), "shapes_cnn")
 
 
 def build_shapes128(batch_size: int | None = None) -> tf.keras.Model:
     """The same shapes drawn at 128x128: shapes_cnn's body behind a patchify stem (a 4x4 convolution
     of stride 4, as ConvNeXt-style networks begin). The stem's 32x32x16 output is a third of the
-    input's bytes for a sixth of the time, so on a slow link an early cut, and its codec, matter."""
-    layers = tf.keras.layers
-    inputs = layers.Input((128, 128, 3), batch_size=batch_size, name="image")
-    x = _conv_bn(inputs, 16, 4, 4, relu=True, name="stem")  # 32x32x16
-    x = _residual_block(x, 24, 1, "block1")  # 32x32x24
-    x = _residual_block(x, 48, 2, "block2")  # 16x16x48
-    x = _residual_block(x, 48, 1, "block3")
-    x = _residual_block(x, 96, 2, "block4")  # 8x8x96
-    x = _residual_block(x, 96, 1, "block5")
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
-    outputs = layers.Dense(8, name="logits")(x)
-    return tf.keras.Model(inputs, outputs, name="shapes128")
+    input's bytes for a fifth of the time, so on a slow link an early cut, and its codec, matter."""
+    return _shapes_net(batch_size, 128, (16, 4, 4), "shapes128")
 
 
 # name: (network, image size, training images, epochs, seed offset)
