@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="K[,K...]|auto",
         help="the cut (an index or a tensor name), several separated by commas (the planner's candidates, "
-        "from edge plan), or auto: every cut that sends int8 feature maps; with several, the smallest within "
+        "from edge plan), or auto: every cut that sends int8 feature maps, the input's included; with several, the smallest within "
         "the loss is named (default: the middle cut)",
     )
     c.add_argument(
@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cuts(graph: ModelGraph, spec: str | None) -> list[int]:
     if spec == "auto":
-        cuts = [k for k in range(1, graph.num_operators) if calibratable(graph, k) is None]
+        cuts = [k for k in range(graph.num_operators) if calibratable(graph, k) is None]
         if not cuts:
             raise EdgeError("no cut of this model sends int8 feature maps to a tail with one output")
         return cuts

@@ -295,6 +295,24 @@ def test_calibrate_searches_the_cuts_listed_and_names_the_smallest(
     assert saved.chosen == smallest.split_point
 
 
+def test_calibrate_auto_searches_every_cut_that_sends_int8_feature_maps_the_input_included(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a slow device the best lossy plan may send the input itself, coded (shapes128 at 4,096x)."""
+    from edge.codec import calibratable
+
+    graph = ModelGraph.from_file(models.model_path("digits_tiny"))
+    sample = models.digits_sample()
+    np.savez(tmp_path / "calib.npz", x=sample.x[:40], y=sample.y[:40])
+    out = tmp_path / "codec.json"
+    args = ["codec", "calibrate", "--model", "digits_tiny", "--data", str(tmp_path / "calib.npz")]
+    assert main([*args, "--split-at", "auto", "--max-loss", "1", "--out", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
+    expected = [k for k in range(graph.num_operators + 1) if calibratable(graph, k) is None]
+    assert 0 in expected and sorted(CodecFile.load(out).cuts) == expected
+
+
 def test_calibrate_draws_the_rate_loss_plot(halves: tuple[Path, Path, Path], tmp_path: Path) -> None:
     png = tmp_path / "codec.png"
     args = ["codec", "calibrate", "--model", MODEL, "--data", str(halves[0]), "--split-at", "15"]
