@@ -14,6 +14,7 @@ from rich.table import Table
 from ..argtypes import positive_float, positive_int
 from ..autosplit import AutoSplit
 from ..backends.support import require_runnable
+from ..codec import CodecFile
 from ..console import output_console
 from ..errors import EdgeError
 from ..planner import DEFAULT_COMPUTE_WATTS, DEFAULT_RADIO_WATTS, OBJECTIVES, Plan
@@ -147,6 +148,11 @@ def _report(
         },
         "num_operators": n,
         "codec": policy.codec,
+        **(
+            {"codec_file": args.codec.source, "codec_max_loss_pp": args.codec.max_loss_pp}
+            if isinstance(args.codec, CodecFile)
+            else {}
+        ),
         "cuts": [
             {
                 **p.as_dict(),
@@ -235,6 +241,11 @@ def _print(
             f"a cut sent as {report['codec']} goes through the codec only where that is predicted better than raw"
             " (a lossy codec by more than 10 %); its bytes are at the cut's ratio on the activations of a seeded"
             " input (corrected from live traffic), and its head pays the codec's time"
+            + (
+                f"; each cut's codec is {report['codec_file']}'s smallest within {report['codec_max_loss_pp']:g} pp"
+                if "codec_file" in report
+                else ""
+            )
         )
     if report["note"]:
         console.print(f"note: {report['note']}")

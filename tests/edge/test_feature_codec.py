@@ -281,6 +281,16 @@ def test_max_loss_chooses_the_codec_sent_through_a_real_server(
     assert tight["lossy_results"] == default["lossy_results"] == loose["lossy_results"] == 100
     assert main(["codec", "eval", "--codec", "zstd", "--data", str(halves[2]), "--max-loss", "1"]) == 2
     assert "--max-loss chooses among a calibrated codec's settings" in capsys.readouterr().err
+    plans = []
+    for bound in ("0", "1"):
+        capsys.readouterr()
+        argv = ["plan", MODEL, "--server", server.address, "--codec", str(codec_file), "--max-loss", bound]
+        assert main([*argv, "--json"]) == 0
+        plans.append(json.loads(capsys.readouterr().out))
+    assert [p["codec_max_loss_pp"] for p in plans] == [0.0, 1.0]
+    assert all(p["codec_file"] == str(codec_file) for p in plans)
+    ratio = [next(c["codec_ratio"] for c in p["cuts"] if c["index"] == CUT) for p in plans]
+    assert ratio[0] > ratio[1]  # 2 bits a value within 0 pp, 1 bit within 1 pp
 
 
 def test_calibrate_searches_the_cuts_listed_and_names_the_smallest(
