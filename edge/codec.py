@@ -78,9 +78,14 @@ class Point:
     risk_pp: float = 0.0
     """Share of the samples flipped or brought near a flip (:func:`at_risk`), in points."""
 
+    @property
+    def worst_pp(self) -> float:
+        """The larger of its loss and the samples it put at risk: what a loss bound bounds."""
+        return max(self.loss_pp, self.risk_pp)
+
     def within(self, max_loss_pp: float) -> bool:
         """Its loss, and the samples it put at risk, are both within ``max_loss_pp``."""
-        return self.loss_pp <= max_loss_pp + 1e-9 and self.risk_pp <= max_loss_pp + 1e-9
+        return self.worst_pp <= max_loss_pp + 1e-9
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -443,17 +448,13 @@ def calibrate(
 
 def front(curve: Iterable[Point], raw_bytes: float, limit_pp: float = FRONT_LOSS_PP) -> list[Point]:
     """The points smaller than the raw tensors and than every point of less loss, smallest first; a
-    point's loss here is the larger of its loss and its risk, as :meth:`Point.within` bounds both.
-    Those losing more than ``limit_pp`` are left out."""
+    point's loss here is :attr:`Point.worst_pp`, what :meth:`Point.within` bounds. Those losing more
+    than ``limit_pp`` are left out."""
     kept: list[Point] = []
-    for p in sorted(curve, key=lambda p: (p.bytes, _cost(p))):
-        if p.bytes < raw_bytes and _cost(p) <= limit_pp and (not kept or _cost(p) < _cost(kept[-1])):
+    for p in sorted(curve, key=lambda p: (p.bytes, p.worst_pp)):
+        if p.bytes < raw_bytes and p.worst_pp <= limit_pp and (not kept or p.worst_pp < kept[-1].worst_pp):
             kept.append(p)
     return kept
-
-
-def _cost(p: Point) -> float:
-    return max(p.loss_pp, p.risk_pp)
 
 
 def _fewest(cuts: Mapping[int, CutCodec]) -> int | None:
