@@ -265,6 +265,9 @@ def test_the_file_keeps_the_fitted_front_and_another_loss_bound_chooses_from_it(
                 [_cut_tensors(i) for i in range(100)], expected.bits, expected.clip, expected.drop
             )
     assert saved.within(1.0).to_json() == saved.to_json()
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="a loss bound is a number of points"):
+            saved.within(bad)
 
 
 def test_max_loss_chooses_the_codec_sent_through_a_real_server(
