@@ -8,7 +8,9 @@ locally. Policies (:data:`POLICIES`):
 - ``round-robin``: the healthy servers in turn;
 - ``least-loaded``: the healthy server with the least work ahead of this request: the requests
   this device has in flight there, times the time one takes there, plus the queue time the
-  server last reported (``queue_us``).
+  server last reported (``queue_us``). Until a server has answered once, the time one takes
+  there is how long its oldest request has waited so far: an idle server is tried at once, and
+  a slow one is not sent a burst before its first answer.
 
 A server that fails leaves the pool: it is tried only after every healthy one (so a request
 still gets every chance before the device runs it itself), and a background probe (OIP
@@ -71,6 +73,7 @@ class FailoverClient:
         self._failed_at: dict[int, float] = {}
         self._inflight = [0] * n
         self._service_ms: list[float | None] = [None] * n
+        self._waiting_since: list[float | None] = [None] * n  # oldest request in flight, while unknown
         self._queue_ms = [0.0] * n
         self._turn = 0
         self.answered = [0] * n
@@ -267,27 +270,38 @@ class FailoverClient:
                 if advance:
                     self._turn += 1
             elif self.policy == "least-loaded":
-                healthy.sort(key=self._load)
+                healthy.sort(key=lambda i: (self._load(i), self._inflight[i]))
         return healthy + sorted(failed, key=failed.__getitem__)
 
     # -- bookkeeping (under the lock) --------------------------------------------------
 
     def _load(self, index: int) -> float:
-        """The work ahead of a request sent to server ``index``, in milliseconds (0 while unknown)."""
-        service = self._service_ms[index] or 0.0
+        """The work ahead of a request sent to server ``index``, in milliseconds. Before its first
+        answer a server's time a request is what its oldest request has waited (0 when idle)."""
+        service = self._service_ms[index]
+        if service is None:
+            since = self._waiting_since[index]
+            service = 0.0 if since is None else (self._clock() - since) * 1e3
         return (self._inflight[index] + 1) * service + self._queue_ms[index]
 
     def _started(self, index: int) -> None:
         with self._lock:
+            if self._inflight[index] == 0 and self._service_ms[index] is None:
+                self._waiting_since[index] = self._clock()
             self._inflight[index] += 1
+
+    def _ended(self, index: int) -> None:
+        self._inflight[index] -= 1
+        if self._inflight[index] == 0:
+            self._waiting_since[index] = None
 
     def _finished(self, index: int) -> None:
         with self._lock:
-            self._inflight[index] -= 1
+            self._ended(index)
 
     def _answered(self, index: int, result: RemoteResult) -> None:
         with self._lock:
-            self._inflight[index] -= 1
+            self._ended(index)
             self.answered[index] += 1
             self._failed_at.pop(index, None)
             service = max(result.call_ms - result.queue_ms, 0.0)
@@ -300,7 +314,7 @@ class FailoverClient:
     def _failed(self, index: int, err: RemoteError) -> None:
         logger.info("edge server %s failed (%s); trying the next", self.clients[index].address, err.status)
         with self._lock:
-            self._inflight[index] -= 1
+            self._ended(index)
             if err.status == "RESOURCE_EXHAUSTED":
                 return  # busy, not down: it stays in turn
             self._failed_at[index] = self._clock()

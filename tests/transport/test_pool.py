@@ -5,6 +5,7 @@ through a proxy that adds 15 ms each way. Covered:
 - round-robin: requests go to the healthy servers in turn; B, once it fails, leaves the pool
   (every request still answered, bit for bit), and its probe brings it back after it restarts;
 - least-loaded, pipelined 8 at a time: the slowed C gets fewer requests than A, and none fails;
+- least-loaded, a burst before any server has answered: one request to each, not all to A;
 - failover: everything goes to the first healthy server;
 - one address naming two servers (the gRPC target ``ipv4:A:P,B:P``, as a DNS name with two
   records resolves): gRPC's round_robin spreads the requests over both;
@@ -126,6 +127,23 @@ def test_least_loaded_sends_less_to_a_slow_server(
         assert a + b + c == len(cuts)
         assert a > c and b > c, pool.answered  # C (30 ms more a round trip) gets the least
         assert a > 0 and b > 0  # spread over the fast ones
+
+
+def test_least_loaded_spreads_a_burst_sent_before_any_server_has_answered(
+    three: tuple[list[BackgroundServer], str, int], graphs: dict[str, ModelGraph]
+) -> None:
+    """No server's time is known yet: each takes one, rather than the first taking all (which later
+    sent the slowed C a burst of its own before its first answer)."""
+    servers, slowed, _ = three
+    graph = graphs[MODEL]
+    cuts, expected = _cases(graph, 3)
+    params = {wire.MODEL_SHA256: graph.sha256, wire.SPLIT_POINT: CUT}
+    with _pool([servers[0].address, servers[1].address, slowed], "least-loaded") as pool:
+        for client in pool.clients:
+            client.wait_ready(10)  # connected, so that the burst below is sent at once
+        futures = [pool.submit(MODEL, cut, parameters=params) for cut in cuts]
+        assert all(same_outputs(f.result(30).outputs, e) for f, e in zip(futures, expected, strict=True))
+        assert pool.answered == [1, 1, 1]
 
 
 def test_failover_sends_everything_to_the_first_healthy_server(
