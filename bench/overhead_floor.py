@@ -8,9 +8,12 @@ Each round:
    beyond the head and the tail (both gRPC stacks, the loopback, and this project's Python);
 2. runs ``tools/grpc_floor.py`` with the same pinning, a payload of the cut's bytes, the client
    busy for the round's head p50 before each request and the handler for its tail p50: the
-   median time a bare grpc.aio stream message takes outside the handler, with none of our code.
+   median time a bare grpc.aio stream message takes outside the handler, with none of our code;
+3. runs it again with ``--model M --cut K``: the same bare gRPC, around the real head and tail
+   instead of busy-waits (what the interpreters do to the CPU's caches, paid by gRPC too).
 
-It prints every round, both medians over the rounds and their ratio (overhead / floor).
+It prints every round, the medians over the rounds and the ratios (overhead / floor, and overhead /
+the compute floor).
 
     python bench/overhead_floor.py --rounds 5
     python bench/overhead_floor.py --model digits_resnet --cut 8 --json
@@ -66,11 +69,23 @@ def edge_round(model: Path, cut: int, n: int, server_core: int, device_core: int
 
 
 def floor_round(
-    nbytes: int, head_ms: float, tail_ms: float, n: int, server_core: int, device_core: int
+    nbytes: int,
+    head_ms: float,
+    tail_ms: float,
+    n: int,
+    server_core: int,
+    device_core: int,
+    compute: tuple[Path, int] | None = None,
 ) -> float:
+    """The bare floor: busy-waits of the head's and tail's p50, or (``compute``) the real halves."""
+    work = (
+        ["--model", str(compute[0]), "--cut", str(compute[1])]
+        if compute
+        else ["--gap-us", str(round(head_ms * 1000)), "--handler-us", str(round(tail_ms * 1000))]
+    )
     out = subprocess.run(
         [sys.executable, str(REPO / "tools" / "grpc_floor.py"), "--modes", "stream", "-n", str(n),
-         "--bytes", str(nbytes), "--gap-us", str(round(head_ms * 1000)), "--handler-us", str(round(tail_ms * 1000)),
+         "--bytes", str(nbytes), *work,
          "--server-core", str(server_core), "--client-core", str(device_core), "--json"],
         check=True, capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
@@ -89,21 +104,23 @@ def main() -> int:
     args = p.parse_args()
     model = models.resolve(args.model)
     nbytes = sum(t.nbytes for t in ModelGraph.from_file(model).cut(args.cut).tensors)
-    overheads, floors = [], []
+    overheads, floors, computes = [], [], []
     for i in range(args.rounds):
         edge = edge_round(model, args.cut, args.n, args.server_core, args.device_core)
-        floor = floor_round(
-            nbytes, edge["head_ms"], edge["tail_ms"], args.n, args.server_core, args.device_core
-        )
+        cores = (args.n, args.server_core, args.device_core)
+        floor = floor_round(nbytes, edge["head_ms"], edge["tail_ms"], *cores)
+        compute = floor_round(nbytes, edge["head_ms"], edge["tail_ms"], *cores, compute=(model, args.cut))
         overheads.append(edge["overhead_ms"])
         floors.append(floor)
+        computes.append(compute)
         print(
             f"round {i + 1}: overhead {edge['overhead_ms']:.3f} ms (head {edge['head_ms']:.3f}, tail "
-            f"{edge['tail_ms']:.3f}), floor {floor:.3f} ms",
+            f"{edge['tail_ms']:.3f}), floor {floor:.3f} ms, compute floor {compute:.3f} ms",
             file=sys.stderr,
             flush=True,
         )
     overhead, floor = statistics.median(overheads), statistics.median(floors)
+    compute = statistics.median(computes)
     result = {
         "model": model.stem,
         "cut": args.cut,
@@ -114,11 +131,17 @@ def main() -> int:
         "overhead_median_ms": overhead,
         "floor_median_ms": floor,
         "ratio": round(overhead / floor, 3),
+        "compute_floor_ms": computes,
+        "compute_floor_median_ms": compute,
+        "ratio_to_compute_floor": round(overhead / compute, 3),
     }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"overhead median {overhead:.3f} ms, floor median {floor:.3f} ms, ratio {overhead / floor:.3f}")
+        print(
+            f"overhead median {overhead:.3f} ms, floor median {floor:.3f} ms, ratio {overhead / floor:.3f}; "
+            f"compute floor median {compute:.3f} ms, ratio {overhead / compute:.3f}"
+        )
     return 0
 
 

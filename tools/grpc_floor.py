@@ -7,6 +7,12 @@ minus the handler's time: what a request pays for the two gRPC stacks and the lo
 
     python3 tools/grpc_floor.py                       # the split-inference pattern
     python3 tools/grpc_floor.py --gap-us 0 --handler-us 0   # back to back
+
+``--model M --cut K`` replaces both busy-waits with the real work: the client runs the head of cut K
+(LiteRT) before each request and sends the cut's bytes; the server runs the tail on a cut of its own
+and answers with the tail's output bytes. A busy-wait leaves the CPU's caches warm for gRPC; an
+interpreter does not. This floor is still bare gRPC, with none of this project's request path, but
+pays what real compute on both sides does to the gRPC steps around it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ import grpc
 
 from edge.protocol import pb, pb_grpc
 
+Tail = Any
+"""A callable running the real tail: () -> (its output bytes, nanoseconds taken); None busy-waits."""
+
 
 def _busy(us: int) -> None:
     end = time.perf_counter_ns() + us * 1000
@@ -31,34 +40,67 @@ def _busy(us: int) -> None:
         pass
 
 
-def _response(handler_us: int) -> Any:
-    started = time.perf_counter_ns()
-    _busy(handler_us)
-    took = time.perf_counter_ns() - started
-    response = pb.ModelInferResponse(model_name="floor", raw_output_contents=[bytes(1000)])
+def _response(handler_us: int, tail: Tail) -> Any:
+    if tail is None:
+        started = time.perf_counter_ns()
+        _busy(handler_us)
+        took, outputs = time.perf_counter_ns() - started, [bytes(1000)]
+    else:
+        outputs, took = tail()
+    response = pb.ModelInferResponse(model_name="floor", raw_output_contents=outputs)
     response.parameters["handler_ns"].int64_param = took
     return response
 
 
+def _runner(model: str) -> Any:
+    from edge.graph import ModelGraph
+    from edge.runner import ModelRunner
+
+    return ModelRunner(ModelGraph.from_file(model))
+
+
+def _tail(model: str, cut: int) -> Tail:
+    """The tail of ``cut``, run on one fixed cut of seeded inputs, timed as the handler."""
+    from edge.preprocess import random_inputs
+
+    runner = _runner(model)
+    tensors = runner.run_head(cut, random_inputs(runner.graph)).cut
+
+    def run() -> tuple[list[bytes], int]:
+        started = time.perf_counter_ns()
+        outputs = runner.run_tail(cut, tensors)
+        return [a.tobytes() for a in outputs.values()], time.perf_counter_ns() - started
+
+    return run
+
+
 class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, handler_us: int) -> None:
+    def __init__(self, handler_us: int, tail: Tail) -> None:
         self.handler_us = handler_us
+        self.tail = tail
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return _response(self.handler_us)
+        return _response(self.handler_us, self.tail)
 
     async def ModelStreamInfer(self, requests: Any, context: Any) -> Any:  # noqa: N802
         async for _ in requests:
-            yield pb.ModelStreamInferResponse(infer_response=_response(self.handler_us))
+            yield pb.ModelStreamInferResponse(infer_response=_response(self.handler_us, self.tail))
 
 
-def _serve(port: multiprocessing.Queue, handler_us: int, cores: set[int] | None = None) -> None:
+def _serve(
+    port: multiprocessing.Queue,
+    handler_us: int,
+    cores: set[int] | None = None,
+    model: str | None = None,
+    cut: int = 0,
+) -> None:
     if cores:
         os.sched_setaffinity(0, cores)
+    tail = _tail(model, cut) if model else None
 
     async def main() -> None:
         server = grpc.aio.server()
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(handler_us), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(handler_us, tail), server)
         port.put(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
         await server.wait_for_termination()
@@ -66,7 +108,20 @@ def _serve(port: multiprocessing.Queue, handler_us: int, cores: set[int] | None 
     asyncio.run(main())
 
 
-def _measure(address: str, mode: str, n: int, gap_us: int, payload: bytes) -> float:
+def _measure(
+    address: str, mode: str, n: int, gap_us: int, payload: bytes, model: str | None = None, cut: int = 0
+) -> float:
+    """The median call time outside the handler; with ``model``, each request is the head's cut."""
+    head = None
+    if model:
+        from edge.preprocess import random_inputs
+
+        runner = _runner(model)
+        inputs = random_inputs(runner.graph)
+
+        def head() -> bytes:
+            return b"".join(a.tobytes() for a in runner.run_head(cut, inputs).cut.values())
+
     loop = asyncio.new_event_loop()
 
     async def connect() -> Any:
@@ -86,7 +141,10 @@ def _measure(address: str, mode: str, n: int, gap_us: int, payload: bytes) -> fl
 
     costs = []
     for i in range(n + n // 10):
-        _busy(gap_us)
+        if head is None:
+            _busy(gap_us)
+        else:
+            request.raw_input_contents[0] = head()
         started = time.perf_counter_ns()
         reply = loop.run_until_complete(once())
         took = time.perf_counter_ns() - started
@@ -112,6 +170,8 @@ def main() -> int:
     p.add_argument("--server-core", type=int, help="pin the server process to this core")
     p.add_argument("--client-core", type=int, help="pin the client (this process) to this core")
     p.add_argument("--modes", default="unary,stream", help="which to measure (default: %(default)s)")
+    p.add_argument("--model", help="a .tflite model: real head and tail instead of the busy-waits")
+    p.add_argument("--cut", type=int, default=32, help="with --model, the cut (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args()
     if args.client_core is not None:
@@ -119,19 +179,23 @@ def main() -> int:
     ctx = multiprocessing.get_context("spawn")
     ports: multiprocessing.Queue = ctx.Queue()
     server_cores = {args.server_core} if args.server_core is not None else None
-    server = ctx.Process(target=_serve, args=(ports, args.handler_us, server_cores), daemon=True)
+    server = ctx.Process(
+        target=_serve, args=(ports, args.handler_us, server_cores, args.model, args.cut), daemon=True
+    )
     server.start()
     try:
         address = f"127.0.0.1:{ports.get(timeout=30)}"
         payload = os.urandom(args.bytes)
         result = {
-            mode: round(_measure(address, mode, args.n, args.gap_us, payload), 3)
+            mode: round(_measure(address, mode, args.n, args.gap_us, payload, args.model, args.cut), 3)
             for mode in args.modes.split(",")
         }
     finally:
         server.terminate()
         server.join(10)
     report = {
+        "model": args.model,
+        "cut": args.cut if args.model else None,
         "n": args.n,
         "bytes": args.bytes,
         "gap_us": args.gap_us,
@@ -141,9 +205,12 @@ def main() -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(
-            f"bare grpc.aio, {args.bytes} B, gap {args.gap_us} us, handler {args.handler_us} us, n={args.n}"
+        work = (
+            f"the head and tail of {args.model} at cut {args.cut}"
+            if args.model
+            else f"{args.bytes} B, gap {args.gap_us} us, handler {args.handler_us} us"
         )
+        print(f"bare grpc.aio, {work}, n={args.n}")
         for mode, ms in result.items():
             print(f"  {mode:6s} median {ms:.3f} ms per request outside the handler")
     return 0
