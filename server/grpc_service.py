@@ -210,9 +210,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._readers.add(reader)
         try:
             async for request in request_iterator:
-                if serial:
-                    # Everything computes on this loop, one request after another: each is answered
-                    # where it was read, and the next is read once gRPC has taken the answer.
+                if serial or (not inflight and self._predicts_now(request)):
+                    # Everything computes on this loop, one request after another (or this one finds
+                    # the server idle, on a short route): it is answered where it was read, and the
+                    # next is read once gRPC has taken the answer.
                     await context.write(await reply_to(request))
                 else:
                     await window.acquire()
@@ -232,6 +233,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._readers.discard(reader)
         if inflight:
             await asyncio.wait(set(inflight))
+
+    def _predicts_now(self, message: Any) -> bool:
+        """The scheduler's guess, from the message's model and cut, that it computes at once; never for
+        a stack (whose parts let the stream's next message be read) or an unreadable message."""
+        params = getattr(message, "parameters", None)
+        if params is None or STACK in params:
+            return False
+        split = params.get(SPLIT_POINT)
+        return self.scheduler.predicts_now(
+            message.model_name, split.int64_param if split is not None else None
+        )
 
     def shutdown(self) -> None:
         """Let the compute threads finish what they hold, then stop them."""

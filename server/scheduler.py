@@ -15,8 +15,10 @@ them computes: the limits count the requests waiting, and refuse past them. Then
   releases the GIL while it computes), so the loop keeps answering health checks and metadata
   while every core computes. Compute turns go to devices in round robin (:class:`FairTurns`).
 
-``workers`` 0 computes everything on the event loop, one request at a time. A request whose
-caller's deadline passed while it waited is not computed.
+``workers`` 0 computes everything on the event loop, one request at a time. So does a request that
+finds the server idle (nothing else in flight) on a route that last computed within the budget: no
+other request can be waiting for a place or a turn, so it computes where it was read, without the
+yield, the turn or a task. A request whose caller's deadline passed while it waited is not computed.
 """
 
 from __future__ import annotations
@@ -94,6 +96,9 @@ class Scheduler:
         """Every request computes on the event loop, one after another: a stream's requests may be
         answered in the order they came, without a task each."""
         self._compute_us: dict[Route, int] = {}
+        self._short: dict[tuple[str, int | None], bool] = {}
+        """By model name and cut: whether the route last computed within :data:`INLINE_BUDGET_US`
+        (what the servicer predicts from a message before reading it; bounded as the routes are)."""
         self._batches: dict[Route, _Batch] = {}
         self._batch_tasks: set[asyncio.Task[None]] = set()
 
@@ -128,11 +133,29 @@ class Scheduler:
             self.per_device.release(device)
 
     def computes_now(self, prepared: PreparedRequest) -> bool:
-        """Whether :meth:`run_serial` answers ``prepared``: everything computes on the loop
-        (:attr:`serial`), and it is not a profile (which takes a thread of its own). A stack computes
-        at once there too: its device's stream is answered in order, and the others wait for it as
-        they would for its samples sent one by one."""
-        return self.serial and not prepared.profile
+        """Whether :meth:`run_serial` answers ``prepared``: it is not a profile (which takes a thread
+        of its own), and either everything computes on the loop (:attr:`serial`; a stack computes at
+        once there too: its device's stream is answered in order, and the others wait for it as they
+        would for its samples sent one by one), or the server is :meth:`idle` and its route short."""
+        if prepared.profile:
+            return False
+        if self.serial:
+            return True
+        if prepared.stack > 1 or self.max_batch > 1 or not self.idle():
+            return False
+        last_us = self._compute_us.get((prepared.model.graph.sha256, prepared.split_point))
+        return last_us is not None and last_us <= INLINE_BUDGET_US
+
+    def idle(self) -> bool:
+        """Nothing in flight on the server: no request holds a place, so none waits for a turn."""
+        return self.dataplane.inflight == 0
+
+    def predicts_now(self, model_name: str, split_point: int | None) -> bool:
+        """Whether a request for this route, read now, would likely :meth:`computes_now` (by the
+        route's last compute, before the message is read): its stream may then answer it in place."""
+        if self.serial:
+            return True
+        return self.max_batch == 1 and self.idle() and self._short.get((model_name, split_point), False)
 
     def run_serial(self, prepared: PreparedRequest, nbytes: int, deadline: float | None) -> InferResponse:
         """:meth:`run` for a request that :meth:`computes_now`, with no await: it computes on the loop
@@ -141,9 +164,12 @@ class Scheduler:
         saving the coroutine :meth:`run` is."""
         self.dataplane.admit(nbytes)
         try:
-            return _execute_before(self.dataplane, prepared, deadline)
+            response = _execute_before(self.dataplane, prepared, deadline)
         finally:
             self.dataplane.release(nbytes)
+        if not self.serial:
+            self._remember(prepared, int(response.parameters[COMPUTE_US]))
+        return response
 
     def shutdown(self) -> None:
         """Let the compute threads finish what they hold, then stop them."""
@@ -161,7 +187,7 @@ class Scheduler:
             response = await self._compute(inline, _execute_before, self.dataplane, prepared, deadline)
         finally:
             self.turns.release()
-        self._remember(route, int(response.parameters[COMPUTE_US]))
+        self._remember(prepared, int(response.parameters[COMPUTE_US]))
         return response
 
     async def _stack_in_parts(
@@ -196,15 +222,21 @@ class Scheduler:
                 self.turns.charge(device, count - 1)
             finally:
                 self.turns.release()
-            self._remember(route, compute_ns // 1000 // (done + count))
+            self._remember(prepared, compute_ns // 1000 // (done + count))
             done += count
         return self.dataplane.join_parts(prepared, parts, compute_ns)
 
-    def _remember(self, route: Route, sample_us: int) -> None:
-        """Keep ``route``'s last compute time per sample (bounded: the table is cleared when full)."""
+    def _remember(self, prepared: PreparedRequest, sample_us: int) -> None:
+        """Keep ``prepared``'s route's last compute time per sample, and whether it was short, by
+        name (bounded: the tables are cleared when full)."""
+        route = (prepared.model.graph.sha256, prepared.split_point)
+        named = (prepared.request.model_name, prepared.split_point)
         if len(self._compute_us) >= ROUTE_TIMES and route not in self._compute_us:
             self._compute_us.clear()
+        if len(self._short) >= ROUTE_TIMES and named not in self._short:
+            self._short.clear()
         self._compute_us[route] = sample_us
+        self._short[named] = sample_us <= INLINE_BUDGET_US
 
     async def _compute(self, inline: bool, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` on the event loop when ``inline`` or there are no compute threads, else on one."""
