@@ -10,7 +10,11 @@ Each round runs, in the other commit's checkout and then in this one, on the sam
   package), edge-server pinned to core 1 with ``--workers 0``, the devices on core 0; the figure is
   ``ratio``, answers per second over the raw interpreter's runs per second (higher is better).
 
-It prints every round, both medians and the ratio this/other, and ``--json`` a summary. The other
+It prints every round, both medians and the ratio this/other, and ``--json`` a summary. Each
+round's own ratio (this/other, run back to back) gives a 95 % bootstrap interval of the median
+ratio: a difference smaller than that interval is not resolved on this machine. The two sides take
+turns going first, so neither always runs second. ``bench/ab.py HEAD`` (this commit against itself)
+shows the machine's own spread. The other
 commit gets a git worktree and a venv of its own under ``$TMPDIR`` (made once, kept while its
 ``pyproject.toml`` is unchanged); this checkout runs with the interpreter running this script.
 
@@ -24,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -84,6 +89,14 @@ def run_figure(figure: str, tree: Path, python: Path, args: argparse.Namespace) 
     return float(report["overhead_ms"]["p50"] if figure == "overhead" else report["ratio"])
 
 
+def interval(ratios: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95 % bootstrap interval of the median of the rounds' own ratios (seeded: the same rounds give
+    the same interval)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("rev", help="the commit to compare this checkout with")
@@ -106,20 +119,25 @@ def main() -> int:
     values: dict[str, dict[str, list[float]]] = {f: {"base": [], "head": []} for f in figures}
     for i in range(1, args.rounds + 1):
         for figure in figures:
-            for side, (where, interpreter) in sides.items():
+            for side in ("base", "head") if i % 2 else ("head", "base"):
+                where, interpreter = sides[side]
                 values[figure][side].append(run_figure(figure, where, interpreter, args))
             base, head = values[figure]["base"][-1], values[figure]["head"][-1]
             print(f"round {i} {figure:>8}: base {base:.4g}  head {head:.4g}", file=sys.stderr, flush=True)
     summary = {}
     for figure in figures:
         base, head = (statistics.median(values[figure][s]) for s in ("base", "head"))
+        ratios = [h / b for b, h in zip(values[figure]["base"], values[figure]["head"], strict=True)]
+        low, high = interval(ratios)
         summary[figure] = {
             "base_median": base, "head_median": head, "head_over_base": head / base,
+            "round_ratio_median": statistics.median(ratios), "round_ratio_interval_95": [low, high],
             "better": BETTER[figure], "base": values[figure]["base"], "head": values[figure]["head"],
         }  # fmt: skip
         print(
             f"{figure}: base {args.rev} median {base:.4g}, head median {head:.4g}, head/base {head / base:.3f}"
-            f" ({BETTER[figure]} is better)"
+            f" ({BETTER[figure]} is better); the rounds' own ratios: median {statistics.median(ratios):.3f},"
+            f" 95 % interval {low:.3f} - {high:.3f}"
         )
     if args.json:
         print(json.dumps({"rev": args.rev, "model": args.model, "cut": args.cut, **summary}))
