@@ -12,19 +12,10 @@ figure asked for, as the last line, for ``../shared/ab.sh``:
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from overhead_floor import edge_round
 
-from benchlib import free_port, wait_listening  # noqa: E402
-
-from edge import models  # noqa: E402
+from edge import models
 
 FIGURES = ("e2e_ms", "overhead_ms", "queue_ms", "transfer_ms", "tail_ms", "head_ms")
 
@@ -40,30 +31,8 @@ def main() -> int:
     p.add_argument("--server-core", type=int, default=1)
     p.add_argument("--device-core", type=int, default=0)
     args = p.parse_args()
-    model = models.resolve(args.model)
-    work = Path(tempfile.mkdtemp())
-    shutil.copy(model, work / model.name)
-    port = free_port()
-    server = subprocess.Popen(
-        ["taskset", "-c", str(args.server_core), sys.executable, "-m", "server", "--models", str(work),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
-    )  # fmt: skip
-    try:
-        wait_listening(port, server)
-        out = subprocess.run(
-            ["taskset", "-c", str(args.device_core), sys.executable, "-m", "edge", "bench", "--model", str(model),
-             "--server", f"127.0.0.1:{port}", "--split-at", str(args.cut), "-n", str(args.n), "--json"],
-            check=True, capture_output=True, text=True, cwd=REPO,
-        )  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
-    report = json.loads(out.stdout)
-    if report.get("fallbacks"):
-        raise SystemExit(f"{report['fallbacks']} requests fell back: {report.get('fallback_reason')}")
-    print(report[args.figure]["p50"])
+    figures = edge_round(models.resolve(args.model), args.cut, args.n, args.server_core, args.device_core)
+    print(figures[args.figure])
     return 0
 
 
