@@ -239,8 +239,12 @@ class ModelRepository:
             }
         )
 
+    def find(self, name: str) -> ServedModel | None:
+        """The model served under ``name``, or None."""
+        return self._models.get(name)
+
     def get(self, name: str) -> ServedModel:
-        model = self._models.get(name)
+        model = self.find(name)
         if model is None:
             known = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFoundError(f"model {echo(name)} is not served here (served: {known})")

@@ -96,9 +96,6 @@ class Scheduler:
         """Every request computes on the event loop, one after another: a stream's requests may be
         answered in the order they came, without a task each."""
         self._compute_us: dict[Route, int] = {}
-        self._short: dict[tuple[str, int | None], bool] = {}
-        """By model name and cut: whether the route last computed within :data:`INLINE_BUDGET_US`
-        (what the servicer predicts from a message before reading it; bounded as the routes are)."""
         self._batches: dict[Route, _Batch] = {}
         self._batch_tasks: set[asyncio.Task[None]] = set()
 
@@ -143,8 +140,7 @@ class Scheduler:
             return True
         if prepared.stack > 1 or self.max_batch > 1 or not self.idle():
             return False
-        last_us = self._compute_us.get((prepared.model.graph.sha256, prepared.split_point))
-        return last_us is not None and last_us <= INLINE_BUDGET_US
+        return self._short((prepared.model.graph.sha256, prepared.split_point))
 
     def idle(self) -> bool:
         """Nothing in flight on the server: no request holds a place, so none waits for a turn."""
@@ -155,7 +151,15 @@ class Scheduler:
         route's last compute, before the message is read): its stream may then answer it in place."""
         if self.serial:
             return True
-        return self.max_batch == 1 and self.idle() and self._short.get((model_name, split_point), False)
+        if self.max_batch > 1 or not self.idle():
+            return False
+        model = self.dataplane.repository.find(model_name)
+        return model is not None and self._short((model.graph.sha256, split_point))
+
+    def _short(self, route: Route) -> bool:
+        """The route last computed within :data:`INLINE_BUDGET_US` a sample."""
+        last_us = self._compute_us.get(route)
+        return last_us is not None and last_us <= INLINE_BUDGET_US
 
     def run_serial(self, prepared: PreparedRequest, nbytes: int, deadline: float | None) -> InferResponse:
         """:meth:`run` for a request that :meth:`computes_now`, with no await: it computes on the loop
@@ -168,7 +172,8 @@ class Scheduler:
         finally:
             self.dataplane.release(nbytes)
         if not self.serial:
-            self._remember(prepared, int(response.parameters[COMPUTE_US]))
+            route = (prepared.model.graph.sha256, prepared.split_point)
+            self._remember(route, int(response.parameters[COMPUTE_US]))
         return response
 
     def shutdown(self) -> None:
@@ -187,7 +192,7 @@ class Scheduler:
             response = await self._compute(inline, _execute_before, self.dataplane, prepared, deadline)
         finally:
             self.turns.release()
-        self._remember(prepared, int(response.parameters[COMPUTE_US]))
+        self._remember(route, int(response.parameters[COMPUTE_US]))
         return response
 
     async def _stack_in_parts(
@@ -222,21 +227,15 @@ class Scheduler:
                 self.turns.charge(device, count - 1)
             finally:
                 self.turns.release()
-            self._remember(prepared, compute_ns // 1000 // (done + count))
+            self._remember(route, compute_ns // 1000 // (done + count))
             done += count
         return self.dataplane.join_parts(prepared, parts, compute_ns)
 
-    def _remember(self, prepared: PreparedRequest, sample_us: int) -> None:
-        """Keep ``prepared``'s route's last compute time per sample, and whether it was short, by
-        name (bounded: the tables are cleared when full)."""
-        route = (prepared.model.graph.sha256, prepared.split_point)
-        named = (prepared.request.model_name, prepared.split_point)
+    def _remember(self, route: Route, sample_us: int) -> None:
+        """Keep ``route``'s last compute time per sample (bounded: the table is cleared when full)."""
         if len(self._compute_us) >= ROUTE_TIMES and route not in self._compute_us:
             self._compute_us.clear()
-        if len(self._short) >= ROUTE_TIMES and named not in self._short:
-            self._short.clear()
         self._compute_us[route] = sample_us
-        self._short[named] = sample_us <= INLINE_BUDGET_US
 
     async def _compute(self, inline: bool, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` on the event loop when ``inline`` or there are no compute threads, else on one."""

@@ -78,7 +78,6 @@ def test_an_idle_server_answers_short_routes_in_place_with_the_tails_outputs(tmp
             assert not scheduler.computes_now(replace(prepared, stack=2))
             batching = Scheduler(server.server.dataplane, workers=1, max_batch=2)
             batching._compute_us = dict(scheduler._compute_us)  # the same knowledge of routes
-            batching._short = dict(scheduler._short)
             assert not batching.computes_now(prepared) and not batching.predicts_now(MODEL, k)
             batching.shutdown()
 
