@@ -14,8 +14,9 @@ It prints every round, both medians and the ratio this/other, and ``--json`` a s
 round's own ratio (this/other, run back to back) gives a 95 % bootstrap interval of the median
 ratio: a difference smaller than that interval is not resolved on this machine. The two sides take
 turns going first, so neither always runs second. ``bench/ab.py HEAD`` (this commit against itself)
-shows the machine's own spread. The other
-commit gets a git worktree and a venv of its own under ``$TMPDIR`` (made once, kept while its
+shows the machine's own spread.
+
+The other commit gets a git worktree and a venv of its own under ``$TMPDIR`` (made once, kept while its
 ``pyproject.toml`` is unchanged); this checkout runs with the interpreter running this script.
 
     python bench/ab.py 24f5b74 --model /tmp/zoo/mobilenetv2_224.tflite --rounds 5

@@ -24,14 +24,18 @@ import multiprocessing
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from edge.protocol import pb, pb_grpc
 
-Tail = Any
-"""A callable running the real tail: () -> (its output bytes, nanoseconds taken); None busy-waits."""
+Handler = Callable[[], tuple[list[bytes], int]]
+"""The server's work per request: the answer's output bytes, and the nanoseconds it took."""
+
+Head = Callable[[], bytes]
+"""The client's work before each request: the bytes it then sends."""
 
 
 def _busy(us: int) -> None:
@@ -40,16 +44,28 @@ def _busy(us: int) -> None:
         pass
 
 
-def _response(handler_us: int, tail: Tail) -> Any:
-    if tail is None:
-        started = time.perf_counter_ns()
-        _busy(handler_us)
-        took, outputs = time.perf_counter_ns() - started, [bytes(1000)]
-    else:
-        outputs, took = tail()
+def _response(handler: Handler) -> Any:
+    outputs, took = handler()
     response = pb.ModelInferResponse(model_name="floor", raw_output_contents=outputs)
     response.parameters["handler_ns"].int64_param = took
     return response
+
+
+def _busy_handler(handler_us: int) -> Handler:
+    def run() -> tuple[list[bytes], int]:
+        started = time.perf_counter_ns()
+        _busy(handler_us)
+        return [bytes(1000)], time.perf_counter_ns() - started
+
+    return run
+
+
+def _busy_head(gap_us: int, payload: bytes) -> Head:
+    def run() -> bytes:
+        _busy(gap_us)
+        return payload
+
+    return run
 
 
 def _runner(model: str) -> Any:
@@ -59,7 +75,7 @@ def _runner(model: str) -> Any:
     return ModelRunner(ModelGraph.from_file(model))
 
 
-def _tail(model: str, cut: int) -> Tail:
+def _tail(model: str, cut: int) -> Handler:
     """The tail of ``cut``, run on one fixed cut of seeded inputs, timed as the handler."""
     from edge.preprocess import random_inputs
 
@@ -74,17 +90,29 @@ def _tail(model: str, cut: int) -> Tail:
     return run
 
 
+def _head(model: str, cut: int) -> Head:
+    """The head of ``cut`` on seeded inputs: the cut's bytes, computed before each request."""
+    from edge.preprocess import random_inputs
+
+    runner = _runner(model)
+    inputs = random_inputs(runner.graph)
+
+    def run() -> bytes:
+        return b"".join(a.tobytes() for a in runner.run_head(cut, inputs).cut.values())
+
+    return run
+
+
 class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, handler_us: int, tail: Tail) -> None:
-        self.handler_us = handler_us
-        self.tail = tail
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return _response(self.handler_us, self.tail)
+        return _response(self.handler)
 
     async def ModelStreamInfer(self, requests: Any, context: Any) -> Any:  # noqa: N802
         async for _ in requests:
-            yield pb.ModelStreamInferResponse(infer_response=_response(self.handler_us, self.tail))
+            yield pb.ModelStreamInferResponse(infer_response=_response(self.handler))
 
 
 def _serve(
@@ -96,11 +124,11 @@ def _serve(
 ) -> None:
     if cores:
         os.sched_setaffinity(0, cores)
-    tail = _tail(model, cut) if model else None
+    handler = _tail(model, cut) if model else _busy_handler(handler_us)
 
     async def main() -> None:
         server = grpc.aio.server()
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(handler_us, tail), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(handler), server)
         port.put(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
         await server.wait_for_termination()
@@ -112,16 +140,7 @@ def _measure(
     address: str, mode: str, n: int, gap_us: int, payload: bytes, model: str | None = None, cut: int = 0
 ) -> float:
     """The median call time outside the handler; with ``model``, each request is the head's cut."""
-    head = None
-    if model:
-        from edge.preprocess import random_inputs
-
-        runner = _runner(model)
-        inputs = random_inputs(runner.graph)
-
-        def head() -> bytes:
-            return b"".join(a.tobytes() for a in runner.run_head(cut, inputs).cut.values())
-
+    head = _head(model, cut) if model else _busy_head(gap_us, payload)
     loop = asyncio.new_event_loop()
 
     async def connect() -> Any:
@@ -141,10 +160,7 @@ def _measure(
 
     costs = []
     for i in range(n + n // 10):
-        if head is None:
-            _busy(gap_us)
-        else:
-            request.raw_input_contents[0] = head()
+        request.raw_input_contents[0] = head()
         started = time.perf_counter_ns()
         reply = loop.run_until_complete(once())
         took = time.perf_counter_ns() - started
