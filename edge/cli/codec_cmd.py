@@ -54,8 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="K[,K...]|auto",
         help="the cut (an index or a tensor name), several separated by commas (the planner's candidates, "
-        "from edge plan), or auto: every cut that sends int8 feature maps, the input's included; with several, the smallest within "
-        "the loss is named (default: the middle cut)",
+        "from edge plan), or auto: every cut that sends int8 feature maps, the input's included; with "
+        "several, the smallest within the loss is named (default: the middle cut)",
     )
     c.add_argument(
         "--max-loss",

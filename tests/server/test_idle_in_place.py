@@ -29,13 +29,16 @@ from edge.runner import ModelRunner
 from edge.transport import TailClient
 from edge.wire import InferRequest, encode
 from helpers import same_outputs, seeded_inputs
+from server.dataplane import PreparedRequest
 from server.embedded import BackgroundServer
 from server.scheduler import Scheduler
 
 MODEL = "digits_resnet"
 
 
-def _prepared(server: BackgroundServer, graph: ModelGraph, name: str, k: int, cut: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+def _prepared(
+    server: BackgroundServer, graph: ModelGraph, name: str, k: int, cut: dict[str, np.ndarray]
+) -> PreparedRequest:
     request = InferRequest(
         model_name=name,
         inputs=tuple(encode(n, a) for n, a in cut.items()),
