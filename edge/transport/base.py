@@ -46,13 +46,17 @@ class RemoteResult:
     """The tensors were offered to the client's codec (each went compressed where that made it
     smaller); False: they went raw."""
 
+    # A peer may send anything under these names: only a number counts (an int or a float, not a bool).
+
     @property
     def compute_ms(self) -> float:
-        return _number(self.parameters.get(wire.COMPUTE_US)) / 1000.0
+        value = self.parameters.get(wire.COMPUTE_US)
+        return value / 1000.0 if type(value) in _NUMBERS else 0.0  # type: ignore[operator]
 
     @property
     def queue_ms(self) -> float:
-        return _number(self.parameters.get(wire.QUEUE_US)) / 1000.0
+        value = self.parameters.get(wire.QUEUE_US)
+        return value / 1000.0 if type(value) in _NUMBERS else 0.0  # type: ignore[operator]
 
     @property
     def transfer_ms(self) -> float:
@@ -73,11 +77,7 @@ MAX_STACKED = 64
 """The most requests a stacked answer may say it carried (edge-server takes at most 64)."""
 
 
-def _number(value: object) -> float:
-    # A peer may send anything under these names: only a number counts.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return 0.0
-    return float(value)
+_NUMBERS = (int, float)
 
 
 class TailTransport(Protocol):

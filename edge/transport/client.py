@@ -59,8 +59,7 @@ class _Lane:
     """The future the calling thread runs the loop for (its own lane only)."""
 
     def stop_for(self, future: Any) -> None:
-        """Stop the loop, if it runs for ``future``: called when that future is settled (and again by
-        its done callback, a turn later, which then finds nothing to do)."""
+        """Stop the loop, if it runs for ``future``: the request's ``wake``, called as it is settled."""
         if self.waiting is future:
             self.waiting = None
             if self.loop.is_running():
@@ -71,7 +70,6 @@ class _Lane:
         through a turn of the loop. The loop stops in the turn that settles it."""
         future = request.future
         self.waiting = future
-        future.add_done_callback(self.stop_for)  # any other way a future is settled stops the loop too
         if not self.session.start_on_open_stream(request):
             self.loop.call_soon(self.session.start, request)
         while not future.done():
@@ -246,7 +244,7 @@ class TailClient:
     ) -> RemoteResult:
         """One request on the calling thread's session, its loop run until the answer (or the deadline)."""
         lane = self._lane()
-        if _in_coroutine():
+        if _running_loop() is not None:
             raise RuntimeError("TailClient is synchronous: call it from a thread, not from a coroutine")
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         future: asyncio.Future[RemoteResult] = lane.loop.create_future()
@@ -437,7 +435,7 @@ class TailClient:
         """Run ``work`` (a call other than inference) on the lane's loop, within ``timeout_s`` once
         connected. Whatever goes wrong on the way, the caller gets a RemoteError."""
         loop = lane.loop
-        if lane.session.closed or _in_coroutine():
+        if lane.session.closed or _running_loop() is not None:
             work.close()
             if lane.session.closed:
                 raise closed(self.address)
@@ -472,12 +470,8 @@ class TailClient:
         return self._run(lane, lane.session.unary(method, message, timeout), timeout)
 
 
-def _in_coroutine() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+_running_loop = asyncio.events._get_running_loop
+"""The loop running in this thread, or None: called from a coroutine when it is not None."""
 
 
 async def _open_channel(

@@ -35,6 +35,7 @@ import concurrent.futures
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,8 +119,8 @@ class Request:
     probe: bool = False
     """Sent unary because a new stream failed at once: its success means the server does not stream."""
     wake: Callable[[AnyFuture], None] | None = None
-    """Called once the future is settled: a calling thread's lane stops its loop there, in the same
-    turn of the loop, instead of one more turn later (as a done callback would)."""
+    """Called once the future is settled (:func:`_set`): a calling thread's lane stops its loop there,
+    in the same turn of the loop, instead of one more turn later (as a done callback would)."""
     _key: tuple[object, ...] | bool | None = False
     """:meth:`stack_key`, once read (False: not yet)."""
 
@@ -134,7 +135,8 @@ class Request:
 class _Stream:
     generation: int
     call: Any
-    outbox: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    outbox: deque[str] = field(default_factory=deque)
+    """The ids of requests queued for it, in order, not yet taken by its writer."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     carry: str | None = None
     """A request taken from the outbox that did not stack with the ones before it: written next."""
@@ -142,15 +144,21 @@ class _Stream:
     """The requests each stacked message written on it carries, by the message's id."""
     unanswered: int = 0
     """Messages written on it whose answers have not come."""
-    answered: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set as each answer comes."""
+    wake: asyncio.Future[None] | None = None
+    """What its writer awaits while the outbox is empty or it holds a request back: settled by
+    :meth:`nudge` (a request queued, an answer come); the writer looks again either way."""
+
+    def nudge(self) -> None:
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     def take_queued(self) -> list[str]:
         """Empty the outbox (and the carried request): what was queued here and not yet written."""
         queued = [self.carry] if self.carry is not None else []
         self.carry = None
-        while not self.outbox.empty():
-            queued.append(self.outbox.get_nowait())
+        queued.extend(self.outbox)
+        self.outbox.clear()
         return queued
 
 
@@ -200,14 +208,14 @@ class Session:
         """Take ``request``: connect first if need be (within the connect timeout, before its own
         deadline starts), then send it on the stream or as a unary call."""
         if self.closed:
-            _set(request.future, error=closed(self.address))
+            _set(request, error=closed(self.address))
             return
         if len(self._pending) + self._connecting >= self.max_pending:
             error = RemoteError(
                 f"RESOURCE_EXHAUSTED: {self.max_pending} requests already wait on {self.address}",
                 status="RESOURCE_EXHAUSTED",
             )
-            _set(request.future, error=error)
+            _set(request, error=error)
             return
         if self.channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
             self._spawn(self._connect_first(request))
@@ -279,15 +287,15 @@ class Session:
         try:
             await self._connected()
         except RemoteError as err:
-            _set(request.future, error=err)
+            _set(request, error=err)
             return
         except asyncio.CancelledError:
-            _set(request.future, error=closed(self.address))
+            _set(request, error=closed(self.address))
             raise
         finally:
             self._connecting -= 1
         if self.closed:
-            _set(request.future, error=closed(self.address))
+            _set(request, error=closed(self.address))
             return
         self._admit(request)
 
@@ -302,7 +310,8 @@ class Session:
     def _dispatch(self, wire_id: str, request: Request) -> None:
         if self.traits.streaming:
             stream = self._stream if self._stream is not None else self._open_stream()
-            stream.outbox.put_nowait(wire_id)
+            stream.outbox.append(wire_id)
+            stream.nudge()
         else:
             self._spawn(self._unary_infer(wire_id, request))
 
@@ -316,8 +325,12 @@ class Session:
     async def _write(self, stream: _Stream) -> None:
         while True:
             if stream.carry is None:
-                stream.carry = await stream.outbox.get()
-            await self._hold(stream)
+                while not stream.outbox:
+                    stream.wake = self.loop.create_future()
+                    await stream.wake
+                stream.carry = stream.outbox.popleft()
+            if self.traits.max_stack > 1 and stream.unanswered >= HOLD_BEHIND:
+                await self._hold(stream)
             if stream.carry is None:  # taken meanwhile, to go on another stream
                 continue
             wire_id, stream.carry = stream.carry, None
@@ -325,7 +338,7 @@ class Session:
             if request is None:  # expired while queued
                 continue
             stream.unanswered += 1
-            message, members = self._stacked(stream, request) if not stream.outbox.empty() else (None, [])
+            message, members = self._stacked(stream, request) if stream.outbox else (None, [])
             written_at = time.perf_counter()
             for member in members or (request,):
                 member.stream = stream.generation
@@ -341,15 +354,13 @@ class Session:
         :data:`HOLD_BEHIND` messages on ``stream`` await their answers, when the server takes stacks
         and the request can be stacked: what queues meanwhile goes with it, in one message. The
         server would have held it behind those anyway; with two in flight, one computes while the
-        next travels."""
-        if self.traits.max_stack < 2 or stream.unanswered < HOLD_BEHIND:
-            return
+        next travels. The writer calls it only when the server takes stacks and that many await."""
         request = self._pending.get(stream.carry) if stream.carry is not None else None
         if request is None or request.stack_key() is None:
             return
         while stream.unanswered >= HOLD_BEHIND and stream.carry is not None:
-            stream.answered.clear()
-            await stream.answered.wait()
+            stream.wake = self.loop.create_future()
+            await stream.wake
 
     def _stacked(self, stream: _Stream, first: Request) -> tuple[Any, list[Request]]:
         """``first`` and the requests queued after it for the same cut, as one stacked message (and
@@ -360,8 +371,8 @@ class Session:
             return None, []
         members = [first]
         nbytes = sum(map(len, first.message.raw_input_contents))
-        while len(members) < limit and not stream.outbox.empty():
-            wire_id = stream.outbox.get_nowait()
+        while len(members) < limit and stream.outbox:
+            wire_id = stream.outbox.popleft()
             request = self._pending.get(wire_id)
             if request is None:  # expired while queued
                 continue
@@ -437,7 +448,7 @@ class Session:
     def _answer(self, stream: _Stream, reply: Any) -> bool:
         """Settle the request ``reply`` answers; False when the stream is of no use with this peer."""
         stream.unanswered = max(0, stream.unanswered - 1)
-        stream.answered.set()
+        stream.nudge()
         answer = read_answer(reply)
         if answer.foreign is not None:
             self._no_streaming(stream, answer.foreign)
@@ -491,20 +502,16 @@ class Session:
         try:
             result = request.finish(response, call_ms)
         except RemoteError as err:
-            _set(request.future, error=err)
+            _set(request, error=err)
         except Exception as err:
-            _set(request.future, error=RemoteError(f"INTERNAL: {err}", status="INTERNAL"))
+            _set(request, error=RemoteError(f"INTERNAL: {err}", status="INTERNAL"))
         else:
-            _set(request.future, result=result)
-        if request.wake is not None:
-            request.wake(request.future)
+            _set(request, result=result)
 
     def _fail(self, wire_id: str, error: RemoteError) -> None:
         request = self._pop(wire_id)
         if request is not None:
-            _set(request.future, error=error)
-            if request.wake is not None:
-                request.wake(request.future)
+            _set(request, error=error)
 
     def _pop(self, wire_id: str) -> Request | None:
         request = self._pending.pop(wire_id, None)
@@ -688,19 +695,20 @@ def _unstack(response: Any, members: list[str]) -> list[Any]:
     return replies
 
 
-def _set(
-    future: AnyFuture, *, result: RemoteResult | None = None, error: BaseException | None = None
-) -> None:
-    """Settle ``future`` unless its caller cancelled it."""
-    if future.done():
-        return
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-    except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
-        pass
+def _set(request: Request, *, result: RemoteResult | None = None, error: BaseException | None = None) -> None:
+    """Settle ``request``'s future unless its caller cancelled it, then call its ``wake``: every
+    request is settled here, so a lane's loop always stops in the turn that settles its request."""
+    future = request.future
+    if not future.done():
+        try:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+        except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+            pass
+    if request.wake is not None:
+        request.wake(future)
 
 
 def closed(address: str) -> RemoteError:

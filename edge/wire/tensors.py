@@ -11,7 +11,6 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import TypeAlias
 
 import numpy as np
@@ -66,8 +65,6 @@ MAX_TENSORS = 1024
 """The most inputs (or outputs) one message carries."""
 MAX_NDIM = 32
 
-_NO_PARAMETERS: Mapping[str, ParameterValue] = MappingProxyType({})
-
 
 @dataclass(frozen=True, slots=True)
 class Deferred:
@@ -90,7 +87,7 @@ class WireTensor:
     datatype: str
     shape: tuple[int, ...]
     data: bytes | memoryview | Deferred
-    parameters: Mapping[str, ParameterValue] = field(default_factory=lambda: _NO_PARAMETERS)
+    parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
     """Per-tensor parameters; ``edge_encoding`` says how ``data`` is encoded (absent: raw)."""
 
     @property
