@@ -126,9 +126,10 @@ class DataPlane:
         self.max_inflight_bytes = max_inflight_bytes
         self._inflight_bytes = 0
         self.max_inflight = max_inflight
-        # Guards _inflight and _stopping: admission is decided under it, work runs outside it.
+        # Guards inflight and _stopping: admission is decided under it, work runs outside it.
         self._lock = threading.Lock()
-        self._inflight = 0
+        self.inflight = 0
+        """Requests holding a place (read it; :meth:`admit` and :meth:`release` change it)."""
         self._stopping = False
         # Guards _profiles; held while a profile is measured so one model is profiled once (no I/O inside).
         self._profile_lock = threading.Lock()
@@ -191,21 +192,21 @@ class DataPlane:
         with self._lock:
             if self._stopping:
                 raise ServerStoppingError("the server is shutting down")
-            if self._inflight >= self.max_inflight:
+            if self.inflight >= self.max_inflight:
                 raise ServerOverloadedError(
-                    f"{self._inflight} requests in flight, the limit is {self.max_inflight}"
+                    f"{self.inflight} requests in flight, the limit is {self.max_inflight}"
                 )
-            if self._inflight and self._inflight_bytes + nbytes > self.max_inflight_bytes:
+            if self.inflight and self._inflight_bytes + nbytes > self.max_inflight_bytes:
                 raise ServerOverloadedError(
                     f"{self._inflight_bytes:,} bytes in flight; {nbytes:,} more would pass the limit of "
                     f"{self.max_inflight_bytes:,}"
                 )
-            self._inflight += 1
+            self.inflight += 1
             self._inflight_bytes += nbytes
 
     def release(self, nbytes: int = 0) -> None:
         with self._lock:
-            self._inflight -= 1
+            self.inflight -= 1
             self._inflight_bytes -= nbytes
 
     @contextlib.contextmanager
@@ -216,10 +217,6 @@ class DataPlane:
             yield
         finally:
             self.release(nbytes)
-
-    @property
-    def inflight(self) -> int:
-        return self._inflight
 
     def prepare(self, request: InferRequest, received_ns: int | None = None) -> PreparedRequest:
         """Check a request against the model and cut it names; decode its tensors without copying."""

@@ -299,7 +299,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> InferResponse:
         """The data plane's answer to one ModelInferRequest, through the scheduler."""
         received = time.perf_counter_ns()
-        request = converters.infer_request_from_pb(_parsed(message))
+        if isinstance(message, Unparsed):  # _parsed, inline on the hot path
+            raise TensorFormatError(message.describe())
+        request = converters.infer_request_from_pb(message)
         prepared = self.dataplane.prepare(request, received)
         nbytes = sum(map(len, message.raw_input_contents))
         deadline = deadline_of(context.time_remaining() if context is not None else None)

@@ -133,25 +133,21 @@ class Scheduler:
         """Whether :meth:`run_serial` answers ``prepared``: it is not a profile (which takes a thread
         of its own), and either everything computes on the loop (:attr:`serial`; a stack computes at
         once there too: its device's stream is answered in order, and the others wait for it as they
-        would for its samples sent one by one), or the server is :meth:`idle` and its route short."""
+        would for its samples sent one by one), or nothing is in flight on the server and its route is short."""
         if prepared.profile:
             return False
         if self.serial:
             return True
-        if prepared.stack > 1 or self.max_batch > 1 or not self.idle():
+        if prepared.stack > 1 or self.max_batch > 1 or self.dataplane.inflight:
             return False
         return self._short((prepared.model.graph.sha256, prepared.split_point))
-
-    def idle(self) -> bool:
-        """Nothing in flight on the server: no request holds a place, so none waits for a turn."""
-        return self.dataplane.inflight == 0
 
     def predicts_now(self, model_name: str, split_point: int | None) -> bool:
         """Whether a request for this route, read now, would likely :meth:`computes_now` (by the
         route's last compute, before the message is read): its stream may then answer it in place."""
         if self.serial:
             return True
-        if self.max_batch > 1 or not self.idle():
+        if self.max_batch > 1 or self.dataplane.inflight:
             return False
         model = self.dataplane.repository.find(model_name)
         return model is not None and self._short((model.graph.sha256, split_point))
@@ -168,7 +164,9 @@ class Scheduler:
         saving the coroutine :meth:`run` is."""
         self.dataplane.admit(nbytes)
         try:
-            response = _execute_before(self.dataplane, prepared, deadline)
+            if deadline is not None:
+                _check_deadline(deadline)
+            response = self.dataplane.execute(prepared)
         finally:
             self.dataplane.release(nbytes)
         if not self.serial:

@@ -1,7 +1,8 @@
 """The A/B figure scripts print one positive number as their last line, as ``../shared/ab.sh`` reads.
 
 Covered: ``bench/separate.py`` (``edge-server`` with its defaults and ``edge bench`` in separate
-processes, each of two figures) and ``bench/pool_policy.py`` (each pool policy).
+processes, each of two figures), ``bench/pool_policy.py`` (each pool policy) and ``bench/calls.py``
+(each side's calls a request, and their sum).
 """
 
 from __future__ import annotations
@@ -34,3 +35,18 @@ def test_separate_prints_the_p50_of_the_figure_asked_for(figure: str) -> None:
 @pytest.mark.parametrize("policy", POLICIES)
 def test_pool_policy_prints_microseconds_a_request(policy: str) -> None:
     assert _figure("bench/pool_policy.py", "--policy", policy, "-n", "500") > 0
+
+
+def test_calls_counts_each_sides_python_calls_a_request() -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/calls.py", "--model", "digits_resnet", "--cut", "6", "-n", "30"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    sides = {line.split(":")[0]: float(line.split()[1]) for line in lines[:-1]}
+    assert set(sides) == {"device", "server"}
+    # Each side's request path is tens of calls at least (converters, transport or data plane, runner):
+    # a count near 0 would mean the runs were not told apart, or a side was not profiled.
+    assert sides["device"] > 30 and sides["server"] > 30, sides
+    assert abs(float(lines[-1]) - (sides["device"] + sides["server"])) <= 0.1  # each printed to 0.1
