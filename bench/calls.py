@@ -10,10 +10,11 @@ It runs ``edge-server`` (its defaults) and ``edge bench --split-at K`` in separa
 under ``python -m cProfile``, twice: with ``-n N`` and ``-n 2N`` requests. The difference, over N,
 is what one request costs: Python-level calls (functions, methods, comprehensions: each a frame)
 and built-in calls (C functions called from Python). It prints both sides and, as the last line,
-the figure asked for, for ``../shared/ab.sh``:
+the figure asked for, for ``../shared/ab.sh``. Both processes run from the working directory, so
+from another checkout this script counts that checkout's request path:
 
     python bench/calls.py --model /tmp/zoo/mobilenetv2_224.tflite
-    ../shared/ab.sh HEAD~1 --rounds 1 --extras server -- python bench/calls.py --figure server
+    ../shared/ab.sh HEAD~1 --rounds 3 -- python "$PWD/bench/calls.py" --figure server
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import free_port, wait_listening  # noqa: E402
+from benchlib import free_port, wait_listening
 
-from edge import models  # noqa: E402
+from edge import models
 
 FIGURES = ("device", "server", "both")
 
@@ -58,14 +58,14 @@ def profiled_run(model: Path, cut: int, n: int, work: Path) -> dict[str, tuple[i
     server = subprocess.Popen(
         [*profile, str(server_profile), "-m", "server", "--models", str(served), "--host", "127.0.0.1",
          "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         wait_listening(port, server)
         subprocess.run(
             [*profile, str(device_profile), "-m", "edge", "bench", "--model", str(model), "--server",
              f"127.0.0.1:{port}", "--split-at", str(cut), "-n", str(n), "--json"],
-            check=True, capture_output=True, cwd=REPO,
+            check=True, capture_output=True,
         )  # fmt: skip
     finally:
         server.terminate()  # edge-server stops cleanly on SIGTERM, so cProfile writes its file
