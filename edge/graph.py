@@ -175,17 +175,20 @@ class ModelGraph:
 
     # -- what the model is ------------------------------------------------------------
 
-    @property
+    # Read on every request, and fixed once the graph is read: computed once (after the first read
+    # an attribute of the instance, no call at all).
+
+    @cached_property
     def num_operators(self) -> int:
         return len(self.operators)
 
-    @property
+    @cached_property
     def inputs(self) -> tuple[TensorInfo, ...]:
-        return tuple(self.tensors[i] for i in self.input_indices)
+        return tuple([self.tensors[i] for i in self.input_indices])
 
-    @property
+    @cached_property
     def outputs(self) -> tuple[TensorInfo, ...]:
-        return tuple(self.tensors[i] for i in self.output_indices)
+        return tuple([self.tensors[i] for i in self.output_indices])
 
     @cached_property
     def tensor_by_name(self) -> dict[str, TensorInfo]:

@@ -226,14 +226,15 @@ class DataPlane:
         graph = model.graph
         params = request.parameters
         _check_sha(params, graph.sha256, request.model_name)
-        profile, ping = _flag(params, PROFILE), _flag(params, PING)
+        flagged = PROFILE in params or PING in params  # rare: most requests carry neither flag
+        profile, ping = (_flag(params, PROFILE), _flag(params, PING)) if flagged else (False, False)
         if profile or ping:
             kind = PROFILE if profile else PING
             if request.inputs:
                 raise TensorFormatError(f"a {kind} request carries no inputs; got {len(request.inputs)}")
             return PreparedRequest(request, model, None, {}, (), received_ns, profile=profile, ping=ping)
         split_point = _split_point(params, graph.num_operators)
-        stack = _stack(params, self.max_stack, split_point)
+        stack = _stack(params, self.max_stack, split_point) if STACK in params else 1
         route = self._route(model, split_point, stack)
         feeds = route.decode(request.inputs)
         if feeds is None:  # not exactly as expected: the full check names the problem
@@ -497,7 +498,7 @@ def _outputs(
 ) -> tuple[WireTensor, ...]:
     """The requested outputs; those of at least :data:`COMPRESS_OUTPUTS_FROM` bytes compressed with the
     codec the request accepts, when this server offers it."""
-    tensors = tuple(encode(t.name, results[t.name]) for t in prepared.outputs)
+    tensors = tuple([encode(t.name, results[t.name]) for t in prepared.outputs])
     accepted = prepared.request.parameters.get(ACCEPT_ENCODING)
     encoding = encodings.ENCODINGS.get(accepted) if isinstance(accepted, str) and accepted in codecs else None
     if encoding is None or encoding.lossy:

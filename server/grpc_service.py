@@ -40,7 +40,7 @@ from .errors import (
 )
 from .fairness import peer_host
 from .metrics import ServerMetrics
-from .scheduler import Scheduler, deadline_of
+from .scheduler import Scheduler
 from .settings import (
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_BATCH_DELAY_US,
@@ -304,7 +304,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request = converters.infer_request_from_pb(message)
         prepared = self.dataplane.prepare(request, received)
         nbytes = sum(map(len, message.raw_input_contents))
-        deadline = deadline_of(context.time_remaining() if context is not None else None)
+        remaining = context.time_remaining() if context is not None else None
+        deadline = None if remaining is None else time.monotonic() + remaining  # on the monotonic clock
         if self.scheduler.computes_now(prepared):
             return self.scheduler.run_serial(prepared, nbytes, deadline)  # no await: nothing waits
         return await self.scheduler.run(prepared, device, nbytes, deadline)

@@ -295,11 +295,6 @@ class Scheduler:
                 answer.set_result(response)
 
 
-def deadline_of(time_remaining: float | None) -> float | None:
-    """A caller's deadline on the ``time.monotonic()`` clock, from its seconds remaining (None: none)."""
-    return None if time_remaining is None else time.monotonic() + time_remaining
-
-
 def _check_deadline(deadline: float | None) -> None:
     """A request whose caller's deadline has passed is not computed: its answer would go nowhere."""
     if deadline is not None and time.monotonic() >= deadline:

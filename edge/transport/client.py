@@ -260,7 +260,7 @@ class TailClient:
     ) -> tuple[Any, Callable[[Any, float], RemoteResult]]:
         """The ModelInferRequest for ``inputs`` (raw unless ``coded``), and what turns its answer into
         a RemoteResult."""
-        tensors = tuple(encode(name, array) for name, array in inputs.items())
+        tensors = tuple([encode(name, array) for name, array in inputs.items()])
         params = dict(parameters or {})
         traits = self._traits()
         codec = encodings.sent_as(self.codec, traits.codecs) if coded else "raw"
