@@ -49,4 +49,6 @@ def test_calls_counts_each_sides_python_calls_a_request() -> None:
     # Each side's request path is tens of calls at least (converters, transport or data plane, runner):
     # a count near 0 would mean the runs were not told apart, or a side was not profiled.
     assert sides["device"] > 30 and sides["server"] > 30, sides
-    assert abs(float(lines[-1]) - (sides["device"] + sides["server"])) <= 0.1  # each printed to 0.1
+    # Each of the three is printed rounded to 0.1, so within 0.05 of its exact value: the printed sum
+    # and the sum of the printed sides differ by at most 0.15 (0.1 did not hold: 282.3 against 182.0 + 100.2).
+    assert abs(float(lines[-1]) - (sides["device"] + sides["server"])) <= 0.15 + 1e-9
