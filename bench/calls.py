@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import pstats
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import free_port, wait_listening
+from benchlib import bench_against_server
 
 from edge import models
 
@@ -49,27 +48,15 @@ def counts(profile: Path) -> tuple[int, int]:
 
 def profiled_run(model: Path, cut: int, n: int, work: Path) -> dict[str, tuple[int, int]]:
     """One edge-server and one ``edge bench -n n`` against it, each under cProfile: both sides' counts."""
-    served = work / "models"
-    served.mkdir(exist_ok=True)
-    shutil.copy(model, served / model.name)
-    port = free_port()
     server_profile, device_profile = work / f"server-{n}.prof", work / f"device-{n}.prof"
     profile = [sys.executable, "-m", "cProfile", "-o"]
-    server = subprocess.Popen(
-        [*profile, str(server_profile), "-m", "server", "--models", str(served), "--host", "127.0.0.1",
-         "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_listening(port, server)
-        subprocess.run(
-            [*profile, str(device_profile), "-m", "edge", "bench", "--model", str(model), "--server",
-             f"127.0.0.1:{port}", "--split-at", str(cut), "-n", str(n), "--json"],
-            check=True, capture_output=True,
-        )  # fmt: skip
-    finally:
-        server.terminate()  # edge-server stops cleanly on SIGTERM, so cProfile writes its file
-        server.wait(timeout=60)
+    bench_against_server(
+        model,
+        cut,
+        n,
+        server_prefix=[*profile, str(server_profile)],
+        device_prefix=[*profile, str(device_profile)],
+    )
     return {"device": counts(device_profile), "server": counts(server_profile)}
 
 

@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchlib import free_port, wait_listening  # noqa: E402
+from benchlib import bench_against_server  # noqa: E402
 
 from edge import models  # noqa: E402
 from edge.graph import ModelGraph  # noqa: E402
@@ -41,26 +39,13 @@ from edge.graph import ModelGraph  # noqa: E402
 
 def edge_round(model: Path, cut: int, n: int, server_core: int, device_core: int) -> dict[str, float]:
     """One edge-server (its defaults) and one ``edge bench``, each pinned; the p50s it reports, in ms."""
-    work = Path(tempfile.mkdtemp())
-    shutil.copy(model, work / model.name)
-    port = free_port()
-    server = subprocess.Popen(
-        ["taskset", "-c", str(server_core), sys.executable, "-m", "server", "--models", str(work),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+    out = bench_against_server(
+        model, cut, n,
+        server_prefix=["taskset", "-c", str(server_core), sys.executable],
+        device_prefix=["taskset", "-c", str(device_core), sys.executable],
+        cwd=REPO,
     )  # fmt: skip
-    try:
-        wait_listening(port, server)
-        out = subprocess.run(
-            ["taskset", "-c", str(device_core), sys.executable, "-m", "edge", "bench", "--model", str(model),
-             "--server", f"127.0.0.1:{port}", "--split-at", str(cut), "-n", str(n), "--json"],
-            check=True, capture_output=True, text=True, cwd=REPO,
-        )  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
-    report = json.loads(out.stdout)
+    report = json.loads(out)
     if report.get("fallbacks"):
         raise SystemExit(
             f"{report['fallbacks']} requests fell back to the device: {report.get('fallback_reason')}"
