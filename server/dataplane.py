@@ -226,15 +226,14 @@ class DataPlane:
         graph = model.graph
         params = request.parameters
         _check_sha(params, graph.sha256, request.model_name)
-        flagged = PROFILE in params or PING in params  # rare: most requests carry neither flag
-        profile, ping = (_flag(params, PROFILE), _flag(params, PING)) if flagged else (False, False)
+        profile, ping = _flag(params, PROFILE), _flag(params, PING)
         if profile or ping:
             kind = PROFILE if profile else PING
             if request.inputs:
                 raise TensorFormatError(f"a {kind} request carries no inputs; got {len(request.inputs)}")
             return PreparedRequest(request, model, None, {}, (), received_ns, profile=profile, ping=ping)
         split_point = _split_point(params, graph.num_operators)
-        stack = _stack(params, self.max_stack, split_point) if STACK in params else 1
+        stack = _stack(params, self.max_stack, split_point)
         route = self._route(model, split_point, stack)
         feeds = route.decode(request.inputs)
         if feeds is None:  # not exactly as expected: the full check names the problem

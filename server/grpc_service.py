@@ -299,9 +299,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> InferResponse:
         """The data plane's answer to one ModelInferRequest, through the scheduler."""
         received = time.perf_counter_ns()
-        if isinstance(message, Unparsed):  # _parsed, inline on the hot path
-            raise TensorFormatError(message.describe())
-        request = converters.infer_request_from_pb(message)
+        request = converters.infer_request_from_pb(_parsed(message))
         prepared = self.dataplane.prepare(request, received)
         nbytes = sum(map(len, message.raw_input_contents))
         remaining = context.time_remaining() if context is not None else None

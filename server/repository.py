@@ -244,7 +244,7 @@ class ModelRepository:
         return self._models.get(name)
 
     def get(self, name: str) -> ServedModel:
-        model = self._models.get(name)  # find's lookup, without the extra call on the hot path
+        model = self.find(name)
         if model is None:
             known = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFoundError(f"model {echo(name)} is not served here (served: {known})")

@@ -164,8 +164,7 @@ class Scheduler:
         saving the coroutine :meth:`run` is."""
         self.dataplane.admit(nbytes)
         try:
-            if deadline is not None:
-                _check_deadline(deadline)
+            _check_deadline(deadline)
             response = self.dataplane.execute(prepared)
         finally:
             self.dataplane.release(nbytes)

@@ -46,17 +46,13 @@ class RemoteResult:
     """The tensors were offered to the client's codec (each went compressed where that made it
     smaller); False: they went raw."""
 
-    # A peer may send anything under these names: only a number counts (an int or a float, not a bool).
-
     @property
     def compute_ms(self) -> float:
-        value = self.parameters.get(wire.COMPUTE_US)
-        return value / 1000.0 if type(value) in _NUMBERS else 0.0  # type: ignore[operator]
+        return _number(self.parameters.get(wire.COMPUTE_US)) / 1000.0
 
     @property
     def queue_ms(self) -> float:
-        value = self.parameters.get(wire.QUEUE_US)
-        return value / 1000.0 if type(value) in _NUMBERS else 0.0  # type: ignore[operator]
+        return _number(self.parameters.get(wire.QUEUE_US)) / 1000.0
 
     @property
     def transfer_ms(self) -> float:
@@ -77,7 +73,11 @@ MAX_STACKED = 64
 """The most requests a stacked answer may say it carried (edge-server takes at most 64)."""
 
 
-_NUMBERS = (int, float)
+def _number(value: object) -> float:
+    # A peer may send anything under these names: only a number counts.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    return float(value)
 
 
 class TailTransport(Protocol):

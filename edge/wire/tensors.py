@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TypeAlias
 
 import numpy as np
@@ -65,6 +66,8 @@ MAX_TENSORS = 1024
 """The most inputs (or outputs) one message carries."""
 MAX_NDIM = 32
 
+_NO_PARAMETERS: Mapping[str, ParameterValue] = MappingProxyType({})
+
 
 @dataclass(frozen=True, slots=True)
 class Deferred:
@@ -87,7 +90,7 @@ class WireTensor:
     datatype: str
     shape: tuple[int, ...]
     data: bytes | memoryview | Deferred
-    parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
+    parameters: Mapping[str, ParameterValue] = field(default_factory=lambda: _NO_PARAMETERS)
     """Per-tensor parameters; ``edge_encoding`` says how ``data`` is encoded (absent: raw)."""
 
     @property
